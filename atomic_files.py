@@ -1,0 +1,47 @@
+"""Atomic file writes: a result is either absent or complete, never half-written.
+
+Every writer goes to a temporary file in the destination folder (same filesystem, so the
+final os.replace is atomic) and is renamed into place only after it was flushed and fsynced.
+"""
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+
+
+@contextmanager
+def atomic_path(path, overwrite=True):
+    """Yield a temporary path next to `path`; on success it replaces `path` atomically.
+    With overwrite=False an existing `path` is an error (results are never silently
+    replaced). The temporary file is removed if the body raises."""
+    path = os.fspath(path)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(f"error: {path} already exists; remove it or choose another output path")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # keep the real suffix so libraries that dispatch on it (np.savez, PIL) behave
+    base, suffix = os.path.splitext(os.path.basename(path))
+    handle, tmp_path = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=folder)
+    os.close(handle)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def atomic_write_bytes(path, data, overwrite=True):
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def atomic_write_text(path, text, overwrite=True):
+    atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+def atomic_write_json(path, obj, overwrite=True):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", overwrite=overwrite)

@@ -1,0 +1,70 @@
+"""Command-line flags that several scripts share, defined once so that every script
+accepts the original flags with the same meaning (SPEC section 13)."""
+import argparse
+import ast
+
+import torch
+
+
+def parse_groups(text):
+    """`--groups "[[2,4],[2,4],[3,4]]"` -> [[2, 4], [2, 4], [3, 4]] (keep N of each M blocks)."""
+    if text is None:
+        return None
+    try:
+        groups = ast.literal_eval(text)
+        if not all(len(group) == 2 and all(isinstance(v, int) for v in group) for group in groups):
+            raise ValueError
+    except (ValueError, SyntaxError, TypeError):
+        raise argparse.ArgumentTypeError(f"--groups must be a list of [keep, of] pairs such as "
+                                         f"\"[[1,2],[2,4]]\", got {text!r}") from None
+    return [list(group) for group in groups]
+
+
+def parse_index_list(text):
+    """`"[0, 2, 4]"` or `"0,2,4"` -> [0, 2, 4]."""
+    try:
+        value = ast.literal_eval(text if text.strip().startswith("[") else f"[{text}]")
+        if not all(isinstance(v, int) for v in value):
+            raise ValueError
+    except (ValueError, SyntaxError, TypeError):
+        raise argparse.ArgumentTypeError(f"expected a list of block indices such as \"[0, 2, 4]\", got {text!r}") from None
+    return list(value)
+
+
+def add_model_args(parser, default_model="DiT-XL/2"):
+    """--model, --image-size, --num-classes, --vae, --vae-path, --groups."""
+    from models import DiT_models  # imported late so `--help` stays fast
+    parser.add_argument("--model", type=str, default=default_model,
+                        help=f"one of: {', '.join(DiT_models)}")
+    parser.add_argument("--image-size", type=int, default=256,
+                        help="256 or 512 for the SD-VAE; any size with --vae none (pixel space)")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--vae", type=str, default="ema",
+                        help="ema | mse (SD-VAE from the hub or --vae-path), none (pixel space), or a local folder")
+    parser.add_argument("--vae-path", type=str, default=None,
+                        help="local diffusers AutoencoderKL folder (for offline use)")
+    parser.add_argument("--groups", type=parse_groups, default=None,
+                        help="custom gating pattern for learnable pruning, e.g. \"[[2,4],[2,4],[3,4]]\" (keep N of M)")
+    return parser
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_precision_arg(parser):
+    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
+                        help="autocast dtype; auto = bf16 on GPU, fp32 on CPU")
+    return parser
+
+
+def resolve_precision(precision, device):
+    """The autocast dtype for a run: bf16 on GPU and fp32 on CPU unless asked otherwise."""
+    if precision == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return PRECISIONS[precision]
+
+
+def autocast(dtype, device):
+    """An autocast context (a no-op for fp32)."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)

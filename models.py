@@ -1,0 +1,505 @@
+"""The DiT model (Peebles & Xie) with TinyFusion's learnable depth gates.
+
+Read top to bottom: embedders -> transformer block -> final layer -> DiT -> gates -> pruning ->
+configurations. Parameter and buffer names match the official DiT checkpoints exactly, so the
+published `DiT-XL-2-256x256.pt` loads with strict=True.
+
+A *gated* model (`groups=[[N, M], ...]`) splits its blocks into consecutive groups of M and
+learns, per group, which N blocks to keep: each group holds one logit per candidate mask (every
+M-bit vector with N ones, in `itertools.combinations` order). In training each sample draws a
+hard Gumbel-softmax choice (straight-through), and block j computes m_j*block(x) + (1-m_j)*x.
+"""
+import itertools
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#                       Embedding layers for patches, time, labels              #
+#################################################################################
+
+class PatchEmbed(nn.Module):
+    """Conv patchify (kernel = stride = patch) then tokens in row-major order."""
+
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the (float) timestep, then a 2-layer MLP."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first, as the released weights expect
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t):
+        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with an extra "null" row (index num_classes) for classifier-free guidance.
+    In training, labels are dropped to the null class with probability `dropout_prob`;
+    `force_drop_ids` (1 = drop) replaces the random draw, so that a teacher and a student
+    can share exactly the same drops."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels, force_drop_ids=None):
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels, train, force_drop_ids=None):
+        if (train and self.dropout_prob > 0) or (force_drop_ids is not None):
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+#################################################################################
+#                                 Core DiT block                                #
+#################################################################################
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection, via PyTorch's SDPA kernel."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        batch, tokens, channels = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, channels))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+#################################################################################
+#                                Gates (TinyFusion)                             #
+#################################################################################
+
+def candidate_masks(keep, group_size):
+    """All `group_size`-bit masks with `keep` ones, in itertools.combinations order."""
+    combos = list(itertools.combinations(range(group_size), keep))
+    masks = torch.zeros(len(combos), group_size)
+    for row, kept in enumerate(combos):
+        masks[row, list(kept)] = 1.0
+    return masks
+
+
+def validate_groups(groups, depth):
+    """One-line errors for a pattern that cannot describe `depth` blocks."""
+    if not groups:
+        raise ValueError("groups must be a non-empty list of [keep, of] pairs, e.g. [[1, 2]] * 14")
+    for keep, group_size in groups:
+        if not 1 <= keep <= group_size:
+            raise ValueError(f"group [{keep}, {group_size}] must keep between 1 and {group_size} blocks")
+    total = sum(group_size for _, group_size in groups)
+    if total != depth:
+        raise ValueError(f"groups {groups} cover {total} blocks but the model has depth {depth}; "
+                         f"the group sizes (second numbers) must add up to {depth}")
+
+
+def straight_through_gumbel_onehot(logits, tau, batch_size, generator=None):
+    """Per-sample hard one-hot draws from Gumbel-softmax(logits / tau) whose forward value is
+    exactly 0/1 and whose gradient is that of the soft sample (straight-through)."""
+    uniform = torch.rand(batch_size, logits.shape[-1], device=logits.device, generator=generator)
+    gumbels = -torch.log(-torch.log(uniform.clamp_min(1e-20)).clamp_min(1e-20))
+    soft = torch.softmax((logits.float().unsqueeze(0) + gumbels) / tau, dim=-1)
+    hard = F.one_hot(soft.argmax(dim=-1), logits.shape[-1]).to(soft.dtype)
+    return hard + (soft - soft.detach())  # value == hard exactly (soft - soft.detach() is exactly 0)
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone, optionally gated for learnable pruning.
+
+    `groups=None` is the plain DiT. With groups, `tau` and `scaling` are the Gumbel temperature
+    and logit scale (the pruning script anneals them), and `gate_forward` chooses how training
+    runs the gated blocks: "sparse" (default) runs the backward pass of a block only for the
+    samples that keep it, "dense" is the literal m*block(x) + (1-m)*x (reference and benchmark).
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, groups=None):
+        super().__init__()
+        if input_size % patch_size != 0:
+            raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
+        self.grad_checkpointing = False
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = (input_size // patch_size) ** 2
+        # fixed sin-cos table; a Parameter (not a buffer) because the official files store it under this name
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+
+        self.groups = None
+        if groups is not None:
+            validate_groups(groups, depth)
+            self.groups = [list(group) for group in groups]
+            self.tau = 1.0
+            self.scaling = 1.0
+            self.gate_forward = "sparse"
+            self.gate_logits = nn.ParameterList()
+            for index, (keep, group_size) in enumerate(self.groups):
+                masks = candidate_masks(keep, group_size)
+                self.register_buffer(f"gate_candidates_{index}", masks, persistent=False)
+                self.gate_logits.append(nn.Parameter(torch.full((masks.shape[0],), 0.02)))
+        self.initialize_weights()
+
+    @property
+    def depth(self):
+        return len(self.blocks)
+
+    def initialize_weights(self):
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+        grid_size = int(self.x_embedder_num_patches() ** 0.5)
+        pos_embed = get_2d_sincos_pos_embed(self.hidden_size, grid_size)
+        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+        weight = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(weight.view([weight.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, the output as zero
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def x_embedder_num_patches(self):
+        return (self.input_size // self.patch_size) ** 2
+
+    def config(self):
+        """Constructor arguments that rebuild this architecture (used in checkpoint metadata)."""
+        return dict(input_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
+                    hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
+                    mlp_ratio=self.mlp_ratio, class_dropout_prob=self.class_dropout_prob,
+                    num_classes=self.num_classes, learn_sigma=self.learn_sigma, groups=self.groups)
+
+    def unpatchify(self, x):
+        """(N, T, p*p*C) tokens -> (N, C, H, W) images."""
+        channels, patch = self.out_channels, self.patch_size
+        height = width = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], height, width, patch, patch, channels)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], channels, height * patch, width * patch)
+
+    # ----------------------------------------------------------------- gates
+    def gate_candidates(self, group_index):
+        return getattr(self, f"gate_candidates_{group_index}")
+
+    def sample_gate_onehots(self, batch_size, generator=None):
+        """One straight-through hard Gumbel one-hot per sample and group, drawn from
+        softmax(logits * scaling / tau) (what training uses; exposed so that two forward
+        passes can share the same draw)."""
+        return [straight_through_gumbel_onehot(logits * self.scaling, self.tau, batch_size, generator)
+                for logits in self.gate_logits]
+
+    def block_masks_from_onehots(self, onehots):
+        """(B, depth) per-sample block masks: each group's one-hot times its candidate table."""
+        return torch.cat([onehot @ self.gate_candidates(index).to(onehot.dtype)
+                          for index, onehot in enumerate(onehots)], dim=1)
+
+    @torch.no_grad()
+    def gate_decisions(self):
+        """Per group, the index of the most likely candidate (the current decision)."""
+        return [int(logits.argmax()) for logits in self.gate_logits]
+
+    @torch.no_grad()
+    def gate_confidences(self):
+        """Per group, max softmax(logits * scaling): how settled the decision is."""
+        return [float(torch.softmax(logits.float() * self.scaling, dim=0).max()) for logits in self.gate_logits]
+
+    def kept_indices(self):
+        """Global indices of the blocks the current decision keeps."""
+        kept, offset = [], 0
+        for index, choice in enumerate(self.gate_decisions()):
+            candidate = self.gate_candidates(index)[choice]
+            kept += [offset + int(j) for j in torch.nonzero(candidate).flatten()]
+            offset += candidate.numel()
+        return kept
+
+    def _gated_block(self, block, x, c, mask):
+        """m*block(x) + (1-m)*x for a per-sample 0/1 mask with a straight-through gradient.
+
+        The gradient of that expression w.r.t. m needs block(x) for every sample, but the
+        gradients w.r.t. the block's weights and input are zero where m == 0. So "sparse" runs
+        the block with autograd only on the samples that keep it, and without autograd (no
+        activations kept, no backward pass) on the others; the result, and every gradient, is
+        the dense formula's."""
+        scale = mask.view(-1, 1, 1)
+        on = mask.detach() != 0
+        if not mask.requires_grad:  # no gate gradient wanted: skipped blocks cost nothing
+            if bool(on.all()):
+                return self._run_block(block, x, c)
+            out = x.clone()
+            if bool(on.any()):
+                on_index = on.nonzero().squeeze(1)
+                out = out.index_copy(0, on_index, self._run_block(block, x[on_index], c[on_index]).to(x.dtype))
+            return out
+        if self.gate_forward == "dense" or bool(on.all()):
+            block_out = self._run_block(block, x, c)
+        elif not bool(on.any()):
+            with torch.no_grad():
+                block_out = block(x, c)
+        else:
+            on_index, off_index = on.nonzero().squeeze(1), (~on).nonzero().squeeze(1)
+            on_out = self._run_block(block, x[on_index], c[on_index])
+            with torch.no_grad():
+                off_out = block(x[off_index], c[off_index])
+            block_out = on_out.new_zeros(x.shape).index_copy(0, on_index, on_out).index_copy(0, off_index, off_out)
+        return scale * block_out + (1 - scale) * x
+
+    def _run_block(self, block, x, c):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, c, use_reentrant=False)
+        return block(x, c)
+
+    # --------------------------------------------------------------- forward
+    def forward(self, x, t, y, force_drop_ids=None, hidden_indices=None, gate_onehots=None):
+        """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels.
+
+        force_drop_ids: (N,) 1 = use the null label (shared teacher/student drops in KD).
+        hidden_indices: block indices whose output hidden states (N, T, D) to return as well,
+            as `(output, [hidden, ...])` (distillation reads them; no hooks needed).
+        gate_onehots: a draw from `sample_gate_onehots` to reuse; gated models in training mode
+            draw their own otherwise, and in eval mode run the decided blocks only.
+        """
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        masks = None
+        if self.groups is not None:
+            if gate_onehots is None and self.training:
+                gate_onehots = self.sample_gate_onehots(x.shape[0])
+            if gate_onehots is not None:
+                masks = self.block_masks_from_onehots(gate_onehots)
+            else:
+                kept = set(self.kept_indices())
+                masks = torch.tensor([[float(j in kept) for j in range(self.depth)]], device=x.device)
+                masks = masks.expand(x.shape[0], -1)
+        wanted = set(hidden_indices or ())
+        hiddens = {}
+        for index, block in enumerate(self.blocks):
+            if masks is None:
+                x = self._run_block(block, x, c)
+            else:
+                x = self._gated_block(block, x, c, masks[:, index])
+            if index in wanted:
+                hiddens[index] = x
+        x = self.unpatchify(self.final_layer(x, c))
+        if hidden_indices is not None:
+            return x, [hiddens[index] for index in hidden_indices]
+        return x
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels=False):
+        """Classifier-free guidance: the batch is [conditional; unconditional] halves. As in the
+        released DiT, only the first 3 channels are guided by default (the others pass through);
+        `guide_all_channels` guides every noise channel instead."""
+        half = x[: len(x) // 2]
+        model_out = self.forward(torch.cat([half, half], dim=0), t, y)
+        guided = self.in_channels if guide_all_channels else 3
+        eps, rest = model_out[:, :guided], model_out[:, guided:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+#################################################################################
+#                                   Pruning                                     #
+#################################################################################
+
+def prune_to_kept_blocks(model, kept_indices):
+    """A plain (ungated) DiT holding only `kept_indices` of `model`'s blocks, renumbered 0..K-1,
+    with every other weight copied. Its state dict has no gate keys."""
+    kept_indices = [int(i) for i in kept_indices]
+    if not kept_indices:
+        raise ValueError("kept_indices is empty; keep at least one block")
+    if sorted(set(kept_indices)) != kept_indices:
+        raise ValueError(f"kept_indices {kept_indices} must be sorted and without duplicates")
+    if kept_indices[0] < 0 or kept_indices[-1] >= model.depth:
+        raise ValueError(f"kept_indices {kept_indices} out of range for a model with {model.depth} blocks "
+                         f"(valid: 0..{model.depth - 1})")
+    config = model.config()
+    config.update(depth=len(kept_indices), groups=None)
+    pruned = DiT(**config).to(next(model.parameters()).device)
+    source = {key: value for key, value in model.state_dict().items() if not key.startswith("gate_logits")}
+    target = {}
+    for key, value in source.items():
+        if key.startswith("blocks."):
+            _, index, rest = key.split(".", 2)
+            if int(index) not in kept_indices:
+                continue
+            key = f"blocks.{kept_indices.index(int(index))}.{rest}"
+        target[key] = value
+    pruned.load_state_dict(target, strict=True)
+    return pruned
+
+
+#################################################################################
+#                   Sine/Cosine Positional Embedding Functions                  #
+#################################################################################
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size):
+    """(grid_size**2, embed_dim) table; the first half of the channels encodes the column,
+    the second half the row (float64 like the released weights)."""
+    rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64),
+                             indexing="ij")
+    column_half = get_1d_sincos_pos_embed(embed_dim // 2, cols.reshape(-1))
+    row_half = get_1d_sincos_pos_embed(embed_dim // 2, rows.reshape(-1))
+    return np.concatenate([column_half, row_half], axis=1)
+
+
+def get_1d_sincos_pos_embed(embed_dim, positions):
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    angles = np.outer(positions, omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+#################################################################################
+#                                 DiT Configs                                   #
+#################################################################################
+
+# (depth, hidden size, heads) of each family; patch sizes 2/4/8 for the published ones
+FAMILIES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6),
+            "D19": (19, 1152, 16), "D14": (14, 1152, 16), "D7": (7, 1152, 16)}
+
+
+def _config(family, patch_size, groups=None):
+    depth, hidden_size, num_heads = FAMILIES[family]
+
+    def build(**kwargs):
+        settings = dict(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads)
+        if groups is not None:
+            settings["groups"] = groups
+        settings.update(kwargs)  # e.g. depth= for a pruned student, groups= for a custom pattern
+        return DiT(**settings)
+    build.family, build.patch_size, build.default_groups = family, patch_size, groups
+    return build
+
+
+DiT_models = {}
+for _family in ("XL", "L", "B", "S"):
+    for _patch in (2, 4, 8):
+        DiT_models[f"DiT-{_family}/{_patch}"] = _config(_family, _patch)
+for _family in ("D19", "D14", "D7"):
+    DiT_models[f"DiT-{_family}/2"] = _config(_family, 2)
+DiT_models.update({
+    "DiT-XL-1-2": _config("XL", 2, [[1, 2]] * 14),
+    "DiT-XL-2-4": _config("XL", 2, [[2, 4]] * 7),
+    "DiT-XL-7-14": _config("XL", 2, [[7, 14]] * 2),
+    "DiT-XL-1-4": _config("XL", 2, [[1, 4]] * 7),
+    "DiT-D14-1-2": _config("D14", 2, [[1, 2]] * 7),
+    # SPEC lists 7 x [2, 4] here, which covers 28 blocks, not 14: "2 of every 4" over 14 blocks
+    # that ends at 7 is three [2, 4] groups and a last [1, 2]
+    "DiT-D14-2-4": _config("D14", 2, [[2, 4]] * 3 + [[1, 2]]),
+})
+
+
+def plain_model_name(name):
+    """The ungated name whose weights a gated config starts from (DiT-XL-1-2 -> DiT-XL/2)."""
+    build = DiT_models[name]
+    return f"DiT-{build.family}/{build.patch_size}"

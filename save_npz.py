@@ -1,0 +1,84 @@
+"""
+Pack a folder of sample images (PNG / JPEG) into the .npz batch that evaluator.py reads:
+`arr_0` is an (N, H, W, 3) uint8 NHWC array in sorted file-name order, as DiT's
+sample_ddp.py writes it. The output defaults to `{image_dir}.npz`, is written atomically
+and never replaces an existing file unless --overwrite is given.
+
+    python save_npz.py --image_dir samples/DiT-XL-2-pretrained-size-256-cfg-1.5-seed-0 --num 50000
+"""
+import argparse
+import os
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from atomic_files import atomic_path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def list_image_files(image_dir):
+    """Sorted paths of the PNG / JPEG files directly inside image_dir."""
+    if not os.path.isdir(image_dir):
+        raise ValueError(f"image folder {image_dir} does not exist or is not a folder")
+    names = sorted(name for name in os.listdir(image_dir) if name.lower().endswith(IMAGE_SUFFIXES))
+    return [os.path.join(image_dir, name) for name in names]
+
+
+def load_image_folder(image_dir, num=None):
+    """(N, H, W, 3) uint8 array of the first `num` images (all when None) in sorted order.
+
+    Every image must be RGB and of one size: nothing is converted or resized silently,
+    because a grey or resized image would quietly change FID.
+    """
+    paths = list_image_files(image_dir)
+    if not paths:
+        raise ValueError(f"no .png/.jpg/.jpeg images in {image_dir}; point --image_dir at the sample folder")
+    if num is not None:
+        if num <= 0:
+            raise ValueError(f"--num must be positive, got {num}")
+        if num > len(paths):
+            raise ValueError(f"asked for {num} images but {image_dir} holds only {len(paths)}; "
+                             f"lower --num or sample more images")
+        paths = paths[:num]
+    images = None
+    for index, path in enumerate(tqdm(paths, desc="Building .npz file from samples")):
+        with Image.open(path) as image:
+            if image.mode != "RGB":
+                raise ValueError(f"{path} is a {image.mode} image, not RGB; convert the folder to "
+                                 f"RGB (e.g. Image.open(p).convert('RGB').save(p)) first")
+            pixels = np.asarray(image, dtype=np.uint8)
+        if images is None:
+            images = np.empty((len(paths), *pixels.shape), dtype=np.uint8)
+        elif pixels.shape != images.shape[1:]:
+            raise ValueError(f"mixed image sizes: {path} is {pixels.shape[1]}x{pixels.shape[0]} but "
+                             f"{paths[0]} is {images.shape[2]}x{images.shape[1]}; all samples must share one size")
+        images[index] = pixels
+    return images
+
+
+def main(args):
+    image_dir = args.image_dir.rstrip("/\\") or args.image_dir
+    out_path = args.out if args.out is not None else f"{image_dir}.npz"
+    # Check the destination before reading 50k images, not after.
+    if os.path.exists(out_path) and not args.overwrite:
+        raise SystemExit(f"error: {out_path} already exists; pass --overwrite to replace it or choose another --out")
+    try:
+        images = load_image_folder(image_dir, args.num)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
+    # Temp file in the destination folder + os.replace: a crash never leaves a truncated .npz.
+    with atomic_path(out_path, overwrite=args.overwrite) as tmp_path:
+        np.savez(tmp_path, arr_0=images)
+    print(f"Saved .npz file to {out_path} [shape={images.shape}].")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Pack a folder of PNG/JPEG samples into an .npz (arr_0, uint8 NHWC).")
+    parser.add_argument("--image_dir", "--image-dir", dest="image_dir", type=str, required=True,
+                        help="folder of .png/.jpg/.jpeg samples (read in sorted file-name order)")
+    parser.add_argument("--num", type=int, default=None, help="use only the first NUM images (default: all)")
+    parser.add_argument("--out", type=str, default=None, help="output .npz path (default: {image_dir}.npz)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    main(parser.parse_args())

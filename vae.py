@@ -1,0 +1,96 @@
+"""The image <-> latent codec: the SD-VAE of the original (`--vae ema|mse`), any local
+diffusers AutoencoderKL folder (`--vae-path DIR` or `--vae DIR`), or `--vae none` for pixel
+space (small data on a CPU, where the DiT works on the images themselves)."""
+import json
+import os
+
+import torch
+
+LATENT_SCALE = 0.18215  # SD-VAE latent scale factor used by DiT and TinyFusion
+HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
+def is_pixel_space(vae_name):
+    return str(vae_name).lower() == "none"
+
+
+def vae_source(vae_name, vae_path=None):
+    """Where the VAE comes from: a local folder wins over the hub id."""
+    if vae_path:
+        return vae_path
+    if vae_name in HUB_IDS:
+        return HUB_IDS[vae_name]
+    return vae_name  # a path given directly as --vae
+
+
+def load_vae(vae_name="ema", vae_path=None, device="cpu"):
+    """Load the AutoencoderKL in eval mode, or None for pixel space. A VAE that cannot be
+    loaded (offline, wrong folder) is one clear error saying what to download and where."""
+    if is_pixel_space(vae_name) and not vae_path:
+        return None
+    source = vae_source(vae_name, vae_path)
+    if source not in HUB_IDS.values() and not os.path.isdir(source):
+        raise SystemExit(f"error: VAE folder {source} does not exist; pass --vae-path with a diffusers AutoencoderKL "
+                         f"folder (config.json + weights), e.g. a local copy of {HUB_IDS['ema']}")
+    from diffusers.models import AutoencoderKL
+    try:
+        vae = AutoencoderKL.from_pretrained(source)
+    except Exception as error:  # offline hub, missing files, wrong format: all the same fix
+        hub_id = HUB_IDS.get(vae_name, HUB_IDS["ema"])
+        raise SystemExit(f"error: could not load the VAE from {source} ({type(error).__name__}); on a machine with "
+                         f"internet run `huggingface-cli download {hub_id} --local-dir pretrained/{hub_id.split('/')[1]}` "
+                         f"and pass --vae-path pretrained/{hub_id.split('/')[1]}") from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def latent_geometry(vae, image_size):
+    """(channels, spatial size) of what the DiT sees for images of `image_size`."""
+    if vae is None:
+        return 3, image_size
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if image_size % factor != 0:
+        raise SystemExit(f"error: --image-size {image_size} is not divisible by the VAE downsampling factor {factor}")
+    return vae.config.latent_channels, image_size // factor
+
+
+def latent_geometry_from_flags(vae_name, image_size, vae_path=None):
+    """Geometry without loading any weights: pixel space for `none`, the config.json of a
+    local AutoencoderKL folder when one is given, else the SD-VAE (4 channels, 8x down)."""
+    if is_pixel_space(vae_name) and not vae_path:
+        return 3, image_size
+    source = vae_source(vae_name, vae_path)
+    channels, factor = 4, 8
+    config_file = os.path.join(source, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            config = json.load(f)
+        channels = config.get("latent_channels", 4)
+        factor = 2 ** (len(config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    if image_size % factor != 0:
+        raise SystemExit(f"error: --image-size {image_size} is not divisible by the VAE downsampling factor {factor}; "
+                         f"use a multiple of {factor} (or --vae none for pixel space)")
+    return channels, image_size // factor
+
+
+@torch.no_grad()
+def encode(vae, images):
+    """Images in [-1, 1] -> latents (a sample of the posterior, scaled by 0.18215)."""
+    if vae is None:
+        return images
+    return vae.encode(images).latent_dist.sample() * LATENT_SCALE
+
+
+@torch.no_grad()
+def decode(vae, latents):
+    """Latents -> images in roughly [-1, 1] (callers clamp when converting to uint8)."""
+    if vae is None:
+        return latents
+    return vae.decode(latents / LATENT_SCALE).sample
+
+
+def to_uint8_nhwc(images):
+    """[-1, 1] float NCHW -> uint8 NHWC exactly as the original sample_ddp.py
+    (clamp(127.5 * x + 128, 0, 255)); a single channel is repeated to RGB."""
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
