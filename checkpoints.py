@@ -125,6 +125,10 @@ def load_into_model(model, state_dict, model_name, source):
     """load_state_dict(strict=True) whose failure is one line naming the model the checkpoint
     actually fits and the first missing / unexpected / mismatched keys."""
     own = model.state_dict()
+    if getattr(model, "groups", None) is not None and not any(key.startswith("gate_logits") for key in state_dict):
+        # a gated model starting from plain weights (e.g. DiT-XL-1-2 from DiT-XL-2-256x256.pt)
+        # keeps its freshly initialised gate logits
+        state_dict = dict(state_dict, **{key: value for key, value in own.items() if key.startswith("gate_logits")})
     missing = [key for key in own if key not in state_dict]
     unexpected = [key for key in state_dict if key not in own]
     mismatched = [key for key in own if key in state_dict and tuple(own[key].shape) != tuple(state_dict[key].shape)]
