@@ -40,7 +40,7 @@ class ParameterEMA:
                 for key, value in model.state_dict().items()}
 
     @torch.no_grad()
-    def copy_to(self, module_parameters=None):
+    def copy_to(self):
         """Write the averages into the tracked parameters (e.g. before reading decisions)."""
         for param, shadow in zip(self.sources, self.shadows):
             param.copy_(shadow.to(param.dtype))
