@@ -1,0 +1,335 @@
+"""Training-loop machinery shared by train.py, train_masked_kd.py and prune_by_learning.py.
+
+What lives here (and nowhere else):
+- the common command-line flags of the training and pruning scripts (`add_training_args`);
+- seeding and the RNG state of every rank (python, numpy, torch CPU, CUDA), captured into and
+  restored from training checkpoints, so a resumed run continues the exact same random stream;
+- training checkpoints `{model, ema, opt, sched, train_steps, epoch, batches_into_epoch, args,
+  rng, ...}` written atomically by rank 0 (`save_training_checkpoint`, a collective call) and
+  read back with weights_only=True (`load_training_checkpoint`), `--resume PATH|auto`;
+- the loop position (epoch, batches consumed in it) for mid-epoch resume, and an epoch iterator
+  that does not consume the global torch RNG (a DataLoader draws its worker base seed from it
+  each time it is iterated, which would shift the noise stream of a resumed run);
+- `NonFiniteGuard` (a NaN/inf loss skips the step; too many in a row end the run),
+  `ThroughputMeter`, `all_reduce_gradients` (bucketed all-reduce of the trainable parameters
+  only, zero-filling missing grads, for scripts that cannot use DDP), `clip_grad_norm`, the
+  learning-rate schedules;
+- `fit(...)`: the whole DDP training loop of train.py and train_masked_kd.py (they differ only
+  in how a batch's loss is computed).
+
+Determinism: with the same world size on CPU, a run interrupted after any checkpoint and
+resumed with `--resume auto` ends with bit-identical weights to an uninterrupted run. A skipped
+(non-finite) step still consumes its batch and advances `train_steps` and the LR schedule, so
+the step count and the data position stay in lock-step.
+"""
+import argparse
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from checkpoints import load_checkpoint_file, save_checkpoint
+from runlog import latest_checkpoint
+
+CHECKPOINT_KEYS = ("model", "ema", "opt", "train_steps")
+
+
+# ------------------------------------------------------------------------------ flags
+def add_training_args(parser, lr=1e-4, epochs=1400, global_batch_size=256, log_every=100, ckpt_every=50_000,
+                      results_dir="results", ema_decay=0.9999):
+    """The flags every training / pruning script shares (SPEC section 13 plus ours). Defaults are
+    the original DiT ones; scripts pass their own lr/epochs where the paper differs."""
+    parser.add_argument("--data-path", type=str, required=True,
+                        help="feature store written by extract_features.py (or the original "
+                             "imagenet256_features/ + imagenet256_labels/ layout)")
+    parser.add_argument("--results-dir", type=str, default=results_dir)
+    parser.add_argument("--prefix", type=str, default="run",
+                        help="run folder is {results-dir}/{prefix}-{model with / as -}")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop after this many optimizer steps (also the length of the LR schedule)")
+    parser.add_argument("--global-batch-size", type=int, default=global_batch_size)
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--log-every", type=int, default=log_every)
+    parser.add_argument("--ckpt-every", type=int, default=ckpt_every)
+    parser.add_argument("--resume", type=str, default=None,
+                        help="a training checkpoint to continue from, or 'auto' for the latest one in the run folder")
+    parser.add_argument("--load-weight", type=str, default=None,
+                        help="initial weights (e.g. a pruned model); ignored when resuming")
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 disables clipping)")
+    parser.add_argument("--ema-decay", type=float, default=ema_decay)
+    parser.add_argument("--max-skipped-in-a-row", type=int, default=20,
+                        help="end the run after this many consecutive non-finite losses")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return parser
+
+
+def device_flag(args):
+    """setup_distributed's `device` argument from --device."""
+    return None if getattr(args, "device", "auto") == "auto" else args.device
+
+
+# ------------------------------------------------------------------------------ RNG
+def seed_everything(global_seed, ctx):
+    """Seed python, numpy and torch with `global_seed * world_size + rank` (DiT's rule: every rank
+    draws different noise). Returns the seed."""
+    seed = global_seed * ctx.world_size + ctx.rank
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    return seed
+
+
+def capture_rng_state():
+    """This process's RNG states as plain values and tensors (safe for weights_only loading)."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    cuda = []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = list(torch.cuda.get_rng_state_all())
+    return {
+        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+    }
+
+
+def restore_rng_state(state):
+    """Inverse of capture_rng_state."""
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["internal"].tolist()), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(ctx):
+    """Every rank's RNG state, as a list indexed by rank (collective: call on all ranks)."""
+    state = capture_rng_state()
+    if not ctx.is_distributed:
+        return [state]
+    states = [None] * ctx.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rank_rng(checkpoint, ctx, global_seed):
+    """Restore this rank's RNG from a checkpoint saved with the same world size. With another
+    world size (or no stored states) the ranks are re-seeded from (global_seed, train_steps), so
+    the run goes on with fresh but reproducible noise. Returns True if the exact state was restored."""
+    states = checkpoint.get("rng")
+    if states and len(states) == ctx.world_size:
+        restore_rng_state(states[ctx.rank])
+        return True
+    step = int(checkpoint.get("train_steps", 0))
+    seed = (global_seed * 1_000_003 + step) * ctx.world_size + ctx.rank
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    return False
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _materialize(value):
+    return value() if callable(value) else value
+
+
+def save_training_checkpoint(path, ctx, *, model_state, ema_state, optimizer, scheduler, train_steps, epoch,
+                             batches_into_epoch, args, scaler=None, extra=None):
+    """Write a training checkpoint atomically. COLLECTIVE: call on every rank (the RNG states of
+    all ranks are gathered); only rank 0 writes. `model_state` / `ema_state` may be callables so
+    the (possibly large) state dicts are built on rank 0 only. `args` is stored as an
+    argparse.Namespace (the original format); `extra` (a dict of plain values / tensors) is merged
+    in (e.g. {"skipped_steps": 3} or gate logits). Returns `path`."""
+    rng_states = gather_rng_states(ctx)
+    if ctx.is_main:
+        checkpoint = {
+            "model": _materialize(model_state),
+            "ema": _materialize(ema_state),
+            "opt": optimizer.state_dict(),
+            "sched": scheduler.state_dict() if scheduler is not None else None,
+            "train_steps": int(train_steps),
+            "epoch": int(epoch),
+            "batches_into_epoch": int(batches_into_epoch),
+            "args": args if isinstance(args, argparse.Namespace) else argparse.Namespace(**dict(args)),
+            "world_size": ctx.world_size,
+            "rng": rng_states,
+        }
+        if scaler is not None:
+            checkpoint["scaler"] = scaler.state_dict()
+        checkpoint.update(extra or {})
+        save_checkpoint(checkpoint, path, overwrite=True)
+    if ctx.is_distributed:
+        dist.barrier()
+    return path
+
+
+def load_training_checkpoint(path):
+    """A training checkpoint (weights_only) with its keys checked: a plain weights file is a
+    one-line error pointing at --load-weight."""
+    checkpoint = load_checkpoint_file(path)
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise SystemExit(f"error: {path} is not a training checkpoint (no {', '.join(missing)}); "
+                         f"to start from its weights use --load-weight {path} instead of --resume")
+    return checkpoint
+
+
+def resolve_resume(resume_flag, run_dir):
+    """The checkpoint to resume from: None without --resume, the newest checkpoint of `run_dir`
+    for 'auto' (None when there is none yet: a fresh start), else the given path (must exist)."""
+    if not resume_flag:
+        return None
+    if resume_flag == "auto":
+        return latest_checkpoint(run_dir)
+    if not os.path.isfile(resume_flag):
+        raise SystemExit(f"error: --resume {resume_flag} does not exist; pass a checkpoint file or 'auto'")
+    return resume_flag
+
+
+# ------------------------------------------------------------------------------ loop position
+def normalize_position(epoch, batches_into_epoch, batches_per_epoch):
+    """(epoch, batch) to continue from: a checkpoint written after an epoch's last batch
+    continues at the next epoch's first."""
+    if batches_into_epoch >= batches_per_epoch:
+        return epoch + 1, 0
+    return epoch, batches_into_epoch
+
+
+def iterate_epoch(loader, sampler, epoch, start_batch=0):
+    """An iterator over the batches of `epoch` from batch `start_batch` on (a
+    feature_data.ResumableDistributedSampler). Creating a DataLoader iterator draws its worker
+    base seed from the global torch RNG; that draw is undone here so the training noise stream
+    does not depend on where a run was resumed (workers need no randomness: flips are hashed)."""
+    sampler.set_epoch(epoch, start_batch)
+    state = torch.get_rng_state()
+    iterator = iter(loader)
+    torch.set_rng_state(state)
+    return iterator
+
+
+def total_training_steps(epochs, batches_per_epoch, max_steps=None):
+    steps = epochs * batches_per_epoch
+    return min(steps, max_steps) if max_steps is not None else steps
+
+
+# ------------------------------------------------------------------------------ schedules
+def constant_schedule(optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def cosine_schedule(optimizer, total_steps, final_lr):
+    """Cosine from the optimizer's lr at step 0 to `final_lr` at `total_steps` (then flat)."""
+    base_lr = optimizer.param_groups[0]["lr"]
+    final_ratio = final_lr / base_lr if base_lr > 0 else 1.0
+
+    def factor(step):
+        progress = min(step, total_steps) / max(total_steps, 1)
+        return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ------------------------------------------------------------------------------ gradients
+def all_reduce_gradients(parameters, ctx, bucket_bytes=25 * 2 ** 20):
+    """Average the gradients of `parameters` (those with requires_grad) over all ranks, in
+    flat buckets (one collective per ~25 MB, not per tensor). A parameter without a grad (e.g. a
+    block that every sample of this rank skipped) gets a zero grad first, so every rank reduces
+    the same list. Use it instead of DDP when only a few parameters train (gate logits, LoRA)."""
+    params = [p for p in parameters if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if not ctx.is_distributed:
+        return
+    buckets, current, size = [], [], 0
+    for p in params:
+        if current and (size + p.grad.numel() * p.grad.element_size() > bucket_bytes
+                        or p.grad.dtype != current[0].grad.dtype):
+            buckets.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += p.grad.numel() * p.grad.element_size()
+    if current:
+        buckets.append(current)
+    for bucket in buckets:
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        dist.all_reduce(flat)
+        flat.div_(ctx.world_size)
+        offset = 0
+        for p in bucket:
+            count = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + count].view_as(p.grad))
+            offset += count
+
+
+def clip_grad_norm(parameters, max_norm):
+    """Clip to `max_norm` (no clipping when it is 0/None) and return the total norm before
+    clipping as a tensor (non-finite when a gradient is)."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if max_norm:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+class NonFiniteGuard:
+    """Counts steps skipped for a NaN/inf loss or gradient. `ok = guard.check(finite, step)`
+    returns whether to take the step; after `max_in_a_row` consecutive bad steps it raises a
+    one-line SystemExit (the run diverged; continuing would only burn compute)."""
+
+    def __init__(self, max_in_a_row=20, skipped_total=0):
+        self.max_in_a_row = max_in_a_row
+        self.skipped_total = skipped_total
+        self.in_a_row = 0
+
+    def check(self, finite, step):
+        if finite:
+            self.in_a_row = 0
+            return True
+        self.skipped_total += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_in_a_row:
+            raise SystemExit(f"error: {self.in_a_row} non-finite losses in a row at step {step} (the run diverged); "
+                             f"resume from the last checkpoint with a lower --lr or --precision bf16/fp32")
+        return False
+
+
+class ThroughputMeter:
+    """Steps/s and images/s since the last `rates()` call (synchronizes CUDA before reading the
+    clock, otherwise queued kernels would be attributed to the next window)."""
+
+    def __init__(self, device=None):
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.reset()
+
+    def reset(self):
+        self.start = time.perf_counter()
+        self.steps = 0
+        self.images = 0
+
+    def step(self, images):
+        self.steps += 1
+        self.images += images
+
+    def rates(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        steps_per_sec, images_per_sec = self.steps / elapsed, self.images / elapsed
+        self.reset()
+        return steps_per_sec, images_per_sec
