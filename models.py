@@ -61,7 +61,8 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        frequencies = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(frequencies.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -182,7 +183,7 @@ def straight_through_gumbel_onehot(logits, tau, batch_size, generator=None):
     """Per-sample hard one-hot draws from Gumbel-softmax(logits / tau) whose forward value is
     exactly 0/1 and whose gradient is that of the soft sample (straight-through)."""
     uniform = torch.rand(batch_size, logits.shape[-1], device=logits.device, generator=generator)
-    gumbels = -torch.log(-torch.log(uniform.clamp_min(1e-20)).clamp_min(1e-20))
+    gumbels = -torch.log((-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20))
     soft = torch.softmax((logits.float().unsqueeze(0) + gumbels) / tau, dim=-1)
     hard = F.one_hot(soft.argmax(dim=-1), logits.shape[-1]).to(soft.dtype)
     return hard + (soft - soft.detach())  # value == hard exactly (soft - soft.detach() is exactly 0)
