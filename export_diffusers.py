@@ -1,0 +1,254 @@
+"""Export a plain or pruned DiT checkpoint to diffusers.
+
+Writes `DIR/transformer` (a `DiTTransformer2DModel` whose number of layers is the checkpoint's
+depth) and, given a local AutoencoderKL folder (`--vae-path`), a whole `DiTPipeline` folder
+(`model_index.json`, transformer, vae, DDIM scheduler with DiT's linear betas, id2label) that
+`DiTPipeline.from_pretrained(DIR)` loads:
+
+    python export_diffusers.py --model DiT-D14/2 --ckpt pruned.pt --out exported --vae-path pretrained/sd-vae-ft-ema
+
+The weight mapping is the one of diffusers' own DiT conversion: qkv split into to_q/to_k/to_v,
+the timestep and label embedders copied into every block's `norm1.emb`, each block's adaLN
+Linear to `norm1.linear` (same shift/scale/gate chunk order), the final adaLN Linear and output
+Linear to `proj_out_1` / `proj_out_2`.
+
+Two diffusers quirks the export has to live with (diffusers hard-codes both):
+- DiT's timestep features use frequencies exp(-ln(10000) k / 128) (SPEC 4); diffusers' DiT
+  embedding uses k / 127 (`downscale_freq_shift=1`), also for the hub's facebook/DiT-XL-2-256.
+  So a stock load differs slightly from our model; `match_original_timestep_embedding(
+  pipe.transformer)` (a one-line attribute change, not stored in any config) makes it
+  reproduce our model's predictions exactly.
+- `DiTPipeline` uses label 1000 as the null (unconditional) class for guidance. A model with
+  fewer classes is exported with its label table padded to 1000 classes: our null row goes to
+  row 1000 and to the unused rows in between, so guidance works and real classes are unchanged.
+"""
+import argparse
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from checkpoints import build_model
+from cli import add_model_args
+from models import get_2d_sincos_pos_embed, prune_to_kept_blocks
+from vae import LATENT_SCALE, is_pixel_space, load_vae
+
+DIFFUSERS_NULL_CLASS = 1000  # the label DiTPipeline feeds as "unconditional" (hard-coded there)
+POS_EMBED_TOLERANCE = 1e-4   # diffusers recomputes the fixed sin-cos table; ours must be that table
+
+
+def label_table_for_diffusers(model):
+    """Our label table laid out for diffusers: (num_embeds_ada_norm, table). diffusers' label
+    embedding always has a null row at index num_embeds_ada_norm; DiTPipeline asks for index 1000."""
+    table = model.y_embedder.embedding_table.weight.detach().float()
+    num_classes = model.num_classes
+    if table.shape[0] == num_classes:  # trained without label dropout: no null row to guide with
+        null_row = torch.zeros_like(table[:1])
+    else:
+        null_row = table[num_classes:num_classes + 1]
+    if num_classes >= DIFFUSERS_NULL_CLASS:
+        return num_classes, torch.cat([table[:num_classes], null_row])
+    padding = null_row.expand(DIFFUSERS_NULL_CLASS + 1 - num_classes, -1)
+    return DIFFUSERS_NULL_CLASS, torch.cat([table[:num_classes], padding])
+
+
+def diffusers_config(model, num_embeds_ada_norm):
+    """DiTTransformer2DModel constructor arguments describing `model`."""
+    return dict(num_attention_heads=model.num_heads, attention_head_dim=model.hidden_size // model.num_heads,
+                in_channels=model.in_channels, out_channels=model.out_channels, num_layers=model.depth,
+                dropout=0.0, attention_bias=True, sample_size=model.input_size, patch_size=model.patch_size,
+                activation_fn="gelu-approximate", num_embeds_ada_norm=num_embeds_ada_norm,
+                upcast_attention=False, norm_type="ada_norm_zero", norm_elementwise_affine=False, norm_eps=1e-6)
+
+
+def convert_state_dict(model, label_table):
+    """Our DiT's weights under DiTTransformer2DModel's parameter names."""
+    ours = {key: value.detach().float() for key, value in model.state_dict().items()}
+    embedders = {
+        "norm1.emb.timestep_embedder.linear_1.weight": ours["t_embedder.mlp.0.weight"],
+        "norm1.emb.timestep_embedder.linear_1.bias": ours["t_embedder.mlp.0.bias"],
+        "norm1.emb.timestep_embedder.linear_2.weight": ours["t_embedder.mlp.2.weight"],
+        "norm1.emb.timestep_embedder.linear_2.bias": ours["t_embedder.mlp.2.bias"],
+        "norm1.emb.class_embedder.embedding_table.weight": label_table,
+    }
+    converted = {
+        "pos_embed.proj.weight": ours["x_embedder.proj.weight"],
+        "pos_embed.proj.bias": ours["x_embedder.proj.bias"],
+        "proj_out_1.weight": ours["final_layer.adaLN_modulation.1.weight"],  # chunk(2) = shift, scale in both
+        "proj_out_1.bias": ours["final_layer.adaLN_modulation.1.bias"],
+        "proj_out_2.weight": ours["final_layer.linear.weight"],
+        "proj_out_2.bias": ours["final_layer.linear.bias"],
+    }
+    for index in range(model.depth):
+        block, target = f"blocks.{index}.", f"transformer_blocks.{index}."
+        # diffusers recomputes the conditioning in every block, so every block holds the embedders
+        converted.update({target + name: tensor.clone() for name, tensor in embedders.items()})
+        # qkv rows are laid out (3, heads, head_dim): the first third is q, then k, then v
+        for part in ("weight", "bias"):
+            q, k, v = ours[f"{block}attn.qkv.{part}"].chunk(3, dim=0)
+            converted.update({f"{target}attn1.to_q.{part}": q.clone(), f"{target}attn1.to_k.{part}": k.clone(),
+                              f"{target}attn1.to_v.{part}": v.clone()})
+            converted[f"{target}attn1.to_out.0.{part}"] = ours[f"{block}attn.proj.{part}"]
+            converted[f"{target}norm1.linear.{part}"] = ours[f"{block}adaLN_modulation.1.{part}"]
+            converted[f"{target}ff.net.0.proj.{part}"] = ours[f"{block}mlp.fc1.{part}"]
+            converted[f"{target}ff.net.2.{part}"] = ours[f"{block}mlp.fc2.{part}"]
+    return converted
+
+
+def check_exportable(model):
+    """One-line errors for what DiTTransformer2DModel cannot represent."""
+    if model.mlp_ratio != 4.0:
+        raise SystemExit(f"error: the model has mlp_ratio {model.mlp_ratio}; DiTTransformer2DModel only has "
+                         f"MLP ratio 4, so it cannot be exported")
+    grid = model.input_size // model.patch_size
+    standard = torch.from_numpy(get_2d_sincos_pos_embed(model.hidden_size, grid)).float()
+    deviation = (model.pos_embed.detach().float()[0] - standard).abs().max().item()
+    if deviation > POS_EMBED_TOLERANCE:
+        raise SystemExit(f"error: the checkpoint's pos_embed differs from the fixed 2-D sin-cos table by "
+                         f"{deviation:.3g}; diffusers recomputes that table, so this model cannot be exported")
+
+
+def to_diffusers_transformer(model):
+    """A DiTTransformer2DModel (fp32, eval) holding `model`'s weights; gated models are first
+    pruned to the blocks their gates currently keep."""
+    from diffusers import DiTTransformer2DModel
+    if getattr(model, "groups", None) is not None:
+        model = prune_to_kept_blocks(model, model.kept_indices())
+    check_exportable(model)
+    num_embeds, label_table = label_table_for_diffusers(model)
+    transformer = DiTTransformer2DModel(**diffusers_config(model, num_embeds))
+    transformer.load_state_dict(convert_state_dict(model, label_table), strict=True)
+    return transformer.eval()
+
+
+def match_original_timestep_embedding(transformer):
+    """Make a loaded DiTTransformer2DModel use DiT's timestep frequencies exp(-ln(10000) k / 128)
+    instead of diffusers' k / 127, so it reproduces the original model (and ours) exactly.
+    An attribute of the modules, not of the config: call it after every from_pretrained."""
+    for block in transformer.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+    return transformer
+
+
+def build_pipeline(transformer, vae, id2label):
+    from diffusers import DDIMScheduler, DiTPipeline
+    # the scheduler of diffusers' DiT conversion: DiT's 1000 linear betas, eps prediction, no clipping
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                              prediction_type="epsilon", clip_sample=False)
+    return DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
+
+
+def read_id2label(path, num_classes):
+    """{"0": "name, other name", ...} from a JSON file, or class indices as names."""
+    if path is None:
+        return {str(index): str(index) for index in range(num_classes)}
+    with open(path) as f:
+        id2label = {str(key): str(value) for key, value in json.load(f).items()}
+    outside = [key for key in id2label if not key.isdigit() or int(key) >= num_classes]
+    if outside:
+        raise SystemExit(f"error: --id2label {path} names classes {outside[:3]} outside 0..{num_classes - 1}; "
+                         f"give a JSON object mapping class indices to names")
+    return id2label
+
+
+def write_folder_atomically(out, overwrite, write):
+    """Call write(tmp_folder), then move tmp_folder to `out` with a rename: `out` is absent or complete."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
+    try:
+        write(tmp)
+        # mkdtemp (and some writers) make owner-only entries; give the result the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        for root, folders, files in os.walk(tmp):
+            os.chmod(root, 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
+        if os.path.exists(out):  # only reached with --overwrite: set the old folder aside until the new one is in
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".old", dir=parent)
+            os.replace(out, os.path.join(old, "replaced"))
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(os.path.join(old, "replaced"), out)  # put the old folder back
+                raise
+            finally:
+                if os.path.exists(out):
+                    shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+def main(args):
+    if os.path.exists(args.out) and not args.overwrite:
+        raise SystemExit(f"error: {args.out} already exists; choose another --out or pass --overwrite")
+    model, metadata = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path,
+                                  ckpt=args.ckpt, use_ema=not args.no_ema, groups=args.groups)
+    transformer = to_diffusers_transformer(model.eval())
+    vae_folder = args.vae_path or (args.vae if os.path.isdir(args.vae) else None)
+    vae = load_vae(args.vae, vae_folder) if vae_folder else None
+    if vae is not None:
+        if vae.config.latent_channels != model.in_channels:
+            raise SystemExit(f"error: the VAE in {vae_folder} has {vae.config.latent_channels} latent channels but "
+                             f"the model takes {model.in_channels}; pass the VAE the model was trained with")
+        # our latents are scaled by 0.18215 whatever the VAE folder says; the pipeline reads it from the config
+        vae.register_to_config(scaling_factor=LATENT_SCALE)
+    id2label = read_id2label(args.id2label, model.num_classes)
+    provenance = dict(source_checkpoint=os.path.abspath(args.ckpt), model=args.model, depth=transformer.config.num_layers,
+                      num_classes=model.num_classes, pruning_metadata=metadata,
+                      null_class_in_diffusers=transformer.config.num_embeds_ada_norm,
+                      timestep_embedding="call export_diffusers.match_original_timestep_embedding(transformer) after "
+                                         "loading to use DiT's exact timestep frequencies")
+
+    def write(folder):
+        if vae is None:
+            transformer.save_pretrained(os.path.join(folder, "transformer"))
+        else:
+            build_pipeline(transformer, vae, id2label).save_pretrained(folder)
+            # DiTPipeline takes id2label but does not record it; from_pretrained reads it back from here
+            index_file = os.path.join(folder, "model_index.json")
+            with open(index_file) as f:
+                index = json.load(f)
+            index["id2label"] = id2label
+            with open(index_file, "w") as f:
+                json.dump(index, f, indent=2)
+        with open(os.path.join(folder, "tinyfusion_export.json"), "w") as f:
+            json.dump(provenance, f, indent=2, default=str)
+
+    write_folder_atomically(args.out, args.overwrite, write)
+    depth = transformer.config.num_layers
+    if vae is not None:
+        print(f"wrote a DiTPipeline ({depth} layers) to {args.out}: DiTPipeline.from_pretrained({args.out!r})")
+    else:
+        reason = ("pixel-space models (--vae none) have no VAE" if is_pixel_space(args.vae) and not vae_folder
+                  else "no local VAE folder was given (--vae-path)")
+        print(f"wrote only the transformer ({depth} layers) to {args.out}/transformer, no DiTPipeline because {reason}: "
+              f"DiTTransformer2DModel.from_pretrained({args.out!r}, subfolder='transformer')")
+    if model.num_classes > DIFFUSERS_NULL_CLASS:
+        print(f"note: DiTPipeline uses label {DIFFUSERS_NULL_CLASS} as the null class, a real class of this model: "
+              f"sample with guidance_scale=1")
+    print("for predictions identical to ours, after loading call "
+          "export_diffusers.match_original_timestep_embedding(transformer) (pipe.transformer for a pipeline)")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(parser, default_model="DiT-XL/2")
+    parser.add_argument("--ckpt", type=str, required=True, help="plain, training or pruned DiT checkpoint")
+    parser.add_argument("--no-ema", action="store_true", help="export a training checkpoint's `model`, not `ema`")
+    parser.add_argument("--out", type=str, required=True, help="output folder (must not exist)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--id2label", type=str, default=None,
+                        help="JSON file {\"0\": \"tench, Tinca tinca\", ...}; default: class indices as names")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,133 @@
+"""export_diffusers.py: the exported DiTTransformer2DModel predicts the same noise and variance as
+our DiT (XL-shaped with a small hidden size, and a pruned-depth checkpoint), and the pipeline
+folder loads with DiTPipeline.from_pretrained and samples an image.
+
+Every parameter is re-randomised (our init zeroes the adaLN and final layers, which would make
+both models output zeros whatever the mapping)."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import models
+from checkpoints import save_checkpoint, save_pruned_model
+from export_diffusers import main, match_original_timestep_embedding, parse_args, to_diffusers_transformer
+from models import DiT_models, prune_to_kept_blocks
+from tiny_vae import make_tiny_vae
+
+diffusers = pytest.importorskip("diffusers")
+
+SMALL_XL = dict(hidden_size=96, num_heads=16)  # XL's 28 blocks and 16 heads, hidden 96 instead of 1152
+
+
+def use_small_xl(monkeypatch):
+    """Make `--model DiT-XL/2` build the small-hidden XL, so the whole CLI runs on it."""
+    original = DiT_models["DiT-XL/2"]
+
+    def build(**kwargs):
+        return original(**{**SMALL_XL, **kwargs})
+    build.family, build.patch_size, build.default_groups = original.family, original.patch_size, None
+    monkeypatch.setitem(models.DiT_models, "DiT-XL/2", build)
+
+
+def randomise(model, seed):
+    """Random non-zero values for every trained parameter (pos_embed is the fixed sin-cos table)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name == "pos_embed":
+                continue
+            scale = 1 / math.sqrt(parameter[0].numel()) if parameter.dim() > 1 else 0.2
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model.eval()
+
+
+def compare(model, folder, null_label_in_diffusers):
+    """Max abs differences (eps half, variance half) between our model and the exported
+    transformer with DiT's timestep frequencies, and the eps difference of a stock load."""
+    from diffusers import DiTTransformer2DModel
+    transformer = DiTTransformer2DModel.from_pretrained(folder, subfolder="transformer").eval()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4, model.in_channels, model.input_size, model.input_size, generator=generator)
+    t = torch.tensor([0, 1, 417, 999])
+    ours_y = torch.tensor([0, model.num_classes - 1, 3, model.num_classes])  # the last one is the null class
+    diffusers_y = torch.where(ours_y == model.num_classes, null_label_in_diffusers, ours_y)
+    with torch.no_grad():
+        ours = model(x, t, ours_y)
+        stock = transformer(x, timestep=t, class_labels=diffusers_y).sample
+        theirs = match_original_timestep_embedding(transformer)(x, timestep=t, class_labels=diffusers_y).sample
+    assert ours.shape == theirs.shape == (4, 2 * model.in_channels, model.input_size, model.input_size)
+    assert ours.abs().mean() > 0.05  # random weights: a real signal to compare
+    channels = model.in_channels
+    eps_diff = (ours[:, :channels] - theirs[:, :channels]).abs().max().item()
+    var_diff = (ours[:, channels:] - theirs[:, channels:]).abs().max().item()
+    return eps_diff, var_diff, (ours - stock).abs().max().item(), transformer
+
+
+def test_xl_shaped_export_matches_noise_and_variance(tmp_path, monkeypatch, capsys):
+    use_small_xl(monkeypatch)
+    model = randomise(DiT_models["DiT-XL/2"](input_size=8), seed=0)  # 1000 classes, as DiT-XL/2
+    ckpt = tmp_path / "xl.pt"
+    save_checkpoint({"model": model.state_dict(), "ema": model.state_dict()}, ckpt)
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier result")
+    argv = ["--model", "DiT-XL/2", "--image-size", "64", "--ckpt", str(ckpt), "--out", str(out)]
+
+    with pytest.raises(SystemExit, match="already exists.*--overwrite"):
+        main(parse_args(argv))
+    assert (out / "keep.txt").exists()
+
+    main(parse_args(argv + ["--overwrite"]))
+    message = capsys.readouterr().out
+    assert "only the transformer" in message and "--vae-path" in message
+    assert not (out / "keep.txt").exists() and not (out / "model_index.json").exists()
+    assert sorted(os.listdir(tmp_path)) == ["exported", "xl.pt"]  # no temp or set-aside folders left
+
+    eps_diff, var_diff, stock_diff, transformer = compare(model, out, null_label_in_diffusers=1000)
+    assert transformer.config.num_layers == 28 and transformer.config.num_embeds_ada_norm == 1000
+    assert eps_diff <= 1e-4 and var_diff <= 1e-4, (eps_diff, var_diff)
+    # diffusers' own k/127 timestep frequencies really differ: the fix above is what makes the match
+    assert stock_diff > 1e-3
+
+
+def test_pruned_depth_export_and_pipeline(tmp_path, monkeypatch, capsys):
+    use_small_xl(monkeypatch)
+    teacher = randomise(DiT_models["DiT-XL/2"](input_size=8, depth=8, num_classes=10), seed=2)
+    kept_indices = [0, 3, 4, 7]
+    pruned = prune_to_kept_blocks(teacher, kept_indices).eval()
+    ckpt = tmp_path / "pruned.pt"
+    save_pruned_model(pruned, ckpt, dict(kept_indices=kept_indices, source_model="DiT-XL/2"))
+    vae_path = make_tiny_vae(tmp_path / "vae")
+    labels_file = tmp_path / "labels.json"
+    labels_file.write_text(json.dumps({str(i): f"class{i}, alias{i}" for i in range(10)}))
+    out = tmp_path / "pipeline"
+
+    main(parse_args(["--model", "DiT-XL/2", "--image-size", "64", "--num-classes", "10", "--vae-path", vae_path,
+                     "--ckpt", str(ckpt), "--out", str(out), "--id2label", str(labels_file)]))
+    assert "DiTPipeline" in capsys.readouterr().out
+    assert json.loads((out / "tinyfusion_export.json").read_text())["pruning_metadata"]["kept_indices"] == kept_indices
+
+    # 10 classes: DiTPipeline's hard-coded null label 1000 must reach our null row
+    eps_diff, var_diff, _, transformer = compare(pruned, out, null_label_in_diffusers=1000)
+    assert transformer.config.num_layers == 4
+    assert eps_diff <= 1e-4 and var_diff <= 1e-4, (eps_diff, var_diff)
+
+    from diffusers import DiTPipeline
+    pipe = DiTPipeline.from_pretrained(out)
+    assert pipe.get_label_ids(["alias7", "class2"]) == [7, 2]
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(class_labels=[7, 2], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images  # default guidance 4.0 runs the null class
+    assert images.shape == (2, 64, 64, 3)
+    assert images.min() >= 0 and images.max() <= 1 and images.std() > 0
+
+
+def test_refuses_a_learned_position_table():
+    model = randomise(DiT_models["DiT-S/2"](input_size=4, hidden_size=32, num_heads=2, depth=1), seed=3)
+    with torch.no_grad():
+        model.pos_embed.add_(0.01)
+    with pytest.raises(SystemExit, match="pos_embed differs from the fixed 2-D sin-cos table"):
+        to_diffusers_transformer(model)
