@@ -27,6 +27,7 @@ def atomic_path(path, overwrite=True):
         yield tmp_path
         with open(tmp_path, "rb") as written:
             os.fsync(written.fileno())
+        os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; results should read like any file
         os.replace(tmp_path, path)
     finally:
         if os.path.exists(tmp_path):
@@ -45,3 +46,9 @@ def atomic_write_text(path, text, overwrite=True):
 
 def atomic_write_json(path, obj, overwrite=True):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", overwrite=overwrite)
+
+
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
