@@ -1,0 +1,360 @@
+"""Encode an ImageFolder once into the feature store that training and pruning read.
+
+Every image is ADM center-cropped, scaled to [-1, 1] and encoded together with its horizontal
+flip (`latent_dist.sample() * 0.18215`; with `--vae none` the pixels themselves are stored).
+Images are cut into shards of contiguous indices (sorted ImageFolder order); under torchrun
+each rank encodes its own shards, writes each one atomically, and rank 0 writes manifest.json
+last. The posterior noise of image i is drawn from a generator seeded by (--global-seed, i), so
+the store is the same for any number of ranks and nodes. `--resume` keeps every shard that
+validates (checksum included) and redoes the rest. See feature_data.py for the format.
+
+    torchrun --nproc_per_node=8 extract_features.py --data-path /data/imagenet/train \
+        --features-path features/imagenet256 --image-size 256 --vae ema
+"""
+import argparse
+import glob
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import feature_data as store
+from atomic_files import atomic_write_json
+from cli import add_model_args
+from distributed import all_reduce_mean, barrier, cleanup_distributed, setup_distributed
+from image_data import list_image_folder, load_image_uint8, to_unit_range
+from runlog import create_logger
+from vae import LATENT_SCALE, is_pixel_space, latent_geometry, latent_geometry_from_flags, load_vae, vae_source
+
+# what makes two extractions the same (and a store resumable); other plan fields are informational
+IDENTITY_KEYS = ("format", "version", "images_sha256", "num_images", "classes", "image_size", "vae",
+                 "vae_weights_sha256", "scale_factor", "global_seed", "shard_size", "batch_size",
+                 "store_dtype", "sample_shape")
+
+
+class IndexedImages(Dataset):
+    """Worker side: (uint8 image (3, H, W), label, index), or (None, index, reason) for a file
+    that cannot be decoded, so one bad image is skipped instead of ending the run."""
+
+    def __init__(self, samples, image_size):
+        self.samples = samples
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        try:
+            return load_image_uint8(path, self.image_size), label, index
+        except Exception as error:  # PIL raises many types for broken files
+            return None, index, f"{type(error).__name__}: {error}"
+
+
+def collate_good_images(items):
+    good = [item for item in items if item[0] is not None]
+    bad = [(index, reason) for image, index, reason in items if image is None]
+    images = torch.stack([item[0] for item in good]) if good else None
+    labels = torch.tensor([item[1] for item in good], dtype=torch.int64)
+    indices = torch.tensor([item[2] for item in good], dtype=torch.int64)
+    return images, labels, indices, bad
+
+
+def posterior_noise(global_seed, index, shape):
+    """N(0, 1) noise of image `index`: a function of (seed, index) only, never of the rank, the
+    world size or the batch the image landed in."""
+    generator = torch.Generator().manual_seed(store.hash64(global_seed, index) >> 1)
+    return torch.randn(shape, generator=generator)
+
+
+@torch.inference_mode()
+def encode_with_flips(vae, images_uint8, indices, global_seed, sample_shape, device):
+    """(B, 2, C, H, W): the image and its horizontal flip, as latents (or pixels for vae None)."""
+    images = to_unit_range(images_uint8.to(device))
+    pairs = torch.stack([images, images.flip(dims=[3])], dim=1)
+    if vae is None:
+        return pairs
+    posterior = vae.encode(pairs.flatten(0, 1)).latent_dist
+    noise = torch.stack([posterior_noise(global_seed, int(i), (2, *sample_shape)) for i in indices])
+    # same distribution as latent_dist.sample(), with our own per-image noise
+    latents = (posterior.mean + posterior.std * noise.flatten(0, 1).to(device)) * LATENT_SCALE
+    return latents.unflatten(0, (len(indices), 2))
+
+
+def sha256_of_lines(lines):
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def vae_weights_sha256(vae):
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode("utf-8"))
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def build_plan(args, samples, classes, vae, sample_shape):
+    data_root = os.path.abspath(args.data_path)
+    listing = (f"{os.path.relpath(path, data_root)}\t{label}" for path, label in samples)
+    num_shards = -(-len(samples) // args.shard_size)
+    pixel_space = vae is None
+    source = vae_source(args.vae, args.vae_path)
+    return {
+        "format": store.STORE_FORMAT, "version": store.STORE_VERSION,
+        "data_path": data_root, "num_images": len(samples), "images_sha256": sha256_of_lines(listing),
+        "classes": classes, "image_size": args.image_size,
+        "vae": "none" if pixel_space else args.vae,
+        "vae_source": None if pixel_space else (os.path.abspath(source) if os.path.isdir(source) else source),
+        "vae_weights_sha256": None if pixel_space else vae_weights_sha256(vae),
+        "scale_factor": None if pixel_space else LATENT_SCALE,
+        "global_seed": args.global_seed, "shard_size": args.shard_size, "batch_size": args.batch_size,
+        "store_dtype": args.store_dtype, "sample_shape": list(sample_shape), "num_shards": num_shards,
+    }
+
+
+def extraction_id(plan):
+    identity = {key: plan[key] for key in IDENTITY_KEYS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def shard_range(plan, shard_id):
+    start = shard_id * plan["shard_size"]
+    return start, min(start + plan["shard_size"], plan["num_images"])
+
+
+def gather(value, ctx):
+    """Every rank's value, in rank order."""
+    if not ctx.is_distributed:
+        return [value]
+    values = [None] * ctx.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def exit_together(error, ctx):
+    """Raise the first rank's error on every rank, so no rank waits forever at a barrier for a
+    rank that already stopped."""
+    errors = [e for e in gather(error, ctx) if e]
+    if errors:
+        cleanup_distributed()
+        raise SystemExit(errors[0])
+
+
+def prepare_features_path(path, plan, resume):
+    """Rank 0: decide between a fresh extraction and a resumed one, or refuse with the reason.
+    Nothing that is already there gets overwritten: a different extraction, a finished one, or
+    a folder holding anything else are errors."""
+    plan_file = os.path.join(path, store.PLAN_FILE)
+    entries = [name for name in (os.listdir(path) if os.path.isdir(path) else []) if ".tmp" not in name]
+    if os.path.isfile(plan_file):
+        with open(plan_file) as f:
+            existing = json.load(f)
+        for key in IDENTITY_KEYS:
+            if existing.get(key) != plan[key]:
+                there, here = (repr(value)[:60] for value in (existing.get(key), plan[key]))
+                raise SystemExit(f"error: {path} already holds a different extraction ({key}: {there} there, "
+                                 f"{here} now); choose another --features-path or delete that folder")
+        if not resume:
+            state = "a finished" if os.path.isfile(os.path.join(path, store.MANIFEST_FILE)) else "an unfinished"
+            raise SystemExit(f"error: {path} already holds {state} run of this extraction; pass --resume to "
+                             f"check and complete it, or choose another --features-path")
+        return "resume"
+    if entries:
+        raise SystemExit(f"error: {path} is not empty and holds no extraction of ours (found {entries[0]!r}); "
+                         f"choose a new or empty --features-path")
+    return "fresh"
+
+
+def remove_stale_temp_files(path):
+    # temp files of a killed run: never read (atomic_files only renames complete ones), just litter
+    for stale in glob.glob(os.path.join(path, ".*.tmp*")):
+        os.remove(stale)
+
+
+def unfinished_shards(path, plan, plan_id, shard_ids):
+    """The shards among shard_ids that are missing or do not validate (truncated, corrupted,
+    from another extraction): those get (re)done."""
+    pending = []
+    for shard_id in shard_ids:
+        start, stop = shard_range(plan, shard_id)
+        expected = {"extraction_id": plan_id, "shard": shard_id, "start": start, "stop": stop}
+        try:
+            store.check_shard(os.path.join(path, store.shard_file_name(shard_id)), expected, verify_checksum=True)
+        except (OSError, ValueError):
+            pending.append(shard_id)
+    return pending
+
+
+def write_manifest(path, plan, plan_id, args, ctx):
+    """Rank 0, after every rank finished: validate every shard's header and size and record it."""
+    records = []
+    for shard_id in range(plan["num_shards"]):
+        start, stop = shard_range(plan, shard_id)
+        expected = {"extraction_id": plan_id, "shard": shard_id, "start": start, "stop": stop}
+        info = store.check_shard(os.path.join(path, store.shard_file_name(shard_id)), expected, verify_checksum=False)
+        records.append(dict(info, file=store.shard_file_name(shard_id)))
+    skipped = [entry for record in records for entry in record["skipped"]]
+    manifest = dict(plan, extraction_id=plan_id, num_samples=sum(r["count"] for r in records),
+                    num_skipped=len(skipped), skipped=skipped, num_classes=len(plan["classes"]),
+                    class_to_idx={name: label for label, name in enumerate(plan["classes"])},
+                    shards=records, world_size=ctx.world_size, args=vars(args))
+    atomic_write_json(os.path.join(path, store.MANIFEST_FILE), manifest, overwrite=False)
+    return manifest
+
+
+def main(args):
+    ctx = setup_distributed()
+    logger = create_logger(None, ctx.is_main, name="extract")
+    features_path = args.features_path
+
+    # 1. every rank lists the images and loads the VAE; any rank's problem stops all of them
+    error = samples = vae = plan = None
+    try:
+        latent_geometry_from_flags(args.vae, args.image_size, args.vae_path)  # size check before loading
+        if args.shard_size < 1 or args.batch_size < 1:
+            raise SystemExit("error: --shard-size and --batch-size must be positive")
+        try:
+            samples, classes, ignored = list_image_folder(args.data_path)
+        except ValueError as listing_error:
+            raise SystemExit(str(listing_error)) from None
+        if len(classes) > args.num_classes:
+            raise SystemExit(f"error: {args.data_path} has {len(classes)} class folders but --num-classes is "
+                             f"{args.num_classes}; pass --num-classes {len(classes)}")
+        for path in ignored:
+            logger.info(f"skipping {path}: not an image file")
+        vae = load_vae(args.vae, args.vae_path, ctx.device)
+        channels, size = latent_geometry(vae, args.image_size)
+        plan = build_plan(args, samples, classes, vae, (channels, size, size))
+    except SystemExit as exit_error:
+        error = str(exit_error)
+    exit_together(error, ctx)
+    plan_id = extraction_id(plan)
+    if len(set(gather(plan_id, ctx))) != 1:
+        exit_together("error: the ranks see different images or VAEs (extraction ids differ); every node "
+                      "needs the same --data-path contents and VAE", ctx)
+
+    # 2. rank 0 checks the features path and writes the plan; a fresh run starts there
+    error = mode = None
+    if ctx.is_main:
+        try:
+            mode = prepare_features_path(features_path, plan, args.resume)
+            os.makedirs(features_path, exist_ok=True)
+            remove_stale_temp_files(features_path)
+            if mode == "fresh":
+                atomic_write_json(os.path.join(features_path, store.PLAN_FILE), dict(plan, extraction_id=plan_id),
+                                  overwrite=False)
+        except SystemExit as exit_error:
+            error = str(exit_error)
+    exit_together(error, ctx)
+    mode = gather(mode, ctx)[0]
+
+    # 3. which shards are left: all of them, or on --resume those that do not validate. The
+    # rank that checked a shard does not matter; the pending ones are dealt out round-robin.
+    all_shards = list(range(plan["num_shards"]))
+    if mode == "resume":
+        checked = unfinished_shards(features_path, plan, plan_id, all_shards[ctx.rank::ctx.world_size])
+        pending = sorted(shard for part in gather(checked, ctx) for shard in part)
+        logger.info(f"resuming: {plan['num_shards'] - len(pending)} of {plan['num_shards']} shards are complete")
+    else:
+        pending = all_shards
+    manifest_file = os.path.join(features_path, store.MANIFEST_FILE)
+    if not pending and os.path.isfile(manifest_file):
+        logger.info(f"{features_path} is complete ({plan['num_images']} images); nothing to do")
+        cleanup_distributed()
+        return
+    if ctx.is_main and os.path.isfile(manifest_file):
+        os.remove(manifest_file)  # a shard is being redone: the store is not complete until it is
+    barrier()
+    my_shards = pending[ctx.rank::ctx.world_size]
+
+    # 4. encode: one loader over this rank's shards, batches never straddle two shards
+    batches, batch_shard = [], []
+    for shard_id in my_shards:
+        start, stop = shard_range(plan, shard_id)
+        for first in range(start, stop, args.batch_size):
+            batches.append(list(range(first, min(first + args.batch_size, stop))))
+            batch_shard.append(shard_id)
+    loader = DataLoader(IndexedImages(samples, args.image_size), batch_sampler=batches, num_workers=args.num_workers,
+                        collate_fn=collate_good_images, pin_memory=ctx.device.type == "cuda")
+    store_dtype = store.STORE_DTYPES[args.store_dtype]
+    data_root = os.path.abspath(args.data_path)
+    my_images = sum(len(batch) for batch in batches)
+    logger.info(f"encoding {len(pending)} shards ({plan['num_images']} images in all) on {ctx.world_size} rank(s); "
+                f"rank 0 does {len(my_shards)} shards, {my_images} images")
+    start_time = time.time()
+    parts, encoded = {"latents": [], "labels": [], "indices": [], "skipped": []}, 0
+    progress = tqdm(total=my_images, unit="img", disable=not ctx.is_main, smoothing=0.05)
+    for batch_number, (images, labels, indices, bad) in enumerate(loader):
+        shard_id = batch_shard[batch_number]
+        for index, reason in bad:
+            path = samples[index][0]
+            print(f"[rank {ctx.rank}] skipping {path}: {reason}", flush=True)
+            parts["skipped"].append(os.path.relpath(path, data_root))
+        if images is not None:
+            latents = encode_with_flips(vae, images, indices, args.global_seed, plan["sample_shape"], ctx.device)
+            parts["latents"].append(latents.cpu().numpy().astype(store_dtype))
+            parts["labels"].append(labels.numpy())
+            parts["indices"].append(indices.numpy())
+            encoded += len(indices)
+        progress.update(len(indices) + len(bad))
+        if batch_number + 1 == len(batches) or batch_shard[batch_number + 1] != shard_id:
+            start, stop = shard_range(plan, shard_id)
+            empty = np.zeros((0, 2, *plan["sample_shape"]), dtype=store_dtype)
+            store.write_shard(os.path.join(features_path, store.shard_file_name(shard_id)),
+                              np.concatenate(parts["latents"]) if parts["latents"] else empty,
+                              np.concatenate(parts["labels"]) if parts["labels"] else [],
+                              np.concatenate(parts["indices"]) if parts["indices"] else [],
+                              {"extraction_id": plan_id, "shard": shard_id, "start": start, "stop": stop,
+                               "skipped": parts["skipped"], "rank": ctx.rank, "world_size": ctx.world_size})
+            parts = {"latents": [], "labels": [], "indices": [], "skipped": []}
+    progress.close()
+    barrier()  # every rank's shards are on disk
+    elapsed = time.time() - start_time
+    total_encoded = int(round(all_reduce_mean(encoded, ctx) * ctx.world_size))
+    logger.info(f"encoded {total_encoded} images in {elapsed:.1f}s: {total_encoded / max(elapsed, 1e-9):.1f} images/s "
+                f"over {ctx.world_size} rank(s)")
+
+    # 5. rank 0 validates the shards and writes the manifest: from now on the store is complete
+    if ctx.is_main:
+        manifest = write_manifest(features_path, plan, plan_id, args, ctx)
+        for path in manifest["skipped"][:20]:
+            logger.info(f"skipped unreadable image {path}")
+        logger.info(f"wrote {features_path}: {manifest['num_samples']} samples of shape 2x{tuple(plan['sample_shape'])} "
+                    f"in {plan['num_shards']} shards ({manifest['num_skipped']} images skipped)")
+    barrier()
+    cleanup_distributed()
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser)  # --model (ignored here), --image-size, --num-classes, --vae, --vae-path, --groups (ignored)
+    parser.add_argument("--data-path", type=str, required=True, help="ImageFolder: one sub-folder of images per class")
+    parser.add_argument("--features-path", type=str, default="features", help="folder of the feature store to write")
+    parser.add_argument("--global-seed", type=int, default=0, help="seed of the VAE posterior noise (per image)")
+    parser.add_argument("--num-workers", type=int, default=4, help="image-decoding DataLoader workers per rank")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call per rank (x2 with the flips)")
+    parser.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
+    parser.add_argument("--store-dtype", choices=sorted(store.STORE_DTYPES), default="fp32",
+                        help="fp32 keeps the original values; fp16 halves the disk and page-cache footprint")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the shards of an interrupted run that validate and redo the rest")
+    ignored = "accepted for compatibility with the original command line; ignored by extraction"
+    parser.add_argument("--results-dir", type=str, default="results", help=ignored)
+    parser.add_argument("--epochs", type=int, default=1400, help=ignored)
+    parser.add_argument("--global-batch-size", type=int, default=256, help=ignored + " (see --batch-size)")
+    parser.add_argument("--log-every", type=int, default=100, help=ignored)
+    parser.add_argument("--ckpt-every", type=int, default=50_000, help=ignored)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
