@@ -2,16 +2,19 @@
 accepts the original flags with the same meaning (SPEC section 13)."""
 import argparse
 import ast
+import re
 
 import torch
 
 
 def parse_groups(text):
-    """`--groups "[[2,4],[2,4],[3,4]]"` -> [[2, 4], [2, 4], [3, 4]] (keep N of each M blocks)."""
+    """`--groups "[[2,4],[2,4],[3,4]]"` -> [[2, 4], [2, 4], [3, 4]] (keep N of each M blocks);
+    `"[[1,2]]*6"` repeats a pattern."""
     if text is None:
         return None
+    repeated = re.fullmatch(r"\s*(\[.*\])\s*\*\s*(\d+)\s*", text)  # "[[1,2]]*14", as in the paper's notation
     try:
-        groups = ast.literal_eval(text)
+        groups = ast.literal_eval(repeated.group(1)) * int(repeated.group(2)) if repeated else ast.literal_eval(text)
         if not all(len(group) == 2 and all(isinstance(v, int) for v in group) for group in groups):
             raise ValueError
     except (ValueError, SyntaxError, TypeError):

@@ -465,8 +465,9 @@ def get_1d_sincos_pos_embed(embed_dim, positions):
 #################################################################################
 
 # (depth, hidden size, heads) of each family; patch sizes 2/4/8 for the published ones
+# XS is ours, not the paper's: a CPU-sized DiT for the digits quick start and tests.
 FAMILIES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6),
-            "D19": (19, 1152, 16), "D14": (14, 1152, 16), "D7": (7, 1152, 16)}
+            "D19": (19, 1152, 16), "D14": (14, 1152, 16), "D7": (7, 1152, 16), "XS": (12, 128, 4)}
 
 
 def _config(family, patch_size, groups=None):
@@ -488,6 +489,8 @@ for _family in ("XL", "L", "B", "S"):
         DiT_models[f"DiT-{_family}/{_patch}"] = _config(_family, _patch)
 for _family in ("D19", "D14", "D7"):
     DiT_models[f"DiT-{_family}/2"] = _config(_family, 2)
+for _patch in (1, 2, 4):
+    DiT_models[f"DiT-XS/{_patch}"] = _config("XS", _patch)
 DiT_models.update({
     "DiT-XL-1-2": _config("XL", 2, [[1, 2]] * 14),
     "DiT-XL-2-4": _config("XL", 2, [[2, 4]] * 7),
