@@ -1,0 +1,50 @@
+"""Prune a DiT by keeping a hand-picked list of blocks (e.g. the BK-SDM-style "oracle" of the
+paper) and save the shallow model as a plain state dict with its metadata.
+
+    python prune_by_index.py --model DiT-XL/2 --ckpt pretrained/DiT-XL-2-256x256.pt \
+        --kept-indices "[0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]" \
+        --save-model outputs/pruned/DiT-D14-Oracle.pt
+"""
+import argparse
+
+from cli import add_model_args, parse_index_list
+from pruning import check_output_path, load_source_model, plain_name, save_pruned, source_lineage, validate_kept_indices
+
+
+def main(args):
+    if not args.ckpt:
+        raise SystemExit("error: --ckpt is required: the checkpoint to prune, e.g. pretrained/DiT-XL-2-256x256.pt")
+    if args.kept_indices is None:
+        raise SystemExit("error: --kept-indices is required, e.g. --kept-indices \"[0, 2, 4, 6]\"")
+    check_output_path(args.save_model, args.overwrite)
+    model_name = plain_name(args.model)
+    model, source_metadata = load_source_model(model_name, args.ckpt, args.image_size, args.num_classes, args.vae,
+                                               args.vae_path, use_ema=not args.no_ema)
+    try:
+        kept = validate_kept_indices(args.kept_indices, model.depth)
+    except ValueError as error:
+        raise SystemExit(f"error: --kept-indices: {error}") from None
+    metadata = dict(method="index", source_model=model_name, source_checkpoint=args.ckpt, source_depth=model.depth,
+                    groups=None, confidences=None, scores=None, steps=0, **source_lineage(source_metadata, kept))
+    pruned = save_pruned(model, kept, args.save_model, metadata, overwrite=args.overwrite)
+    print(f"kept blocks {kept} of {model.depth}; saved the {pruned.depth}-block model to {args.save_model}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser, default_model="DiT-XL/2")
+    parser.add_argument("--ckpt", type=str, default=None, help="checkpoint to prune (plain, training or pruned)")
+    parser.add_argument("--no-ema", action="store_true", help="prune a training checkpoint's 'model', not its 'ema'")
+    parser.add_argument("--kept-indices", type=parse_index_list, default=None,
+                        help="blocks to keep, sorted, e.g. \"[0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]\"")
+    parser.add_argument("--save-model", type=str, default="outputs/pruned/pruned-by-index.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --save-model file")
+    ignored = "accepted for compatibility with the original command line; unused when pruning by index"
+    parser.add_argument("--data-path", type=str, default=None, help=ignored)
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help=ignored)
+    parser.add_argument("--num-sampling-steps", type=int, default=250, help=ignored)
+    parser.add_argument("--seed", type=int, default=0, help=ignored)
+    parser.add_argument("--pruner", type=str, default=None, help=ignored)
+    parser.add_argument("--nsamples", type=int, default=128, help=ignored)
+    parser.add_argument("--batch-size", type=int, default=16, help=ignored)
+    main(parser.parse_args())
