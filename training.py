@@ -32,8 +32,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoints import load_checkpoint_file, save_checkpoint
-from runlog import latest_checkpoint
+from checkpoints import (build_model, extract_state_dict, load_checkpoint_file, load_into_model, read_metadata,
+                         save_checkpoint, with_metadata)
+from cli import autocast, resolve_precision
+from distributed import broadcast_object
+from ema import ParameterEMA
+from runlog import MetricsLog, checkpoint_path, create_logger, latest_checkpoint, prepare_run_folder
 
 CHECKPOINT_KEYS = ("model", "ema", "opt", "train_steps")
 
@@ -333,3 +337,236 @@ class ThroughputMeter:
         steps_per_sec, images_per_sec = self.steps / elapsed, self.images / elapsed
         self.reset()
         return steps_per_sec, images_per_sec
+
+
+# ------------------------------------------------------------------------------ run setup
+def open_training_data(args, ctx):
+    """The feature dataset of --data-path (one-line SystemExit when there is none)."""
+    from feature_data import open_feature_dataset
+    return open_feature_dataset(args.data_path, flip_prob=0.5, seed=args.global_seed)
+
+
+def check_dataset_fits(dataset, model, args):
+    """One-line SystemExit when the features cannot feed the model (wrong geometry or labels)."""
+    expected = (model.in_channels, model.input_size, model.input_size)
+    if tuple(dataset.sample_shape) != expected:
+        raise SystemExit(f"error: the features in {args.data_path} are {tuple(dataset.sample_shape)} but --model "
+                         f"{args.model} with --vae {args.vae} --image-size {args.image_size} expects {expected}; "
+                         f"pass the --vae/--image-size the features were extracted with")
+    if dataset.num_classes > model.num_classes:
+        raise SystemExit(f"error: the features in {args.data_path} have {dataset.num_classes} classes but "
+                         f"--num-classes is {model.num_classes}; pass --num-classes {dataset.num_classes}")
+
+
+def build_training_model(args, resume_checkpoint=None, resume_path=None):
+    """(model, metadata) of the model to train: the "model" weights of the resume checkpoint,
+    else --load-weight (a pruned checkpoint's metadata sets the depth), else a fresh init."""
+    if resume_checkpoint is None:
+        return build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path,
+                           ckpt=args.load_weight)
+    metadata = read_metadata(resume_checkpoint)
+    kwargs = {}
+    if metadata and metadata.get("kept_indices") is not None:
+        kwargs["depth"] = len(metadata["kept_indices"])
+    model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, **kwargs)
+    load_into_model(model, extract_state_dict(resume_checkpoint, use_ema=False), args.model, resume_path)
+    return model, metadata
+
+
+def check_resume_compatible(checkpoint, args, path):
+    """A resumed run must keep the model and the global batch (the data position counts batches)."""
+    saved = checkpoint.get("args")
+    for flag in ("model", "global_batch_size", "image_size", "num_classes"):
+        old, new = getattr(saved, flag, None), getattr(args, flag, None)
+        if old is not None and old != new:
+            raise SystemExit(f"error: {path} was trained with --{flag.replace('_', '-')} {old}, not {new}; "
+                             f"resume with the same value or start a new run (another --prefix)")
+
+
+def open_run_folder(args, ctx, run_dir, resuming):
+    """Create the run folder on rank 0 (args.json; refuses to reuse a folder holding checkpoints
+    unless resuming) and return (logger, metrics); an error reaches every rank as one line."""
+    error = None
+    if ctx.is_main:
+        try:
+            prepare_run_folder(run_dir, args, resuming, ctx.is_main)
+        except SystemExit as exit_error:
+            error = str(exit_error)
+    error = broadcast_object(error, ctx)
+    if error:
+        raise SystemExit(error)
+    logger = create_logger(run_dir, ctx.is_main)
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), ctx.is_main)
+    return logger, metrics
+
+
+class AutocastForward:
+    """Calls the model under autocast and returns its outputs in float32, so that every loss is
+    computed in fp32 whatever the precision of the forward (massive activations overflow fp16)."""
+
+    def __init__(self, model, dtype, device):
+        self.model, self.dtype, self.device = model, dtype, device
+
+    def __call__(self, *args, **kwargs):
+        with autocast(self.dtype, self.device):
+            result = self.model(*args, **kwargs)
+        if isinstance(result, tuple):
+            output, hiddens = result
+            return output.float(), [h.float() for h in hiddens]
+        return result.float()
+
+
+# ------------------------------------------------------------------------------ the loop
+def fit(args, ctx, model, metadata, dataset, compute_losses, logger, metrics, run_dir, resume_checkpoint=None,
+        schedule="constant", final_lr=None):
+    """Train `model` on `dataset` with AdamW, grad clipping, EMA, checkpoints and logging; the
+    loop of train.py and train_masked_kd.py. `compute_losses(model, x, y, epoch)` returns a dict
+    of fp32 scalar tensors with "loss" (what is minimised) and any terms to log; `model` there is
+    the (DDP-wrapped, possibly compiled) student whose calls run under autocast and return fp32.
+    The caller seeded the RNGs before building the model; a resume restores them here.
+    Returns {"train_steps", "skipped_steps", "final_checkpoint"}."""
+    from torch.nn.parallel import DistributedDataParallel
+    from tqdm import tqdm
+
+    from feature_data import batches_per_epoch, make_loader
+
+    device = ctx.device
+    per_rank_batch = args.global_batch_size // ctx.world_size
+    precision = resolve_precision(args.precision, device)
+    model.to(device).train()
+    model.grad_checkpointing = bool(args.grad_checkpointing)
+    named_trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named_trainable]
+    ema = ParameterEMA(named_trainable, args.ema_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    try:
+        loader, sampler = make_loader(dataset, per_rank_batch, ctx, seed=args.global_seed,
+                                      num_workers=args.num_workers)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    steps_per_epoch = batches_per_epoch(sampler)
+    total_steps = total_training_steps(args.epochs, steps_per_epoch, args.max_steps)
+    if schedule == "cosine":
+        scheduler = cosine_schedule(optimizer, total_steps, final_lr)
+    else:
+        scheduler = constant_schedule(optimizer)
+    scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None
+    guard = NonFiniteGuard(args.max_skipped_in_a_row)
+    train_steps, epoch, start_batch = 0, 0, 0
+    if resume_checkpoint is not None:
+        ema.load_state_dict(resume_checkpoint["ema"])
+        optimizer.load_state_dict(resume_checkpoint["opt"])
+        if resume_checkpoint.get("sched") is not None:
+            scheduler.load_state_dict(resume_checkpoint["sched"])
+        if scaler is not None and resume_checkpoint.get("scaler") is not None:
+            scaler.load_state_dict(resume_checkpoint["scaler"])
+        train_steps = int(resume_checkpoint["train_steps"])
+        epoch, start_batch = normalize_position(int(resume_checkpoint.get("epoch", 0)),
+                                                int(resume_checkpoint.get("batches_into_epoch", 0)), steps_per_epoch)
+        guard.skipped_total = int(resume_checkpoint.get("skipped_steps", 0))
+        if not restore_rank_rng(resume_checkpoint, ctx, args.global_seed):
+            logger.info(f"the checkpoint was written with {resume_checkpoint.get('world_size')} ranks, this run has "
+                        f"{ctx.world_size}: RNG streams re-seeded (the run continues, but not bit-identically)")
+        logger.info(f"resumed at step {train_steps} (epoch {epoch}, batch {start_batch} of {steps_per_epoch})")
+
+    ddp_model = model
+    if ctx.is_distributed:
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        ddp_model = torch.compile(ddp_model)
+    forward_model = AutocastForward(ddp_model, precision, device)
+
+    def model_state():
+        state = model.state_dict()
+        return with_metadata(state, metadata) if metadata else state
+
+    def ema_state():
+        state = ema.model_state_dict(model)
+        return with_metadata(state, metadata) if metadata else state
+
+    def save(step, epoch_now, batches_done):
+        path = checkpoint_path(run_dir, step)
+        save_training_checkpoint(path, ctx, model_state=model_state, ema_state=ema_state, optimizer=optimizer,
+                                 scheduler=scheduler, train_steps=step, epoch=epoch_now,
+                                 batches_into_epoch=batches_done, args=args, scaler=scaler,
+                                 extra={"skipped_steps": guard.skipped_total})
+        logger.info(f"saved checkpoint {path}")
+        return path
+
+    logger.info(f"{sum(p.numel() for p in trainable):,} trainable parameters, depth {model.depth}; "
+                f"{len(dataset):,} samples, {steps_per_epoch} steps per epoch, {total_steps} steps in total; "
+                f"precision {str(precision).replace('torch.', '')}, {ctx.world_size} rank(s) ({ctx.backend})")
+    meter = ThroughputMeter(device)
+    window_sums, window_steps, window_skipped = None, 0, 0
+    last_saved = train_steps if resume_checkpoint is not None else None
+    progress = tqdm(total=total_steps, initial=train_steps, disable=not ctx.is_main, desc="train", dynamic_ncols=True)
+    while train_steps < total_steps and epoch < args.epochs:
+        batches_done = start_batch
+        for x, y in iterate_epoch(loader, sampler, epoch, start_batch):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            losses = compute_losses(forward_model, x, y, epoch)
+            names = sorted(losses)
+            if scaler is not None:
+                scaler.scale(losses["loss"]).backward()
+                scaler.unscale_(optimizer)
+            else:
+                losses["loss"].backward()
+            # one small collective per step: the mean loss terms over ranks, which also makes the
+            # skip decision identical on every rank (a NaN anywhere is a NaN in the sum)
+            stats = torch.stack([losses[name].detach().float() for name in names])
+            if ctx.is_distributed:
+                dist.all_reduce(stats)
+                stats /= ctx.world_size
+            grad_norm = clip_grad_norm(trainable, args.grad_clip)
+            finite = bool(torch.isfinite(stats).all()) and (scaler is not None or bool(torch.isfinite(grad_norm)))
+            if guard.check(finite, train_steps + 1):
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                ema.update()
+                stats = stats.cpu()
+                window_sums = stats if window_sums is None else window_sums + stats
+                window_steps += 1
+            else:
+                window_skipped += 1
+                logger.info(f"step {train_steps + 1}: non-finite loss or gradient, step skipped "
+                            f"({guard.in_a_row} in a row, {guard.skipped_total} in total)")
+                if scaler is not None:
+                    scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            train_steps += 1
+            batches_done += 1
+            meter.step(args.global_batch_size)
+            progress.update(1)
+
+            if train_steps % args.log_every == 0 or train_steps == total_steps:
+                steps_per_sec, images_per_sec = meter.rates()
+                means = {name: (float(window_sums[i]) / window_steps if window_steps else float("nan"))
+                         for i, name in enumerate(names)}
+                lr = optimizer.param_groups[0]["lr"]
+                terms = " ".join(f"{name} {value:.4f}" for name, value in means.items() if name != "loss")
+                logger.info(f"(step={train_steps:07d}) loss {means['loss']:.4f} {terms} lr {lr:.3g} "
+                            f"steps/s {steps_per_sec:.2f} img/s {images_per_sec:.1f} skipped {guard.skipped_total}")
+                metrics.write(step=train_steps, epoch=epoch, lr=lr, steps_per_sec=steps_per_sec,
+                              images_per_sec=images_per_sec, skipped_steps=guard.skipped_total,
+                              skipped_in_window=window_skipped, grad_norm=float(grad_norm), **means)
+                progress.set_postfix(loss=f"{means['loss']:.4f}")
+                window_sums, window_steps, window_skipped = None, 0, 0
+            if train_steps % args.ckpt_every == 0 or train_steps == total_steps:
+                save(train_steps, epoch, batches_done)
+                last_saved = train_steps
+            if train_steps >= total_steps:
+                break
+        epoch, start_batch = epoch + 1, 0
+    progress.close()
+    final_path = checkpoint_path(run_dir, train_steps)
+    if last_saved != train_steps:  # e.g. --epochs reached before a multiple of --ckpt-every
+        save(train_steps, epoch, 0)
+    model.eval()
+    logger.info(f"done: {train_steps} steps, {guard.skipped_total} skipped; final checkpoint {final_path}")
+    return {"train_steps": train_steps, "skipped_steps": guard.skipped_total, "final_checkpoint": final_path,
+            "ema": ema}

@@ -1,0 +1,191 @@
+"""Masked knowledge distillation (TinyFusion's recovery step, SPEC section 8).
+
+Per step, one noise draw gives x_t; the student and the teacher (eval mode, no grad) see the
+same x_t, t, labels and classifier-free label drops, and
+
+    kd   = mean((eps_s - eps_t)^2)  (+ KL(teacher posterior || student posterior) in bits,
+                                      mean detached, when the variance is learned)
+    gt   = the usual diffusion loss of the student, mse + vb
+    feat = mean over aligned block pairs (i, j) of mean((m_s * h_s_i - m_t * h_t_j)^2)
+    loss = alpha * kd + (1 - alpha) * gt + beta * feat
+
+Masks (the "masked" in Masked KD): DiT hidden states carry a few massive activations (hundreds,
+versus order one elsewhere). Matching them dominates a plain feature loss and destabilises
+training, so each hidden state h (B, T, D) keeps only the entries within k standard deviations
+of its own mean: mu, var per sample over (T, D) (population variance), mask = |h - mu| < k*std,
+computed separately for the student and the teacher. k = mask_sigma (2 by default); k = 0
+disables masking (plain RepKD). The teacher's features are detached. beta goes linearly from
+beta0 at epoch 0 to 0 at the last epoch (`feature_beta`).
+
+Student/teacher alignment rule (which teacher block each student block imitates): with the
+student's kept indices k_0 < k_1 < ... < k_{K-1} of the teacher's D blocks, student block i
+replaces the teacher span [k_i, k_{i+1}) (the last span ends at D), so its output should match
+the teacher's hidden state after the LAST block of that span: teacher block k_{i+1} - 1 (for the
+last student block: D - 1). Kept [0, 2, ..., 26] of 28 gives 2i + 1. Without kept indices
+(a checkpoint without our metadata) the original fixed maps are used: 2i + 1 for D14 from a
+28-block teacher and D7 from a 14-block one, and [2,5,7,10,12,15,18] <-> [3,7,11,15,19,23,27]
+for D19 from 28; any other shape needs an explicit `--kd-layer-map`.
+"""
+import ast
+
+import torch
+
+from .diffusion_utils import mean_flat
+
+# SPEC section 8: the original's hard-coded (student block, teacher block) pairs per (student depth, teacher depth)
+ORIGINAL_LAYER_MAPS = {
+    (14, 28): [(i, 2 * i + 1) for i in range(14)],
+    (7, 14): [(i, 2 * i + 1) for i in range(7)],
+    (19, 28): list(zip([2, 5, 7, 10, 12, 15, 18], [3, 7, 11, 15, 19, 23, 27])),
+}
+
+
+# ------------------------------------------------------------------------------ layer maps
+def span_end_layer_map(kept_indices, teacher_depth):
+    """[(i, k_{i+1} - 1), ..., (K-1, D-1)]: each student block aligned with the last teacher block
+    of the span it replaces (see the module docstring)."""
+    kept = [int(k) for k in kept_indices]
+    if not kept:
+        raise ValueError("kept_indices is empty")
+    if sorted(set(kept)) != kept:
+        raise ValueError(f"kept_indices {kept} must be sorted and without duplicates")
+    if kept[0] < 0 or kept[-1] >= teacher_depth:
+        raise ValueError(f"kept_indices {kept} do not fit a teacher with {teacher_depth} blocks (valid: "
+                         f"0..{teacher_depth - 1}); was the student pruned from another model? pass --kd-layer-map")
+    span_ends = kept[1:] + [teacher_depth]
+    return [(i, end - 1) for i, end in enumerate(span_ends)]
+
+
+def parse_layer_map(text):
+    """`"0:1,1:3,2:5"` (or a Python list of pairs `"[(0,1),(1,3)]"`) -> [(0, 1), (1, 3), ...]."""
+    text = text.strip()
+    try:
+        if text.startswith("["):
+            pairs = [tuple(int(v) for v in pair) for pair in ast.literal_eval(text)]
+        else:
+            pairs = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
+        if not pairs or not all(len(pair) == 2 for pair in pairs):
+            raise ValueError
+    except (ValueError, SyntaxError, TypeError):
+        raise ValueError(f"--kd-layer-map must be student:teacher pairs such as \"0:1,1:3,2:5\", got {text!r}") from None
+    return pairs
+
+
+def validate_layer_map(pairs, student_depth, teacher_depth):
+    """ValueError (one line) for a pair naming a block that does not exist."""
+    for student_block, teacher_block in pairs:
+        if not 0 <= student_block < student_depth:
+            raise ValueError(f"layer map pair {student_block}:{teacher_block} refers to student block {student_block}, "
+                             f"but the student has {student_depth} blocks (0..{student_depth - 1})")
+        if not 0 <= teacher_block < teacher_depth:
+            raise ValueError(f"layer map pair {student_block}:{teacher_block} refers to teacher block {teacher_block}, "
+                             f"but the teacher has {teacher_depth} blocks (0..{teacher_depth - 1})")
+    return [(int(s), int(t)) for s, t in pairs]
+
+
+def default_layer_map(student_depth, teacher_depth, kept_indices=None):
+    """(pairs, how they were chosen). Kept indices -> the span-end rule; else the original fixed
+    map for the known depth pairs; else a ValueError asking for --kd-layer-map."""
+    if kept_indices is not None:
+        if len(kept_indices) != student_depth:
+            raise ValueError(f"the student has {student_depth} blocks but its metadata keeps {len(kept_indices)}; "
+                             f"pass --kd-layer-map")
+        return span_end_layer_map(kept_indices, teacher_depth), f"span ends of kept indices {list(kept_indices)}"
+    if (student_depth, teacher_depth) in ORIGINAL_LAYER_MAPS:
+        return list(ORIGINAL_LAYER_MAPS[(student_depth, teacher_depth)]), \
+            f"the original fixed map for {student_depth} student / {teacher_depth} teacher blocks (no kept indices in the student checkpoint)"
+    raise ValueError(f"no default layer map for a {student_depth}-block student and a {teacher_depth}-block teacher "
+                     f"without kept indices in the student checkpoint; pass --kd-layer-map \"0:1,1:3,...\"")
+
+
+# ------------------------------------------------------------------------------ losses
+def outlier_mask(hidden, k):
+    """1 where |h - mu| < k * std (mu, std per sample over tokens and channels), else 0; all ones
+    when k <= 0. Same shape and dtype as `hidden` (float32 math)."""
+    hidden = hidden.float()
+    if k <= 0:
+        return torch.ones_like(hidden)
+    dims = tuple(range(1, hidden.ndim))
+    mu = hidden.mean(dim=dims, keepdim=True)
+    var = hidden.var(dim=dims, unbiased=False, keepdim=True)
+    return ((hidden - mu).abs() < k * var.sqrt()).to(hidden.dtype)
+
+
+def masked_feature_loss(student_hiddens, teacher_hiddens, k):
+    """mean over pairs of mean((m_s * h_s - m_t * h_t)^2), teacher detached; fp32."""
+    if len(student_hiddens) != len(teacher_hiddens):
+        raise ValueError(f"{len(student_hiddens)} student hidden states but {len(teacher_hiddens)} teacher ones")
+    if not student_hiddens:
+        raise ValueError("masked_feature_loss needs at least one (student, teacher) pair")
+    total = 0.0
+    for h_s, h_t in zip(student_hiddens, teacher_hiddens):
+        h_s, h_t = h_s.float(), h_t.detach().float()
+        if h_s.shape != h_t.shape:
+            raise ValueError(f"student hidden {tuple(h_s.shape)} and teacher hidden {tuple(h_t.shape)} differ; the "
+                             f"feature loss needs the same hidden size (or --beta-feat 0)")
+        total = total + ((outlier_mask(h_s, k) * h_s - outlier_mask(h_t, k) * h_t) ** 2).mean()
+    return total / len(student_hiddens)
+
+
+def output_kd_loss(diffusion, student_output, teacher_output, x_t, t):
+    """mean((eps_s - eps_t)^2) plus, when the diffusion learns the variance, the mean over samples
+    of KL(teacher posterior || student posterior) in bits with the student's mean detached (the
+    eps term trains the mean, as in the training vb). fp32."""
+    channels = x_t.shape[1]
+    student_output, teacher_output = student_output.float(), teacher_output.detach().float()
+    kd = mean_flat((student_output[:, :channels] - teacher_output[:, :channels]) ** 2).mean()
+    if student_output.shape[1] == 2 * channels and diffusion._learns_variance:
+        kd = kd + diffusion.output_kl_bpd(teacher_output, student_output, x_t.float(), t, detach_mean=True).mean()
+    return kd
+
+
+def feature_beta(epoch, epochs, beta0):
+    """beta0 at epoch 0, linearly down to 0 at the last epoch (epochs - 1); beta0 for a 1-epoch run."""
+    if epochs <= 1:
+        return beta0
+    return beta0 * max(0.0, 1.0 - epoch / (epochs - 1))
+
+
+def draw_label_drops(batch_size, dropout_prob, device):
+    """The classifier-free label drops of a step (1 = null label), drawn once and given to both
+    the student and the teacher; None when the student has no null class."""
+    if dropout_prob <= 0:
+        return None
+    return (torch.rand(batch_size, device=device) < dropout_prob).long()
+
+
+def masked_kd_losses(student, teacher, diffusion, x_start, y, *, alpha, beta, mask_sigma, layer_pairs,
+                     class_dropout_prob, t=None, noise=None, force_drop_ids=None):
+    """The Masked-KD losses of one batch: dict of fp32 scalars loss / gt / kd / feat.
+
+    `student` and `teacher` are called as model(x_t, t, y, force_drop_ids=, hidden_indices=)
+    (the student possibly DDP-wrapped); t, noise and the label drops are drawn here unless given
+    (in that order: t, noise, drops). The teacher runs under no_grad."""
+    batch = x_start.shape[0]
+    if t is None:
+        t = torch.randint(0, diffusion.num_timesteps, (batch,), device=x_start.device)
+    if noise is None:
+        noise = torch.randn_like(x_start)
+    if force_drop_ids is None:
+        force_drop_ids = draw_label_drops(batch, class_dropout_prob, x_start.device)
+    x_t = diffusion.q_sample(x_start, t, noise=noise)
+    use_features = beta > 0 and bool(layer_pairs)
+    student_kwargs = dict(y=y, force_drop_ids=force_drop_ids)
+    teacher_kwargs = dict(y=y, force_drop_ids=force_drop_ids)
+    if use_features:
+        student_kwargs["hidden_indices"] = [s for s, _ in layer_pairs]
+        teacher_kwargs["hidden_indices"] = [t_block for _, t_block in layer_pairs]
+    with torch.no_grad():
+        teacher_result = diffusion.wrap_model(teacher)(x_t, t, **teacher_kwargs)
+    student_result = diffusion.wrap_model(student)(x_t, t, **student_kwargs)
+    if use_features:
+        (student_output, student_hiddens), (teacher_output, teacher_hiddens) = student_result, teacher_result
+        feat = masked_feature_loss(student_hiddens, teacher_hiddens, mask_sigma)
+    else:
+        student_output, teacher_output = student_result, teacher_result
+        feat = torch.zeros((), device=x_start.device)
+    student_output = student_output.float()
+    kd = output_kd_loss(diffusion, student_output, teacher_output, x_t, t)
+    gt = diffusion.losses_from_output(student_output, x_start.float(), x_t.float(), t, noise.float())["loss"].mean()
+    loss = alpha * kd + (1.0 - alpha) * gt + beta * feat
+    return {"loss": loss, "gt": gt, "kd": kd, "feat": feat}

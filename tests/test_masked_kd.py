@@ -1,0 +1,309 @@
+"""Masked knowledge distillation: the loss against an independent float64 evaluation of the SPEC
+section 8 formula, the outlier masks, the student/teacher layer maps, and train_masked_kd.py's
+command line (bad inputs, a short run). The long "distillation beats fine-tuning" comparison is
+marked slow."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion import create_diffusion
+from diffusion.distillation import (default_layer_map, feature_beta, masked_feature_loss, masked_kd_losses,
+                                    outlier_mask, parse_layer_map, span_end_layer_map, validate_layer_map)
+from training_helpers import COMMON_FLAGS, IMAGE_SIZE, MODEL, make_digits_store, make_teacher_and_student, torchrun
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # the CI machine is shared: one intra-op thread is ~10x faster than two fighting for a core
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kd")
+    features = make_digits_store(str(folder))
+    teacher, student = make_teacher_and_student(str(folder))
+    return {"folder": folder, "features": features, "teacher": teacher, "student": student}
+
+
+# ------------------------------------------------------------------ the formula, by hand
+class Scripted:
+    """A stand-in network returning prescribed outputs / hidden states and recording its inputs."""
+
+    def __init__(self, output, hiddens):
+        self.output, self.hiddens, self.calls = output, hiddens, []
+
+    def __call__(self, x, t, y=None, force_drop_ids=None, hidden_indices=None):
+        self.calls.append(dict(x=x.clone(), t=t.clone(), y=y, drops=force_drop_ids, hidden_indices=hidden_indices))
+        if hidden_indices is None:
+            return self.output
+        return self.output, [self.hiddens[i] for i in hidden_indices]
+
+
+def reference_tables():
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    return dict(betas=betas, abar=abar, post_log_var=np.log(np.append(post_var[1], post_var[1:])),
+                coef1=betas * np.sqrt(abar_prev) / (1 - abar), coef2=(1 - abar_prev) * np.sqrt(1 - betas) / (1 - abar))
+
+
+def reference_gaussian(output, x_t, t, tab):
+    """(mean, log variance) of p(x_{t-1}|x_t) for a learned-range [eps, v] output, float64 numpy."""
+    channels = x_t.shape[1]
+    eps, v = output[:, :channels], output[:, channels:]
+    pick = lambda table: table[t].reshape(-1, 1, 1, 1)  # noqa: E731
+    x0 = np.sqrt(1 / pick(tab["abar"])) * x_t - np.sqrt(1 / pick(tab["abar"]) - 1) * eps
+    mean = pick(tab["coef1"]) * x0 + pick(tab["coef2"]) * x_t
+    frac = (v + 1) / 2
+    return mean, frac * np.log(pick(tab["betas"])) + (1 - frac) * pick(tab["post_log_var"])
+
+
+def kl_bits(mean1, log_var1, mean2, log_var2):
+    kl = 0.5 * (-1 + log_var2 - log_var1 + np.exp(log_var1 - log_var2) + (mean1 - mean2) ** 2 * np.exp(-log_var2))
+    return kl.reshape(len(kl), -1).mean(axis=1) / math.log(2)
+
+
+def reference_mask(h, k):
+    mu = h.mean(axis=(1, 2), keepdims=True)
+    std = np.sqrt(((h - mu) ** 2).mean(axis=(1, 2), keepdims=True))
+    return (np.abs(h - mu) < k * std).astype(np.float64)
+
+
+def test_masked_kd_loss_equals_the_spec_formula():
+    gen = torch.Generator().manual_seed(0)
+    batch, channels, side, tokens, hidden = 3, 2, 2, 4, 6
+    x0 = torch.randn(batch, channels, side, side, generator=gen)
+    noise = torch.randn(batch, channels, side, side, generator=gen)
+    t = torch.tensor([5, 400, 999])  # t > 0: the vb term is the posterior KL (no decoder term)
+    student_out = torch.randn(batch, 2 * channels, side, side, generator=gen).clamp(-0.9, 0.9)
+    teacher_out = torch.randn(batch, 2 * channels, side, side, generator=gen).clamp(-0.9, 0.9)
+    student_h = [torch.randn(batch, tokens, hidden, generator=gen) for _ in range(2)]
+    teacher_h = [torch.randn(batch, tokens, hidden, generator=gen) for _ in range(4)]
+    student_h[0][0, 1, 2] = 40.0  # planted massive activations, masked out by k = 2
+    teacher_h[3][2, 3, 0] = -55.0
+    student, teacher = Scripted(student_out, student_h), Scripted(teacher_out, teacher_h)
+    pairs, alpha, beta, k = [(0, 1), (1, 3)], 0.9, 0.01, 2.0
+    drops = torch.tensor([0, 1, 0])
+    losses = masked_kd_losses(student, teacher, create_diffusion(""), x0, torch.tensor([1, 2, 3]), alpha=alpha,
+                              beta=beta, mask_sigma=k, layer_pairs=pairs, class_dropout_prob=0.1, t=t, noise=noise,
+                              force_drop_ids=drops)
+
+    tab = reference_tables()
+    x0_, noise_, t_ = x0.double().numpy(), noise.double().numpy(), t.numpy()
+    x_t = np.sqrt(tab["abar"][t_]).reshape(-1, 1, 1, 1) * x0_ + np.sqrt(1 - tab["abar"][t_]).reshape(-1, 1, 1, 1) * noise_
+    s_out, t_out = student_out.double().numpy(), teacher_out.double().numpy()
+    s_mean, s_logvar = reference_gaussian(s_out, x_t, t_, tab)
+    t_mean, t_logvar = reference_gaussian(t_out, x_t, t_, tab)
+    kd = ((s_out[:, :channels] - t_out[:, :channels]) ** 2).mean() + kl_bits(t_mean, t_logvar, s_mean, s_logvar).mean()
+    true_mean = tab["coef1"][t_].reshape(-1, 1, 1, 1) * x0_ + tab["coef2"][t_].reshape(-1, 1, 1, 1) * x_t
+    true_logvar = tab["post_log_var"][t_].reshape(-1, 1, 1, 1) * np.ones_like(x_t)
+    gt = ((noise_ - s_out[:, :channels]) ** 2).mean() + kl_bits(true_mean, true_logvar, s_mean, s_logvar).mean()
+    feat = np.mean([((reference_mask(hs, k) * hs - reference_mask(ht, k) * ht) ** 2).mean()
+                    for hs, ht in ((student_h[s].double().numpy(), teacher_h[j].double().numpy()) for s, j in pairs)])
+    assert losses["kd"].item() == pytest.approx(kd, rel=1e-5)
+    assert losses["gt"].item() == pytest.approx(gt, rel=1e-5)
+    assert losses["feat"].item() == pytest.approx(feat, rel=1e-5)
+    assert losses["loss"].item() == pytest.approx(alpha * kd + (1 - alpha) * gt + beta * feat, rel=1e-5)
+    # both networks saw the same x_t, t, labels and label drops; each got its side of the pairs
+    (s_call,), (t_call,) = student.calls, teacher.calls
+    assert torch.equal(s_call["x"], t_call["x"]) and np.allclose(s_call["x"].double().numpy(), x_t, atol=1e-6)
+    assert torch.equal(s_call["t"], t) and torch.equal(t_call["t"], t)
+    assert s_call["drops"] is drops and t_call["drops"] is drops
+    assert s_call["hidden_indices"] == [0, 1] and t_call["hidden_indices"] == [1, 3]
+
+
+def test_mask_sigma_zero_is_plain_repkd_and_masks_remove_planted_outliers():
+    gen = torch.Generator().manual_seed(1)
+    h_s = torch.rand(2, 16, 32, generator=gen) * 2 - 1
+    h_t = torch.rand(2, 16, 32, generator=gen) * 2 - 1
+    planted = torch.zeros_like(h_s, dtype=torch.bool)
+    planted[0, 3, 7] = planted[0, 9, 1] = planted[1, 0, 0] = planted[1, 15, 31] = True
+    h_s = torch.where(planted, torch.tensor(400.0), h_s)
+    mask = outlier_mask(h_s, 2.0)
+    assert torch.equal(mask == 0, planted)  # exactly the planted entries are excluded
+    assert torch.equal(outlier_mask(h_t, 2.0) == 0, (h_t - h_t.mean((1, 2), keepdim=True)).abs()
+                       >= 2 * h_t.var((1, 2), unbiased=False, keepdim=True).sqrt())
+    plain = ((h_s - h_t) ** 2).mean()
+    assert masked_feature_loss([h_s], [h_t], 0.0).item() == pytest.approx(plain.item(), rel=1e-6)
+    masked = ((torch.where(planted, 0.0, h_s) - h_t) ** 2).mean()
+    assert masked_feature_loss([h_s], [h_t], 2.0).item() == pytest.approx(masked.item(), rel=1e-6)
+    assert masked.item() < plain.item() / 100  # the outliers dominate the unmasked loss
+
+
+def test_teacher_gets_no_gradient_and_an_identical_student_has_zero_distillation_loss(tmp_path):
+    from checkpoints import build_model
+    teacher_path, _ = make_teacher_and_student(str(tmp_path))
+    teacher, _ = build_model(MODEL, IMAGE_SIZE, 10, "none", ckpt=teacher_path)
+    student, _ = build_model(MODEL, IMAGE_SIZE, 10, "none", ckpt=teacher_path)
+    teacher.eval().requires_grad_(False)
+    student.train()
+    diffusion = create_diffusion("")
+    x = torch.randn(6, 3, IMAGE_SIZE, IMAGE_SIZE)
+    y = torch.arange(6)
+    t = torch.randint(1, 1000, (6,))
+    noise = torch.randn_like(x)
+    drops = torch.tensor([1, 0, 0, 1, 0, 0])
+    pairs = span_end_layer_map(list(range(12)), 12)
+    losses = masked_kd_losses(student, teacher, diffusion, x, y, alpha=0.9, beta=0.01, mask_sigma=2.0,
+                              layer_pairs=pairs, class_dropout_prob=0.1, t=t, noise=noise, force_drop_ids=drops)
+    assert pairs == [(i, i) for i in range(12)]
+    assert losses["kd"].item() == 0.0 and losses["feat"].item() == 0.0  # same drops, same x_t: same network
+    reference = diffusion.training_losses(student, x, t, dict(y=y, force_drop_ids=drops), noise=noise)["loss"].mean()
+    assert losses["gt"].item() == pytest.approx(reference.item(), rel=1e-6)
+    losses["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+# ------------------------------------------------------------------ layer maps
+def test_span_end_layer_map():
+    assert span_end_layer_map(list(range(0, 28, 2)), 28) == [(i, 2 * i + 1) for i in range(14)]
+    # student block i replaces teacher blocks [k_i, k_{i+1}) and aligns with its last block
+    assert span_end_layer_map([0, 1, 5, 9, 10, 20], 24) == [(0, 0), (1, 4), (2, 8), (3, 9), (4, 19), (5, 23)]
+    assert span_end_layer_map([3, 27], 28) == [(0, 26), (1, 27)]
+    with pytest.raises(ValueError, match="do not fit a teacher with 28 blocks"):
+        span_end_layer_map([0, 28], 28)
+
+
+def test_default_layer_maps_without_metadata_are_the_original_ones():
+    assert default_layer_map(14, 28)[0] == [(i, 2 * i + 1) for i in range(14)]
+    assert default_layer_map(7, 14)[0] == [(i, 2 * i + 1) for i in range(7)]
+    assert default_layer_map(19, 28)[0] == list(zip([2, 5, 7, 10, 12, 15, 18], [3, 7, 11, 15, 19, 23, 27]))
+    assert "no kept indices" in default_layer_map(14, 28)[1]
+    assert default_layer_map(3, 28, kept_indices=[0, 10, 20])[0] == [(0, 9), (1, 19), (2, 27)]
+    with pytest.raises(ValueError, match="pass --kd-layer-map"):
+        default_layer_map(5, 12)
+
+
+def test_layer_map_parsing_and_missing_blocks():
+    assert parse_layer_map("0:1, 1:3,2:5") == [(0, 1), (1, 3), (2, 5)]
+    assert parse_layer_map("[(0, 1), (1, 3)]") == [(0, 1), (1, 3)]
+    with pytest.raises(ValueError, match="student:teacher pairs"):
+        parse_layer_map("0-1")
+    with pytest.raises(ValueError) as error:
+        validate_layer_map([(0, 1), (14, 29)], 14, 28)
+    assert "student block 14" in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="teacher block 28, but the teacher has 28 blocks"):
+        validate_layer_map([(0, 28)], 14, 28)
+
+
+def test_feature_beta_decays_linearly_to_zero_at_the_last_epoch():
+    assert [feature_beta(e, 5, 1e-2) for e in range(5)] == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3, 0.0])
+    assert feature_beta(0, 1, 1e-2) == 1e-2
+
+
+# ------------------------------------------------------------------ the command line
+def run_kd(workspace, tmp_path, *extra):
+    import train_masked_kd
+    args = train_masked_kd.build_parser().parse_args(
+        ["--model", MODEL, "--teacher", MODEL, "--data-path", workspace["features"], "--results-dir",
+         str(tmp_path / "results"), "--global-batch-size", "8", *COMMON_FLAGS, *extra])
+    train_masked_kd.main(args)
+    return tmp_path / "results"
+
+
+@pytest.mark.parametrize("case", ["teacher-mismatch", "student-deeper", "bad-map", "no-teacher"])
+def test_kd_bad_input_is_one_line_and_writes_nothing(workspace, tmp_path, case):
+    flags = {
+        "teacher-mismatch": ["--load-weight", workspace["student"], "--teacher", "DiT-XS/2",
+                             "--load-teacher", workspace["teacher"]],
+        "student-deeper": ["--load-weight", workspace["teacher"], "--load-teacher", workspace["student"]],
+        "bad-map": ["--load-weight", workspace["student"], "--load-teacher", workspace["teacher"],
+                    "--kd-layer-map", "0:2,7:11"],
+        "no-teacher": ["--load-weight", workspace["student"]],
+    }[case]
+    expected = {"teacher-mismatch": "does not fit --teacher DiT-XS/2", "student-deeper": "student has 12 blocks",
+                "bad-map": "refers to student block 7, but the student has 4 blocks",
+                "no-teacher": "--load-teacher is required"}[case]
+    with pytest.raises(SystemExit) as error:
+        run_kd(workspace, tmp_path, *flags)
+    message = str(error.value)
+    assert message.startswith("error: ") and expected in message and "\n" not in message
+    assert not (tmp_path / "results").exists()
+
+
+def test_kd_run_logs_terms_follows_the_cosine_schedule_and_saves_a_loadable_student(workspace, tmp_path):
+    from checkpoints import build_model, load_checkpoint_file
+    results = run_kd(workspace, tmp_path, "--load-weight", workspace["student"], "--load-teacher",
+                     workspace["teacher"], "--max-steps", "6", "--log-every", "2", "--ckpt-every", "3",
+                     "--epochs", "2", "--prefix", "kd")
+    run = results / "kd-DiT-XS-4"
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for record in records:
+        assert record["loss"] == pytest.approx(0.9 * record["kd"] + 0.1 * record["gt"] + 1e-2 * record["feat"],
+                                               rel=1e-4)  # epoch 0 of 2: beta = 1e-2
+        assert record["feat"] > 0 and record["kd"] > 0 and record["skipped_steps"] == 0
+    # lr after step s of a 6-step cosine from 2e-4 to 1e-4
+    for record in records:
+        expected = 1e-4 + 1e-4 * 0.5 * (1 + math.cos(math.pi * record["step"] / 6))
+        assert record["lr"] == pytest.approx(expected, rel=1e-9)
+    checkpoint = load_checkpoint_file(str(run / "checkpoints" / "0000006.pt"))
+    assert {"model", "ema", "opt", "sched", "train_steps", "args", "rng", "epoch"} <= set(checkpoint)
+    assert checkpoint["args"].teacher == MODEL and checkpoint["train_steps"] == 6
+    model, metadata = build_model(MODEL, IMAGE_SIZE, 10, "none", ckpt=str(run / "checkpoints" / "0000006.pt"))
+    assert model.depth == 4 and metadata["kept_indices"] == [0, 3, 6, 9]
+    assert "span ends of kept indices [0, 3, 6, 9]" in open(run / "log.txt").read()
+
+
+# ------------------------------------------------------------------ slow: does distillation help?
+@pytest.mark.slow
+def test_distillation_beats_fine_tuning_against_the_teacher(tmp_path):
+    """2 ranks (gloo): train a 12-block teacher from scratch on digits, prune it to 4 blocks, then
+    recover the student for the same number of steps with train.py and with train_masked_kd.py;
+    the distilled student is closer to the teacher (held-out eps distance)."""
+    from checkpoints import build_model, save_pruned_model
+    from models import prune_to_kept_blocks
+    features = make_digits_store(str(tmp_path), limit=512)
+    common = ["--data-path", features, "--results-dir", str(tmp_path / "results"), "--global-batch-size", "32",
+              "--log-every", "50", *COMMON_FLAGS]
+    done = torchrun("train.py", ["--model", MODEL, "--prefix", "teacher", "--max-steps", "300", "--lr", "5e-4",
+                                 "--ckpt-every", "300", *common])
+    assert done.returncode == 0, done.stderr[-2000:]
+    teacher_ckpt = str(tmp_path / "results" / "teacher-DiT-XS-4" / "checkpoints" / "0000300.pt")
+    teacher, _ = build_model(MODEL, IMAGE_SIZE, 10, "none", ckpt=teacher_ckpt, use_ema=False)
+    kept = [0, 3, 6, 9]
+    student_path = str(tmp_path / "student.pt")
+    save_pruned_model(prune_to_kept_blocks(teacher, kept), student_path, {"kept_indices": kept})
+    # one process, both ranks: start both recoveries at once
+    steps = "120"
+    fine_tune = torchrun("train.py", ["--model", MODEL, "--prefix", "ft", "--load-weight", student_path,
+                                      "--max-steps", steps, "--ckpt-every", steps, *common])
+    assert fine_tune.returncode == 0, fine_tune.stderr[-2000:]
+    distil = torchrun("train_masked_kd.py", ["--model", MODEL, "--prefix", "kd", "--load-weight", student_path,
+                                             "--teacher", MODEL, "--load-teacher", teacher_ckpt, "--max-steps", steps,
+                                             "--ckpt-every", steps, *common])
+    assert distil.returncode == 0, distil.stderr[-2000:]
+
+    def distance_to_teacher(run):
+        student, _ = build_model(MODEL, IMAGE_SIZE, 10, "none", use_ema=False,
+                                 ckpt=str(tmp_path / "results" / run / "checkpoints" / f"{int(steps):07d}.pt"))
+        student.eval(), teacher.eval()
+        gen = torch.Generator().manual_seed(123)
+        x = torch.randn(256, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+        t = torch.randint(0, 1000, (256,), generator=gen)
+        y = torch.randint(0, 10, (256,), generator=gen)
+        with torch.no_grad():
+            return ((student(x, t, y)[:, :3] - teacher(x, t, y)[:, :3]) ** 2).mean().item()
+
+    def initial_distance():
+        student, _ = build_model(MODEL, IMAGE_SIZE, 10, "none", ckpt=student_path)
+        gen = torch.Generator().manual_seed(123)
+        x = torch.randn(256, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+        t = torch.randint(0, 1000, (256,), generator=gen)
+        y = torch.randint(0, 10, (256,), generator=gen)
+        with torch.no_grad():
+            return ((student.eval()(x, t, y)[:, :3] - teacher(x, t, y)[:, :3]) ** 2).mean().item()
+
+    start, tuned, distilled = initial_distance(), distance_to_teacher("ft-DiT-XS-4"), distance_to_teacher("kd-DiT-XS-4")
+    print(f"distance to the teacher: pruned {start:.5f}, fine-tuned {tuned:.5f}, distilled {distilled:.5f}")
+    assert distilled < tuned and distilled < start
