@@ -80,11 +80,12 @@ def encode_with_flips(vae, images_uint8, indices, global_seed, sample_shape, dev
     pairs = torch.stack([images, images.flip(dims=[3])], dim=1)
     if vae is None:
         return pairs
-    posterior = vae.encode(pairs.flatten(0, 1)).latent_dist
+    # channels-last: oneDNN/cuDNN run these convolutions markedly faster in NHWC
+    posterior = vae.encode(pairs.flatten(0, 1).contiguous(memory_format=torch.channels_last)).latent_dist
     noise = torch.stack([posterior_noise(global_seed, int(i), (2, *sample_shape)) for i in indices])
     # same distribution as latent_dist.sample(), with our own per-image noise
     latents = (posterior.mean + posterior.std * noise.flatten(0, 1).to(device)) * LATENT_SCALE
-    return latents.unflatten(0, (len(indices), 2))
+    return latents.contiguous().unflatten(0, (len(indices), 2))
 
 
 def sha256_of_lines(lines):
@@ -232,6 +233,8 @@ def main(args):
         for path in ignored:
             logger.info(f"skipping {path}: not an image file")
         vae = load_vae(args.vae, args.vae_path, ctx.device)
+        if vae is not None:
+            vae = vae.to(memory_format=torch.channels_last)
         channels, size = latent_geometry(vae, args.image_size)
         plan = build_plan(args, samples, classes, vae, (channels, size, size))
     except SystemExit as exit_error:
