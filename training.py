@@ -27,6 +27,7 @@ import math
 import os
 import random
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -537,7 +538,9 @@ def fit(args, ctx, model, metadata, dataset, compute_losses, logger, metrics, ru
                 if scaler is not None:
                     scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            with warnings.catch_warnings():  # after skipped steps torch warns that the optimizer did not step yet
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                scheduler.step()
             train_steps += 1
             batches_done += 1
             meter.step(args.global_batch_size)
