@@ -1,0 +1,122 @@
+"""Tests for save_npz.py: PNG folder -> arr_0 round trip in sorted order, --num, the default
+output name, no silent overwrite, atomic write, and one-line errors on bad folders."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import save_npz
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "save_npz.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def write_pngs(folder, count, size=(6, 5), seed=0):
+    """Distinct random RGB images named 000000.png ..., written in shuffled order."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = rng.integers(0, 256, (count, size[1], size[0], 3), dtype=np.uint8)
+    for index in rng.permutation(count):
+        Image.fromarray(images[index]).save(folder / f"{index:06d}.png")
+    return images
+
+
+def test_round_trip_sorted_order_and_default_output(tmp_path):
+    folder = tmp_path / "samples"
+    images = write_pngs(folder, 12)
+    (folder / "notes.txt").write_text("ignored")
+    done = run_cli("--image_dir", str(folder) + "/")  # trailing slash: still samples.npz
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "samples.npz"
+    with np.load(out) as data:
+        assert data.files == ["arr_0"]
+        assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (12, 5, 6, 3)
+        np.testing.assert_array_equal(data["arr_0"], images)
+    assert sorted(os.listdir(tmp_path)) == ["samples", "samples.npz"]  # no temp files left
+
+
+def test_num_takes_the_first_files_in_sorted_order(tmp_path):
+    folder = tmp_path / "samples"
+    images = write_pngs(folder, 5)
+    Image.fromarray(images[0]).save(folder / "000005.jpeg", quality=100)  # JPEGs count too
+    assert len(save_npz.list_image_files(str(folder))) == 6
+    np.testing.assert_array_equal(save_npz.load_image_folder(str(folder), num=3), images[:3])
+    # plain lexicographic order of the names: "b10" sorts before "b9"
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.fromarray(images[1]).save(other / "b9.png")
+    Image.fromarray(images[2]).save(other / "b10.png")
+    np.testing.assert_array_equal(save_npz.load_image_folder(str(other)), images[[2, 1]])
+
+
+def test_existing_output_is_never_overwritten_silently(tmp_path):
+    folder = tmp_path / "samples"
+    images = write_pngs(folder, 3)
+    out = tmp_path / "custom.npz"
+    out.write_bytes(b"precious")
+    done = run_cli("--image_dir", str(folder), "--out", str(out))
+    assert done.returncode != 0
+    assert done.stderr.strip().count("\n") == 0 and "--overwrite" in done.stderr and done.stderr.startswith("error:")
+    assert out.read_bytes() == b"precious"
+    done = run_cli("--image_dir", str(folder), "--out", str(out), "--overwrite")
+    assert done.returncode == 0, done.stderr
+    with np.load(out) as data:
+        np.testing.assert_array_equal(data["arr_0"], images)
+
+
+def one_line_error(folder, *extra):
+    done = run_cli("--image_dir", str(folder), *extra)
+    assert done.returncode != 0
+    # one error line, no traceback (progress bars before it are fine)
+    assert "Traceback" not in done.stderr, done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("error:"), message
+    assert not os.path.exists(f"{folder}.npz")
+    return message
+
+
+def test_bad_folders_are_one_line_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no .png/.jpg/.jpeg images" in one_line_error(empty)
+    assert "does not exist" in one_line_error(tmp_path / "absent")
+
+    mixed = tmp_path / "mixed"
+    write_pngs(mixed, 2, size=(6, 5))
+    Image.fromarray(np.zeros((7, 6, 3), np.uint8)).save(mixed / "000009.png")
+    assert "mixed image sizes" in one_line_error(mixed)
+
+    for mode, shape in (("L", (5, 6)), ("RGBA", (5, 6, 4))):
+        folder = tmp_path / f"mode_{mode}"
+        write_pngs(folder, 2)
+        Image.fromarray(np.zeros(shape, np.uint8), mode=mode).save(folder / "000001.png")
+        message = one_line_error(folder)
+        assert f"is a {mode} image, not RGB" in message and "000001.png" in message
+
+    few = tmp_path / "few"
+    write_pngs(few, 2)
+    assert "only 2" in one_line_error(few, "--num", "3")
+
+
+def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    out = tmp_path / "out.npz"
+
+    def exploding_savez(path, **arrays):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", exploding_savez)
+    folder = tmp_path / "samples"
+    write_pngs(folder, 2)
+    args = type("Args", (), {"image_dir": str(folder), "out": str(out), "num": None, "overwrite": False})
+    with pytest.raises(KeyboardInterrupt):
+        save_npz.main(args)
+    assert sorted(os.listdir(tmp_path)) == ["samples"]
