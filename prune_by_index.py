@@ -30,7 +30,7 @@ def main(args):
     print(f"kept blocks {kept} of {model.depth}; saved the {pruned.depth}-block model to {args.save_model}")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser, default_model="DiT-XL/2")
     parser.add_argument("--ckpt", type=str, default=None, help="checkpoint to prune (plain, training or pruned)")
@@ -47,4 +47,8 @@ if __name__ == "__main__":
     parser.add_argument("--pruner", type=str, default=None, help=ignored)
     parser.add_argument("--nsamples", type=int, default=128, help=ignored)
     parser.add_argument("--batch-size", type=int, default=16, help=ignored)
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -88,7 +88,7 @@ def main(args):
         print(f"saved a sample grid to {args.sample_grid}")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser, default_model="DiT-XL/2")
     parser.add_argument("--ckpt", type=str, default=None, help="checkpoint to prune (plain, training or pruned)")
@@ -106,4 +106,8 @@ if __name__ == "__main__":
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the sample grid")
     parser.add_argument("--num-sampling-steps", type=int, default=250, help="sampling steps of the sample grid")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
