@@ -132,6 +132,12 @@ def shard_range(plan, shard_id):
     return start, min(start + plan["shard_size"], plan["num_images"])
 
 
+def shard_identity(plan, plan_id, shard_id):
+    """What a shard file's metadata must say to count as this shard of this extraction."""
+    start, stop = shard_range(plan, shard_id)
+    return {"extraction_id": plan_id, "shard": shard_id, "start": start, "stop": stop}
+
+
 def gather(value, ctx):
     """Every rank's value, in rank order."""
     if not ctx.is_distributed:
@@ -154,8 +160,10 @@ def prepare_features_path(path, plan, resume):
     """Rank 0: decide between a fresh extraction and a resumed one, or refuse with the reason.
     Nothing that is already there gets overwritten: a different extraction, a finished one, or
     a folder holding anything else are errors."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: --features-path {path} is a file; pass a folder")
     plan_file = os.path.join(path, store.PLAN_FILE)
-    entries = [name for name in (os.listdir(path) if os.path.isdir(path) else []) if ".tmp" not in name]
+    entries = sorted(set(os.listdir(path) if os.path.isdir(path) else []) - set(stale_temp_files(path)))
     if os.path.isfile(plan_file):
         with open(plan_file) as f:
             existing = json.load(f)
@@ -175,10 +183,12 @@ def prepare_features_path(path, plan, resume):
     return "fresh"
 
 
-def remove_stale_temp_files(path):
-    # temp files of a killed run: never read (atomic_files only renames complete ones), just litter
-    for stale in glob.glob(os.path.join(path, ".*.tmp*")):
-        os.remove(stale)
+def stale_temp_files(path):
+    """Names of atomic_files temp files a killed run left (`.shard-00003.x1y2.tmp.safetensors`):
+    never read, since only complete files are renamed into place; just litter to remove."""
+    patterns = [f".{os.path.splitext(name)[0]}.*.tmp*" for name in ("shard-*.safetensors", store.PLAN_FILE,
+                                                                       store.MANIFEST_FILE)]
+    return [os.path.basename(found) for pattern in patterns for found in glob.glob(os.path.join(path, pattern))]
 
 
 def unfinished_shards(path, plan, plan_id, shard_ids):
@@ -186,10 +196,9 @@ def unfinished_shards(path, plan, plan_id, shard_ids):
     from another extraction): those get (re)done."""
     pending = []
     for shard_id in shard_ids:
-        start, stop = shard_range(plan, shard_id)
-        expected = {"extraction_id": plan_id, "shard": shard_id, "start": start, "stop": stop}
         try:
-            store.check_shard(os.path.join(path, store.shard_file_name(shard_id)), expected, verify_checksum=True)
+            store.check_shard(os.path.join(path, store.shard_file_name(shard_id)),
+                              shard_identity(plan, plan_id, shard_id), verify_checksum=True)
         except (OSError, ValueError):
             pending.append(shard_id)
     return pending
@@ -199,9 +208,8 @@ def write_manifest(path, plan, plan_id, args, ctx):
     """Rank 0, after every rank finished: validate every shard's header and size and record it."""
     records = []
     for shard_id in range(plan["num_shards"]):
-        start, stop = shard_range(plan, shard_id)
-        expected = {"extraction_id": plan_id, "shard": shard_id, "start": start, "stop": stop}
-        info = store.check_shard(os.path.join(path, store.shard_file_name(shard_id)), expected, verify_checksum=False)
+        info = store.check_shard(os.path.join(path, store.shard_file_name(shard_id)),
+                                 shard_identity(plan, plan_id, shard_id), verify_checksum=False)
         records.append(dict(info, file=store.shard_file_name(shard_id)))
     skipped = [entry for record in records for entry in record["skipped"]]
     manifest = dict(plan, extraction_id=plan_id, num_samples=sum(r["count"] for r in records),
@@ -210,6 +218,50 @@ def write_manifest(path, plan, plan_id, args, ctx):
                     shards=records, world_size=ctx.world_size, args=vars(args))
     atomic_write_json(os.path.join(path, store.MANIFEST_FILE), manifest, overwrite=False)
     return manifest
+
+
+def encode_shards(shard_ids, samples, plan, plan_id, vae, args, ctx, logger):
+    """Encode and write the given shards; returns the number of images encoded. One loader over
+    all of them (workers start once) whose batches never straddle two shards."""
+    batches, batch_shard = [], []
+    for shard_id in shard_ids:
+        start, stop = shard_range(plan, shard_id)
+        for first in range(start, stop, args.batch_size):
+            batches.append(list(range(first, min(first + args.batch_size, stop))))
+            batch_shard.append(shard_id)
+    loader = DataLoader(IndexedImages(samples, args.image_size), batch_sampler=batches, num_workers=args.num_workers,
+                        collate_fn=collate_good_images, pin_memory=ctx.device.type == "cuda")
+    store_dtype = store.STORE_DTYPES[args.store_dtype]
+    data_root = os.path.abspath(args.data_path)
+    my_images = sum(len(batch) for batch in batches)
+    logger.info(f"encoding {plan['num_images']} images on {ctx.world_size} rank(s); rank 0 does "
+                f"{len(shard_ids)} shards, {my_images} images")
+    latents, labels, indices, skipped, encoded = [], [], [], [], 0
+    no_images = np.zeros(0, dtype=np.int64)  # so that a shard whose images were all unreadable still writes
+    progress = tqdm(total=my_images, unit="img", disable=not ctx.is_main, smoothing=0.05)
+    for batch_number, (images, batch_labels, batch_indices, bad) in enumerate(loader):
+        shard_id = batch_shard[batch_number]
+        for index, reason in bad:
+            print(f"[rank {ctx.rank}] skipping {samples[index][0]}: {reason}", flush=True)
+            skipped.append(os.path.relpath(samples[index][0], data_root))
+        if images is not None:
+            batch_latents = encode_with_flips(vae, images, batch_indices, args.global_seed, plan["sample_shape"],
+                                              ctx.device)
+            latents.append(batch_latents.cpu().numpy().astype(store_dtype))
+            labels.append(batch_labels.numpy())
+            indices.append(batch_indices.numpy())
+            encoded += len(batch_indices)
+        progress.update(len(batch_indices) + len(bad))
+        if batch_number + 1 == len(batches) or batch_shard[batch_number + 1] != shard_id:
+            latents.append(np.zeros((0, 2, *plan["sample_shape"]), dtype=store_dtype))
+            store.write_shard(os.path.join(args.features_path, store.shard_file_name(shard_id)),
+                              np.concatenate(latents), np.concatenate(labels + [no_images]),
+                              np.concatenate(indices + [no_images]),
+                              dict(shard_identity(plan, plan_id, shard_id), skipped=skipped, rank=ctx.rank,
+                                   world_size=ctx.world_size))
+            latents, labels, indices, skipped = [], [], [], []
+    progress.close()
+    return encoded
 
 
 def main(args):
@@ -251,7 +303,8 @@ def main(args):
         try:
             mode = prepare_features_path(features_path, plan, args.resume)
             os.makedirs(features_path, exist_ok=True)
-            remove_stale_temp_files(features_path)
+            for name in stale_temp_files(features_path):
+                os.remove(os.path.join(features_path, name))
             if mode == "fresh":
                 atomic_write_json(os.path.join(features_path, store.PLAN_FILE), dict(plan, extraction_id=plan_id),
                                   overwrite=False)
@@ -270,56 +323,17 @@ def main(args):
     else:
         pending = all_shards
     manifest_file = os.path.join(features_path, store.MANIFEST_FILE)
-    if not pending and os.path.isfile(manifest_file):
+    if not pending and os.path.isfile(manifest_file):  # every rank sees the same pending list
         logger.info(f"{features_path} is complete ({plan['num_images']} images); nothing to do")
         cleanup_distributed()
         return
     if ctx.is_main and os.path.isfile(manifest_file):
         os.remove(manifest_file)  # a shard is being redone: the store is not complete until it is
     barrier()
-    my_shards = pending[ctx.rank::ctx.world_size]
 
-    # 4. encode: one loader over this rank's shards, batches never straddle two shards
-    batches, batch_shard = [], []
-    for shard_id in my_shards:
-        start, stop = shard_range(plan, shard_id)
-        for first in range(start, stop, args.batch_size):
-            batches.append(list(range(first, min(first + args.batch_size, stop))))
-            batch_shard.append(shard_id)
-    loader = DataLoader(IndexedImages(samples, args.image_size), batch_sampler=batches, num_workers=args.num_workers,
-                        collate_fn=collate_good_images, pin_memory=ctx.device.type == "cuda")
-    store_dtype = store.STORE_DTYPES[args.store_dtype]
-    data_root = os.path.abspath(args.data_path)
-    my_images = sum(len(batch) for batch in batches)
-    logger.info(f"encoding {len(pending)} shards ({plan['num_images']} images in all) on {ctx.world_size} rank(s); "
-                f"rank 0 does {len(my_shards)} shards, {my_images} images")
+    # 4. encode this rank's shards
     start_time = time.time()
-    parts, encoded = {"latents": [], "labels": [], "indices": [], "skipped": []}, 0
-    progress = tqdm(total=my_images, unit="img", disable=not ctx.is_main, smoothing=0.05)
-    for batch_number, (images, labels, indices, bad) in enumerate(loader):
-        shard_id = batch_shard[batch_number]
-        for index, reason in bad:
-            path = samples[index][0]
-            print(f"[rank {ctx.rank}] skipping {path}: {reason}", flush=True)
-            parts["skipped"].append(os.path.relpath(path, data_root))
-        if images is not None:
-            latents = encode_with_flips(vae, images, indices, args.global_seed, plan["sample_shape"], ctx.device)
-            parts["latents"].append(latents.cpu().numpy().astype(store_dtype))
-            parts["labels"].append(labels.numpy())
-            parts["indices"].append(indices.numpy())
-            encoded += len(indices)
-        progress.update(len(indices) + len(bad))
-        if batch_number + 1 == len(batches) or batch_shard[batch_number + 1] != shard_id:
-            start, stop = shard_range(plan, shard_id)
-            empty = np.zeros((0, 2, *plan["sample_shape"]), dtype=store_dtype)
-            store.write_shard(os.path.join(features_path, store.shard_file_name(shard_id)),
-                              np.concatenate(parts["latents"]) if parts["latents"] else empty,
-                              np.concatenate(parts["labels"]) if parts["labels"] else [],
-                              np.concatenate(parts["indices"]) if parts["indices"] else [],
-                              {"extraction_id": plan_id, "shard": shard_id, "start": start, "stop": stop,
-                               "skipped": parts["skipped"], "rank": ctx.rank, "world_size": ctx.world_size})
-            parts = {"latents": [], "labels": [], "indices": [], "skipped": []}
-    progress.close()
+    encoded = encode_shards(pending[ctx.rank::ctx.world_size], samples, plan, plan_id, vae, args, ctx, logger)
     barrier()  # every rank's shards are on disk
     elapsed = time.time() - start_time
     total_encoded = int(round(all_reduce_mean(encoded, ctx) * ctx.world_size))

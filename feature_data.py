@@ -68,7 +68,7 @@ def shard_file_name(shard_id):
 def _arrays_sha256(arrays):
     digest = hashlib.sha256()
     for array in arrays:
-        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+        digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
     return digest.hexdigest()
 
 

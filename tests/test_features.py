@@ -280,6 +280,9 @@ def test_bad_inputs_are_one_line_errors_and_overwrite_nothing(tmp_path, images, 
     (tmp_path / "no_images" / "cat" / "readme.txt").write_text("hello")
     fails("no images", tmp_path / "no_images", tmp_path / "out")
     fails("not divisible by the VAE downsampling factor 8", images, tmp_path / "out", "--image-size", "20")
+    fails("has 3 class folders but --num-classes is 2", images, tmp_path / "out", "--num-classes", "2")
+    (tmp_path / "a_file").write_text("x")
+    fails("is a file", images, tmp_path / "a_file")
     assert not (tmp_path / "out").exists()
 
     import huggingface_hub.constants
@@ -303,14 +306,17 @@ def test_bad_inputs_are_one_line_errors_and_overwrite_nothing(tmp_path, images, 
 
 def test_unreadable_image_is_skipped_and_logged(tmp_path, tiny_vae, capsys):
     root = write_random_image_folder(str(tmp_path / "images"), images_per_class=(3, 3))
-    (tmp_path / "images" / "class_1" / "img_01.png").write_bytes(b"this is not a png")
+    for name in ("img_01.png", "img_02.png"):  # images 4 and 5: all of shard 1 (4 images per shard)
+        (tmp_path / "images" / "class_1" / name).write_bytes(b"this is not a png")
     extract(root, tmp_path / "out", vae_path=tiny_vae)
     assert "skipping" in capsys.readouterr().out
     manifest = feature_data.read_manifest(tmp_path / "out")
-    assert manifest["skipped"] == [os.path.join("class_1", "img_01.png")] and manifest["num_samples"] == 5
-    _, labels, indices = store_arrays(tmp_path / "out")
-    assert indices.tolist() == [0, 1, 2, 3, 5] and labels.tolist() == [0, 0, 0, 1, 1]
-    assert len(feature_data.open_feature_dataset(tmp_path / "out")) == 5
+    assert manifest["skipped"] == [os.path.join("class_1", f"img_0{i}.png") for i in (1, 2)]
+    assert manifest["num_samples"] == 4 and [record["count"] for record in manifest["shards"]] == [4, 0]
+    latents, labels, indices = store_arrays(tmp_path / "out")
+    assert indices.tolist() == [0, 1, 2, 3] and labels.tolist() == [0, 0, 0, 1] and latents.shape[0] == 4
+    dataset = feature_data.open_feature_dataset(tmp_path / "out")
+    assert len(dataset) == 4 and dataset[3][1].item() == 1
 
 
 def test_all_original_extract_flags_parse():
