@@ -30,7 +30,7 @@ from cli import add_model_args
 from distributed import all_reduce_mean, barrier, cleanup_distributed, setup_distributed
 from image_data import list_image_folder, load_image_uint8, to_unit_range
 from runlog import create_logger
-from vae import LATENT_SCALE, is_pixel_space, latent_geometry, latent_geometry_from_flags, load_vae, vae_source
+from vae import LATENT_SCALE, latent_geometry, latent_geometry_from_flags, load_vae, vae_source
 
 # what makes two extractions the same (and a store resumable); other plan fields are informational
 IDENTITY_KEYS = ("format", "version", "images_sha256", "num_images", "classes", "image_size", "vae",
