@@ -342,7 +342,10 @@ class DiT(nn.Module):
                 on_index = on.nonzero().squeeze(1)
                 out = out.index_copy(0, on_index, self._run_block(block, x[on_index], c[on_index]).to(x.dtype))
             return out
-        if self.gate_forward == "dense" or bool(on.all()):
+        if self.gate_forward == "dense":
+            block_out = self._run_block(block, x, c)
+            return scale * block_out + (1 - scale) * x
+        if bool(on.all()):
             block_out = self._run_block(block, x, c)
         elif not bool(on.any()):
             with torch.no_grad():
@@ -353,7 +356,11 @@ class DiT(nn.Module):
             with torch.no_grad():
                 off_out = block(x[off_index], c[off_index])
             block_out = on_out.new_zeros(x.shape).index_copy(0, on_index, on_out).index_copy(0, off_index, off_out)
-        return scale * block_out + (1 - scale) * x
+        # Same value and gradients as the dense formula for a 0/1 mask, but autograd keeps one
+        # tensor (block(x) - x) instead of two: d/dm = <g, block(x) - x>, d/dblock(x) = m g,
+        # d/dx = (1 - m) g; the straight-through term is exactly 0 in value.
+        kept = torch.where(on.view(-1, 1, 1), block_out, x)
+        return kept + (scale - scale.detach()) * (block_out - x).detach()
 
     def _run_block(self, block, x, c):
         if self.grad_checkpointing and torch.is_grad_enabled():
