@@ -539,7 +539,7 @@ def fit(args, ctx, model, metadata, dataset, compute_losses, logger, metrics, ru
                     scaler.update()
             optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():  # after skipped steps torch warns that the optimizer did not step yet
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
                 scheduler.step()
             train_steps += 1
             batches_done += 1
