@@ -1,0 +1,143 @@
+"""prune_by_index.py and prune_by_score.py as users run them: checkpoints in, pruned
+checkpoints (plain state dict + metadata) out, one-line errors for bad input."""
+import os
+
+import pytest
+import torch
+
+import prune_by_index
+import prune_by_score
+from checkpoints import build_model, load_checkpoint_file, read_metadata
+from models import DiT_models
+from tests.prune_helpers import make_digits_features, save_plain, set_block_gates, xs_model, single_torch_thread
+from tests.tiny_vae import make_tiny_vae
+
+ORACLE = "[0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]"
+
+
+one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("prune_scripts")
+
+
+@pytest.fixture(scope="module")
+def source28(folder):
+    """A 28-block DiT-XS/4 saved like the official files (the oracle indices need 28 blocks)."""
+    return save_plain(xs_model(depth=28, patch=4), folder / "xs28.pt")
+
+
+def assert_blocks_equal(saved, original, kept):
+    for key, value in saved.items():
+        if key.startswith("blocks."):
+            _, index, rest = key.split(".", 2)
+            key = f"blocks.{kept[int(index)]}.{rest}"
+        assert torch.equal(value, original[key]), key
+
+
+def test_prune_by_index_keeps_exactly_the_listed_blocks(folder, source28):
+    source = source28
+    out = folder / "oracle.pt"
+    prune_by_index.main(prune_by_index.parse_args([
+        "--model", "DiT-XS/4", "--ckpt", source, "--kept-indices", ORACLE, "--save-model", str(out),
+        "--image-size", "8", "--vae", "none", "--num-classes", "10"]))
+    saved = load_checkpoint_file(out)
+    metadata = read_metadata(saved)
+    kept = [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]
+    assert metadata["kept_indices"] == kept and metadata["method"] == "index"
+    assert metadata["source_checkpoint"] == source and metadata["source_model"] == "DiT-XS/4"
+    plain = DiT_models["DiT-XS/4"](input_size=8, in_channels=3, num_classes=10, depth=14)
+    plain.load_state_dict(saved, strict=True)  # the original loading rule reads it
+    assert_blocks_equal(plain.state_dict(), torch.load(source, weights_only=True), kept)
+    # every later script builds the right depth from the metadata
+    rebuilt, _ = build_model("DiT-XS/4", 8, 10, "none", ckpt=str(out))
+    assert rebuilt.depth == 14
+
+    # pruning the pruned model again tracks the blocks back to the original
+    again = folder / "again.pt"
+    prune_by_index.main(prune_by_index.parse_args([
+        "--model", "DiT-XS/4", "--ckpt", str(out), "--kept-indices", "0,13", "--save-model", str(again),
+        "--image-size", "8", "--vae", "none", "--num-classes", "10"]))
+    assert read_metadata(load_checkpoint_file(again))["original_kept_indices"] == [0, 27]
+
+
+@pytest.mark.parametrize("indices, message", [
+    ("[]", "empty"), ("[0, 28]", "out of range"), ("[0, 2, 2]", "repeat"), ("[4, 2]", "not sorted")])
+def test_prune_by_index_rejects_bad_indices_in_one_line(folder, source28, indices, message):
+    source = source28
+    out = folder / f"never-{message.replace(' ', '-')}.pt"
+    with pytest.raises(SystemExit, match=message) as info:
+        prune_by_index.main(prune_by_index.parse_args([
+            "--model", "DiT-XS/4", "--ckpt", source, "--kept-indices", indices, "--save-model", str(out),
+            "--image-size", "8", "--vae", "none", "--num-classes", "10"]))
+    assert str(info.value).startswith("error: --kept-indices") and "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_prune_by_index_never_overwrites_silently(folder):
+    source = save_plain(xs_model(depth=4, patch=4), folder / "xs4.pt")
+    out = folder / "taken.pt"
+    out.write_bytes(b"keep me")
+    argv = ["--model", "DiT-XS/4", "--ckpt", source, "--kept-indices", "[0, 3]", "--save-model", str(out),
+            "--image-size", "8", "--vae", "none", "--num-classes", "10"]
+    with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
+        prune_by_index.main(prune_by_index.parse_args(argv))
+    assert out.read_bytes() == b"keep me"
+    prune_by_index.main(prune_by_index.parse_args(argv + ["--overwrite"]))
+    assert read_metadata(load_checkpoint_file(out))["kept_indices"] == [0, 3]
+
+
+def known_similarity_teacher(folder, patch=2, channels=3, image_size=8):
+    """6 blocks whose input/output similarity order is known (see test_prune_units): the two most
+    similar non-last blocks are 1 (identity) and 3 (gate 0.01); the last block is an identity too."""
+    model = xs_model(depth=6, patch=patch, channels=channels, image_size=image_size)
+    for block, value in zip(model.blocks, [1.0, 0.0, 10.0, 0.01, 0.3, 0.0]):
+        set_block_gates(block, value)
+    return save_plain(model, folder / f"known{patch}{channels}.pt")
+
+
+def test_prune_by_score_on_features_removes_the_most_similar_blocks(folder, capsys):
+    _, features = make_digits_features(str(folder), limit=64)
+    source = known_similarity_teacher(folder)
+    out = folder / "score.pt"
+    prune_by_score.main(prune_by_score.parse_args([
+        "--model", "DiT-XS/2", "--ckpt", source, "--features-path", features, "--n-pruned", "2", "--nsamples", "24",
+        "--batch-size", "8", "--save-model", str(out), "--image-size", "8", "--vae", "none", "--num-classes", "10"]))
+    printed = capsys.readouterr().out
+    assert "kept indices: [0, 2, 4, 5]" in printed and "block  1: similarity 1.000000" in printed
+    saved = load_checkpoint_file(out)
+    metadata = read_metadata(saved)
+    assert metadata["kept_indices"] == [0, 2, 4, 5] and metadata["method"] == "bi-score"
+    assert len(metadata["scores"]) == 6 and metadata["nsamples"] == 24
+    plain = DiT_models["DiT-XS/2"](input_size=8, in_channels=3, num_classes=10, depth=4)
+    plain.load_state_dict(saved, strict=True)
+    assert_blocks_equal(plain.state_dict(), torch.load(source, weights_only=True), [0, 2, 4, 5])
+
+
+def test_prune_by_score_through_the_vae_on_an_image_folder_with_a_sample_grid(folder):
+    images, _ = make_digits_features(str(folder), image_size=16, limit=40)
+    vae_dir = make_tiny_vae(str(folder / "tiny_vae"))
+    source = known_similarity_teacher(folder, patch=2, channels=4, image_size=2)
+    out, grid = folder / "score_vae.pt", folder / "grid.png"
+    prune_by_score.main(prune_by_score.parse_args([
+        "--model", "DiT-XS/2", "--ckpt", source, "--data-path", images, "--vae", "ema", "--vae-path", vae_dir,
+        "--image-size", "16", "--num-classes", "10", "--n-pruned", "2", "--nsamples", "16", "--batch-size", "8",
+        "--save-model", str(out), "--sample-grid", str(grid), "--num-sampling-steps", "2"]))
+    assert read_metadata(load_checkpoint_file(out))["kept_indices"] == [0, 2, 4, 5]
+    with open(grid, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prune_by_score_errors(folder):
+    source = known_similarity_teacher(folder)
+    with pytest.raises(SystemExit, match="--data-path .* or --features-path"):
+        prune_by_score.main(prune_by_score.parse_args([
+            "--model", "DiT-XS/2", "--ckpt", source, "--image-size", "8", "--vae", "none", "--num-classes", "10"]))
+    _, features = make_digits_features(str(folder), limit=64)
+    with pytest.raises(SystemExit, match="between 0 and 5"):
+        prune_by_score.main(prune_by_score.parse_args([
+            "--model", "DiT-XS/2", "--ckpt", source, "--features-path", features, "--n-pruned", "6", "--nsamples", "8",
+            "--save-model", str(folder / "never.pt"), "--image-size", "8", "--vae", "none", "--num-classes", "10"]))
+    assert not os.path.exists(folder / "never.pt")
