@@ -145,6 +145,8 @@ def memory_of(variant, args):
 
 
 def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_only:
         print(json.dumps(memory_of(args.memory_only, args)))
         return
@@ -154,7 +156,8 @@ def main(args):
     memory = {}
     for variant in VARIANTS:
         command = [sys.executable, os.path.abspath(__file__), "--memory-only", variant, "--model", args.model,
-                   "--depth", str(args.depth), "--batch-size", str(args.batch_size), "--latent-size", str(args.latent_size)]
+                   "--depth", str(args.depth), "--batch-size", str(args.batch_size), "--latent-size", str(args.latent_size),
+                   "--threads", str(args.threads)]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         memory[variant] = json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
         print(f"  peak memory {variant:8s}: {memory[variant]:8.1f} MB")
@@ -185,6 +188,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--latent-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--memory-only", choices=list(VARIANTS), default=None, help=argparse.SUPPRESS)
     main(parser.parse_args())

@@ -77,6 +77,13 @@ def test_log_has_schedules_decisions_and_confidences(lora_run):
         assert all(0.5 <= c <= 1.0 for c in record["confidences"])
         assert record["loss"] > 0 and record["steps_per_sec"] > 0 and record["skipped_steps"] == 0
     assert records[-1]["kept_indices"] == kept
+    # the run's log draws (draw_decision.py --log RUN_DIR)
+    import argparse
+
+    import draw_decision
+    draw_decision.main(argparse.Namespace(log=run_dir, out=None, title=None, overwrite=False))
+    with open(os.path.join(run_dir, "decision.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_ema_covers_exactly_the_trainable_parameters(lora_run):
