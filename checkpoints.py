@@ -121,7 +121,7 @@ def describe_architecture(arch):
             f"input {arch['input_size']}, {arch['in_channels']} channels, {arch['num_classes']} classes)")
 
 
-def load_into_model(model, state_dict, model_name, source):
+def load_into_model(model, state_dict, model_name, source, flag="--model"):
     """load_state_dict(strict=True) whose failure is one line naming the model the checkpoint
     actually fits and the first missing / unexpected / mismatched keys."""
     own = model.state_dict()
@@ -138,15 +138,15 @@ def load_into_model(model, state_dict, model_name, source):
         details = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                             for label, keys in (("missing", missing), ("unexpected", unexpected),
                                                 ("shape mismatch", mismatched)) if keys)
-        raise SystemExit(f"error: checkpoint {source} does not fit --model {model_name}: it holds {fits}; "
-                         f"pass the matching --model/--image-size/--num-classes/--vae ({details})")
+        raise SystemExit(f"error: checkpoint {source} does not fit {flag} {model_name}: it holds {fits}; "
+                         f"pass the matching {flag}/--image-size/--num-classes/--vae ({details})")
     model.load_state_dict(state_dict, strict=True)
     return model
 
 
 # ----------------------------------------------------------------------- building
 def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_path=None, ckpt=None,
-                use_ema=True, groups=None, **model_kwargs):
+                use_ema=True, groups=None, flag="--model", **model_kwargs):
     """The DiT every script uses: architecture from --model, latent geometry from --vae and
     --image-size (4 x image/8 for the SD-VAE, 3 x image for --vae none), weights from `ckpt`.
 
@@ -155,7 +155,7 @@ def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_pat
     from models import DiT_models
     from vae import latent_geometry_from_flags
     if model_name not in DiT_models:
-        raise SystemExit(f"error: unknown --model {model_name}; choose one of {', '.join(DiT_models)}")
+        raise SystemExit(f"error: unknown {flag} {model_name}; choose one of {', '.join(DiT_models)}")
     channels, latent_size = latent_geometry_from_flags(vae, image_size, vae_path)
     kwargs = dict(input_size=latent_size, num_classes=num_classes, in_channels=channels, **model_kwargs)
     if groups is not None:
@@ -171,7 +171,7 @@ def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_pat
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if state_dict is not None:
-        load_into_model(model, state_dict, model_name, ckpt)
+        load_into_model(model, state_dict, model_name, ckpt, flag)
     return model, metadata
 
 

@@ -25,12 +25,8 @@ def build_teacher(args, device):
     if not args.load_teacher:
         raise SystemExit("error: --load-teacher is required (the dense teacher's weights, e.g. "
                          "pretrained/DiT-XL-2-256x256.pt)")
-    try:
-        teacher, _ = build_model(args.teacher, args.image_size, args.num_classes, args.vae, args.vae_path,
-                                 ckpt=args.load_teacher)
-    except SystemExit as error:  # the loader names --model; here the flag is --teacher
-        raise SystemExit(str(error).replace("--model/", "--teacher/").replace(f"--model {args.teacher}",
-                                                                             f"--teacher {args.teacher}")) from None
+    teacher, _ = build_model(args.teacher, args.image_size, args.num_classes, args.vae, args.vae_path,
+                             ckpt=args.load_teacher, flag="--teacher")
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
 
