@@ -208,7 +208,7 @@ def identity_teacher(workspace):
 
 
 def search_args(folder, features, teacher, prefix):
-    args = run_args(folder, features, teacher, prefix, "--max-steps", "200", "--log-every", "50",
+    args = run_args(folder, features, teacher, prefix, "--epochs", "50", "--max-steps", "200", "--log-every", "50",
                     "--ckpt-every", "1000", "--ema-decay", "0.99", "--global-batch-size", "16", "--delta-w", "--lora")
     args[args.index("[[1,2]]*2")] = "[[1,2]]*3"
     return args
