@@ -132,6 +132,8 @@ def main(args):
     steps_per_epoch = batches_per_epoch(sampler)
     total_steps = total_training_steps(args.epochs, steps_per_epoch, args.max_steps)
     guard = NonFiniteGuard(args.max_skipped_in_a_row)
+    precision = resolve_precision(args.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None  # fp16 needs loss scaling
     train_steps, epoch, start_batch = 0, 0, 0
     if resume is not None:
         trained_state = resume["model"]
@@ -144,6 +146,8 @@ def main(args):
                 param.copy_(trained_state[name])
         ema.load_state_dict(resume["ema"])
         optimizer.load_state_dict(resume["opt"])
+        if scaler is not None and resume.get("scaler") is not None:
+            scaler.load_state_dict(resume["scaler"])
         train_steps = int(resume["train_steps"])
         epoch, start_batch = normalize_position(int(resume.get("epoch", 0)), int(resume.get("batches_into_epoch", 0)),
                                                 steps_per_epoch)
@@ -154,7 +158,6 @@ def main(args):
         logger.info(f"resumed {resume_path} at step {train_steps} of {total_steps}")
 
     diffusion = create_diffusion("")
-    precision = resolve_precision(args.precision, device)
     forward = AutocastForward(model, precision, device)
     num_groups = len(groups)
 
@@ -167,7 +170,7 @@ def main(args):
         save_training_checkpoint(
             path, ctx, model_state=lambda: {name: param.detach().cpu().clone() for name, param in weights + logits},
             ema_state=ema.state_dict, optimizer=optimizer, scheduler=None, train_steps=step, epoch=epoch_now,
-            batches_into_epoch=batches_done, args=args,
+            batches_into_epoch=batches_done, args=args, scaler=scaler,
             extra={"skipped_steps": guard.skipped_total, "kept_indices": kept, "confidences": confidences,
                    "groups": groups})
         logger.info(f"saved checkpoint {path}")
@@ -186,20 +189,29 @@ def main(args):
             model.tau = linear_schedule(*args.tau_range, train_steps, total_steps)
             model.scaling = linear_schedule(*args.scaling_range, train_steps, total_steps)
             loss = pruning_loss(forward, diffusion, x, y)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             all_reduce_gradients(trainable, ctx)  # zero-fills blocks this rank's samples all skipped
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             mean_loss = loss.detach().float().reshape(1)
             if ctx.is_distributed:  # also makes the skip decision the same on every rank
                 dist.all_reduce(mean_loss)
                 mean_loss /= ctx.world_size
             grad_norm = clip_grad_norm(trainable, args.grad_clip)
-            finite = bool(torch.isfinite(mean_loss).all()) and bool(torch.isfinite(grad_norm))
+            # with fp16 the scaler itself skips steps with inf gradients (and lowers its scale)
+            finite = bool(torch.isfinite(mean_loss).all()) and (scaler is not None or bool(torch.isfinite(grad_norm)))
             if guard.check(finite, train_steps + 1):
-                optimizer.step()
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 ema.update()
                 window_loss += float(mean_loss)
                 window_steps += 1
             else:
+                if scaler is not None:
+                    scaler.update()
                 logger.info(f"step {train_steps + 1}: non-finite loss or gradient, step skipped "
                             f"({guard.skipped_total} skipped in total)")
             optimizer.zero_grad(set_to_none=True)
