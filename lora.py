@@ -44,7 +44,10 @@ class LoRALinear(nn.Module):
                 self.lora_A.copy_(init)
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        # the scale goes on the rank-r intermediate (tiny), and the update is added in place: the
+        # base matmul's backward does not need its output, so no full-size temporaries are made
+        update = F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+        return F.linear(x, self.weight, self.bias).add_(update)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, scaling={self.scaling}"
