@@ -88,7 +88,7 @@ def gated_step(model, batch, draw_seed):
     model.zero_grad(set_to_none=True)
 
 
-def make_batch(batch_size=8, seed=0):
+def make_batch(batch_size=16, seed=0):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 4, 16, 16, generator=generator)
     return x, torch.randint(0, 1000, (batch_size,), generator=generator), \
@@ -163,6 +163,8 @@ def bench_gated(repeats):
 
 def main(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     depth = bench_depth(args.repeats, device) if args.only in (None, "depth") else {}
     if depth:
@@ -171,7 +173,7 @@ def main(args):
               f"(goal >= 1.95x)")
     if args.only == "depth":
         return
-    print(f"\n[2] gated training step (fwd+bwd), hidden 384, depth 28, 1:2 groups, batch 8 at 4x16x16:")
+    print(f"\n[2] gated training step (fwd+bwd), hidden 384, depth 28, 1:2 groups, batch 16 at 4x16x16:")
     gated = bench_gated(args.repeats)
     for label, row in gated.items():
         print(f"  {label}: dense {row['dense_step_s'] * 1000:.0f} ms / {row['dense_peak_mib']:.0f} MiB peak, "
@@ -185,6 +187,7 @@ def main(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--only", choices=["depth", "gated"], default=None, help="run one part")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     main(parser.parse_args())
