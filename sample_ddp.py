@@ -1,0 +1,258 @@
+"""
+Sample a large batch of images from a DiT with any number of ranks and write the `.npz` that
+evaluator.py reads (ADM format: `arr_0` (N, H, W, 3) uint8, plus `labels`).
+
+Sample i is generated from seeds derived from (--global-seed, i): its random label, its initial
+noise and every per-step noise. The images therefore do not depend on the world size or
+--per-proc-batch-size. Each rank writes its finished batches as atomic part files in
+`{sample-dir}/{run name}/parts/`; `--resume` keeps them and samples only what is missing (with any
+world size and batch size); rank 0 finally streams the parts in index order into
+`{sample-dir}/{run name}.npz` (no PNG round trip; `--save-png` also writes `{index:06d}.png`).
+
+    torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py --model DiT-D14/2 \
+        --ckpt outputs/D14-Learned-Finetuning/checkpoints/0500000.pt --vae-path pretrained/sd-vae-ft-ema
+"""
+import argparse
+import functools
+import glob
+import json
+import os
+import shutil
+import time
+import zipfile
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from atomic_files import atomic_path, atomic_write_json
+from checkpoints import build_model
+from cli import add_model_args, add_precision_arg, resolve_precision
+from diffusion import create_diffusion
+from distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
+from runlog import MetricsLog, create_logger
+from sampling import SAMPLERS, generate, resolve_checkpoint, run_name, sample_generator, sample_labels
+from vae import load_vae, to_uint8_nhwc
+
+# settings that change the images: a run may only be resumed with the same values
+# (--num-fid-samples, --per-proc-batch-size and the world size may change)
+IDENTITY_KEYS = ("model", "ckpt", "no_ema", "image_size", "num_classes", "vae", "vae_path", "groups", "cfg_scale",
+                 "num_sampling_steps", "sampler", "ddim_eta", "global_seed", "precision", "tf32")
+
+
+# ----------------------------------------------------------------------- part files
+def part_paths(parts_dir, first_index):
+    stem = os.path.join(parts_dir, f"{first_index:08d}")
+    return stem + ".npy", stem + ".json"
+
+
+def write_part(parts_dir, indices, labels, images):
+    """images (uint8 NHWC) first, then the json naming its indices: a part counts as finished
+    only when its json exists, and both are renamed into place atomically."""
+    images_path, meta_path = part_paths(parts_dir, indices[0])
+    with atomic_path(images_path) as tmp:
+        np.save(tmp, images)
+    atomic_write_json(meta_path, {"indices": [int(i) for i in indices], "labels": [int(y) for y in labels]})
+
+
+def read_parts(parts_dir, image_shape):
+    """{index: (images path, row, label)} of every finished part whose images file is complete."""
+    finished = {}
+    for meta_path in sorted(glob.glob(os.path.join(parts_dir, "*.json"))):
+        images_path = meta_path[: -len(".json")] + ".npy"
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            images = np.load(images_path, mmap_mode="r")
+        except (OSError, ValueError):
+            continue  # a part cut off by a kill: its samples are generated again
+        if images.dtype != np.uint8 or images.shape != (len(meta["indices"]), *image_shape):
+            continue
+        for row, (index, label) in enumerate(zip(meta["indices"], meta["labels"])):
+            finished[index] = (images_path, row, label)
+    return finished
+
+
+def write_npz(path, finished, num_samples, image_shape, chunk=1024):
+    """Stream the parts into an uncompressed .npz (what np.savez writes) in index order without
+    holding all images in memory: 50,000 images of 512x512 are 39 GB."""
+    load = functools.lru_cache(maxsize=16)(np.load)
+    labels = np.array([finished[i][2] for i in range(num_samples)], dtype=np.int64)
+    with atomic_path(path, overwrite=False) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                        "shape": (num_samples, *image_shape)})
+                for start in range(0, num_samples, chunk):
+                    rows = [load(finished[i][0])[finished[i][1]] for i in range(start, min(start + chunk, num_samples))]
+                    f.write(np.ascontiguousarray(np.stack(rows)).tobytes())
+            with archive.open("labels.npy", "w") as f:
+                np.lib.format.write_array(f, labels)
+
+
+def assemble(parts_dir, final_path, num_samples, image_shape, keep_parts=False):
+    """The final .npz from the finished parts (rank 0, after every rank finished)."""
+    finished = read_parts(parts_dir, image_shape)
+    missing = [i for i in range(num_samples) if i not in finished]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} samples are missing from {parts_dir} (first: {missing[:5]}); "
+                         f"run again with --resume")
+    write_npz(final_path, finished, num_samples, image_shape)
+    if not keep_parts:  # the .npz holds everything; the parts would double the disk use
+        shutil.rmtree(parts_dir)
+
+
+# ----------------------------------------------------------------------- planning (rank 0)
+def plan_run(args, run_dir, final_path, settings, image_shape):
+    """What is left to sample: ("done", None) when the final .npz exists and --resume was given,
+    else ("todo", sorted missing indices). Raises SystemExit on anything that would overwrite or
+    mix results."""
+    parts_dir = os.path.join(run_dir, "parts")
+    if os.path.exists(final_path):
+        if args.resume:
+            return "done", None
+        raise SystemExit(f"error: {final_path} already exists; remove it (or pass another --sample-dir) to sample again")
+    settings_path = os.path.join(run_dir, "settings.json")
+    finished = read_parts(parts_dir, image_shape) if os.path.isdir(parts_dir) else {}
+    if os.path.isfile(settings_path):
+        if not args.resume and finished:
+            raise SystemExit(f"error: {parts_dir} holds {len(finished)} samples of an unfinished run; pass --resume "
+                             f"to continue it or remove {run_dir}")
+        with open(settings_path) as f:
+            previous = json.load(f)
+        changed = [key for key in IDENTITY_KEYS if previous.get(key) != settings[key]]
+        if finished and changed:
+            details = ", ".join(f"{key} {previous.get(key)!r} -> {settings[key]!r}" for key in changed)
+            raise SystemExit(f"error: cannot resume {run_dir}: its samples were made with other settings "
+                             f"({details}); use the same flags or remove the folder")
+    os.makedirs(parts_dir, exist_ok=True)
+    atomic_write_json(settings_path, settings)
+    return "todo", [i for i in range(args.num_fid_samples) if i not in finished]
+
+
+def main(args):
+    """Sample --num-fid-samples images over all ranks and write them as one .npz."""
+    ctx = setup_distributed()
+    if ctx.device.type == "cuda":  # TF32 (the original's default) is fast on A100+; --no-tf32 for full fp32
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    else:  # CPU kernels round differently with other thread counts: a fixed count keeps images world-size free
+        torch.set_num_threads(args.cpu_threads)
+    if args.cfg_scale < 1.0:
+        raise SystemExit(f"error: --cfg-scale must be >= 1.0 (1.0 = no guidance), got {args.cfg_scale}")
+    if min(args.num_fid_samples, args.per_proc_batch_size, args.cpu_threads) <= 0 or args.global_seed < 0:
+        raise SystemExit("error: --num-fid-samples, --per-proc-batch-size and --cpu-threads must be positive, "
+                         "--global-seed >= 0")
+    if args.sampler == "ddpm" and args.ddim_eta != 0.0:
+        raise SystemExit("error: --ddim-eta is for --sampler ddim")
+    ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
+    amp_dtype = resolve_precision(args.precision, ctx.device)
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    name = run_name(args.model, args.ckpt, args.image_size, args.vae, args.cfg_scale, args.global_seed,
+                    args.num_sampling_steps, args.sampler, precision)
+    run_dir = os.path.join(args.sample_dir, name)
+    final_path = f"{run_dir}.npz"
+    image_shape = (args.image_size, args.image_size, 3)
+    settings = {key: getattr(args, key) for key in IDENTITY_KEYS}
+    settings.update(ckpt=os.path.abspath(ckpt), precision=precision, tf32=bool(args.tf32))
+
+    # rank 0 decides (and creates folders); every rank gets the same plan or the same error
+    plan = None
+    if ctx.is_main:
+        try:
+            plan = plan_run(args, run_dir, final_path, settings, image_shape)
+        except SystemExit as error:
+            plan = ("error", str(error))
+    status, todo = broadcast_object(plan, ctx)
+    if status == "error":
+        cleanup_distributed()
+        raise SystemExit(todo)
+    logger = create_logger(run_dir if status == "todo" else None, ctx.is_main, name="sample_ddp")
+    if status == "done":
+        logger.info(f"{final_path} is already complete; nothing to do")
+        cleanup_distributed()
+        return
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), ctx.is_main)
+    if ctx.is_main:
+        atomic_write_json(os.path.join(run_dir, "args.json" if len(todo) == args.num_fid_samples else
+                                       f"args-resume-{time.strftime('%Y%m%d-%H%M%S')}.json"), vars(args))
+    logger.info(f"{args.num_fid_samples - len(todo)} of {args.num_fid_samples} samples already done; sampling "
+                f"{len(todo)} on {ctx.world_size} rank(s) x {args.per_proc_batch_size} ({ctx.backend}) into {run_dir}")
+
+    model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
+                           use_ema=not args.no_ema, groups=args.groups)
+    model = model.to(ctx.device).eval().requires_grad_(False)
+    vae = load_vae(args.vae, args.vae_path, ctx.device)
+    diffusion = create_diffusion(str(args.num_sampling_steps))
+
+    # global batch k covers todo[k*G:(k+1)*G], G = world size x per-proc batch; rank r takes its slice
+    batch = args.per_proc_batch_size
+    global_batch = batch * ctx.world_size
+    parts_dir = os.path.join(run_dir, "parts")
+    steps = range(0, len(todo), global_batch)
+    start_time, made = time.time(), 0
+    for step in tqdm(steps, desc="sampling batches", disable=not ctx.is_main):
+        indices = todo[step + ctx.rank * batch: step + (ctx.rank + 1) * batch]
+        if not indices:
+            continue
+        labels = sample_labels(args.global_seed, indices, args.num_classes)
+        generators = [sample_generator(args.global_seed, i) for i in indices]
+        images = generate(model, diffusion, labels, generators, args.cfg_scale, args.sampler, args.ddim_eta, vae,
+                          amp_dtype=amp_dtype, pad_to=batch)
+        images = to_uint8_nhwc(images).numpy()
+        if args.save_png:  # before the part: a finished part implies its PNGs are complete
+            for index, image in zip(indices, images):
+                Image.fromarray(image).save(os.path.join(run_dir, f"{index:06d}.png"))
+        write_part(parts_dir, indices, labels.tolist(), images)
+        made += len(indices)
+        rate = made / (time.time() - start_time)
+        metrics.write(step=step // global_batch, rank0_images=made, rank0_images_per_sec=rate)
+    elapsed = time.time() - start_time
+    logger.info(f"rank 0 sampled {made} images in {elapsed:.1f}s ({made / max(elapsed, 1e-9):.2f} images/s per rank)")
+
+    barrier()
+    error = None
+    if ctx.is_main:  # the other ranks wait for the outcome, so an error never leaves them hanging
+        try:
+            assemble(parts_dir, final_path, args.num_fid_samples, image_shape, args.keep_parts)
+            logger.info(f"saved {final_path}: arr_0 ({args.num_fid_samples}, {', '.join(map(str, image_shape))}) "
+                        f"uint8 and labels")
+        except (SystemExit, OSError) as failure:
+            error = str(failure)
+    error = broadcast_object(error, ctx)
+    cleanup_distributed()
+    if error:
+        raise SystemExit(error)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    add_model_args(parser)
+    parser.add_argument("--sample-dir", type=str, default="samples")
+    parser.add_argument("--per-proc-batch-size", type=int, default=32)
+    parser.add_argument("--num-fid-samples", type=int, default=50_000)
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="1.0 = no guidance (one model pass per step)")
+    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--global-seed", type=int, default=0, help="sample i uses seeds derived from (this, i)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matmuls on Ampere+ GPUs: faster, as the original; --no-tf32 for full fp32")
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    parser.add_argument("--ddim-eta", type=float, default=0.0)
+    add_precision_arg(parser)
+    parser.set_defaults(precision="fp32")  # FID numbers are comparable to the original's fp32 sampling
+    parser.add_argument("--save-png", action="store_true", help="also write {index:06d}.png into the run folder")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run (keep its finished parts)")
+    parser.add_argument("--cpu-threads", type=int, default=1,
+                        help="intra-op threads per rank on CPU (use one rank per core instead: images are bit-identical "
+                             "for any world size only at a fixed thread count)")
+    parser.add_argument("--keep-parts", action="store_true", help="keep the part files after the .npz is written")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

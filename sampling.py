@@ -1,0 +1,159 @@
+"""Image generation shared by sample.py and sample_ddp.py.
+
+Sample i is a function of (seed, i) alone: its class label, its initial noise x_T and every
+per-step DDPM/DDIM noise draw come from generators seeded by (seed, i), drawn on the CPU and
+moved to the device. So the images do not depend on the batch they are generated in, on the
+number of ranks, or on where an interrupted run resumed.
+
+The rows of a batch do not interact in a DiT or the VAE, but the BLAS/conv kernels that compute
+them are chosen by the batch size, and different kernels round differently (measured on this
+CPU: rows of a Linear agree bit for bit for batch sizes 4, 8 and >= 12 and differ in the last
+bits for 1-3, 5-7, 9-11; the VAE decoder behaves alike). `generate` therefore pads every batch to
+`pad_to` rows rounded up to a multiple of ROW_MULTIPLE, so a fixed per-process batch gives
+bit-identical images on any number of ranks, and different batch sizes give identical images
+on CPUs like this one.
+"""
+import os
+
+import numpy as np
+import torch
+
+from cli import autocast
+from vae import decode
+
+DIT_CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-{size}x{size}.pt"
+ROW_MULTIPLE = 4
+NOISE_STREAM, LABEL_STREAM = 0, 1  # independent random streams of one sample
+SAMPLERS = ("ddpm", "ddim")
+
+
+# ----------------------------------------------------------------------- checkpoints
+def resolve_checkpoint(ckpt, model_name, image_size):
+    """The checkpoint to load. Without --ckpt the original downloads DiT-XL-2-{size}x{size}.pt
+    into pretrained_models/; offline we use a copy already there (or in pretrained/) and
+    otherwise say exactly what to download."""
+    if ckpt:
+        return ckpt
+    file_name = f"DiT-XL-2-{image_size}x{image_size}.pt"
+    if model_name == "DiT-XL/2" and image_size in (256, 512):
+        for folder in ("pretrained_models", "pretrained"):
+            if os.path.isfile(os.path.join(folder, file_name)):
+                return os.path.join(folder, file_name)
+        raise SystemExit(f"error: no --ckpt given and the released weights cannot be downloaded here; "
+                         f"download {DIT_CHECKPOINT_URL.format(size=image_size)} into pretrained/ "
+                         f"and pass --ckpt pretrained/{file_name}")
+    raise SystemExit(f"error: --ckpt is required for --model {model_name} at --image-size {image_size} (only "
+                     f"DiT-XL/2 at 256/512 has released weights: {DIT_CHECKPOINT_URL.format(size=256)}); "
+                     f"pass --ckpt with your trained or pruned checkpoint")
+
+
+# ----------------------------------------------------------------------- per-sample seeds
+def sample_seed(global_seed, index, stream=NOISE_STREAM):
+    """A 63-bit seed for sample `index` of a run seeded with `global_seed`. SeedSequence hashes
+    the tuple, so neighbouring (seed, index) pairs give unrelated streams."""
+    if global_seed < 0 or index < 0:
+        raise ValueError(f"seeds and sample indices must be >= 0, got seed {global_seed} index {index}")
+    low, high = np.random.SeedSequence([global_seed, index, stream]).generate_state(2, dtype=np.uint32)
+    return int((int(high) << 32 | int(low)) & (2 ** 63 - 1))
+
+
+def sample_generator(global_seed, index, stream=NOISE_STREAM):
+    """CPU generator of sample `index` (noise is drawn on the CPU so a GPU run draws the same)."""
+    return torch.Generator(device="cpu").manual_seed(sample_seed(global_seed, index, stream))
+
+
+def sample_labels(global_seed, indices, num_classes):
+    """Random class labels, the one of sample i drawn from its own label stream (sample_ddp)."""
+    labels = [torch.randint(num_classes, (1,), generator=sample_generator(global_seed, int(i), LABEL_STREAM))
+              for i in indices]
+    return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+
+
+def draw_rows(generators, row_shape, pad_rows=0):
+    """(len(generators) + pad_rows, *row_shape) float32 CPU tensor: row i from generators[i],
+    padding rows zero (they are thrown away)."""
+    rows = [torch.randn(row_shape, generator=g) for g in generators]
+    rows += [torch.zeros(row_shape)] * pad_rows
+    return torch.stack(rows)
+
+
+def padded_rows(rows, pad_to=0):
+    """Rows a batch of `rows` samples is computed with: at least pad_to, a multiple of ROW_MULTIPLE."""
+    target = max(rows, pad_to)
+    return -(-target // ROW_MULTIPLE) * ROW_MULTIPLE
+
+
+# ----------------------------------------------------------------------- generation
+@torch.no_grad()
+def generate(model, diffusion, labels, generators, cfg_scale=1.0, sampler="ddpm", eta=0.0, vae=None,
+             amp_dtype=torch.float32, pad_to=0, progress=False, guide_all_channels=False):
+    """Sample one image per label and return them decoded: float (B, 3, H, W) in about [-1, 1]
+    on the model's device (clamp / convert with vae.to_uint8_nhwc).
+
+    generators[i] (one per label, e.g. sample_generator(seed, i)) draws x_T of row i and then
+    its noise of every step. cfg_scale > 1 runs model.forward_with_cfg on [x; x] with labels
+    [y; null class]; cfg_scale == 1 is the plain conditional model, one forward per step.
+    clip_denoised=False as in DiT. The batch is padded to padded_rows(len(labels), pad_to)
+    rows (see the module docstring); padding rows are dropped from the result."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    if len(generators) != len(labels):
+        raise ValueError(f"need one generator per label, got {len(generators)} generators for {len(labels)} labels")
+    if cfg_scale < 0:
+        raise ValueError(f"cfg scale must be >= 0 (1.0 = no guidance), got {cfg_scale}")
+    if len(labels) == 0:
+        raise ValueError("generate needs at least one label")
+    device = next(model.parameters()).device
+    rows = len(labels)
+    pad = padded_rows(rows, pad_to) - rows
+    shape = (model.in_channels, model.input_size, model.input_size)
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    if rows and (labels.min() < 0 or labels.max() >= model.num_classes):
+        raise ValueError(f"class labels must lie in [0, {model.num_classes}), got {labels.tolist()}")
+    y = torch.cat([labels, torch.zeros(pad, dtype=torch.long)]).to(device)
+    x_start = draw_rows(generators, shape, pad)
+    guided = cfg_scale != 1.0
+    copies = 2 if guided else 1
+    if guided:
+        # the unconditional half only feeds forward_with_cfg's second pass: it reads x[:B] for
+        # both halves, so the second half of the state (and of its noise) is never used
+        y = torch.cat([y, torch.full_like(y, model.num_classes)])
+
+    def noise_fn(like):
+        return draw_rows(generators, shape, pad).repeat(copies, 1, 1, 1).to(like.device, like.dtype)
+
+    def model_fn(x, t, y):
+        with autocast(amp_dtype, device):
+            if guided:
+                out = model.forward_with_cfg(x, t, y, cfg_scale, guide_all_channels=guide_all_channels)
+            else:
+                out = model(x, t, y)
+        return out.float()
+
+    loop_kwargs = dict(noise=x_start.repeat(copies, 1, 1, 1).to(device), clip_denoised=False,
+                       model_kwargs=dict(y=y), device=device, progress=progress, noise_fn=noise_fn)
+    if sampler == "ddpm":
+        latents = diffusion.p_sample_loop(model_fn, (len(y), *shape), **loop_kwargs)
+    else:
+        latents = diffusion.ddim_sample_loop(model_fn, (len(y), *shape), eta=eta, **loop_kwargs)
+    latents = latents[: rows + pad]
+    images = decode(vae, latents.float()) if vae is not None else latents
+    return images[:rows]
+
+
+# ----------------------------------------------------------------------- naming
+def run_name(model_name, ckpt, image_size, vae, cfg_scale, global_seed, num_sampling_steps=250,
+             sampler="ddpm", precision="fp32"):
+    """The original sample_ddp.py folder name `{model}-{ckpt}-size-{size}-vae-{vae}-cfg-{cfg}-seed-{seed}`
+    (ckpt "pretrained" without --ckpt); settings the original did not have are appended only
+    when they differ from its behaviour, so two different sample sets never share a name."""
+    ckpt_name = os.path.basename(ckpt).replace(".pt", "") if ckpt else "pretrained"
+    vae_name = vae if vae in ("ema", "mse", "none") else os.path.basename(os.path.normpath(str(vae)))
+    name = f"{model_name.replace('/', '-')}-{ckpt_name}-size-{image_size}-vae-{vae_name}-cfg-{cfg_scale}-seed-{global_seed}"
+    if num_sampling_steps != 250:
+        name += f"-steps-{num_sampling_steps}"
+    if sampler != "ddpm":
+        name += f"-{sampler}"
+    if precision != "fp32":
+        name += f"-{precision}"
+    return name

@@ -1,0 +1,332 @@
+"""Tests for sampling.py, sample.py and sample_ddp.py.
+
+The models are tiny DiTs whose weights make sampling well behaved (see `tame_dit`), so the
+images are mostly inside [-1, 1] and a wrong bit shows up in the uint8 output instead of
+disappearing in saturated pixels."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import sample_ddp
+from checkpoints import save_pruned_model
+from diffusion import create_diffusion, per_sample_noise_fn
+from models import DiT_models
+from sampling import (DIT_CHECKPOINT_URL, generate, padded_rows, resolve_checkpoint, run_name, sample_generator,
+                      sample_labels, sample_seed)
+from training_helpers import ROOT, torchrun
+from vae import to_uint8_nhwc
+
+STEPS = 5
+NUM_CLASSES = 10
+PIXEL_FLAGS = ["--model", "DiT-XS/4", "--image-size", "8", "--vae", "none", "--num-classes", str(NUM_CLASSES),
+               "--num-sampling-steps", str(STEPS)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and sample_ddp on CPU uses one per rank anyway)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tame_dit(model_name="DiT-XS/4", input_size=8, in_channels=3, depth=2, seed=0):
+    """A random DiT that predicts roughly the noise of data near 0: patch embedding with
+    orthonormal zero-mean columns Q, the final Linear maps back with Q^T (so after the final
+    LayerNorm eps_pred ~ x_t rescaled to unit RMS per patch), no position embedding, and small
+    random adaLN weights so that time and label still change the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the same weights every time, global RNG untouched
+        torch.manual_seed(seed)
+        model = DiT_models[model_name](input_size=input_size, in_channels=in_channels, num_classes=NUM_CLASSES,
+                                       depth=depth).eval()
+    hidden, patch, channels = model.hidden_size, model.patch_size, model.in_channels
+    dim = channels * patch * patch
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("blocks.") and "adaLN_modulation" in name:
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+        columns = torch.randn(hidden, dim, generator=generator)
+        q, _ = torch.linalg.qr(columns - columns.mean(0, keepdim=True))  # zero-mean: LayerNorm keeps the scale
+        model.x_embedder.proj.weight.copy_(q.reshape(hidden, channels, patch, patch))
+        model.x_embedder.proj.bias.zero_()
+        model.pos_embed.zero_()
+        out = torch.zeros(patch * patch * model.out_channels, hidden)
+        for c in range(channels):  # unpatchify reads rows in (row, col, channel) order; the conv is (channel, row, col)
+            for i in range(patch):
+                for j in range(patch):
+                    out[(i * patch + j) * model.out_channels + c] = q[:, (c * patch + i) * patch + j] * (dim / hidden) ** 0.5
+        model.final_layer.linear.weight.copy_(out)
+        model.final_layer.linear.bias.zero_()
+    return model
+
+
+def save_tame_checkpoint(path, **kwargs):
+    model = tame_dit(**kwargs)
+    save_pruned_model(model, path, {"kept_indices": list(range(model.depth)), "method": "test"})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pixel_ckpt(tmp_path_factory):
+    return save_tame_checkpoint(tmp_path_factory.mktemp("ckpt") / "tame-xs4.pt")
+
+
+def seeded(indices, seed=0):
+    return [sample_generator(seed, i) for i in indices]
+
+
+def ddp_main(*flags):
+    return sample_ddp.main(sample_ddp.parse_args([*PIXEL_FLAGS, *flags]))
+
+
+def load_npz(path):
+    with np.load(path) as data:
+        return data["arr_0"], data["labels"]
+
+
+# ----------------------------------------------------------------------- sampling.py
+def test_run_name_follows_the_original():
+    assert run_name("DiT-XL/2", None, 256, "ema", 1.5, 0) == "DiT-XL-2-pretrained-size-256-vae-ema-cfg-1.5-seed-0"
+    assert run_name("DiT-D14/2", "outputs/D14-Learned-Finetuning/checkpoints/0500000.pt", 256, "mse", 1.0, 3) == \
+        "DiT-D14-2-0500000-size-256-vae-mse-cfg-1.0-seed-3"
+    # settings the original lacked only appear when they differ from its fixed behaviour
+    assert run_name("DiT-XS/4", "a/b.pt", 8, "none", 1.5, 0, 50, "ddim", "bf16") == \
+        "DiT-XS-4-b-size-8-vae-none-cfg-1.5-seed-0-steps-50-ddim-bf16"
+
+
+def test_missing_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="DiT-XL-2-512x512.pt into pretrained/ and pass --ckpt"):
+        resolve_checkpoint(None, "DiT-XL/2", 512)
+    with pytest.raises(SystemExit, match="--ckpt is required for --model DiT-D14/2"):
+        resolve_checkpoint(None, "DiT-D14/2", 256)
+    # the original downloads into pretrained_models/: a copy there is used as it would be
+    os.makedirs("pretrained_models")
+    open("pretrained_models/DiT-XL-2-256x256.pt", "wb").close()
+    assert resolve_checkpoint(None, "DiT-XL/2", 256) == os.path.join("pretrained_models", "DiT-XL-2-256x256.pt")
+    # both scripts fail before building anything
+    with pytest.raises(SystemExit, match=DIT_CHECKPOINT_URL.format(size=512).replace(".", r"\.")):
+        sample.main(sample.parse_args(["--image-size", "512"]))
+    with pytest.raises(SystemExit, match="--ckpt is required"):
+        ddp_main("--sample-dir", str(tmp_path / "samples"))
+    assert not os.path.exists(tmp_path / "samples")
+
+
+def test_per_sample_seeds_and_labels():
+    assert sample_seed(0, 5) == sample_seed(0, 5)
+    assert len({sample_seed(s, i, k) for s in range(3) for i in range(50) for k in range(2)}) == 300
+    labels = sample_labels(7, range(200), NUM_CLASSES)
+    assert labels.dtype == torch.long and labels.min() >= 0 and labels.max() < NUM_CLASSES
+    assert len(set(labels.tolist())) == NUM_CLASSES  # all classes show up in 200 draws
+    assert sample_labels(7, [123], NUM_CLASSES).item() == labels[123].item()
+    assert [padded_rows(n, pad) for n, pad in [(1, 0), (4, 0), (5, 0), (3, 6), (9, 2)]] == [4, 4, 8, 8, 12]
+
+
+@pytest.mark.parametrize("sampler, eta, cfg_scale", [("ddpm", 0.0, 1.5), ("ddim", 1.0, 1.0)])
+def test_images_do_not_depend_on_batch_composition(sampler, eta, cfg_scale):
+    model = tame_dit()
+    diffusion = create_diffusion(str(STEPS))
+    labels = sample_labels(0, range(6), NUM_CLASSES)
+
+    def run(indices, pad_to=0):
+        return generate(model, diffusion, labels[indices], seeded(indices), cfg_scale, sampler, eta, pad_to=pad_to)
+
+    together = run(list(range(6)))
+    in_halves = torch.cat([run([0, 1, 2], pad_to=3), run([3, 4, 5], pad_to=3)])
+    reversed_order = run([5, 4, 3, 2, 1, 0], pad_to=7).flip(0)
+    assert torch.equal(together, in_halves) and torch.equal(together, reversed_order)
+    assert 0.1 < together.abs().median() < 2  # not a degenerate all-zero or saturated output
+    assert not torch.equal(together[0], together[1])
+
+
+def reference_loop(model, labels, seed, cfg_scale, steps=STEPS):
+    """DDPM through the diffusion package's own loop and per-sample noise helper, with
+    classifier-free guidance computed by hand from two separate model calls."""
+    diffusion = create_diffusion(str(steps))
+    shape = (len(labels), model.in_channels, model.input_size, model.input_size)
+    generators = seeded(range(len(labels)), seed)
+    x_start = torch.stack([torch.randn(shape[1:], generator=g) for g in generators])  # x_T is each stream's first draw
+    null = torch.full_like(labels, NUM_CLASSES)
+
+    def guided(x, t, y):
+        cond, uncond = model(x, t, y), model(x, t, null)
+        eps = uncond[:, :3] + cfg_scale * (cond[:, :3] - uncond[:, :3])
+        return torch.cat([eps, cond[:, 3:]], dim=1)
+
+    with torch.no_grad():
+        return diffusion.p_sample_loop(guided, shape, noise=x_start, clip_denoised=False, model_kwargs=dict(y=labels),
+                                       noise_fn=per_sample_noise_fn(generators))
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
+def test_generate_matches_an_independent_guided_loop(cfg_scale):
+    model = tame_dit(model_name="DiT-XS/2", input_size=4, in_channels=4)  # 4 channels: the 4th is not guided
+    labels = torch.tensor([3, 1, 4, 1])
+    ours = generate(model, create_diffusion(str(STEPS)), labels, seeded(range(4), seed=9), cfg_scale)
+    expected = reference_loop(model, labels, seed=9, cfg_scale=cfg_scale)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cfg_one_is_one_plain_forward_per_step():
+    model = tame_dit()
+    calls, forward = [], model.forward
+
+    def counting_forward(x, t, y, **kwargs):  # forward_with_cfg calls self.forward, so hooks would miss it
+        calls.append(y.clone())
+        return forward(x, t, y, **kwargs)
+    model.forward = counting_forward
+    diffusion = create_diffusion(str(STEPS))
+    labels = torch.tensor([2, 7, 7])
+    generate(model, diffusion, labels, seeded(range(3)), cfg_scale=1.0)
+    assert len(calls) == STEPS and all(y.tolist() == [2, 7, 7, 0] for y in calls)  # one padding row
+    calls.clear()
+    generate(model, diffusion, labels, seeded(range(3)), cfg_scale=1.5)
+    assert len(calls) == STEPS and all(y.tolist() == [2, 7, 7, 0] + [NUM_CLASSES] * 4 for y in calls)
+
+
+# ----------------------------------------------------------------------- sample_ddp.py
+def test_part_files_and_streamed_npz(tmp_path):
+    parts = str(tmp_path / "parts")
+    os.makedirs(parts)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 8, 8, 3), dtype=np.uint8)
+    for indices in ([4, 5, 6], [0, 2], [1, 3]):  # out of order and interleaved, as after a resume
+        sample_ddp.write_part(parts, indices, [10 * i for i in indices], images[indices])
+    np.save(os.path.join(parts, "00000100.npy"), images[:2])  # killed before its json: not finished
+    with open(os.path.join(parts, "00000200.json"), "w") as f:  # json of a cut-off images file
+        json.dump({"indices": [7, 8], "labels": [0, 0]}, f)
+    with open(os.path.join(parts, "00000200.npy"), "wb") as f:
+        f.write(b"\x93NUMPY")
+    finished = sample_ddp.read_parts(parts, (8, 8, 3))
+    assert sorted(finished) == list(range(7))
+    out = str(tmp_path / "out.npz")
+    sample_ddp.write_npz(out, finished, 7, (8, 8, 3), chunk=3)
+    arr, labels = load_npz(out)
+    assert arr.dtype == np.uint8 and np.array_equal(arr, images) and labels.tolist() == [0, 10, 20, 30, 40, 50, 60]
+    with pytest.raises(FileExistsError):
+        sample_ddp.write_npz(out, finished, 7, (8, 8, 3))
+
+
+def test_sample_ddp_npz_resume_and_no_silent_overwrite(tmp_path, pixel_ckpt):
+    num = 10
+    reference_dir = str(tmp_path / "reference")
+    ddp_main("--ckpt", pixel_ckpt, "--num-fid-samples", str(num), "--per-proc-batch-size", "4",
+             "--sample-dir", reference_dir)
+    (final,) = glob.glob(os.path.join(reference_dir, "*.npz"))
+    assert os.path.basename(final) == f"DiT-XS-4-tame-xs4-size-8-vae-none-cfg-1.5-seed-0-steps-{STEPS}.npz"
+    arr, labels = load_npz(final)
+    assert arr.shape == (num, 8, 8, 3) and arr.dtype == np.uint8
+    assert labels.tolist() == sample_labels(0, range(num), NUM_CLASSES).tolist()
+    assert ((arr > 0) & (arr < 255)).mean() > 0.3  # mostly unsaturated: the comparisons below mean something
+    run_dir = final[: -len(".npz")]
+    assert not os.path.exists(os.path.join(run_dir, "parts"))  # the .npz holds everything
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert records[-1]["rank0_images"] == num and records[-1]["rank0_images_per_sec"] > 0
+
+    # a finished run is never overwritten; --resume on it does nothing
+    before = os.stat(final).st_mtime_ns
+    with pytest.raises(SystemExit, match="already exists"):
+        ddp_main("--ckpt", pixel_ckpt, "--num-fid-samples", str(num), "--sample-dir", reference_dir)
+    ddp_main("--ckpt", pixel_ckpt, "--num-fid-samples", str(num), "--sample-dir", reference_dir, "--resume")
+    assert os.stat(final).st_mtime_ns == before
+
+    # an interrupted run: the final file and two parts are missing, one part lost its json
+    other_dir = str(tmp_path / "interrupted")
+    ddp_main("--ckpt", pixel_ckpt, "--num-fid-samples", str(num), "--per-proc-batch-size", "3",
+             "--sample-dir", other_dir, "--keep-parts")
+    other_final = glob.glob(os.path.join(other_dir, "*.npz"))[0]
+    os.remove(other_final)
+    part_files = sorted(glob.glob(os.path.join(other_final[:-4], "parts", "*.json")))
+    os.remove(part_files[1])
+    os.remove(part_files[3].replace(".json", ".npy"))
+    with pytest.raises(SystemExit, match="pass --resume"):
+        ddp_main("--ckpt", pixel_ckpt, "--num-fid-samples", str(num), "--sample-dir", other_dir)
+    with pytest.raises(SystemExit, match="no_ema False -> True"):  # other weights, other images: never mixed
+        ddp_main("--ckpt", pixel_ckpt, "--num-fid-samples", str(num), "--sample-dir", other_dir, "--resume", "--no-ema")
+    ddp_main("--ckpt", pixel_ckpt, "--num-fid-samples", str(num), "--per-proc-batch-size", "2",
+             "--sample-dir", other_dir, "--resume")
+    resumed, resumed_labels = load_npz(other_final)
+    assert np.array_equal(resumed, arr) and np.array_equal(resumed_labels, labels)
+
+
+def test_sample_ddp_two_ranks_match_one(tmp_path, pixel_ckpt):
+    """Acceptance: 2 gloo ranks x 3 per process give the same arr_0 as 1 rank x 4."""
+    common = [*PIXEL_FLAGS, "--ckpt", pixel_ckpt, "--num-fid-samples", "9"]
+    ddp_main("--ckpt", pixel_ckpt, "--num-fid-samples", "9", "--per-proc-batch-size", "4",
+             "--sample-dir", str(tmp_path / "one"))
+    result = torchrun("sample_ddp.py", [*common, "--per-proc-batch-size", "3", "--sample-dir", str(tmp_path / "two"),
+                                        "--save-png"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, one_labels = load_npz(glob.glob(str(tmp_path / "one" / "*.npz"))[0])
+    (two_path,) = glob.glob(str(tmp_path / "two" / "*.npz"))
+    two, two_labels = load_npz(two_path)
+    assert np.array_equal(one, two) and np.array_equal(one_labels, two_labels)
+    # --save-png writes the same pixels as {index:06d}.png (the original layout, readable by save_npz.py)
+    pngs = sorted(glob.glob(os.path.join(two_path[:-4], "*.png")))
+    assert [os.path.basename(p) for p in pngs] == [f"{i:06d}.png" for i in range(9)]
+    assert np.array_equal(np.stack([np.asarray(Image.open(p)) for p in pngs]), one)
+
+
+# ----------------------------------------------------------------------- sample.py
+def test_sample_py_grid_with_a_latent_model(tmp_path):
+    from tiny_vae import make_tiny_vae
+    vae_dir = make_tiny_vae(str(tmp_path / "vae"))
+    ckpt = save_tame_checkpoint(tmp_path / "latent.pt", model_name="DiT-XS/2", input_size=4, in_channels=4)
+    out = str(tmp_path / "grid.png")
+    labels = [3, 1, 4, 1, 5]
+    sample.main(sample.parse_args(["--model", "DiT-XS/2", "--image-size", "32", "--vae", "ema", "--vae-path", vae_dir,
+                                   "--num-classes", "10", "--ckpt", ckpt, "--num-sampling-steps", str(STEPS),
+                                   "--seed", "5", "--class-labels", *map(str, labels), "--out", out]))
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * 34 + 2, 4 * 34 + 2, 3)  # torchvision grid: 4 columns, 2-pixel padding
+    # the tiles are the images of seeds (5, i), decoded by the VAE: same pixels as sample_ddp's uint8 conversion
+    from checkpoints import build_model
+    from vae import load_vae
+    model, _ = build_model("DiT-XS/2", 32, 10, "ema", vae_dir, ckpt=ckpt)
+    images = generate(model.eval(), create_diffusion(str(STEPS)), labels, seeded(range(5), seed=5), 4.0,
+                      vae=load_vae("ema", vae_dir))
+    expected = to_uint8_nhwc(images).numpy().astype(int)
+    for i in range(5):
+        row, col = divmod(i, 4)
+        tile = grid[2 + 34 * row: 34 + 34 * row, 2 + 34 * col: 34 + 34 * col].astype(int)
+        assert np.abs(tile - expected[i]).max() <= 1 and (tile == expected[i]).mean() > 0.99
+    assert grid[2 + 34: 34 + 34, 2 + 34: 34 + 34].max() == 0  # tile 6 is empty padding
+    assert len(np.unique(expected)) > 50
+
+
+@pytest.mark.slow
+def test_sample_ddp_killed_and_resumed_gives_the_same_file(tmp_path, pixel_ckpt):
+    """A real SIGKILL in the middle of a run, then --resume on 2 ranks with another batch size."""
+    num, flags = 48, [*PIXEL_FLAGS, "--ckpt", pixel_ckpt, "--num-sampling-steps", "20"]
+    ddp_main("--ckpt", pixel_ckpt, "--num-sampling-steps", "20", "--num-fid-samples", str(num),
+             "--per-proc-batch-size", "8", "--sample-dir", str(tmp_path / "reference"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    command = [sys.executable, os.path.join(ROOT, "sample_ddp.py"), *flags, "--num-fid-samples", str(num),
+               "--per-proc-batch-size", "2", "--sample-dir", str(tmp_path / "killed")]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(glob.glob(str(tmp_path / "killed" / "*" / "parts" / "*.json"))) < 3 and time.time() < deadline:
+        assert process.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not glob.glob(str(tmp_path / "killed" / "*.npz"))
+    result = torchrun("sample_ddp.py", [*flags, "--num-fid-samples", str(num), "--per-proc-batch-size", "5",
+                                        "--sample-dir", str(tmp_path / "killed"), "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "samples already done" in result.stdout
+    reference = load_npz(glob.glob(str(tmp_path / "reference" / "*.npz"))[0])
+    resumed = load_npz(glob.glob(str(tmp_path / "killed" / "*.npz"))[0])
+    assert np.array_equal(reference[0], resumed[0]) and np.array_equal(reference[1], resumed[1])
