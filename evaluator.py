@@ -324,7 +324,7 @@ def reference_activations(ref_path, network, batch_size=64, cache=False, log=pri
 # ----------------------------------------------------------------------------------------
 
 def evaluate(ref_batch, sample_batch, network, batch_size=64, cache_ref_stats=False,
-             distance_dtype=torch.float32, fid_method="eigh", device=None, log=print):
+             distance_dtype=torch.float32, fid_method="fast", device=None, log=print):
     """All metrics of sample_batch against ref_batch as a dict (floats)."""
     ref = reference_activations(ref_batch, network, batch_size, cache_ref_stats, log)
     ref_stored = read_npz_statistics(ref_batch) if network.uses_npz_statistics else None
@@ -418,8 +418,8 @@ if __name__ == "__main__":
                         help="store/reuse reference activations and statistics in a sidecar .npz next to ref_batch")
     parser.add_argument("--exact-distances", action="store_true",
                         help="float64 k-NN distances for precision/recall (default float32)")
-    parser.add_argument("--fid-method", choices=["eigh", "sqrtm"], default="eigh",
-                        help="tr sqrtm(s1 s2) via symmetric eigendecompositions (fast) or scipy sqrtm (ADM's algorithm)")
+    parser.add_argument("--fid-method", choices=["fast", "sqrtm"], default="fast",
+                        help="tr sqrtm(s1 s2) via Cholesky + symmetric eigenvalues (fast) or scipy sqrtm (ADM's algorithm)")
     parser.add_argument("--device", type=str, default=None, help="torch device for distances / feature net (default: cuda if available)")
     parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")

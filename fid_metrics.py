@@ -7,11 +7,11 @@ serve the Inception graph (evaluator.py) and small TorchScript feature networks.
 Semantics follow guided-diffusion's evaluations/evaluator.py (see SPEC section 11); the
 implementation is faster where the maths allows it:
 - covariance with a symmetric rank-k BLAS update (half the flops of np.cov), in float64;
-- tr(sqrtm(s1 s2)) from two symmetric eigendecompositions instead of a general sqrtm
-  (method="sqrtm" keeps ADM's exact algorithm, eps retry and imaginary-part check);
+- tr(sqrtm(s1 s2)) from a Cholesky factor and symmetric eigenvalues instead of a general
+  sqrtm (method="sqrtm" keeps ADM's exact algorithm, eps retry and imaginary-part check);
 - pairwise distances as torch matmuls in 10,000 x 10,000 blocks, float32 by default
-  (ADM uses float16) with an exact float64 option, and a running k-smallest merge so a
-  row block never needs the full N-wide distance matrix.
+  (ADM uses float16) with an exact float64 option; k-NN radii keep a running k-smallest
+  merge (no N-wide distance rows) and compute each symmetric block once.
 """
 
 import warnings
@@ -52,17 +52,24 @@ def compute_statistics(activations, chunk_size=4096):
     return mu, np.ascontiguousarray(sigma)
 
 
-def _trace_sqrt_product_eigh(sigma1, sigma2):
-    # s1 s2 is similar to s1^1/2 s2 s1^1/2 (symmetric PSD), so tr(sqrtm(s1 s2)) is the sum
-    # of square roots of the latter's eigenvalues: two symmetric eigensolves instead of a
-    # Schur-based sqrtm of a non-symmetric matrix.
-    evals, evecs = scipy.linalg.eigh(sigma1, driver="evd")
-    scale = max(np.abs(evals).max(), np.finfo(np.float64).tiny)
-    if evals.min() < -1e-6 * scale:
-        raise ValueError(f"covariance is not positive semi-definite "
-                         f"(eigenvalue {evals.min():.3g}); pass covariances from compute_statistics")
-    sqrt_sigma1 = (evecs * np.sqrt(np.clip(evals, 0.0, None))) @ evecs.T
-    middle = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+def _trace_sqrt_product_fast(sigma1, sigma2):
+    """tr(sqrtm(s1 s2)) for PSD s1, s2 from symmetric eigenvalues only.
+
+    With s1 = L L^T (Cholesky), s1 s2 is similar to L^T s2 L, which is symmetric PSD, so
+    tr(sqrtm(s1 s2)) is the sum of the square roots of its eigenvalues: one Cholesky and
+    one eigenvalues-only solve instead of a Schur-based sqrtm of a non-symmetric matrix.
+    A singular s1 (Cholesky fails) uses s1^1/2 from an eigendecomposition instead.
+    """
+    try:
+        factor = scipy.linalg.cholesky(sigma1, lower=True)
+    except np.linalg.LinAlgError:
+        evals, evecs = scipy.linalg.eigh(sigma1, driver="evd")
+        scale = max(np.abs(evals).max(), np.finfo(np.float64).tiny)
+        if evals.min() < -1e-6 * scale:
+            raise ValueError(f"covariance is not positive semi-definite (eigenvalue {evals.min():.3g}); "
+                             f"pass covariances from compute_statistics")
+        factor = (evecs * np.sqrt(np.clip(evals, 0.0, None))) @ evecs.T
+    middle = factor.T @ sigma2 @ factor
     middle = 0.5 * (middle + middle.T)
     middle_evals = scipy.linalg.eigvalsh(middle, driver="evd")
     # Tiny negative eigenvalues are rounding noise; sqrtm would turn them into the small
@@ -87,10 +94,11 @@ def _trace_sqrt_product_sqrtm(sigma1, sigma2, eps):
     return float(np.trace(covmean))
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method="eigh"):
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method="fast"):
     """|mu1-mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)).
 
-    method="eigh" (default, fast, exact for PSD covariances) or "sqrtm" (ADM's algorithm:
+    method="fast" (default; Cholesky + symmetric eigenvalues, exact for PSD covariances) or
+    "sqrtm" (ADM's algorithm:
     scipy sqrtm, eps * I retry when not finite, error on a large imaginary part).
     """
     mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
@@ -104,12 +112,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method="eigh"):
         if not np.isfinite(value).all():
             raise ValueError(f"{name} has non-finite values; check the activations")
     diff = mu1 - mu2
-    if method == "eigh":
-        tr_covmean = _trace_sqrt_product_eigh(sigma1, sigma2)
+    if method == "fast":
+        tr_covmean = _trace_sqrt_product_fast(sigma1, sigma2)
     elif method == "sqrtm":
         tr_covmean = _trace_sqrt_product_sqrtm(sigma1, sigma2, eps)
     else:
-        raise ValueError(f"unknown Frechet distance method {method!r}; use 'eigh' or 'sqrtm'")
+        raise ValueError(f"unknown Frechet distance method {method!r}; use 'fast' or 'sqrtm'")
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
@@ -141,9 +149,12 @@ def inception_score_from_logits(logits, split_size=5000):
         raise ValueError(f"logits must be a non-empty (N, K) array, got shape {logits.shape}")
     scores = []
     for start in range(0, len(logits), split_size):
-        part = logits[start:start + split_size].astype(np.float64)
-        log_p = part - scipy.special.logsumexp(part, axis=1, keepdims=True)
-        p = np.exp(log_p)
+        shifted = logits[start:start + split_size].astype(np.float64)
+        shifted -= shifted.max(axis=1, keepdims=True)
+        exp = np.exp(shifted)
+        total = exp.sum(axis=1, keepdims=True)
+        p = exp / total
+        log_p = shifted - np.log(total)
         log_marginal = np.log(p.mean(axis=0, keepdims=True))
         kl = (p * (log_p - log_marginal)).sum(axis=1).mean()
         scores.append(np.exp(kl))
@@ -189,18 +200,26 @@ def manifold_radii(features, k=3, batch_size=10000, dtype=torch.float32, device=
     if num <= k:
         raise ValueError(f"need more than k={k} feature vectors for k-NN radii, got {num}")
     norms = (feats * feats).sum(dim=1)
-    radii = torch.empty(num, dtype=dtype, device=device)
-    for row_start in range(0, num, batch_size):
-        rows = feats[row_start:row_start + batch_size]
-        row_norms = norms[row_start:row_start + batch_size]
-        nearest = None  # (rows, k+1) smallest distances seen so far
-        for col_start in range(0, num, batch_size):
-            dists = _squared_distances(rows, row_norms, feats[col_start:col_start + batch_size],
-                                       norms[col_start:col_start + batch_size])
-            if nearest is not None:
-                dists = torch.cat([nearest, dists], dim=1)
-            nearest = torch.topk(dists, k + 1, dim=1, largest=False, sorted=True).values
-        radii[row_start:row_start + batch_size] = nearest[:, k]
+    starts = list(range(0, num, batch_size))
+    nearest = [None] * len(starts)  # per row block: (rows, <= k+1) smallest distances so far
+
+    def merge(current, candidates):
+        if current is not None:
+            candidates = torch.cat([current, candidates], dim=1)
+        keep = min(k + 1, candidates.shape[1])
+        return torch.topk(candidates, keep, dim=1, largest=False, sorted=True).values
+
+    # The distance matrix is symmetric: each off-diagonal block serves its rows and, transposed,
+    # its columns, so only the upper block triangle is computed.
+    for i, row_start in enumerate(starts):
+        rows = slice(row_start, row_start + batch_size)
+        for j in range(i, len(starts)):
+            cols = slice(starts[j], starts[j] + batch_size)
+            dists = _squared_distances(feats[rows], norms[rows], feats[cols], norms[cols])
+            nearest[i] = merge(nearest[i], dists)
+            if j != i:
+                nearest[j] = merge(nearest[j], dists.T)
+    radii = torch.cat([block[:, k] for block in nearest])
     return radii.cpu().double().numpy()
 
 

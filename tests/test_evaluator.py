@@ -16,7 +16,7 @@ import evaluator
 import fid_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ["eigh", "sqrtm"]
+METHODS = ["fast", "sqrtm"]
 
 
 def random_spd(rng, dim, scale=1.0):
@@ -53,6 +53,11 @@ def test_frechet_distance_diagonal_closed_form(method):
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
     fd = fid_metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method)
     assert fd == pytest.approx(expected, rel=1e-10)
+    # a zero variance makes the first covariance singular (no Cholesky factor)
+    a[3] = 0.0
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    fd = fid_metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method)
+    assert fd == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -60,9 +65,10 @@ def test_frechet_distance_general_spd(method):
     rng = np.random.default_rng(2)
     s1, s2 = random_spd(rng, 30), random_spd(rng, 30, 2.0)
     mu1, mu2 = rng.standard_normal(30), rng.standard_normal(30)
-    # Independent path: with s1 = L L^T, s1 s2 is similar to L^T s2 L (symmetric PSD).
-    chol = np.linalg.cholesky(s1)
-    tr_sqrt = np.sqrt(np.linalg.eigvalsh(chol.T @ s2 @ chol)).sum()
+    # Independent path: the eigenvalues of s1 s2 are real and positive; tr sqrtm = sum of roots.
+    eigenvalues = np.linalg.eigvals(s1 @ s2)
+    assert np.abs(eigenvalues.imag).max() < 1e-9 and eigenvalues.real.min() > 0
+    tr_sqrt = np.sqrt(eigenvalues.real).sum()
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
     assert fid_metrics.frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(expected, rel=1e-9)
     # Scaled covariance: FD(N(0, S), N(0, c^2 S)) = (1 - c)^2 tr(S)
@@ -83,14 +89,14 @@ def test_frechet_distance_self_zero_and_symmetric(method):
 
 
 def test_frechet_methods_agree_on_rank_deficient_covariances():
-    # Fewer samples than dims: both covariances are singular; the eigh path needs no eps.
+    # Fewer samples than dims: both covariances are singular; the fast path needs no eps.
     rng = np.random.default_rng(4)
     mx, sx = fid_metrics.compute_statistics(rng.standard_normal((20, 40)))
     my, sy = fid_metrics.compute_statistics(rng.standard_normal((25, 40)) + 0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exact = fid_metrics.frechet_distance(mx, sx, my, sy, method="sqrtm")
-    assert fid_metrics.frechet_distance(mx, sx, my, sy, method="eigh") == pytest.approx(exact, rel=1e-4)
+    assert fid_metrics.frechet_distance(mx, sx, my, sy, method="fast") == pytest.approx(exact, rel=1e-4)
 
 
 def test_sqrtm_method_retries_with_eps_when_not_finite(monkeypatch):
@@ -111,7 +117,7 @@ def test_sqrtm_method_retries_with_eps_when_not_finite(monkeypatch):
         fd = fid_metrics.frechet_distance(mu, s1, mu, s2, method="sqrtm")
     eye = np.eye(6) * 1e-6
     np.testing.assert_allclose(calls[1], (s1 + eye) @ (s2 + eye))
-    expected = fid_metrics.frechet_distance(mu, s1, mu, s2, method="eigh")
+    expected = fid_metrics.frechet_distance(mu, s1, mu, s2, method="fast")
     # the retried product carries eps on the diagonal: tr(sqrtm) moves by O(eps), not more
     assert fd == pytest.approx(expected, abs=1e-4)
     assert fd != expected
@@ -128,6 +134,11 @@ def test_sqrtm_method_imaginary_part(monkeypatch):
     monkeypatch.setattr(scipy.linalg, "sqrtm", lambda m, *a, **k: root + 0.5j)
     with pytest.raises(ValueError, match="imaginary component"):
         fid_metrics.frechet_distance(mu, s1, mu, s2, method="sqrtm")
+
+
+def test_frechet_distance_rejects_non_psd_covariance():
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        fid_metrics.frechet_distance(np.zeros(2), np.diag([1.0, -0.5]), np.zeros(2), np.eye(2))
 
 
 def test_frechet_distance_rejects_mismatched_statistics():
@@ -199,6 +210,8 @@ def test_precision_recall_matches_brute_force(dtype):
     precision, recall, ref_radii = brute_force_precision_recall(ref, sample)
     assert 0.1 < precision < 0.95 and 0.1 < recall < 0.95  # a non-trivial case
     radii = fid_metrics.manifold_radii(ref, batch_size=7, dtype=dtype, device="cpu")
+    tiny_blocks = fid_metrics.manifold_radii(ref, batch_size=2, dtype=dtype, device="cpu")  # < k + 1 columns
+    np.testing.assert_allclose(tiny_blocks, ref_radii, rtol=1e-5 if dtype == torch.float32 else 1e-12)
     np.testing.assert_allclose(radii, ref_radii, rtol=1e-5 if dtype == torch.float32 else 1e-12)
     # blocks of 7 rows / columns exercise the running k-smallest merge and partial blocks
     got = fid_metrics.precision_recall(ref, sample, batch_size=7, dtype=dtype, device="cpu")
@@ -517,3 +530,50 @@ def test_tensorflow_inception_path_on_tiny_graph(tmp_path, monkeypatch):
     assert_stats(fd_calls[0], (*sample_stats, stored["mu"], stored["sigma"]))
     assert_stats(fd_calls[1], (*sample_stats_s, stored["mu_s"], stored["sigma_s"]))
     assert (with_stats["precision"], with_stats["recall"]) == (results["precision"], results["recall"])
+
+
+# ----------------------------------------------------------------------------------------
+# The digits classifier (tools/train_digits_classifier.py), trained for real: slow
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_digits_classifier_trains_and_scores_rendered_digits(tmp_path):
+    from PIL import Image
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from make_digits import digits_as_uint8
+
+    out = str(tmp_path / "digits_classifier.pt")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_digits_classifier.py"), "--out", out,
+                           "--image-size", "32"], capture_output=True, text=True, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    accuracy_line = [line for line in done.stdout.splitlines() if line.startswith("held-out accuracy")][0]
+    held_out = [float(part.split()[0]) for part in accuracy_line.split(": ", 1)[1].split(", ")]
+    assert min(held_out) >= 0.9, accuracy_line
+
+    # Digits rendered the way tools/make_digits.py writes them (PIL bicubic, grey -> RGB),
+    # at 32 px and at 16 px (resized inside the network).
+    digits, labels = digits_as_uint8()
+    batches = {}
+    for size in (32, 16):
+        images = np.stack([np.asarray(Image.fromarray(d).resize((size, size), Image.BICUBIC).convert("RGB"))
+                           for d in digits])
+        batches[size] = images
+        path = str(tmp_path / f"digits{size}.npz")
+        np.savez(path, arr_0=images, labels=labels)
+        # includes the training digits, so this is a rendering check, not a generalisation claim
+        assert evaluator.samples_classifier_accuracy(path, out, device="cpu") >= 0.95
+    shuffled = str(tmp_path / "shuffled.npz")
+    np.savez(shuffled, arr_0=batches[32], labels=np.random.default_rng(0).permutation(labels))
+    assert evaluator.samples_classifier_accuracy(shuffled, out, device="cpu") < 0.3
+
+    # FID under this feature net: two halves of the digits are close, noise images are far.
+    network = evaluator.TorchScriptFeatures(out, device="cpu")
+    halves = [str(tmp_path / n) for n in ("first.npz", "second.npz", "noise.npz")]
+    np.savez(halves[0], arr_0=batches[32][0::2])
+    np.savez(halves[1], arr_0=batches[32][1::2])
+    np.savez(halves[2], arr_0=np.random.default_rng(1).integers(0, 256, (800, 32, 32, 3), dtype=np.uint8))
+    close = evaluator.evaluate(halves[0], halves[1], network, device="cpu", log=lambda *a: None)
+    far = evaluator.evaluate(halves[0], halves[2], network, device="cpu", log=lambda *a: None)
+    assert far["fid"] > 20 * close["fid"] and close["precision"] > 0.8 and far["precision"] < 0.05
+    assert close["inception_score"] > 7.0  # ten well-separated classes
