@@ -4,8 +4,8 @@ algorithm written out here (every block run with autograd on every sample and mi
 m*block(x) + (1-m)*x, LoRA, EMA of the full model updated by a per-tensor loop), same config,
 same optimizer, same loss. Goals: time <= 0.75x, memory <= 0.6x.
 
-    python bench/bench_prune.py                       # DiT-S/2 width, 28 blocks, 1:2 groups, batch 8, 32x32x4
-    python bench/bench_prune.py --latent-size 16 --steps 3
+    python bench/bench_prune.py --threads 1           # DiT-S/2 width, 28 blocks, 1:2 groups, batch 8, 32x32x4
+    python bench/bench_prune.py --latent-size 16 --train weights   # --delta-w without --lora
 
 Time: the two steps alternate in one process (a busy machine slows both alike), median over
 --steps after a warm-up step each. Memory: each variant runs alone in a fresh subprocess, and
@@ -50,7 +50,11 @@ def build(args, seed=0):
                                    groups=[[1, 2]] * (args.depth // 2))
     for block in model.blocks:  # trained-like adaLN, so blocks are not identities
         torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
-    apply_lora(model, rank=8)
+    if args.train == "lora":
+        apply_lora(model, rank=8)
+    else:  # "weights": every weight trains (--delta-w alone); "logits": only the gates (no --delta-w)
+        for name, param in model.named_parameters():
+            param.requires_grad_(args.train == "weights" and name != "pos_embed")
     for logits in model.gate_logits:
         logits.requires_grad_(True)
     model.tau, model.scaling = 1.0, 100.0
@@ -150,14 +154,15 @@ def main(args):
     if args.memory_only:
         print(json.dumps(memory_of(args.memory_only, args)))
         return
-    print(f"config: {args.model} width, depth {args.depth}, groups [[1,2]]*{args.depth // 2}, LoRA rank 8, "
+    trains = {"lora": "LoRA rank 8 + logits", "weights": "all weights + logits", "logits": "logits only"}[args.train]
+    print(f"config: {args.model} width, depth {args.depth}, groups [[1,2]]*{args.depth // 2}, {trains} train, "
           f"batch {args.batch_size} of 4x{args.latent_size}x{args.latent_size} latents, fp32 on CPU, "
           f"{torch.get_num_threads()} threads")
     memory = {}
     for variant in VARIANTS:
         command = [sys.executable, os.path.abspath(__file__), "--memory-only", variant, "--model", args.model,
                    "--depth", str(args.depth), "--batch-size", str(args.batch_size), "--latent-size", str(args.latent_size),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--train", args.train]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         memory[variant] = json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
         print(f"  peak memory {variant:8s}: {memory[variant]:8.1f} MB")
@@ -188,6 +193,8 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--latent-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up)")
+    parser.add_argument("--train", choices=["lora", "weights", "logits"], default="lora",
+                        help="what trains: --delta-w --lora (default), --delta-w alone, or the logits only")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--memory-only", choices=list(VARIANTS), default=None, help=argparse.SUPPRESS)
