@@ -77,7 +77,7 @@ def read_parts(parts_dir, image_shape):
 def write_npz(path, finished, num_samples, image_shape, chunk=1024):
     """Stream the parts into an uncompressed .npz (what np.savez writes) in index order without
     holding all images in memory: 50,000 images of 512x512 are 39 GB."""
-    load = functools.lru_cache(maxsize=16)(np.load)
+    load = functools.lru_cache(maxsize=8)(np.load)
     labels = np.array([finished[i][2] for i in range(num_samples)], dtype=np.int64)
     with atomic_path(path, overwrite=False) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
@@ -104,6 +104,17 @@ def assemble(parts_dir, final_path, num_samples, image_shape, keep_parts=False):
         shutil.rmtree(parts_dir)
 
 
+def npz_num_samples(path):
+    """Number of images in an .npz's arr_0, read from its header (the images stay on disk)."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            return read_header(f)[0][0]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
 # ----------------------------------------------------------------------- planning (rank 0)
 def plan_run(args, run_dir, final_path, settings, image_shape):
     """What is left to sample: ("done", None) when the final .npz exists and --resume was given,
@@ -111,7 +122,7 @@ def plan_run(args, run_dir, final_path, settings, image_shape):
     mix results."""
     parts_dir = os.path.join(run_dir, "parts")
     if os.path.exists(final_path):
-        if args.resume:
+        if args.resume and npz_num_samples(final_path) == args.num_fid_samples:
             return "done", None
         raise SystemExit(f"error: {final_path} already exists; remove it (or pass another --sample-dir) to sample again")
     settings_path = os.path.join(run_dir, "settings.json")
@@ -132,14 +143,7 @@ def plan_run(args, run_dir, final_path, settings, image_shape):
     return "todo", [i for i in range(args.num_fid_samples) if i not in finished]
 
 
-def main(args):
-    """Sample --num-fid-samples images over all ranks and write them as one .npz."""
-    ctx = setup_distributed()
-    if ctx.device.type == "cuda":  # TF32 (the original's default) is fast on A100+; --no-tf32 for full fp32
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        torch.backends.cudnn.allow_tf32 = args.tf32
-    else:  # CPU kernels round differently with other thread counts: a fixed count keeps images world-size free
-        torch.set_num_threads(args.cpu_threads)
+def check_args(args):
     if args.cfg_scale < 1.0:
         raise SystemExit(f"error: --cfg-scale must be >= 1.0 (1.0 = no guidance), got {args.cfg_scale}")
     if min(args.num_fid_samples, args.per_proc_batch_size, args.cpu_threads) <= 0 or args.global_seed < 0:
@@ -147,7 +151,18 @@ def main(args):
                          "--global-seed >= 0")
     if args.sampler == "ddpm" and args.ddim_eta != 0.0:
         raise SystemExit("error: --ddim-eta is for --sampler ddim")
+
+
+def main(args):
+    """Sample --num-fid-samples images over all ranks and write them as one .npz."""
+    check_args(args)
     ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
+    ctx = setup_distributed()
+    if ctx.device.type == "cuda":  # TF32 (the original's default) is fast on A100+; --no-tf32 for full fp32
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    else:  # CPU kernels round differently with other thread counts: a fixed count keeps images world-size free
+        torch.set_num_threads(args.cpu_threads)
     amp_dtype = resolve_precision(args.precision, ctx.device)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     name = run_name(args.model, args.ckpt, args.image_size, args.vae, args.cfg_scale, args.global_seed,
@@ -209,20 +224,24 @@ def main(args):
         made += len(indices)
         rate = made / (time.time() - start_time)
         metrics.write(step=step // global_batch, rank0_images=made, rank0_images_per_sec=rate)
-    elapsed = time.time() - start_time
-    logger.info(f"rank 0 sampled {made} images in {elapsed:.1f}s ({made / max(elapsed, 1e-9):.2f} images/s per rank)")
 
     barrier()
-    error = None
+    elapsed = time.time() - start_time
+    logger.info(f"sampled {len(todo)} images in {elapsed:.1f}s: {len(todo) / max(elapsed, 1e-9):.2f} images/s "
+                f"on {ctx.world_size} rank(s)")
+    error, failure = None, None
     if ctx.is_main:  # the other ranks wait for the outcome, so an error never leaves them hanging
         try:
             assemble(parts_dir, final_path, args.num_fid_samples, image_shape, args.keep_parts)
             logger.info(f"saved {final_path}: arr_0 ({args.num_fid_samples}, {', '.join(map(str, image_shape))}) "
                         f"uint8 and labels")
-        except (SystemExit, OSError) as failure:
-            error = str(failure)
+        except BaseException as caught:
+            failure = caught
+            error = str(caught) if isinstance(caught, SystemExit) else f"error: rank 0 could not write {final_path}"
     error = broadcast_object(error, ctx)
     cleanup_distributed()
+    if failure is not None:
+        raise failure
     if error:
         raise SystemExit(error)
 
