@@ -49,7 +49,8 @@ def draw(records, out_path, title=None, overwrite=False):
     steps, kept, alpha = decision_series(records)
     depth = sum(size for _, size in records[-1]["groups"]) if records[-1].get("groups") else int(kept.max()) + 1
     slots = kept.shape[1]
-    colors = colormaps["tab20"](np.arange(slots) % 20)
+    # distinct saturated colours (tab20's pale halves would read as low confidence)
+    colors = colormaps["tab10"](np.arange(slots)) if slots <= 10 else colormaps["turbo"](np.linspace(0.05, 0.95, slots))
     fig, ax = plt.subplots(figsize=(10, 0.22 * depth + 2))
     for slot in range(slots):
         ax.plot(steps, kept[:, slot], color=colors[slot], linewidth=0.8, alpha=0.35, drawstyle="steps-post")
