@@ -8,6 +8,7 @@ noise and every per-step noise. The images therefore do not depend on the world 
 `{sample-dir}/{run name}/parts/`; `--resume` keeps them and samples only what is missing (with any
 world size and batch size); rank 0 finally streams the parts in index order into
 `{sample-dir}/{run name}.npz` (no PNG round trip; `--save-png` also writes `{index:06d}.png`).
+Across nodes, --sample-dir must be on a filesystem every node sees (as in the original).
 
     torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py --model DiT-D14/2 \
         --ckpt outputs/D14-Learned-Finetuning/checkpoints/0500000.pt --vae-path pretrained/sd-vae-ft-ema
