@@ -27,6 +27,7 @@ The metric maths lives in fid_metrics.py.
 import argparse
 import hashlib
 import os
+import warnings
 import zipfile
 from contextlib import contextmanager
 
@@ -224,7 +225,9 @@ class TorchScriptFeatures:
         self.name = os.path.splitext(os.path.basename(path))[0]
         self.device = torch.device(device) if device is not None else fid_metrics._default_device()
         try:
-            self.module = torch.jit.load(path, map_location=self.device).eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still the portable format
+                self.module = torch.jit.load(path, map_location=self.device).eval()
         except RuntimeError as exc:
             raise ValueError(f"{path} is not a TorchScript module ({str(exc).splitlines()[0]}); "
                              f"export it with torch.jit.script(...).save(path)")

@@ -543,9 +543,9 @@ def test_digits_classifier_trains_and_scores_rendered_digits(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     from make_digits import digits_as_uint8
 
-    out = str(tmp_path / "digits_classifier.pt")
+    out, ref_out = str(tmp_path / "digits_classifier.pt"), str(tmp_path / "digits_ref32.npz")
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_digits_classifier.py"), "--out", out,
-                           "--image-size", "32"], capture_output=True, text=True, cwd=str(tmp_path))
+                           "--image-size", "32", "--ref-out", ref_out], capture_output=True, text=True, cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr
     accuracy_line = [line for line in done.stdout.splitlines() if line.startswith("held-out accuracy")][0]
     held_out = [float(part.split()[0]) for part in accuracy_line.split(": ", 1)[1].split(", ")]
@@ -559,6 +559,10 @@ def test_digits_classifier_trains_and_scores_rendered_digits(tmp_path):
         images = np.stack([np.asarray(Image.fromarray(d).resize((size, size), Image.BICUBIC).convert("RGB"))
                            for d in digits])
         batches[size] = images
+        if size == 32:
+            with np.load(ref_out) as ref:
+                np.testing.assert_array_equal(ref["arr_0"], images)
+                np.testing.assert_array_equal(ref["labels"], labels)
         path = str(tmp_path / f"digits{size}.npz")
         np.savez(path, arr_0=images, labels=labels)
         # includes the training digits, so this is a rendering check, not a generalisation claim

@@ -3,14 +3,16 @@ Train a small CNN on scikit-learn's bundled 8x8 digits and export it as a TorchS
 network for evaluator.py --feature-net, so FID / sFID / IS / precision / recall and the
 classifier accuracy of generated digits can be measured without the Inception graph.
 
-    python tools/train_digits_classifier.py --out digits_classifier.pt --image-size 32
+    python tools/train_digits_classifier.py --out digits_classifier.pt --image-size 32 --ref-out digits_ref32.npz
+    python evaluator.py digits_ref32.npz samples.npz --feature-net digits_classifier.pt
 
 The exported module takes float32 NHWC RGB images with values in [0, 255] (any size: other
 sizes are resized to --image-size inside) and returns (pool (B, 64), spatial (B, 8 * (S/4)^2), logits
 (B, 10)). Training renders the 8x8 digits as grey RGB images of --image-size with random
 upscaling filters, shifts, contrast and noise, so the classifier does not depend on exactly
 how a data pipeline or a sampler renders digits. Trains in seconds on a CPU and prints its
-held-out accuracy.
+held-out accuracy. --ref-out also writes all digits, rendered like tools/make_digits.py, as a
+reference batch for evaluator.py.
 """
 import argparse
 import os
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from atomic_files import atomic_path  # noqa: E402
@@ -84,6 +87,22 @@ def augment(digits_8x8, image_size, generator):
     return images.permute(0, 2, 3, 1).contiguous()
 
 
+def write_reference_batch(path, image_size, resample="bicubic", overwrite=False):
+    """All 1,797 digits as an evaluator reference batch: arr_0 (N, S, S, 3) uint8 rendered like
+    tools/make_digits.py (PIL upscaling, grey -> RGB) and their labels."""
+    digits, labels = digits_as_uint8()
+    method = {"bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[resample]
+    images = []
+    for pixels in digits:
+        image = Image.fromarray(pixels)
+        if image_size != 8:
+            image = image.resize((image_size, image_size), resample=method)
+        images.append(np.asarray(image.convert("RGB")))
+    with atomic_path(path, overwrite=overwrite) as tmp_path:
+        np.savez(tmp_path, arr_0=np.stack(images), labels=labels)
+    return len(images)
+
+
 @torch.no_grad()
 def accuracy(model, images, labels, batch_size=256):
     model.eval()
@@ -129,13 +148,14 @@ def train_digits_classifier(image_size=32, epochs=15, batch_size=64, lr=1e-2, se
 
 
 def main(args):
-    if os.path.exists(args.out) and not args.overwrite:
-        raise SystemExit(f"error: {args.out} already exists; pass --overwrite or choose another --out")
+    for flag, path in (("--out", args.out), ("--ref-out", args.ref_out)):
+        if path is not None and os.path.exists(path) and not args.overwrite:
+            raise SystemExit(f"error: {path} already exists; pass --overwrite or choose another {flag}")
     if args.image_size < 8:
         raise SystemExit(f"error: --image-size must be at least 8 (the digits are 8x8), got {args.image_size}")
-    # Convs this small do not parallelise: extra threads only add synchronisation (10x slower
-    # measured on a busy 2-core machine).
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        # On a busy shared CPU, spinning OpenMP threads made these tiny convs 10x slower.
+        torch.set_num_threads(args.threads)
     start = time.time()
     model, held_out = train_digits_classifier(args.image_size, args.epochs, args.batch_size, args.lr, args.seed)
     with warnings.catch_warnings():
@@ -146,6 +166,9 @@ def main(args):
     summary = ", ".join(f"{acc:.4f} ({mode})" for mode, acc in held_out.items())
     print(f"held-out accuracy: {summary}")
     print(f"trained in {time.time() - start:.1f}s; saved TorchScript feature network to {args.out}")
+    if args.ref_out is not None:
+        count = write_reference_batch(args.ref_out, args.image_size, args.ref_resample, args.overwrite)
+        print(f"saved reference batch of {count} digits ({args.image_size}x{args.image_size} RGB, with labels) to {args.ref_out}")
 
 
 if __name__ == "__main__":
@@ -156,6 +179,11 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for training")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for training (default: torch's; 1 helps on a busy shared machine)")
+    parser.add_argument("--ref-out", type=str, default=None,
+                        help="also write all digits as an evaluator reference batch .npz (arr_0 + labels)")
+    parser.add_argument("--ref-resample", choices=["bicubic", "nearest"], default="bicubic",
+                        help="upscaling filter of the reference batch (match tools/make_digits.py --resample)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --out / --ref-out files")
     main(parser.parse_args())
