@@ -1,0 +1,266 @@
+"""TinyFusion end to end on a CPU in minutes: the real scripts, run through torchrun as a user
+would, on scikit-learn's bundled handwritten digits (8x8, 10 classes, no download).
+
+    digits ImageFolder -> extract_features.py --vae none -> train.py (a 12-block DiT-XS/4 teacher)
+    -> prune to 6 blocks three ways: prune_by_learning.py (1:2 gates + LoRA), prune_by_score.py (BI),
+       prune_by_index.py (the oracle's alternating pattern)
+    -> recover each student with train_masked_kd.py, and the learned one also with plain train.py
+    -> sample_ddp.py for the teacher and every student -> evaluator.py with a digits classifier as
+       the feature network (FID, IS, precision, recall, and the classifier's accuracy on the
+       samples' own labels).
+
+Everything lands in one run folder (`--out`); a rerun reuses every finished stage (each script
+resumes), `--fresh` starts over. `--full` is the small-scale reproduction of the paper's
+comparison: longer schedules, several seeds, mean +/- std.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MODEL = "DiT-XS/4"  # 12 blocks, hidden 128, 4 tokens of 4x4 pixels: trains in minutes on 2 cores
+ORACLE_KEPT = [0, 2, 4, 7, 9, 11]  # BK-SDM's pattern (even blocks, then odd ones up to the last), at 12 -> 6
+
+# (teacher steps, pruning steps, recovery steps, samples per model, sampling steps)
+SCHEDULES = {"quick": (1500, 300, 400, 1000, 50), "full": (4000, 600, 1500, 2000, 100),
+             "tiny": (30, 10, 10, 64, 5)}
+
+
+def run(command, log_path, threads=None):
+    """Run one stage as a user would; its output goes to a log file, failures stop the pipeline."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    started = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if result.returncode != 0:
+        with open(log_path) as log:
+            tail = "".join(log.readlines()[-15:])
+        raise SystemExit(f"error: stage failed ({' '.join(command[:4])} ...); last lines of {log_path}:\n{tail}")
+    return time.time() - started
+
+
+def torchrun(script, nproc):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            os.path.join(ROOT, script)]
+
+
+def python(script):
+    return [sys.executable, os.path.join(ROOT, script)]
+
+
+class Pipeline:
+    def __init__(self, args, out, seed):
+        self.args, self.out, self.seed = args, out, seed
+        self.teacher_steps, self.prune_steps, self.recover_steps, self.num_samples, self.sampling_steps = \
+            SCHEDULES[args.schedule]
+        self.logs = os.path.join(out, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.timings = {}
+        self.common = ["--model", MODEL, "--image-size", "8", "--vae", "none", "--num-classes", "10"]
+
+    def stage(self, name, outputs, command, nproc=1):
+        """Run `command` unless every path in `outputs` already exists (a finished stage)."""
+        if all(os.path.exists(path) for path in outputs):
+            print(f"  [{name}] done already")
+            return
+        print(f"  [{name}] running ...", flush=True)
+        self.timings[name] = run(command, os.path.join(self.logs, f"{name}.log"))
+        print(f"  [{name}] {self.timings[name]:.0f}s")
+
+    def path(self, *parts):
+        return os.path.join(self.out, *parts)
+
+    def data(self, shared):
+        digits, features = os.path.join(shared, "digits"), os.path.join(shared, "features")
+        self.stage("digits", [digits], python("tools/make_digits.py") + ["--out", digits, "--image-size", "8"])
+        self.stage("features", [os.path.join(features, "manifest.json")],
+                   torchrun("extract_features.py", self.args.nproc) + self.common +
+                   ["--data-path", digits, "--features-path", features])
+        classifier, reference = os.path.join(shared, "digits_classifier.pt"), os.path.join(shared, "reference.npz")
+        self.stage("classifier", [classifier, reference],
+                   python("tools/train_digits_classifier.py") +
+                   ["--out", classifier, "--ref-out", reference, "--image-size", "8", "--overwrite"])
+        self.features, self.classifier, self.reference = features, classifier, reference
+
+    def train_run(self, name, script, steps, extra):
+        """A train.py / train_masked_kd.py stage; returns its final checkpoint."""
+        results = self.path("runs")
+        final = os.path.join(results, f"{name}-{MODEL.replace('/', '-')}", "checkpoints", f"{steps:07d}.pt")
+        resume = ["--resume", "auto"] if os.path.isdir(os.path.dirname(final)) else []
+        self.stage(name, [final], torchrun(script, self.args.nproc) + self.common + [
+            "--data-path", self.features, "--results-dir", results, "--prefix", name, "--max-steps", str(steps),
+            "--global-batch-size", "128", "--global-seed", str(self.seed), "--log-every", "50",
+            "--ckpt-every", str(max(steps // 4, 1)), "--num-workers", "0"] + resume + extra)
+        return final
+
+    def run_all(self):
+        teacher = self.train_run("teacher", "train.py", self.teacher_steps,
+                                 ["--lr", "1e-3", "--ema-decay", "0.995"])
+        pruned = self.path("pruned")
+        os.makedirs(pruned, exist_ok=True)
+        students = {}
+        prune_run = self.path("runs", f"prune-{MODEL.replace('/', '-')}")
+        students["learned"] = self.path("pruned", "learned.pt")
+        self.stage("prune-learned", [students["learned"]], torchrun("prune_by_learning.py", self.args.nproc) +
+                   self.common + ["--groups", "[[1,2]]*6", "--load-weight", teacher, "--data-path", self.features,
+                                  "--results-dir", self.path("runs"), "--prefix", "prune", "--epochs", "100",
+                                  "--max-steps", str(self.prune_steps), "--global-batch-size", "128",
+                                  "--global-seed", str(self.seed), "--log-every", "10", "--num-workers", "0",
+                                  "--ckpt-every", str(max(self.prune_steps // 2, 1)), "--delta-w", "--lora",
+                                  "--save-model", students["learned"]] +
+                   (["--resume", "auto"] if os.path.isdir(prune_run) else []))
+        self.stage("decision-plot", [self.path("decision.png")], python("draw_decision.py") +
+                   ["--log", prune_run, "--out", self.path("decision.png"), "--overwrite"])
+        students["bi-score"] = self.path("pruned", "bi-score.pt")
+        self.stage("prune-bi-score", [students["bi-score"]], python("prune_by_score.py") + self.common +
+                   ["--ckpt", teacher, "--features-path", self.features, "--n-pruned", "6",
+                    "--seed", str(self.seed), "--save-model", students["bi-score"]])
+        students["oracle"] = self.path("pruned", "oracle.pt")
+        self.stage("prune-oracle", [students["oracle"]], python("prune_by_index.py") + self.common +
+                   ["--ckpt", teacher, "--kept-indices", json.dumps(ORACLE_KEPT), "--save-model", students["oracle"]])
+
+        kd = ["--teacher", MODEL, "--load-teacher", teacher, "--lr", "5e-4", "--final-lr", "2.5e-4",
+              "--ema-decay", "0.99"]
+        models = {"teacher": teacher}
+        for method, checkpoint in students.items():
+            models[f"{method} + masked KD"] = self.train_run(f"kd-{method}", "train_masked_kd.py",
+                                                             self.recover_steps, ["--load-weight", checkpoint] + kd)
+        models["learned + fine-tuning"] = self.train_run("finetune-learned", "train.py", self.recover_steps,
+                                                         ["--load-weight", students["learned"], "--lr", "5e-4",
+                                                          "--ema-decay", "0.99"])
+        rows = []
+        for name, checkpoint in models.items():
+            rows.append(self.evaluate(name, checkpoint))
+        return rows
+
+    def evaluate(self, name, checkpoint):
+        slug = name.replace(" + ", "-").replace(" ", "-")
+        sample_dir = self.path("samples", slug)
+        os.makedirs(sample_dir, exist_ok=True)
+        existing = [f for f in os.listdir(sample_dir) if f.endswith(".npz")]
+        self.stage(f"sample-{slug}", [os.path.join(sample_dir, existing[0])] if existing else [os.path.join(sample_dir, "?")],
+                   torchrun("sample_ddp.py", self.args.nproc) + self.common +
+                   ["--ckpt", checkpoint, "--sample-dir", sample_dir, "--num-fid-samples", str(self.num_samples),
+                    "--num-sampling-steps", str(self.sampling_steps), "--per-proc-batch-size", "100",
+                    "--cfg-scale", "1.5", "--global-seed", str(self.seed), "--resume"])
+        npz = os.path.join(sample_dir, [f for f in os.listdir(sample_dir) if f.endswith(".npz")][0])
+        metrics_json = self.path("samples", f"{slug}.json")
+        self.stage(f"evaluate-{slug}", [metrics_json], python("evaluator.py") +
+                   [self.reference, npz, "--feature-net", self.classifier, "--json", metrics_json, "--overwrite"])
+        write_grid(npz, self.path("samples", f"{slug}.png"))
+        with open(metrics_json) as f:
+            metrics = json.load(f)
+        return dict(model=name, **describe_checkpoint(checkpoint), images_per_sec=sampling_rate(sample_dir),
+                    fid=metrics["fid"], inception_score=metrics["inception_score"],
+                    precision=metrics["precision"], recall=metrics["recall"],
+                    accuracy=metrics.get("classifier_accuracy"))
+
+
+def describe_checkpoint(path):
+    sys.path.insert(0, ROOT)
+    from checkpoints import build_model
+    model, metadata = build_model(MODEL, 8, 10, "none", ckpt=path)
+    kept = metadata.get("kept_indices") if metadata else None
+    return dict(depth=model.depth, params=sum(p.numel() for p in model.parameters()),
+                kept=" ".join(map(str, kept)) if kept else "all")
+
+
+def sampling_rate(sample_dir):
+    """Images/s of the sampling run, from the log line sample_ddp.py writes at its end."""
+    for root, _, files in os.walk(sample_dir):
+        if "log.txt" in files:
+            with open(os.path.join(root, "log.txt")) as f:
+                rates = [line.split(":")[-1].split("images/s")[0].strip() for line in f if "images/s on" in line]
+            if rates:
+                return float(rates[-1].split()[-1])
+    return float("nan")
+
+
+def write_grid(npz_path, png_path, rows=10, cols=10):
+    """The first rows*cols samples as one PNG, ordered by label when the batch has labels."""
+    from PIL import Image
+    with np.load(npz_path) as batch:
+        images, labels = batch["arr_0"], batch["labels"] if "labels" in batch else None
+    order = np.argsort(labels, kind="stable") if labels is not None else np.arange(len(images))
+    chosen = images[order][:: max(len(images) // (rows * cols), 1)][: rows * cols]
+    height, width = chosen.shape[1:3]
+    grid = np.zeros((rows * height, cols * width, 3), dtype=np.uint8)
+    for k, image in enumerate(chosen):
+        grid[(k // cols) * height:(k // cols + 1) * height, (k % cols) * width:(k % cols + 1) * width] = image
+    Image.fromarray(grid).resize((cols * width * 4, rows * height * 4), Image.NEAREST).save(png_path)
+
+
+COLUMNS = [("model", "{}"), ("depth", "{}"), ("params", "{:,}"), ("kept", "{}"), ("images_per_sec", "{:.1f}"),
+           ("fid", "{:.2f}"), ("inception_score", "{:.2f}"), ("precision", "{:.3f}"), ("recall", "{:.3f}"),
+           ("accuracy", "{:.3f}")]
+
+
+def markdown_table(rows):
+    header = "| " + " | ".join(name for name, _ in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [row.get(name) for name, _ in COLUMNS]
+        lines.append("| " + " | ".join("" if value is None else value if isinstance(value, str) else fmt.format(value)
+                                       for value, (_, fmt) in zip(cells, COLUMNS)) + " |")
+    return "\n".join(lines)
+
+
+def aggregate(per_seed):
+    """mean +/- std over seeds for every numeric column."""
+    rows = []
+    for index, first in enumerate(per_seed[0]):
+        row = dict(first)
+        for name in ("images_per_sec", "fid", "inception_score", "precision", "recall", "accuracy"):
+            values = np.array([seed_rows[index][name] for seed_rows in per_seed], dtype=float)
+            row[name] = f"{values.mean():.3f} +/- {values.std(ddof=1) if len(values) > 1 else 0.0:.3f}"
+        rows.append(row)
+    return rows
+
+
+def main(args):
+    if args.full:
+        args.schedule = "full"
+    out = os.path.abspath(args.out)
+    if args.fresh and os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    seeds = list(range(args.seeds)) if args.full or args.seeds > 1 else [0]
+    started = time.time()
+    per_seed = []
+    for seed in seeds:
+        folder = os.path.join(out, f"seed-{seed}") if len(seeds) > 1 else out
+        print(f"seed {seed}: {folder}")
+        pipeline = Pipeline(args, folder, seed)
+        pipeline.data(os.path.join(out, "shared"))
+        per_seed.append(pipeline.run_all())
+    rows = aggregate(per_seed) if len(seeds) > 1 else per_seed[0]
+    table = markdown_table(rows)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(dict(rows=rows, per_seed=per_seed, schedule=args.schedule, seeds=seeds,
+                       minutes=(time.time() - started) / 60), f, indent=2)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    print("\n" + table)
+    print(f"\nresults: {os.path.join(out, 'results.md')} (and results.json); sample grids in {out}/samples/, "
+          f"decision dynamics in decision.png; {(time.time() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="quickstart-run", help="run folder (every artefact lands here)")
+    parser.add_argument("--fresh", action="store_true", help="delete the run folder and start over")
+    parser.add_argument("--full", action="store_true", help="longer schedules and --seeds seeds (mean +/- std)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds for --full")
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="quick", help=argparse.SUPPRESS)
+    parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per stage")
+    main(parser.parse_args())
