@@ -1,6 +1,6 @@
-"""The quick start end to end with tiny schedules (about 2 minutes, so it runs in the default suite): every stage runs through the real scripts,
-every artefact lands in the run folder, the results table parses, and a rerun reuses every
-finished stage."""
+"""The quick start end to end with tiny schedules (about 2 minutes, so it runs in the default
+suite): every stage runs through the real scripts, every artefact lands in the run folder, the
+results table parses, and a rerun reuses every finished stage."""
 import json
 import os
 import subprocess
