@@ -314,6 +314,31 @@ class NonFiniteGuard:
         return False
 
 
+def step_unless_nonfinite(stats, trainable, optimizer, scaler, ema, guard, step, ctx, grad_clip):
+    """The end of every training step, after backward (and any manual gradient sync): average the
+    logged loss terms over ranks -- one small collective, which also makes the skip decision the
+    same on every rank, since a NaN anywhere is a NaN in the sum -- clip, then step the optimizer
+    and the EMA unless the loss or the gradient is non-finite (with fp16 the scaler itself skips
+    steps with inf gradients and lowers its scale). Returns (mean stats, grad norm, stepped)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if ctx.is_distributed:
+        dist.all_reduce(stats)
+        stats /= ctx.world_size
+    grad_norm = clip_grad_norm(trainable, grad_clip)
+    finite = bool(torch.isfinite(stats).all()) and (scaler is not None or bool(torch.isfinite(grad_norm)))
+    stepped = guard.check(finite, step)
+    if stepped:
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+        ema.update()
+    if scaler is not None:
+        scaler.update()
+    return stats, grad_norm, stepped
+
+
 class ThroughputMeter:
     """Steps/s and images/s since the last `rates()` call (synchronizes CUDA before reading the
     clock, otherwise queued kernels would be attributed to the next window)."""
@@ -508,26 +533,11 @@ def fit(args, ctx, model, metadata, dataset, compute_losses, logger, metrics, ru
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             losses = compute_losses(forward_model, x, y, epoch)
             names = sorted(losses)
-            if scaler is not None:
-                scaler.scale(losses["loss"]).backward()
-                scaler.unscale_(optimizer)
-            else:
-                losses["loss"].backward()
-            # one small collective per step: the mean loss terms over ranks, which also makes the
-            # skip decision identical on every rank (a NaN anywhere is a NaN in the sum)
+            (scaler.scale(losses["loss"]) if scaler is not None else losses["loss"]).backward()
             stats = torch.stack([losses[name].detach().float() for name in names])
-            if ctx.is_distributed:
-                dist.all_reduce(stats)
-                stats /= ctx.world_size
-            grad_norm = clip_grad_norm(trainable, args.grad_clip)
-            finite = bool(torch.isfinite(stats).all()) and (scaler is not None or bool(torch.isfinite(grad_norm)))
-            if guard.check(finite, train_steps + 1):
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                ema.update()
+            stats, grad_norm, stepped = step_unless_nonfinite(stats, trainable, optimizer, scaler, ema, guard,
+                                                              train_steps + 1, ctx, args.grad_clip)
+            if stepped:
                 stats = stats.cpu()
                 window_sums = stats if window_sums is None else window_sums + stats
                 window_steps += 1
@@ -535,8 +545,6 @@ def fit(args, ctx, model, metadata, dataset, compute_losses, logger, metrics, ru
                 window_skipped += 1
                 logger.info(f"step {train_steps + 1}: non-finite loss or gradient, step skipped "
                             f"({guard.in_a_row} in a row, {guard.skipped_total} in total)")
-                if scaler is not None:
-                    scaler.update()
             optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():  # after skipped steps torch warns that the optimizer did not step yet
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
