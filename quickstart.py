@@ -257,6 +257,9 @@ def main(args):
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table + "\n")
     print("\n" + table)
+    teacher = rows[0]
+    print(f"\nteacher samples: a digits classifier reads {teacher['accuracy']} of them as their conditioning "
+          f"label (a trained teacher should be >= 0.8)")
     print(f"\nresults: {os.path.join(out, 'results.md')} (and results.json); sample grids in {out}/samples/, "
           f"decision dynamics in decision.png; {(time.time() - started) / 60:.1f} min")
 
