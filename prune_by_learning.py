@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoints import load_state_dict
 from cli import add_model_args, add_precision_arg, resolve_precision
 from diffusion import create_diffusion
 from distributed import check_global_batch, cleanup_distributed, setup_distributed
@@ -31,10 +30,10 @@ from pruning import (check_output_path, gate_decision, linear_schedule, load_sou
                      source_lineage)
 from runlog import checkpoint_path, run_folder_name
 from training import (AutocastForward, NonFiniteGuard, ThroughputMeter, add_training_args, all_reduce_gradients,
-                      check_dataset_fits, check_resume_compatible, clip_grad_norm, device_flag, iterate_epoch,
+                      check_dataset_fits, check_resume_compatible, device_flag, iterate_epoch,
                       load_training_checkpoint, normalize_position, open_run_folder, open_training_data,
                       resolve_resume, restore_rank_rng, save_training_checkpoint, seed_everything,
-                      total_training_steps)
+                      step_unless_nonfinite, total_training_steps)
 
 
 def gated_groups(args):
@@ -191,27 +190,13 @@ def main(args):
             loss = pruning_loss(forward, diffusion, x, y)
             (scaler.scale(loss) if scaler is not None else loss).backward()
             all_reduce_gradients(trainable, ctx)  # zero-fills blocks this rank's samples all skipped
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            mean_loss = loss.detach().float().reshape(1)
-            if ctx.is_distributed:  # also makes the skip decision the same on every rank
-                dist.all_reduce(mean_loss)
-                mean_loss /= ctx.world_size
-            grad_norm = clip_grad_norm(trainable, args.grad_clip)
-            # with fp16 the scaler itself skips steps with inf gradients (and lowers its scale)
-            finite = bool(torch.isfinite(mean_loss).all()) and (scaler is not None or bool(torch.isfinite(grad_norm)))
-            if guard.check(finite, train_steps + 1):
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                ema.update()
+            mean_loss, grad_norm, stepped = step_unless_nonfinite(loss.detach().float().reshape(1), trainable,
+                                                                  optimizer, scaler, ema, guard, train_steps + 1, ctx,
+                                                                  args.grad_clip)
+            if stepped:
                 window_loss += float(mean_loss)
                 window_steps += 1
             else:
-                if scaler is not None:
-                    scaler.update()
                 logger.info(f"step {train_steps + 1}: non-finite loss or gradient, step skipped "
                             f"({guard.skipped_total} skipped in total)")
             optimizer.zero_grad(set_to_none=True)

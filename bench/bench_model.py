@@ -173,7 +173,7 @@ def main(args):
               f"(goal >= 1.95x)")
     if args.only == "depth":
         return
-    print(f"\n[2] gated training step (fwd+bwd), hidden 384, depth 28, 1:2 groups, batch 16 at 4x16x16:")
+    print("\n[2] gated training step (fwd+bwd), hidden 384, depth 28, 1:2 groups, batch 16 at 4x16x16:")
     gated = bench_gated(args.repeats)
     for label, row in gated.items():
         print(f"  {label}: dense {row['dense_step_s'] * 1000:.0f} ms / {row['dense_peak_mib']:.0f} MiB peak, "

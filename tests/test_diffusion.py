@@ -13,7 +13,6 @@ from scipy.stats import norm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from diffusion import create_diffusion, per_sample_noise_fn, space_timesteps  # noqa: E402
-from diffusion.gaussian_diffusion import GaussianDiffusion  # noqa: E402
 from diffusion.schedules import get_named_beta_schedule  # noqa: E402
 
 LN2 = math.log(2.0)

@@ -1,6 +1,5 @@
 """Feature extraction, the feature store and the datasets that read it (issue 3)."""
 import hashlib
-import json
 import os
 import pickle
 import shutil
