@@ -17,8 +17,7 @@ import torch
 import training
 from cli import add_model_args, add_precision_arg
 from diffusion import create_diffusion
-from distributed import check_global_batch, cleanup_distributed, setup_distributed
-from runlog import run_folder_name
+from distributed import cleanup_distributed
 
 
 def diffusion_losses(model, diffusion, x, y):
@@ -30,17 +29,7 @@ def diffusion_losses(model, diffusion, x, y):
 
 
 def main(args):
-    ctx = setup_distributed(training.device_flag(args))
-    check_global_batch(args.global_batch_size, ctx)
-    training.seed_everything(args.global_seed, ctx)
-    dataset = training.open_training_data(args, ctx)
-    run_dir = run_folder_name(args.results_dir, args.prefix, args.model)
-    resume_path = training.resolve_resume(args.resume, run_dir)
-    resume = training.load_training_checkpoint(resume_path) if resume_path else None
-    if resume is not None:
-        training.check_resume_compatible(resume, args, resume_path)
-    model, metadata = training.build_training_model(args, resume, resume_path)
-    training.check_dataset_fits(dataset, model, args)
+    ctx, dataset, run_dir, resume_path, resume, model, metadata = training.prepare_training(args)
     diffusion = create_diffusion(timestep_respacing="")  # default: 1000 steps, linear, learned sigma
 
     logger, metrics = training.open_run_folder(args, ctx, run_dir, resuming=resume is not None)

@@ -16,8 +16,7 @@ from checkpoints import build_model
 from cli import add_model_args, add_precision_arg
 from diffusion import create_diffusion
 from diffusion.distillation import default_layer_map, feature_beta, masked_kd_losses, parse_layer_map, validate_layer_map
-from distributed import check_global_batch, cleanup_distributed, setup_distributed
-from runlog import run_folder_name
+from distributed import cleanup_distributed
 
 
 def build_teacher(args, device):
@@ -45,17 +44,7 @@ def resolve_layer_map(args, student, metadata, teacher):
 
 
 def main(args):
-    ctx = setup_distributed(training.device_flag(args))
-    check_global_batch(args.global_batch_size, ctx)
-    training.seed_everything(args.global_seed, ctx)
-    dataset = training.open_training_data(args, ctx)
-    run_dir = run_folder_name(args.results_dir, args.prefix, args.model)
-    resume_path = training.resolve_resume(args.resume, run_dir)
-    resume = training.load_training_checkpoint(resume_path) if resume_path else None
-    if resume is not None:
-        training.check_resume_compatible(resume, args, resume_path)
-    student, metadata = training.build_training_model(args, resume, resume_path)
-    training.check_dataset_fits(dataset, student, args)
+    ctx, dataset, run_dir, resume_path, resume, student, metadata = training.prepare_training(args)
     teacher = build_teacher(args, ctx.device)
     if student.depth > teacher.depth:
         raise SystemExit(f"error: the student has {student.depth} blocks but the teacher --teacher {args.teacher} only "

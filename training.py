@@ -36,9 +36,9 @@ import torch.distributed as dist
 from checkpoints import (build_model, extract_state_dict, load_checkpoint_file, load_into_model, read_metadata,
                          save_checkpoint, with_metadata)
 from cli import autocast, resolve_precision
-from distributed import broadcast_object
+from distributed import broadcast_object, check_global_batch, setup_distributed
 from ema import ParameterEMA
-from runlog import MetricsLog, checkpoint_path, create_logger, latest_checkpoint, prepare_run_folder
+from runlog import MetricsLog, checkpoint_path, create_logger, latest_checkpoint, prepare_run_folder, run_folder_name
 
 CHECKPOINT_KEYS = ("model", "ema", "opt", "train_steps")
 
@@ -382,6 +382,24 @@ def check_dataset_fits(dataset, model, args):
     if dataset.num_classes > model.num_classes:
         raise SystemExit(f"error: the features in {args.data_path} have {dataset.num_classes} classes but "
                          f"--num-classes is {model.num_classes}; pass --num-classes {dataset.num_classes}")
+
+
+def prepare_training(args):
+    """The start shared by train.py and train_masked_kd.py: process group, seeds, data, run folder,
+    `--resume`, and the model (resumed, loaded from --load-weight, or fresh), checked against the
+    data. Returns (ctx, dataset, run_dir, resume_path, resume_checkpoint, model, metadata)."""
+    ctx = setup_distributed(device_flag(args))
+    check_global_batch(args.global_batch_size, ctx)
+    seed_everything(args.global_seed, ctx)
+    dataset = open_training_data(args, ctx)
+    run_dir = run_folder_name(args.results_dir, args.prefix, args.model)
+    resume_path = resolve_resume(args.resume, run_dir)
+    resume = load_training_checkpoint(resume_path) if resume_path else None
+    if resume is not None:
+        check_resume_compatible(resume, args, resume_path)
+    model, metadata = build_training_model(args, resume, resume_path)
+    check_dataset_fits(dataset, model, args)
+    return ctx, dataset, run_dir, resume_path, resume, model, metadata
 
 
 def build_training_model(args, resume_checkpoint=None, resume_path=None):

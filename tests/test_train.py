@@ -140,7 +140,7 @@ def test_bad_input_is_one_line_and_writes_nothing(workspace, tmp_path, monkeypat
     elif case == "batch-not-divisible":
         args = parse(train, workspace, results, "--global-batch-size", "9")
         fake = DistributedContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="gloo")
-        monkeypatch.setattr(train, "setup_distributed", lambda device=None: fake)
+        monkeypatch.setattr(training, "setup_distributed", lambda device=None: fake)
         expected = "--global-batch-size 9 is not divisible by the world size 2"
     elif case == "wrong-geometry":
         args = parse(train, workspace, results, "--image-size", "16")
