@@ -55,13 +55,3 @@ def set_block_gates(block, value):
         bias[2 * hidden:3 * hidden] = value  # gate_msa
         bias[5 * hidden:6 * hidden] = value  # gate_mlp
         block.adaLN_modulation[-1].bias.copy_(bias)
-
-
-def single_torch_thread():
-    """Generator for a module-scoped autouse fixture: the tests' models are tiny, so one intra-op
-    thread is faster than OpenMP's fork/join (and, on a shared CPU, than its spin-waits by 10x+);
-    the previous setting is restored after the module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

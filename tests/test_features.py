@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import extract_features  # noqa: E402
 import feature_data  # noqa: E402
+from conftest import torch_threads  # noqa: E402
 from distributed import DistributedContext  # noqa: E402
 from image_data import center_crop_arr, image_folder, list_image_folder, to_unit_range  # noqa: E402
 from make_digits import digits_as_uint8, write_digits_folder  # noqa: E402
@@ -80,12 +81,8 @@ def images(tmp_path_factory):
 def reference_store(tmp_path_factory, images, tiny_vae):
     """One finished extraction (1 process, 1 thread) that several tests compare against."""
     path = tmp_path_factory.mktemp("stores") / "reference"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # torchrun gives each of its ranks one thread: same kernels, same bits
-    try:
+    with torch_threads(1):  # torchrun gives each of its ranks one thread: same kernels, same bits
         extract(images, path, vae_path=tiny_vae)
-    finally:
-        torch.set_num_threads(threads)
     return path
 
 
@@ -193,12 +190,8 @@ def test_pixel_space_store_holds_the_images_and_flips(tmp_path, images):
 
 
 def test_fp16_store_rounds_the_fp32_values(tmp_path, images, reference_store, tiny_vae):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         extract(images, tmp_path / "half", "--store-dtype", "fp16", vae_path=tiny_vae)
-    finally:
-        torch.set_num_threads(threads)
     half, _, _ = store_arrays(tmp_path / "half")
     full, _, _ = store_arrays(reference_store)
     assert half.dtype == np.float16 and np.array_equal(half, full.astype(np.float16))
@@ -239,12 +232,8 @@ def test_resume_redoes_missing_truncated_and_corrupted_shards(tmp_path, referenc
     untouched = os.stat(path / feature_data.shard_file_name(0))
     with pytest.raises(SystemExit, match="pass --resume"):
         extract(images, path, vae_path=tiny_vae)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         extract(images, path, "--resume", vae_path=tiny_vae)
-    finally:
-        torch.set_num_threads(threads)
     for ours, theirs in zip(store_arrays(path), store_arrays(reference_store)):
         assert np.array_equal(ours, theirs)
     again = os.stat(path / feature_data.shard_file_name(0))

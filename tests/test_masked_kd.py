@@ -15,13 +15,7 @@ from diffusion.distillation import (default_layer_map, feature_beta, masked_feat
 from training_helpers import COMMON_FLAGS, IMAGE_SIZE, MODEL, make_digits_store, make_teacher_and_student, torchrun
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the CI machine is shared: one intra-op thread is ~10x faster than two fighting for a core
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

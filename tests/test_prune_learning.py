@@ -13,12 +13,12 @@ import prune_by_learning
 from checkpoints import load_checkpoint_file, read_metadata
 from models import DiT_models
 from runlog import read_metrics
-from tests.prune_helpers import make_digits_features, save_plain, set_block_gates, xs_model, single_torch_thread
+from tests.prune_helpers import make_digits_features, save_plain, set_block_gates, xs_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ import prune_by_index
 import prune_by_score
 from checkpoints import build_model, load_checkpoint_file, read_metadata
 from models import DiT_models
-from tests.prune_helpers import make_digits_features, save_plain, set_block_gates, xs_model, single_torch_thread
+from tests.prune_helpers import make_digits_features, save_plain, set_block_gates, xs_model
 from tests.tiny_vae import make_tiny_vae
 
 ORACLE = "[0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]"
 
 
-one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from lora import LoRALinear, apply_lora, lora_parameters, strip_lora_keys
 from models import DiT_models
 from pruning import (block_input_output_similarity, bi_scores, gate_decision, linear_schedule, select_by_bi_score,
                      validate_kept_indices)
-from tests.prune_helpers import set_block_gates, xs_model, single_torch_thread
+from tests.prune_helpers import set_block_gates, xs_model
 
 
-one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- LoRA

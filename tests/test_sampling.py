@@ -32,13 +32,7 @@ PIXEL_FLAGS = ["--model", "DiT-XS/4", "--image-size", "8", "--vae", "none", "--n
                "--num-sampling-steps", str(STEPS)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and sample_ddp on CPU uses one per rank anyway)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tame_dit(model_name="DiT-XS/4", input_size=8, in_channels=3, depth=2, seed=0):
