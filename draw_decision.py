@@ -45,7 +45,7 @@ def draw(records, out_path, title=None, overwrite=False):
     import matplotlib.pyplot as plt
     from matplotlib import colormaps
 
-    from atomic_files import atomic_path
+    from tinyfusion.atomic_files import atomic_path
     steps, kept, alpha = decision_series(records)
     depth = sum(size for _, size in records[-1]["groups"]) if records[-1].get("groups") else int(kept.max()) + 1
     slots = kept.shape[1]
@@ -71,7 +71,7 @@ def draw(records, out_path, title=None, overwrite=False):
 
 
 def main(args):
-    from runlog import read_metrics
+    from tinyfusion.runlog import read_metrics
     path = os.path.join(args.log, "metrics.jsonl") if os.path.isdir(args.log) else args.log
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} does not exist; pass the metrics.jsonl of a prune_by_learning.py run (or its folder)")

@@ -22,7 +22,7 @@ A reference (or sample) .npz holding `mu, sigma, mu_s, sigma_s` uses those for F
 the Inception backend, as ADM does; its images still feed precision / recall.
 --cache-ref-stats stores the reference activations' statistics and pool features in a sidecar
 `{ref}.{network}_ref_stats.npz` and reuses them while the reference file and network are unchanged.
-The metric maths lives in fid_metrics.py.
+The metric maths lives in metrics.py.
 """
 import argparse
 import hashlib
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import fid_metrics
-from atomic_files import atomic_path, atomic_write_json
+from tinyfusion import metrics
+from tinyfusion.atomic_files import atomic_path, atomic_write_json
 
 INCEPTION_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb"
 INCEPTION_FILENAME = "classify_image_graph_def.pb"
@@ -223,7 +223,7 @@ class TorchScriptFeatures:
                              f"tools/train_digits_classifier.py --out {path}")
         self.path = path
         self.name = os.path.splitext(os.path.basename(path))[0]
-        self.device = torch.device(device) if device is not None else fid_metrics._default_device()
+        self.device = torch.device(device) if device is not None else metrics._default_device()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still the portable format
@@ -308,8 +308,8 @@ def reference_activations(ref_path, network, batch_size=64, cache=False, log=pri
             log(f"reference cache {cache_path} is stale (reference or network changed); recomputing")
     log("computing reference batch activations...")
     pool, spatial, _ = compute_activations(network, ref_path, batch_size, desc="reference")
-    mu, sigma = fid_metrics.compute_statistics(pool)
-    mu_s, sigma_s = fid_metrics.compute_statistics(spatial)
+    mu, sigma = metrics.compute_statistics(pool)
+    mu_s, sigma_s = metrics.compute_statistics(spatial)
     result = {"pool_features": pool, "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
     if cache:
         try:
@@ -342,21 +342,21 @@ def evaluate(ref_batch, sample_batch, network, batch_size=64, cache_ref_stats=Fa
         log(f"using mu/sigma stored in {sample_batch} for FID/sFID")
         mu, sigma, mu_s, sigma_s = (sample_stored[key] for key in STATISTICS_KEYS)
     else:
-        mu, sigma = fid_metrics.compute_statistics(sample_pool)
-        mu_s, sigma_s = fid_metrics.compute_statistics(sample_spatial)
+        mu, sigma = metrics.compute_statistics(sample_pool)
+        mu_s, sigma_s = metrics.compute_statistics(sample_spatial)
 
     log("computing evaluations...")
     results = {
-        "inception_score": fid_metrics.inception_score_from_logits(sample_logits),
-        "fid": fid_metrics.frechet_distance(mu, sigma, ref["mu"], ref["sigma"], method=fid_method),
-        "sfid": fid_metrics.frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"], method=fid_method),
+        "inception_score": metrics.inception_score_from_logits(sample_logits),
+        "fid": metrics.frechet_distance(mu, sigma, ref["mu"], ref["sigma"], method=fid_method),
+        "sfid": metrics.frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"], method=fid_method),
     }
-    results["precision"], results["recall"] = fid_metrics.precision_recall(
+    results["precision"], results["recall"] = metrics.precision_recall(
         ref["pool_features"], sample_pool, dtype=distance_dtype, device=device)
     labels = read_npz_labels(sample_batch)
     if labels is not None and not isinstance(network, InceptionFeatures):
         # Inception's 1008 outputs are not ImageNet class ids, so accuracy only for feature nets.
-        results["classifier_accuracy"] = fid_metrics.classifier_accuracy(sample_logits, labels)
+        results["classifier_accuracy"] = metrics.classifier_accuracy(sample_logits, labels)
     results.update(num_reference=int(len(ref["pool_features"])), num_samples=int(len(sample_pool)))
     return results
 
@@ -368,7 +368,7 @@ def samples_classifier_accuracy(sample_batch, feature_net, batch_size=64, device
         raise ValueError(f"{sample_batch} has no 'labels' array; sample_ddp.py stores the class labels there")
     network = TorchScriptFeatures(feature_net, device)
     _, _, logits = compute_activations(network, sample_batch, batch_size, desc="classify")
-    return fid_metrics.classifier_accuracy(logits, labels)
+    return metrics.classifier_accuracy(logits, labels)
 
 
 def format_results(results):

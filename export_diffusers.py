@@ -30,10 +30,10 @@ import tempfile
 
 import torch
 
-from checkpoints import build_model
-from cli import add_model_args
+from tinyfusion.checkpoints import build_model
+from tinyfusion.cli import add_model_args
 from models import get_2d_sincos_pos_embed, prune_to_kept_blocks
-from vae import LATENT_SCALE, is_pixel_space, load_vae
+from tinyfusion.vae import LATENT_SCALE, is_pixel_space, load_vae
 
 DIFFUSERS_NULL_CLASS = 1000  # the label DiTPipeline feeds as "unconditional" (hard-coded there)
 POS_EMBED_TOLERANCE = 1e-4   # diffusers recomputes the fixed sin-cos table; ours must be that table

@@ -7,8 +7,8 @@ paper) and save the shallow model as a plain state dict with its metadata.
 """
 import argparse
 
-from cli import add_model_args, parse_index_list
-from pruning import check_output_path, load_source_model, plain_name, save_pruned, source_lineage, validate_kept_indices
+from tinyfusion.cli import add_model_args, parse_index_list
+from tinyfusion.pruning import check_output_path, load_source_model, plain_name, save_pruned, source_lineage, validate_kept_indices
 
 
 def main(args):

@@ -20,16 +20,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import add_model_args, add_precision_arg, resolve_precision
+from tinyfusion.cli import add_model_args, add_precision_arg, resolve_precision
 from diffusion import create_diffusion
-from distributed import check_global_batch, cleanup_distributed, setup_distributed
-from ema import ParameterEMA
-from lora import apply_lora
+from tinyfusion.distributed import check_global_batch, cleanup_distributed, setup_distributed
+from tinyfusion.ema import ParameterEMA
+from tinyfusion.lora import apply_lora
 from models import DiT_models
-from pruning import (check_output_path, gate_decision, linear_schedule, load_source_model, plain_name, save_pruned,
+from tinyfusion.pruning import (check_output_path, gate_decision, linear_schedule, load_source_model, plain_name, save_pruned,
                      source_lineage)
-from runlog import checkpoint_path, run_folder_name
-from training import (AutocastForward, NonFiniteGuard, ThroughputMeter, add_training_args, all_reduce_gradients,
+from tinyfusion.runlog import checkpoint_path, run_folder_name
+from tinyfusion.training import (AutocastForward, NonFiniteGuard, ThroughputMeter, add_training_args, all_reduce_gradients,
                       check_dataset_fits, check_resume_compatible, device_flag, iterate_epoch,
                       load_training_checkpoint, normalize_position, open_run_folder, open_training_data,
                       resolve_resume, restore_rank_rng, save_training_checkpoint, seed_everything,
@@ -123,7 +123,7 @@ def main(args):
 
     dataset = open_training_data(args, ctx)
     check_dataset_fits(dataset, model, args)
-    from feature_data import batches_per_epoch, make_loader
+    from tinyfusion.feature_store import batches_per_epoch, make_loader
     try:
         loader, sampler = make_loader(dataset, per_rank_batch, ctx, seed=args.global_seed, num_workers=args.num_workers)
     except ValueError as error:

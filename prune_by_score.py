@@ -12,9 +12,9 @@ import argparse
 
 import torch
 
-from cli import add_model_args
+from tinyfusion.cli import add_model_args
 from diffusion import create_diffusion
-from pruning import (bi_scores, calibration_latents, check_output_path, load_source_model, plain_name, save_pruned,
+from tinyfusion.pruning import (bi_scores, calibration_latents, check_output_path, load_source_model, plain_name, save_pruned,
                      select_by_bi_score, source_lineage)
 
 
@@ -22,8 +22,8 @@ def save_sample_grid(model, vae, path, args, device):
     """An 8-image class-conditional grid from the pruned model (DiT's sample.py recipe)."""
     from torchvision.utils import save_image
 
-    from atomic_files import atomic_path
-    from vae import decode
+    from tinyfusion.atomic_files import atomic_path
+    from tinyfusion.vae import decode
     torch.manual_seed(args.seed)
     diffusion = create_diffusion(str(args.num_sampling_steps))
     labels = torch.tensor([c % model.num_classes for c in (207, 360, 387, 974, 88, 979, 417, 279)], device=device)
@@ -54,7 +54,7 @@ def main(args):
     model.to(device).eval()
     vae = None
     if args.data_path and not args.features_path or args.sample_grid:
-        from vae import load_vae
+        from tinyfusion.vae import load_vae
         vae = load_vae(args.vae, args.vae_path, device)
     latents, labels = calibration_latents(args.nsamples, args.seed, args.features_path, args.data_path,
                                           args.image_size, vae, args.batch_size, device)

@@ -153,7 +153,7 @@ class Pipeline:
         sample_dir = self.path("samples", slug)
         os.makedirs(sample_dir, exist_ok=True)
         sys.path.insert(0, ROOT)
-        from sampling import run_name
+        from tinyfusion.sampling import run_name
         npz = os.path.join(sample_dir, run_name(MODEL, checkpoint, 8, "none", CFG_SCALE, self.seed,
                                                 self.sampling_steps) + ".npz")
         self.stage(f"sample-{slug}", [npz], torchrun("sample_ddp.py", self.args.nproc) + self.common +
@@ -174,7 +174,7 @@ class Pipeline:
 
 def describe_checkpoint(path):
     sys.path.insert(0, ROOT)
-    from checkpoints import build_model
+    from tinyfusion.checkpoints import build_model
     model, metadata = build_model(MODEL, 8, 10, "none", ckpt=path)
     kept = metadata.get("kept_indices") if metadata else None
     return dict(depth=model.depth, params=sum(p.numel() for p in model.parameters()),

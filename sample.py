@@ -13,12 +13,12 @@ import time
 import torch
 from torchvision.utils import save_image
 
-from atomic_files import atomic_path
-from checkpoints import build_model
-from cli import add_model_args, add_precision_arg, resolve_precision
+from tinyfusion.atomic_files import atomic_path
+from tinyfusion.checkpoints import build_model
+from tinyfusion.cli import add_model_args, add_precision_arg, resolve_precision
 from diffusion import create_diffusion
-from sampling import SAMPLERS, generate, resolve_checkpoint, sample_generator
-from vae import load_vae
+from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, sample_generator
+from tinyfusion.vae import load_vae
 
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 

@@ -27,14 +27,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from atomic_files import atomic_path, atomic_write_json
-from checkpoints import build_model
-from cli import add_model_args, add_precision_arg, resolve_precision
+from tinyfusion.atomic_files import atomic_path, atomic_write_json
+from tinyfusion.checkpoints import build_model
+from tinyfusion.cli import add_model_args, add_precision_arg, resolve_precision
 from diffusion import create_diffusion
-from distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
-from runlog import MetricsLog, create_logger
-from sampling import SAMPLERS, generate, resolve_checkpoint, run_name, sample_generator, sample_labels
-from vae import load_vae, to_uint8_nhwc
+from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
+from tinyfusion.runlog import MetricsLog, create_logger
+from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, run_name, sample_generator, sample_labels
+from tinyfusion.vae import load_vae, to_uint8_nhwc
 
 # settings that change the images: a run may only be resumed with the same values
 # (--num-fid-samples, --per-proc-batch-size and the world size may change)

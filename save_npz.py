@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from atomic_files import atomic_path
+from tinyfusion.atomic_files import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

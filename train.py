@@ -14,10 +14,10 @@ import argparse
 
 import torch
 
-import training
-from cli import add_model_args, add_precision_arg
+from tinyfusion import training
+from tinyfusion.cli import add_model_args, add_precision_arg
 from diffusion import create_diffusion
-from distributed import cleanup_distributed
+from tinyfusion.distributed import cleanup_distributed
 
 
 def diffusion_losses(model, diffusion, x, y):

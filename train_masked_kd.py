@@ -11,12 +11,12 @@ steps. `--mask-sigma 0` is plain RepKD (no outlier masks); `--beta-feat 0` drops
 """
 import argparse
 
-import training
-from checkpoints import build_model
-from cli import add_model_args, add_precision_arg
+from tinyfusion import training
+from tinyfusion.checkpoints import build_model
+from tinyfusion.cli import add_model_args, add_precision_arg
 from diffusion import create_diffusion
 from diffusion.distillation import default_layer_map, feature_beta, masked_kd_losses, parse_layer_map, validate_layer_map
-from distributed import cleanup_distributed
+from tinyfusion.distributed import cleanup_distributed
 
 
 def build_teacher(args, device):

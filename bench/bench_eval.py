@@ -1,4 +1,4 @@
-"""Speed of the evaluator's metric maths (fid_metrics.py) against a straightforward NumPy
+"""Speed of the evaluator's metric maths (metrics.py) against a straightforward NumPy
 float64 implementation of the same ADM metrics (np.cov, scipy sqrtm with the eps retry,
 softmax Inception Score, k-NN precision / recall with NumPy distances in 10,000 blocks and
 np.partition), on the same synthetic Inception-like features, in one run. Prints both
@@ -18,7 +18,7 @@ import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fid_metrics  # noqa: E402
+from tinyfusion import metrics  # noqa: E402
 
 
 # ---------------------------------------------------------------- straightforward baseline
@@ -127,24 +127,24 @@ def main(args):
 
     stats, base_stats = compare(
         "statistics (mu, sigma) x2",
-        lambda: (fid_metrics.compute_statistics(ref), fid_metrics.compute_statistics(sample)),
+        lambda: (metrics.compute_statistics(ref), metrics.compute_statistics(sample)),
         lambda: (baseline_statistics(ref), baseline_statistics(sample)),
         lambda o, b: max(np.abs(o[i][j] - b[i][j]).max() for i in range(2) for j in range(2)))
     compare("FID (fast vs sqrtm)",
-            lambda: fid_metrics.frechet_distance(*stats[1], *stats[0]),
+            lambda: metrics.frechet_distance(*stats[1], *stats[0]),
             lambda: baseline_frechet_distance(*base_stats[1], *base_stats[0]),
             lambda o, b: abs(o - b))
     compare("Inception Score",
-            lambda: fid_metrics.inception_score_from_logits(logits),
+            lambda: metrics.inception_score_from_logits(logits),
             lambda: baseline_inception_score(logits),
             lambda o, b: abs(o - b))
     pr, base_pr = compare("precision/recall float32",
-            lambda: fid_metrics.precision_recall(ref, sample),
+            lambda: metrics.precision_recall(ref, sample),
             lambda: baseline_precision_recall(ref, sample),
             lambda o, b: max(abs(o[0] - b[0]), abs(o[1] - b[1])))
     print(f"{'':<28} (precision, recall): ours {pr}, numpy f64 {base_pr}")
     if args.exact:
-        exact, exact_time = timed(fid_metrics.precision_recall, ref, sample, dtype=torch.float64)
+        exact, exact_time = timed(metrics.precision_recall, ref, sample, dtype=torch.float64)
         print(f"{'precision/recall float64':<28} ours {exact_time:8.2f}s  result {exact}, "
               f"float32 {rows[-1][3]:.3g} away from the float64 baseline")
 
@@ -155,7 +155,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="fid_metrics vs a straightforward NumPy float64 ADM implementation.")
+    parser = argparse.ArgumentParser(description="tinyfusion.metrics vs a straightforward NumPy float64 ADM implementation.")
     parser.add_argument("--num", type=int, default=10000, help="feature vectors per batch (reference and samples)")
     parser.add_argument("--dim", type=int, default=2048, help="feature dimension (Inception pool_3: 2048)")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,7 @@
 """Feature extraction speed and file count: extract_features.py against the original recipe
 (batch 1, one features .npy and one labels .npy per image), same VAE, same images, same torch
 threads and DataLoader workers, in one process. Also times reading both results back through
-feature_data (our memory-mapped shards vs the original one-file-per-sample layout).
+tinyfusion.feature_store (our memory-mapped shards vs the original one-file-per-sample layout).
 
     python bench/bench_features.py                       # tiny random SD-VAE-shaped VAE, digits at 32px
     python bench/bench_features.py --vae-path pretrained/sd-vae-ft-ema --image-size 256 --num-images 64
@@ -20,10 +20,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tools"), os.path.join(REPO, "tests")]
 
 import extract_features  # noqa: E402
-import feature_data  # noqa: E402
-from image_data import image_folder  # noqa: E402
+from tinyfusion import feature_store  # noqa: E402
+from tinyfusion.image_folder import image_folder  # noqa: E402
 from make_digits import write_digits_folder  # noqa: E402
-from vae import LATENT_SCALE, load_vae  # noqa: E402
+from tinyfusion.vae import LATENT_SCALE, load_vae  # noqa: E402
 
 
 def baseline_extract(data_path, out, image_size, vae_path, num_workers):
@@ -47,7 +47,7 @@ def count_files(folder):
 
 
 def read_speed(path, passes=2):
-    dataset = feature_data.open_feature_dataset(path)
+    dataset = feature_store.open_feature_dataset(path)
     start = time.perf_counter()
     for _ in range(passes):
         for index in range(len(dataset)):
@@ -75,7 +75,7 @@ def main(args):
     start = time.perf_counter()
     extract_features.main(extract_features.parse_args(argv))
     ours_seconds = time.perf_counter() - start
-    shards = feature_data.read_manifest(ours_path)["num_shards"]
+    shards = feature_store.read_manifest(ours_path)["num_shards"]
 
     baseline_files, ours_files = count_files(os.path.join(work, "baseline")), count_files(ours_path)
     baseline_read, ours_read = read_speed(os.path.join(work, "baseline")), read_speed(ours_path)

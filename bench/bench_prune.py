@@ -28,11 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from diffusion import create_diffusion  # noqa: E402
-from ema import ParameterEMA  # noqa: E402
-from lora import apply_lora  # noqa: E402
+from tinyfusion.ema import ParameterEMA  # noqa: E402
+from tinyfusion.lora import apply_lora  # noqa: E402
 from models import DiT_models  # noqa: E402
 from prune_by_learning import pruning_loss  # noqa: E402
-from training import AutocastForward, clip_grad_norm  # noqa: E402
+from tinyfusion.training import AutocastForward, clip_grad_norm  # noqa: E402
 
 
 def rss_mb():

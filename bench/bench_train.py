@@ -22,12 +22,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
-from cli import autocast, resolve_precision  # noqa: E402
+from tinyfusion.cli import autocast, resolve_precision  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from diffusion.distillation import masked_kd_losses, span_end_layer_map  # noqa: E402
-from ema import ParameterEMA  # noqa: E402
+from tinyfusion.ema import ParameterEMA  # noqa: E402
 from models import DiT_models, prune_to_kept_blocks  # noqa: E402
-from training import AutocastForward, clip_grad_norm  # noqa: E402
+from tinyfusion.training import AutocastForward, clip_grad_norm  # noqa: E402
 
 
 def main(args):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cli import parse_groups, parse_index_list
+from tinyfusion.cli import parse_groups, parse_index_list
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

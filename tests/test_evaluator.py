@@ -1,4 +1,4 @@
-"""Tests for fid_metrics.py (closed forms, hand-computed scores, brute-force oracles) and
+"""Tests for metrics.py (closed forms, hand-computed scores, brute-force oracles) and
 evaluator.py (a tiny frozen TF graph with the real tensor names, TorchScript feature nets,
 stored / cached reference statistics, the CLI)."""
 import json
@@ -13,7 +13,7 @@ import scipy.linalg
 import torch
 
 import evaluator
-import fid_metrics
+from tinyfusion import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["fast", "sqrtm"]
@@ -31,7 +31,7 @@ def random_spd(rng, dim, scale=1.0):
 def test_statistics_match_numpy_mean_and_cov_across_chunks():
     rng = np.random.default_rng(0)
     acts = (rng.standard_normal((257, 12)) * 3 + 5).astype(np.float32)
-    mu, sigma = fid_metrics.compute_statistics(acts, chunk_size=50)  # 6 chunks, last partial
+    mu, sigma = metrics.compute_statistics(acts, chunk_size=50)  # 6 chunks, last partial
     np.testing.assert_allclose(mu, acts.astype(np.float64).mean(0), rtol=0, atol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(acts.astype(np.float64), rowvar=False), rtol=1e-12, atol=1e-12)
 
@@ -39,7 +39,7 @@ def test_statistics_match_numpy_mean_and_cov_across_chunks():
 @pytest.mark.parametrize("method", METHODS)
 def test_frechet_distance_one_dimensional_closed_form(method):
     # N(m1, s1^2) vs N(m2, s2^2): (m1 - m2)^2 + (s1 - s2)^2
-    fd = fid_metrics.frechet_distance(np.array([1.5]), np.array([[4.0]]), np.array([-0.5]), np.array([[0.25]]),
+    fd = metrics.frechet_distance(np.array([1.5]), np.array([[4.0]]), np.array([-0.5]), np.array([[0.25]]),
                                       method=method)
     assert fd == pytest.approx((1.5 + 0.5) ** 2 + (2.0 - 0.5) ** 2, rel=1e-12)
 
@@ -50,12 +50,12 @@ def test_frechet_distance_diagonal_closed_form(method):
     a, b = rng.uniform(0.1, 5, 20), rng.uniform(0.1, 5, 20)
     mu1, mu2 = rng.standard_normal(20), rng.standard_normal(20)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    fd = fid_metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method)
+    fd = metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method)
     assert fd == pytest.approx(expected, rel=1e-10)
     # a zero variance makes the first covariance singular (no Cholesky factor)
     a[3] = 0.0
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    fd = fid_metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method)
+    fd = metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method)
     assert fd == pytest.approx(expected, rel=1e-6)
 
 
@@ -69,9 +69,9 @@ def test_frechet_distance_general_spd(method):
     assert np.abs(eigenvalues.imag).max() < 1e-9 and eigenvalues.real.min() > 0
     tr_sqrt = np.sqrt(eigenvalues.real).sum()
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
-    assert fid_metrics.frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(expected, rel=1e-9)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(expected, rel=1e-9)
     # Scaled covariance: FD(N(0, S), N(0, c^2 S)) = (1 - c)^2 tr(S)
-    assert fid_metrics.frechet_distance(mu1, s1, mu1, 9.0 * s1, method=method) == pytest.approx(4 * np.trace(s1), rel=1e-9)
+    assert metrics.frechet_distance(mu1, s1, mu1, 9.0 * s1, method=method) == pytest.approx(4 * np.trace(s1), rel=1e-9)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -79,23 +79,23 @@ def test_frechet_distance_self_zero_and_symmetric(method):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((500, 16)) @ rng.standard_normal((16, 16))
     y = rng.standard_normal((400, 16)) * 2 + 1
-    mx, sx = fid_metrics.compute_statistics(x)
-    my, sy = fid_metrics.compute_statistics(y)
-    assert abs(fid_metrics.frechet_distance(mx, sx, mx, sx, method=method)) < 1e-8
-    forward = fid_metrics.frechet_distance(mx, sx, my, sy, method=method)
+    mx, sx = metrics.compute_statistics(x)
+    my, sy = metrics.compute_statistics(y)
+    assert abs(metrics.frechet_distance(mx, sx, mx, sx, method=method)) < 1e-8
+    forward = metrics.frechet_distance(mx, sx, my, sy, method=method)
     assert forward > 1.0
-    assert fid_metrics.frechet_distance(my, sy, mx, sx, method=method) == pytest.approx(forward, rel=1e-9)
+    assert metrics.frechet_distance(my, sy, mx, sx, method=method) == pytest.approx(forward, rel=1e-9)
 
 
 def test_frechet_methods_agree_on_rank_deficient_covariances():
     # Fewer samples than dims: both covariances are singular; the fast path needs no eps.
     rng = np.random.default_rng(4)
-    mx, sx = fid_metrics.compute_statistics(rng.standard_normal((20, 40)))
-    my, sy = fid_metrics.compute_statistics(rng.standard_normal((25, 40)) + 0.5)
+    mx, sx = metrics.compute_statistics(rng.standard_normal((20, 40)))
+    my, sy = metrics.compute_statistics(rng.standard_normal((25, 40)) + 0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exact = fid_metrics.frechet_distance(mx, sx, my, sy, method="sqrtm")
-    assert fid_metrics.frechet_distance(mx, sx, my, sy, method="fast") == pytest.approx(exact, rel=1e-4)
+        exact = metrics.frechet_distance(mx, sx, my, sy, method="sqrtm")
+    assert metrics.frechet_distance(mx, sx, my, sy, method="fast") == pytest.approx(exact, rel=1e-4)
 
 
 def test_sqrtm_method_retries_with_eps_when_not_finite(monkeypatch):
@@ -113,10 +113,10 @@ def test_sqrtm_method_retries_with_eps_when_not_finite(monkeypatch):
 
     monkeypatch.setattr(scipy.linalg, "sqrtm", flaky_sqrtm)
     with pytest.warns(UserWarning, match="adding 1e-06"):
-        fd = fid_metrics.frechet_distance(mu, s1, mu, s2, method="sqrtm")
+        fd = metrics.frechet_distance(mu, s1, mu, s2, method="sqrtm")
     eye = np.eye(6) * 1e-6
     np.testing.assert_allclose(calls[1], (s1 + eye) @ (s2 + eye))
-    expected = fid_metrics.frechet_distance(mu, s1, mu, s2, method="fast")
+    expected = metrics.frechet_distance(mu, s1, mu, s2, method="fast")
     # the retried product carries eps on the diagonal: tr(sqrtm) moves by O(eps), not more
     assert fd == pytest.approx(expected, abs=1e-4)
     assert fd != expected
@@ -128,21 +128,21 @@ def test_sqrtm_method_imaginary_part(monkeypatch):
     mu = np.zeros(4)
     root = scipy.linalg.sqrtm(s1 @ s2).real
     monkeypatch.setattr(scipy.linalg, "sqrtm", lambda m, *a, **k: root + 1e-5j)
-    small = fid_metrics.frechet_distance(mu, s1, mu, s2, method="sqrtm")  # small imaginary: dropped
+    small = metrics.frechet_distance(mu, s1, mu, s2, method="sqrtm")  # small imaginary: dropped
     assert small == pytest.approx(np.trace(s1) + np.trace(s2) - 2 * np.trace(root), rel=1e-12)
     monkeypatch.setattr(scipy.linalg, "sqrtm", lambda m, *a, **k: root + 0.5j)
     with pytest.raises(ValueError, match="imaginary component"):
-        fid_metrics.frechet_distance(mu, s1, mu, s2, method="sqrtm")
+        metrics.frechet_distance(mu, s1, mu, s2, method="sqrtm")
 
 
 def test_frechet_distance_rejects_non_psd_covariance():
     with pytest.raises(ValueError, match="not positive semi-definite"):
-        fid_metrics.frechet_distance(np.zeros(2), np.diag([1.0, -0.5]), np.zeros(2), np.eye(2))
+        metrics.frechet_distance(np.zeros(2), np.diag([1.0, -0.5]), np.zeros(2), np.eye(2))
 
 
 def test_frechet_distance_rejects_mismatched_statistics():
     with pytest.raises(ValueError, match="do not match"):
-        fid_metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
 # ----------------------------------------------------------------------------------------
@@ -152,11 +152,11 @@ def test_frechet_distance_rejects_mismatched_statistics():
 def test_inception_score_one_hot_and_uniform():
     num_classes = 10
     one_hot = np.eye(num_classes)[np.arange(1000) % num_classes]
-    assert fid_metrics.inception_score(one_hot) == pytest.approx(num_classes, rel=1e-12)
-    assert fid_metrics.inception_score(np.full((1000, 7), 1 / 7)) == pytest.approx(1.0, rel=1e-12)
+    assert metrics.inception_score(one_hot) == pytest.approx(num_classes, rel=1e-12)
+    assert metrics.inception_score(np.full((1000, 7), 1 / 7)) == pytest.approx(1.0, rel=1e-12)
     # logits whose softmax is one-hot up to e^-60
-    assert fid_metrics.inception_score_from_logits(60.0 * one_hot) == pytest.approx(num_classes, rel=1e-12)
-    assert fid_metrics.inception_score_from_logits(np.zeros((1000, 7))) == pytest.approx(1.0, rel=1e-12)
+    assert metrics.inception_score_from_logits(60.0 * one_hot) == pytest.approx(num_classes, rel=1e-12)
+    assert metrics.inception_score_from_logits(np.zeros((1000, 7))) == pytest.approx(1.0, rel=1e-12)
 
 
 def test_inception_score_uses_consecutive_splits_of_5000():
@@ -166,13 +166,13 @@ def test_inception_score_uses_consecutive_splits_of_5000():
     pairs = np.array([[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]])
     second = pairs[np.arange(5000) % 2]
     probs = np.concatenate([first, second])
-    assert fid_metrics.inception_score(probs) == pytest.approx(3.0, rel=1e-12)
+    assert metrics.inception_score(probs) == pytest.approx(3.0, rel=1e-12)
     # One split over all 10000 would give a different number: the marginal is (3/8 ... ).
-    whole = fid_metrics.inception_score(probs, split_size=10000)
+    whole = metrics.inception_score(probs, split_size=10000)
     assert abs(whole - 3.0) > 0.1
     # A last partial split counts as a split of its own: 5000 + 5000 + 2000 (uniform, score 1).
     with_tail = np.concatenate([probs, np.full((2000, 4), 0.25)])
-    assert fid_metrics.inception_score(with_tail) == pytest.approx((4 + 2 + 1) / 3, rel=1e-12)
+    assert metrics.inception_score(with_tail) == pytest.approx((4 + 2 + 1) / 3, rel=1e-12)
 
 
 def test_inception_score_from_logits_matches_probabilities():
@@ -180,7 +180,7 @@ def test_inception_score_from_logits_matches_probabilities():
     logits = rng.standard_normal((6000, 50)).astype(np.float32) * 3
     probs = np.exp(logits.astype(np.float64))
     probs /= probs.sum(1, keepdims=True)
-    assert fid_metrics.inception_score_from_logits(logits) == pytest.approx(fid_metrics.inception_score(probs), rel=1e-10)
+    assert metrics.inception_score_from_logits(logits) == pytest.approx(metrics.inception_score(probs), rel=1e-10)
 
 
 # ----------------------------------------------------------------------------------------
@@ -208,20 +208,20 @@ def test_precision_recall_matches_brute_force(dtype):
     sample = (rng.standard_normal((45, 8)) + 0.8).astype(np.float32)
     precision, recall, ref_radii = brute_force_precision_recall(ref, sample)
     assert 0.1 < precision < 0.95 and 0.1 < recall < 0.95  # a non-trivial case
-    radii = fid_metrics.manifold_radii(ref, batch_size=7, dtype=dtype, device="cpu")
-    tiny_blocks = fid_metrics.manifold_radii(ref, batch_size=2, dtype=dtype, device="cpu")  # < k + 1 columns
+    radii = metrics.manifold_radii(ref, batch_size=7, dtype=dtype, device="cpu")
+    tiny_blocks = metrics.manifold_radii(ref, batch_size=2, dtype=dtype, device="cpu")  # < k + 1 columns
     np.testing.assert_allclose(tiny_blocks, ref_radii, rtol=1e-5 if dtype == torch.float32 else 1e-12)
     np.testing.assert_allclose(radii, ref_radii, rtol=1e-5 if dtype == torch.float32 else 1e-12)
     # blocks of 7 rows / columns exercise the running k-smallest merge and partial blocks
-    got = fid_metrics.precision_recall(ref, sample, batch_size=7, dtype=dtype, device="cpu")
+    got = metrics.precision_recall(ref, sample, batch_size=7, dtype=dtype, device="cpu")
     assert got == pytest.approx((precision, recall), abs=1e-12)
 
 
 def test_precision_recall_identical_and_far_apart():
     rng = np.random.default_rng(9)
     x = rng.standard_normal((50, 16))
-    assert fid_metrics.precision_recall(x, x.copy(), device="cpu") == (1.0, 1.0)
-    assert fid_metrics.precision_recall(x, x + 100.0, device="cpu") == (0.0, 0.0)
+    assert metrics.precision_recall(x, x.copy(), device="cpu") == (1.0, 1.0)
+    assert metrics.precision_recall(x, x + 100.0, device="cpu") == (0.0, 0.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -231,19 +231,19 @@ def test_points_on_the_ball_boundary_count_as_inside(dtype):
     # reference radii (squared, 3rd neighbour): 9, 4, 4, 9. Sample (-3, 0) is at squared
     # distance 9 from (0, 0): exactly on the boundary. (-3.5, 0) and the far points are outside.
     sample = np.array([[-3, 0], [-3.5, 0], [50, 0], [51, 0], [52, 0]], dtype=np.float32)
-    np.testing.assert_array_equal(fid_metrics.manifold_radii(ref, dtype=dtype, device="cpu"), [9, 4, 4, 9])
-    precision, recall = fid_metrics.precision_recall(ref, sample, dtype=dtype, device="cpu")
+    np.testing.assert_array_equal(metrics.manifold_radii(ref, dtype=dtype, device="cpu"), [9, 4, 4, 9])
+    precision, recall = metrics.precision_recall(ref, sample, dtype=dtype, device="cpu")
     assert precision == pytest.approx(1 / 5)
     assert (precision, recall) == pytest.approx(brute_force_precision_recall(ref, sample)[:2])
     # roles swapped: the boundary sample is now a reference point inside a sample ball
-    assert fid_metrics.precision_recall(sample, ref, dtype=dtype, device="cpu")[1] == pytest.approx(1 / 5)
+    assert metrics.precision_recall(sample, ref, dtype=dtype, device="cpu")[1] == pytest.approx(1 / 5)
 
 
 def test_classifier_accuracy():
     logits = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.0, 0.0, 1.0], [5.0, 0.0, 0.0]])
-    assert fid_metrics.classifier_accuracy(logits, [0, 1, 2, 1]) == 0.75
+    assert metrics.classifier_accuracy(logits, [0, 1, 2, 1]) == 0.75
     with pytest.raises(ValueError, match="labels must lie"):
-        fid_metrics.classifier_accuracy(logits, [0, 1, 2, 3])
+        metrics.classifier_accuracy(logits, [0, 1, 2, 3])
 
 
 # ----------------------------------------------------------------------------------------
@@ -294,16 +294,16 @@ def test_feature_net_evaluation_matches_direct_computation(tmp_path, channel_mea
 
     ref_pool, ref_spatial = features(ref_images)
     sample_pool, sample_spatial = features(sample_images)
-    expected_fid = fid_metrics.frechet_distance(*fid_metrics.compute_statistics(sample_pool),
-                                                *fid_metrics.compute_statistics(ref_pool))
-    expected_sfid = fid_metrics.frechet_distance(*fid_metrics.compute_statistics(sample_spatial),
-                                                 *fid_metrics.compute_statistics(ref_spatial))
+    expected_fid = metrics.frechet_distance(*metrics.compute_statistics(sample_pool),
+                                                *metrics.compute_statistics(ref_pool))
+    expected_sfid = metrics.frechet_distance(*metrics.compute_statistics(sample_spatial),
+                                                 *metrics.compute_statistics(ref_spatial))
     assert results["fid"] == pytest.approx(expected_fid, rel=1e-4)
     assert results["sfid"] == pytest.approx(expected_sfid, rel=1e-4)
     assert (results["precision"], results["recall"]) == pytest.approx(
         brute_force_precision_recall(ref_pool, sample_pool)[:2])
     logits = -(sample_pool[:, :1] - 25.0 * np.arange(10)[None]) ** 2
-    assert results["inception_score"] == pytest.approx(fid_metrics.inception_score_from_logits(logits), rel=1e-4)
+    assert results["inception_score"] == pytest.approx(metrics.inception_score_from_logits(logits), rel=1e-4)
     assert results["classifier_accuracy"] == 1.0  # red means sit within 3 of the labels' centres
     assert (results["num_reference"], results["num_samples"]) == (40, 30)
 
@@ -499,7 +499,7 @@ def test_tensorflow_inception_path_on_tiny_graph(tmp_path, monkeypatch):
         fd_calls.append((mu1, sigma1, mu2, sigma2))
         return float(len(fd_calls))
 
-    monkeypatch.setattr(fid_metrics, "frechet_distance", recording_frechet_distance)
+    monkeypatch.setattr(metrics, "frechet_distance", recording_frechet_distance)
     results = evaluator.evaluate(ref_path, sample_path, network, device="cpu", log=lambda *a: None)
     ref_pool, ref_spatial, _ = numpy_tiny_inception(ref_images, weights)
     sample_pool, sample_spatial, sample_logits = numpy_tiny_inception(sample_images, weights)
@@ -514,7 +514,7 @@ def test_tensorflow_inception_path_on_tiny_graph(tmp_path, monkeypatch):
     assert fd_calls[1][0].shape == (2023,)  # sFID: first 7 channels of 17x17, NHWC order
     assert_stats(fd_calls[0], (*sample_stats, np.mean(ref_pool, 0), np.cov(ref_pool, rowvar=False)))
     assert_stats(fd_calls[1], (*sample_stats_s, np.mean(ref_spatial, 0), np.cov(ref_spatial, rowvar=False)))
-    assert results["inception_score"] == pytest.approx(fid_metrics.inception_score_from_logits(sample_logits), rel=1e-4)
+    assert results["inception_score"] == pytest.approx(metrics.inception_score_from_logits(sample_logits), rel=1e-4)
     assert (results["precision"], results["recall"]) == pytest.approx(
         brute_force_precision_recall(ref_pool, sample_pool)[:2], abs=1 / 50)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import models
-from checkpoints import save_checkpoint, save_pruned_model
+from tinyfusion.checkpoints import save_checkpoint, save_pruned_model
 from export_diffusers import main, match_original_timestep_embedding, parse_args, to_diffusers_transformer
 from models import DiT_models, prune_to_kept_blocks
 from tiny_vae import make_tiny_vae

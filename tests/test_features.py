@@ -19,10 +19,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 import extract_features  # noqa: E402
-import feature_data  # noqa: E402
+from tinyfusion import feature_store  # noqa: E402
 from conftest import torch_threads  # noqa: E402
-from distributed import DistributedContext  # noqa: E402
-from image_data import center_crop_arr, image_folder, list_image_folder, to_unit_range  # noqa: E402
+from tinyfusion.distributed import DistributedContext  # noqa: E402
+from tinyfusion.image_folder import center_crop_arr, image_folder, list_image_folder, to_unit_range  # noqa: E402
 from make_digits import digits_as_uint8, write_digits_folder  # noqa: E402
 from tiny_vae import SD_VAE_CONFIG, TINY_VAE_CONFIG, make_tiny_vae  # noqa: E402
 
@@ -53,13 +53,13 @@ def extract(data_path, features_path, *extra, vae_path=None):
 
 def store_arrays(path):
     """(latents, labels, indices) of a finished store, concatenated over its shards."""
-    manifest = feature_data.read_manifest(path)
+    manifest = feature_store.read_manifest(path)
     parts = {"latents": [], "labels": [], "indices": []}
     for record in manifest["shards"]:
         file = os.path.join(path, record["file"])
-        tensors, _ = feature_data.read_shard_header(file)
+        tensors, _ = feature_store.read_shard_header(file)
         for name in parts:
-            parts[name].append(np.array(feature_data._map_array(file, tensors[name])))
+            parts[name].append(np.array(feature_store._map_array(file, tensors[name])))
     return tuple(np.concatenate(parts[name]) for name in ("latents", "labels", "indices"))
 
 
@@ -165,16 +165,16 @@ def test_latents_are_the_vae_posterior_sample_of_image_and_flip(reference_store,
     vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
     for index in (0, 7, len(reference) - 1):
         x, _ = reference[index]
-        generator = torch.Generator().manual_seed(feature_data.hash64(0, index) >> 1)
+        generator = torch.Generator().manual_seed(feature_store.hash64(0, index) >> 1)
         with torch.no_grad():
             expected = vae.encode(torch.stack([x, x.flip(dims=[2])])).latent_dist.sample(generator=generator) * 0.18215
         assert latents[index].shape == (2, 4, 2, 2)
         np.testing.assert_allclose(latents[index], expected.numpy(), rtol=0, atol=2e-6)
-    manifest = feature_data.read_manifest(reference_store)
+    manifest = feature_store.read_manifest(reference_store)
     assert manifest["class_to_idx"] == reference.class_to_idx and manifest["scale_factor"] == 0.18215
     assert manifest["num_samples"] == len(reference) and manifest["sample_shape"] == [4, 2, 2]
     assert sorted(os.listdir(reference_store)) == ["extraction.json", "manifest.json"] + [
-        feature_data.shard_file_name(i) for i in range(4)]  # 15 images / 4 per shard: 2 + 4 files
+        feature_store.shard_file_name(i) for i in range(4)]  # 15 images / 4 per shard: 2 + 4 files
 
 
 def test_pixel_space_store_holds_the_images_and_flips(tmp_path, images):
@@ -186,7 +186,7 @@ def test_pixel_space_store_holds_the_images_and_flips(tmp_path, images):
         x, y = dataset[index]
         assert np.array_equal(latents[index, 0], x.numpy()) and np.array_equal(latents[index, 1], x.flip(2).numpy())
         assert labels[index] == y
-    assert feature_data.read_manifest(tmp_path / "pixels")["scale_factor"] is None
+    assert feature_store.read_manifest(tmp_path / "pixels")["scale_factor"] is None
 
 
 def test_fp16_store_rounds_the_fp32_values(tmp_path, images, reference_store, tiny_vae):
@@ -208,10 +208,10 @@ def test_two_ranks_write_the_same_store_as_one(tmp_path, images, tiny_vae, refer
     assert "images/s over 2 rank(s)" in result.stdout
     for ours, theirs in zip(store_arrays(tmp_path / "two"), store_arrays(reference_store)):
         assert np.array_equal(ours, theirs)  # same latents, labels and indices, bit for bit
-    manifest = feature_data.read_manifest(tmp_path / "two")
+    manifest = feature_store.read_manifest(tmp_path / "two")
     assert [record["rank"] for record in manifest["shards"]] == [0, 1, 0, 1]  # each shard by one rank
     assert len(os.listdir(tmp_path / "two")) == 2 + len(manifest["shards"])
-    assert manifest["extraction_id"] == feature_data.read_manifest(reference_store)["extraction_id"]
+    assert manifest["extraction_id"] == feature_store.read_manifest(reference_store)["extraction_id"]
 
 
 def test_resume_redoes_missing_truncated_and_corrupted_shards(tmp_path, reference_store, images, tiny_vae):
@@ -219,27 +219,27 @@ def test_resume_redoes_missing_truncated_and_corrupted_shards(tmp_path, referenc
     shutil.copytree(reference_store, path)
     # the state a killed run (plus a bad disk) leaves: no manifest, a temp file, three bad shards
     os.remove(path / "manifest.json")
-    os.remove(path / feature_data.shard_file_name(1))
-    shard_2 = path / feature_data.shard_file_name(2)
+    os.remove(path / feature_store.shard_file_name(1))
+    shard_2 = path / feature_store.shard_file_name(2)
     shard_2.write_bytes(shard_2.read_bytes()[:-10])
-    shard_3 = path / feature_data.shard_file_name(3)
+    shard_3 = path / feature_store.shard_file_name(3)
     data = bytearray(shard_3.read_bytes())
     data[-20] ^= 0xFF  # a flipped byte inside the latents: only the checksum can tell
     shard_3.write_bytes(bytes(data))
     (path / ".shard-00001.x1y2.tmp.safetensors").write_bytes(b"half a shard")
     with pytest.raises(SystemExit, match="unfinished"):
-        feature_data.open_feature_dataset(path)
-    untouched = os.stat(path / feature_data.shard_file_name(0))
+        feature_store.open_feature_dataset(path)
+    untouched = os.stat(path / feature_store.shard_file_name(0))
     with pytest.raises(SystemExit, match="pass --resume"):
         extract(images, path, vae_path=tiny_vae)
     with torch_threads(1):
         extract(images, path, "--resume", vae_path=tiny_vae)
     for ours, theirs in zip(store_arrays(path), store_arrays(reference_store)):
         assert np.array_equal(ours, theirs)
-    again = os.stat(path / feature_data.shard_file_name(0))
+    again = os.stat(path / feature_store.shard_file_name(0))
     assert (again.st_ino, again.st_mtime_ns) == (untouched.st_ino, untouched.st_mtime_ns)  # kept, not redone
     assert not [name for name in os.listdir(path) if ".tmp" in name]
-    shards = [feature_data.shard_file_name(i) for i in range(4)]
+    shards = [feature_store.shard_file_name(i) for i in range(4)]
     assert [folder_digest(path)[name] for name in shards] == [folder_digest(reference_store)[name] for name in shards]
     finished = {name: os.stat(path / name).st_mtime_ns for name in os.listdir(path)}
     extract(images, path, "--resume", vae_path=tiny_vae)  # complete: a no-op that rewrites nothing
@@ -249,10 +249,10 @@ def test_resume_redoes_missing_truncated_and_corrupted_shards(tmp_path, referenc
 def test_damaged_store_is_refused_by_the_dataset(tmp_path, reference_store):
     path = tmp_path / "damaged"
     shutil.copytree(reference_store, path)
-    shard = path / feature_data.shard_file_name(2)
+    shard = path / feature_store.shard_file_name(2)
     shard.write_bytes(shard.read_bytes()[:-4])
     with pytest.raises(SystemExit, match="damaged.*--resume"):
-        feature_data.open_feature_dataset(path)
+        feature_store.open_feature_dataset(path)
 
 
 def test_bad_inputs_are_one_line_errors_and_overwrite_nothing(tmp_path, images, tiny_vae, reference_store,
@@ -298,12 +298,12 @@ def test_unreadable_image_is_skipped_and_logged(tmp_path, tiny_vae, capsys):
         (tmp_path / "images" / "class_1" / name).write_bytes(b"this is not a png")
     extract(root, tmp_path / "out", vae_path=tiny_vae)
     assert "skipping" in capsys.readouterr().out
-    manifest = feature_data.read_manifest(tmp_path / "out")
+    manifest = feature_store.read_manifest(tmp_path / "out")
     assert manifest["skipped"] == [os.path.join("class_1", f"img_0{i}.png") for i in (1, 2)]
     assert manifest["num_samples"] == 4 and [record["count"] for record in manifest["shards"]] == [4, 0]
     latents, labels, indices = store_arrays(tmp_path / "out")
     assert indices.tolist() == [0, 1, 2, 3] and labels.tolist() == [0, 0, 0, 1] and latents.shape[0] == 4
-    dataset = feature_data.open_feature_dataset(tmp_path / "out")
+    dataset = feature_store.open_feature_dataset(tmp_path / "out")
     assert len(dataset) == 4 and dataset[3][1].item() == 1
 
 
@@ -328,7 +328,7 @@ def test_killed_extraction_resumes_to_the_same_store(tmp_path, tiny_vae):
     process = subprocess.Popen(base + ["--features-path", str(tmp_path / "killed")], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "killed" / feature_data.shard_file_name(3)).exists():
+    while time.time() < deadline and not (tmp_path / "killed" / feature_store.shard_file_name(3)).exists():
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -357,21 +357,21 @@ def write_original_layout(root, count=12, seed=0):
 def test_original_layout_loads_through_the_same_dataset(tmp_path):
     features, labels = write_original_layout(tmp_path)
     for path in (tmp_path, tmp_path / "imagenet256_features"):
-        dataset = feature_data.open_feature_dataset(path, seed=3)
-        assert isinstance(dataset, feature_data.FeatureDataset)
+        dataset = feature_store.open_feature_dataset(path, seed=3)
+        assert isinstance(dataset, feature_store.FeatureDataset)
         assert len(dataset) == 12 and dataset.sample_shape == (4, 4, 4)
         assert dataset.num_classes == max(int(label[0]) for label in labels) + 1
         assert dataset.metadata["layout"] == "original" and dataset.metadata["image_size"] == 32
         for index in (0, 2, 10, 11):  # numeric order: 10.npy is image 10, not image 2
             x, y = dataset[index]
-            copy = 1 if feature_data.hash_uniform(3, 0, index) < 0.5 else 0
+            copy = 1 if feature_store.hash_uniform(3, 0, index) < 0.5 else 0
             assert torch.equal(x, torch.from_numpy(features[index][copy])) and x.dtype == torch.float32
             assert y.item() == labels[index][0] and y.dtype == torch.int64 and y.shape == ()
 
 
 def test_store_dataset_items_and_metadata(reference_store):
     latents, labels, _ = store_arrays(reference_store)
-    dataset = feature_data.open_feature_dataset(reference_store, seed=5)
+    dataset = feature_store.open_feature_dataset(reference_store, seed=5)
     assert len(dataset) == len(labels) and dataset.sample_shape == (4, 2, 2) and dataset.num_classes == 3
     assert dataset.metadata["layout"] == "tinyfusion" and dataset.metadata["image_size"] == IMAGE_SIZE
     assert dataset.metadata["class_to_idx"] == {"class_0": 0, "class_1": 1, "class_2": 2}
@@ -379,9 +379,9 @@ def test_store_dataset_items_and_metadata(reference_store):
         dataset.set_epoch(epoch)
         for index in range(len(dataset)):
             x, y = dataset[index]
-            copy = 1 if feature_data.hash_uniform(5, epoch, index) < 0.5 else 0
+            copy = 1 if feature_store.hash_uniform(5, epoch, index) < 0.5 else 0
             assert np.array_equal(x.numpy(), latents[index, copy]) and y.item() == labels[index]
-    never, always = (feature_data.open_feature_dataset(reference_store, flip_prob=p) for p in (0.0, 1.0))
+    never, always = (feature_store.open_feature_dataset(reference_store, flip_prob=p) for p in (0.0, 1.0))
     assert all(np.array_equal(never[i][0].numpy(), latents[i, 0]) for i in range(len(never)))
     assert all(np.array_equal(always[i][0].numpy(), latents[i, 1]) for i in range(len(always)))
     clone = pickle.loads(pickle.dumps(dataset))  # what a DataLoader worker gets
@@ -389,17 +389,17 @@ def test_store_dataset_items_and_metadata(reference_store):
 
 
 def test_flip_choice_is_a_fair_coin_per_epoch():
-    flips = np.array([[feature_data.hash_uniform(0, epoch, i) < 0.5 for i in range(4000)] for epoch in (0, 1)])
+    flips = np.array([[feature_store.hash_uniform(0, epoch, i) < 0.5 for i in range(4000)] for epoch in (0, 1)])
     assert abs(flips.mean() - 0.5) < 0.02  # 8000 draws: 5 sigma is 0.028
     assert 0.45 < (flips[0] != flips[1]).mean() < 0.55  # epochs are independent
 
 
 def test_loader_is_worker_independent_and_resumes_mid_epoch(reference_store):
-    dataset = feature_data.open_feature_dataset(reference_store, seed=1)
+    dataset = feature_store.open_feature_dataset(reference_store, seed=1)
     ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
 
     def epoch_batches(num_workers, epoch, start_batch=0):
-        loader, sampler = feature_data.make_loader(dataset, 4, ctx, seed=7, num_workers=num_workers)
+        loader, sampler = feature_store.make_loader(dataset, 4, ctx, seed=7, num_workers=num_workers)
         sampler.set_epoch(epoch, start_batch=start_batch)
         return [(x.clone(), y.clone()) for x, y in loader]
 
@@ -419,15 +419,15 @@ def test_ranks_split_the_samples():
     seen = []
     for rank in (0, 1):
         ctx = DistributedContext(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), backend="gloo")
-        loader, sampler = feature_data.make_loader(dataset, 5, ctx, seed=0, num_workers=0)
+        loader, sampler = feature_store.make_loader(dataset, 5, ctx, seed=0, num_workers=0)
         sampler.set_epoch(0)
         seen += [int(v) for batch in loader for v in batch]
-        assert feature_data.batches_per_epoch(sampler) == 1
+        assert feature_store.batches_per_epoch(sampler) == 1
     assert sorted(seen) == list(range(10))
     with pytest.raises(ValueError, match="cannot fill one batch"):
-        feature_data.make_loader(dataset, 6, ctx, seed=0, num_workers=0)
+        feature_store.make_loader(dataset, 6, ctx, seed=0, num_workers=0)
 
 
 def test_missing_features_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match=f"no features found in {tmp_path}; run extract_features.py"):
-        feature_data.open_feature_dataset(tmp_path)
+        feature_store.open_feature_dataset(tmp_path)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import prune_by_learning
-from checkpoints import load_checkpoint_file, read_metadata
+from tinyfusion.checkpoints import load_checkpoint_file, read_metadata
 from models import DiT_models
-from runlog import read_metrics
+from tinyfusion.runlog import read_metrics
 from tests.prune_helpers import make_digits_features, save_plain, set_block_gates, xs_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,7 +183,7 @@ def identity_teacher(workspace):
     one of them hurts while removing an identity block costs nothing."""
     folder, features, _ = workspace
     from diffusion import create_diffusion
-    from feature_data import open_feature_dataset
+    from tinyfusion.feature_store import open_feature_dataset
     dataset = open_feature_dataset(features, flip_prob=0.0)
     data = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.stack([dataset[i][1] for i in range(len(dataset))])

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from diffusion import create_diffusion
-from lora import LoRALinear, apply_lora, lora_parameters, strip_lora_keys
+from tinyfusion.lora import LoRALinear, apply_lora, lora_parameters, strip_lora_keys
 from models import DiT_models
-from pruning import (block_input_output_similarity, bi_scores, gate_decision, linear_schedule, select_by_bi_score,
+from tinyfusion.pruning import (block_input_output_similarity, bi_scores, gate_decision, linear_schedule, select_by_bi_score,
                      validate_kept_indices)
 from tests.prune_helpers import set_block_gates, xs_model
 

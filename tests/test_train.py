@@ -14,8 +14,8 @@ import torch
 
 import train
 import train_masked_kd
-import training
-from distributed import DistributedContext
+from tinyfusion import training
+from tinyfusion.distributed import DistributedContext
 from training_helpers import COMMON_FLAGS, IMAGE_SIZE, MODEL, make_digits_store, make_teacher_and_student, torchrun
 
 
@@ -39,7 +39,7 @@ def parse(script, workspace, results, *extra):
 
 
 def checkpoint(path):
-    from checkpoints import load_checkpoint_file
+    from tinyfusion.checkpoints import load_checkpoint_file
     return load_checkpoint_file(str(path))
 
 
@@ -98,7 +98,7 @@ def test_interrupted_run_resumed_with_auto_ends_with_the_same_weights(workspace,
 
 # ------------------------------------------------------------------ run folder and checkpoint format
 def test_training_from_scratch_writes_the_run_folder_and_original_format_checkpoints(workspace, tmp_path):
-    from checkpoints import build_model
+    from tinyfusion.checkpoints import build_model
     from models import DiT_models
     train.main(parse(train, workspace, tmp_path, "--max-steps", "4", "--ckpt-every", "3", "--log-every", "2",
                      "--prefix", "scratch"))
@@ -152,7 +152,7 @@ def test_bad_input_is_one_line_and_writes_nothing(workspace, tmp_path, monkeypat
 
 # ------------------------------------------------------------------ non-finite losses
 def make_fit_inputs(workspace, tmp_path, *extra):
-    from distributed import setup_distributed
+    from tinyfusion.distributed import setup_distributed
     args = parse(train, workspace, tmp_path, "--load-weight", workspace["student"], "--log-every", "1",
                  "--ckpt-every", "100", *extra)
     ctx = setup_distributed("cpu")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from atomic_files import atomic_path  # noqa: E402
+from tinyfusion.atomic_files import atomic_path  # noqa: E402
 from tools.make_digits import digits_as_uint8  # noqa: E402
 
 SPATIAL_CHANNELS = 8  # channels of the 1/4-resolution map kept as "spatial" (sFID) features

@@ -12,7 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from checkpoints import build_model, infer_architecture, load_into_model, load_state_dict, save_pruned_model
+from tinyfusion.checkpoints import build_model, infer_architecture, load_into_model, load_state_dict, save_pruned_model
 from models import DiT_models, candidate_masks, plain_model_name, prune_to_kept_blocks
 
 
@@ -170,10 +170,10 @@ def calibration_latents(nsamples, seed, features_path=None, data_path=None, imag
     import vae as vae_io
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if features_path:
-        from feature_data import open_feature_dataset
+        from tinyfusion.feature_store import open_feature_dataset
         dataset = open_feature_dataset(features_path, flip_prob=0.0, seed=seed)
     elif data_path:
-        from image_data import image_folder
+        from tinyfusion.image_folder import image_folder
         try:
             dataset = image_folder(data_path, image_size)
         except ValueError as error:

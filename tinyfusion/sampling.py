@@ -6,20 +6,20 @@ moved to the device. So the images do not depend on the batch they are generated
 number of ranks, or on where an interrupted run resumed.
 
 The rows of a batch do not interact in a DiT or the VAE, but the BLAS/conv kernels that compute
-them are chosen by the batch size, and different kernels round differently (measured on this
-CPU: rows of a Linear agree bit for bit for batch sizes 4, 8 and >= 12 and differ in the last
-bits for 1-3, 5-7, 9-11; the VAE decoder behaves alike). `generate` therefore pads every batch to
-`pad_to` rows rounded up to a multiple of ROW_MULTIPLE, so a fixed per-process batch gives
-bit-identical images on any number of ranks, and different batch sizes give identical images
-on CPUs like this one.
+them are chosen by the batch shape, and different kernels round differently (and differently
+again on AVX2 and AVX-512 CPUs). `generate` therefore pads every batch to `pad_to` rows rounded up
+to a multiple of ROW_MULTIPLE: with a fixed per-process batch every sample goes through kernels of
+the same shape whatever else shares its batch, so the images are bit-identical on any number of
+ranks and after a resume. Runs with a different batch size give the same images to float
+rounding (about 1e-5 here), not bit for bit.
 """
 import os
 
 import numpy as np
 import torch
 
-from cli import autocast
-from vae import decode
+from tinyfusion.cli import autocast
+from tinyfusion.vae import decode
 
 DIT_CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-{size}x{size}.pt"
 ROW_MULTIPLE = 4

@@ -9,7 +9,7 @@ on whatever batch it gets: the gated forward runs a block on a sub-batch (the sa
 it), which needs nothing special. B starts at zero, so the model's output is unchanged at the
 start; A gets kaiming-uniform(a=sqrt(5)) like nn.Linear (and peft).
 
-Why our own layer and not peft's `inject_adapter_in_model`: measured with `python lora.py` (one
+Why our own layer and not peft's `inject_adapter_in_model`: measured with `python bench/bench_lora.py` (one
 forward+backward of a small DiT, the two alternated) they run at the same speed (ours/peft 1.05 on
 a busy 2-core CPU, within noise), but peft wraps each Linear in a `LoraLayer` that moves the
 frozen weights to `...qkv.base_layer.weight` and the factors to `...qkv.lora_A.default.weight`,
@@ -84,39 +84,3 @@ def lora_parameters(model):
 def strip_lora_keys(state_dict):
     """A state dict without the LoRA factors (what the plain model loads)."""
     return {key: value for key, value in state_dict.items() if not (key.endswith(".lora_A") or key.endswith(".lora_B"))}
-
-
-if __name__ == "__main__":
-    # Measure our layer against peft's injection on a small DiT (forward + backward with frozen base
-    # weights, as in pruning), alternating the two so that a busy machine slows both alike.
-    import copy
-    import time
-
-    from peft import LoraConfig, inject_adapter_in_model
-
-    from models import DiT_models
-
-    torch.manual_seed(0)
-    base = DiT_models["DiT-S/2"](input_size=8, depth=4, num_classes=10)
-    ours = copy.deepcopy(base)
-    apply_lora(ours, rank=8)
-    targets = r".*(qkv|proj|fc1|fc2|adaLN_modulation\.1|mlp\.0|mlp\.2|linear)$"
-    theirs = inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=targets), copy.deepcopy(base))
-    for name, param in theirs.named_parameters():
-        param.requires_grad_("lora_" in name)
-    x, t, y = torch.randn(8, 4, 8, 8), torch.randint(0, 1000, (8,)), torch.randint(0, 10, (8,))
-
-    def timed(model):
-        start = time.perf_counter()
-        model(x, t, y).square().mean().backward()
-        return time.perf_counter() - start
-
-    ours_times, peft_times = [], []
-    for _ in range(15):
-        ours_times.append(timed(ours))
-        peft_times.append(timed(theirs))
-    ours_best, peft_best = min(ours_times[1:]), min(peft_times[1:])
-    print(f"forward+backward (best of 14): ours {ours_best * 1e3:.1f} ms, peft {peft_best * 1e3:.1f} ms, "
-          f"ours/peft {ours_best / peft_best:.3f}")
-    print("peft keys:", [k for k in theirs.state_dict() if k.startswith("blocks.0.attn.qkv")])
-    print("our keys: ", [k for k in ours.state_dict() if k.startswith("blocks.0.attn.qkv")])

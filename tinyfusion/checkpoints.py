@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 import torch
 
-from atomic_files import atomic_path
+from tinyfusion.atomic_files import atomic_path
 
 METADATA_KEY = "__tinyfusion__"
 torch.serialization.add_safe_globals([argparse.Namespace])
@@ -153,7 +153,7 @@ def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_pat
     A checkpoint carrying our pruning metadata sets the depth, so a 6-block student pruned from
     DiT-S/2 is used with `--model DiT-S/2` by every later script. Returns (model, metadata)."""
     from models import DiT_models
-    from vae import latent_geometry_from_flags
+    from tinyfusion.vae import latent_geometry_from_flags
     if model_name not in DiT_models:
         raise SystemExit(f"error: unknown {flag} {model_name}; choose one of {', '.join(DiT_models)}")
     channels, latent_size = latent_geometry_from_flags(vae, image_size, vae_path)

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoints import (build_model, extract_state_dict, load_checkpoint_file, load_into_model, read_metadata,
+from tinyfusion.checkpoints import (build_model, extract_state_dict, load_checkpoint_file, load_into_model, read_metadata,
                          save_checkpoint, with_metadata)
-from cli import autocast, resolve_precision
-from distributed import broadcast_object, check_global_batch, setup_distributed
-from ema import ParameterEMA
-from runlog import MetricsLog, checkpoint_path, create_logger, latest_checkpoint, prepare_run_folder, run_folder_name
+from tinyfusion.cli import autocast, resolve_precision
+from tinyfusion.distributed import broadcast_object, check_global_batch, setup_distributed
+from tinyfusion.ema import ParameterEMA
+from tinyfusion.runlog import MetricsLog, checkpoint_path, create_logger, latest_checkpoint, prepare_run_folder, run_folder_name
 
 CHECKPOINT_KEYS = ("model", "ema", "opt", "train_steps")
 
@@ -217,7 +217,7 @@ def normalize_position(epoch, batches_into_epoch, batches_per_epoch):
 
 def iterate_epoch(loader, sampler, epoch, start_batch=0):
     """An iterator over the batches of `epoch` from batch `start_batch` on (a
-    feature_data.ResumableDistributedSampler). Creating a DataLoader iterator draws its worker
+    feature_store.ResumableDistributedSampler). Creating a DataLoader iterator draws its worker
     base seed from the global torch RNG; that draw is undone here so the training noise stream
     does not depend on where a run was resumed (workers need no randomness: flips are hashed)."""
     sampler.set_epoch(epoch, start_batch)
@@ -368,7 +368,7 @@ class ThroughputMeter:
 # ------------------------------------------------------------------------------ run setup
 def open_training_data(args, ctx):
     """The feature dataset of --data-path (one-line SystemExit when there is none)."""
-    from feature_data import open_feature_dataset
+    from tinyfusion.feature_store import open_feature_dataset
     return open_feature_dataset(args.data_path, flip_prob=0.5, seed=args.global_seed)
 
 
@@ -472,7 +472,7 @@ def fit(args, ctx, model, metadata, dataset, compute_losses, logger, metrics, ru
     from torch.nn.parallel import DistributedDataParallel
     from tqdm import tqdm
 
-    from feature_data import batches_per_epoch, make_loader
+    from tinyfusion.feature_store import batches_per_epoch, make_loader
 
     device = ctx.device
     per_rank_batch = args.global_batch_size // ctx.world_size

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from atomic_files import atomic_path
+from tinyfusion.atomic_files import atomic_path
 
 STORE_FORMAT = "tinyfusion-features"
 STORE_VERSION = 1

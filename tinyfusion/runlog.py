@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from atomic_files import atomic_write_json
+from tinyfusion.atomic_files import atomic_write_json
 
 
 def run_folder_name(results_dir, prefix, model_name):
