@@ -34,6 +34,7 @@ from tinyfusion.checkpoints import build_model
 from tinyfusion.cli import add_model_args
 from models import get_2d_sincos_pos_embed, prune_to_kept_blocks
 from tinyfusion.vae import LATENT_SCALE, is_pixel_space, load_vae
+from tinyfusion.errors import run_main
 
 DIFFUSERS_NULL_CLASS = 1000  # the label DiTPipeline feeds as "unconditional" (hard-coded there)
 POS_EMBED_TOLERANCE = 1e-4   # diffusers recomputes the fixed sin-cos table; ours must be that table
@@ -251,4 +252,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args())

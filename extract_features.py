@@ -31,6 +31,7 @@ from tinyfusion.distributed import all_reduce_mean, barrier, cleanup_distributed
 from tinyfusion.image_folder import list_image_folder, load_image_uint8, to_unit_range
 from tinyfusion.runlog import create_logger
 from tinyfusion.vae import LATENT_SCALE, latent_geometry, latent_geometry_from_flags, load_vae, vae_source
+from tinyfusion.errors import run_main
 
 # what makes two extractions the same (and a store resumable); other plan fields are informational
 IDENTITY_KEYS = ("format", "version", "images_sha256", "num_images", "classes", "image_size", "vae",
@@ -374,4 +375,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args())

@@ -9,6 +9,7 @@ import argparse
 
 from tinyfusion.cli import add_model_args, parse_index_list
 from tinyfusion.pruning import check_output_path, load_source_model, plain_name, save_pruned, source_lineage, validate_kept_indices
+from tinyfusion.errors import run_main
 
 
 def main(args):
@@ -51,4 +52,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args())

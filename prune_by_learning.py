@@ -34,6 +34,7 @@ from tinyfusion.training import (AutocastForward, NonFiniteGuard, ThroughputMete
                       load_training_checkpoint, normalize_position, open_run_folder, open_training_data,
                       resolve_resume, restore_rank_rng, save_training_checkpoint, seed_everything,
                       step_unless_nonfinite, total_training_steps)
+from tinyfusion.errors import run_main
 
 
 def gated_groups(args):
@@ -277,4 +278,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args())

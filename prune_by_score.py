@@ -16,6 +16,7 @@ from tinyfusion.cli import add_model_args
 from diffusion import create_diffusion
 from tinyfusion.pruning import (bi_scores, calibration_latents, check_output_path, load_source_model, plain_name, save_pruned,
                      select_by_bi_score, source_lineage)
+from tinyfusion.errors import run_main
 
 
 def save_sample_grid(model, vae, path, args, device):
@@ -110,4 +111,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args())

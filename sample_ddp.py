@@ -35,6 +35,7 @@ from tinyfusion.distributed import barrier, broadcast_object, cleanup_distribute
 from tinyfusion.runlog import MetricsLog, create_logger
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, run_name, sample_generator, sample_labels
 from tinyfusion.vae import load_vae, to_uint8_nhwc
+from tinyfusion.errors import run_main
 
 # settings that change the images: a run may only be resumed with the same values
 # (--num-fid-samples, --per-proc-batch-size and the world size may change)
@@ -275,4 +276,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args())

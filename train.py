@@ -18,6 +18,7 @@ from tinyfusion import training
 from tinyfusion.cli import add_model_args, add_precision_arg
 from diffusion import create_diffusion
 from tinyfusion.distributed import cleanup_distributed
+from tinyfusion.errors import run_main
 
 
 def diffusion_losses(model, diffusion, x, y):
@@ -53,4 +54,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run_main(main, build_parser().parse_args())

@@ -17,6 +17,7 @@ from tinyfusion.cli import add_model_args, add_precision_arg
 from diffusion import create_diffusion
 from diffusion.distillation import default_layer_map, feature_beta, masked_kd_losses, parse_layer_map, validate_layer_map
 from tinyfusion.distributed import cleanup_distributed
+from tinyfusion.errors import run_main
 
 
 def build_teacher(args, device):
@@ -101,4 +102,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run_main(main, build_parser().parse_args())
