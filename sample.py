@@ -19,7 +19,7 @@ from tinyfusion.cli import add_model_args, add_precision_arg, resolve_precision
 from diffusion import create_diffusion
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, sample_generator
 from tinyfusion.vae import load_vae
-from tinyfusion.errors import run_main
+from tinyfusion.errors import TinyFusionError, run_main
 
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
@@ -28,12 +28,12 @@ def main(args):
     """Sample one image per --class-labels entry and save them as a 4-column grid PNG."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.sampler == "ddpm" and args.ddim_eta != 0.0:
-        raise SystemExit("error: --ddim-eta is for --sampler ddim")
+        raise TinyFusionError("--ddim-eta is for --sampler ddim")
     if args.seed < 0:
-        raise SystemExit(f"error: --seed must be >= 0, got {args.seed}")
+        raise TinyFusionError(f"--seed must be >= 0, got {args.seed}")
     bad_labels = [label for label in args.class_labels if not 0 <= label < args.num_classes]
     if bad_labels:
-        raise SystemExit(f"error: --class-labels {bad_labels} outside [0, {args.num_classes}); pass labels of the "
+        raise TinyFusionError(f"--class-labels {bad_labels} outside [0, {args.num_classes}); pass labels of the "
                          f"model's classes (or the right --num-classes)")
     ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
     model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,

@@ -35,7 +35,7 @@ from tinyfusion.distributed import barrier, broadcast_object, cleanup_distribute
 from tinyfusion.runlog import MetricsLog, create_logger
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, run_name, sample_generator, sample_labels
 from tinyfusion.vae import load_vae, to_uint8_nhwc
-from tinyfusion.errors import run_main
+from tinyfusion.errors import TinyFusionError, run_main
 
 # settings that change the images: a run may only be resumed with the same values
 # (--num-fid-samples, --per-proc-batch-size and the world size may change)
@@ -99,7 +99,7 @@ def assemble(parts_dir, final_path, num_samples, image_shape, keep_parts=False):
     finished = read_parts(parts_dir, image_shape)
     missing = [i for i in range(num_samples) if i not in finished]
     if missing:
-        raise SystemExit(f"error: {len(missing)} samples are missing from {parts_dir} (first: {missing[:5]}); "
+        raise TinyFusionError(f"{len(missing)} samples are missing from {parts_dir} (first: {missing[:5]}); "
                          f"run again with --resume")
     write_npz(final_path, finished, num_samples, image_shape)
     if not keep_parts:  # the .npz holds everything; the parts would double the disk use
@@ -120,25 +120,25 @@ def npz_num_samples(path):
 # ----------------------------------------------------------------------- planning (rank 0)
 def plan_run(args, run_dir, final_path, settings, image_shape):
     """What is left to sample: ("done", None) when the final .npz exists and --resume was given,
-    else ("todo", sorted missing indices). Raises SystemExit on anything that would overwrite or
+    else ("todo", sorted missing indices). Raises TinyFusionError on anything that would overwrite or
     mix results."""
     parts_dir = os.path.join(run_dir, "parts")
     if os.path.exists(final_path):
         if args.resume and npz_num_samples(final_path) == args.num_fid_samples:
             return "done", None
-        raise SystemExit(f"error: {final_path} already exists; remove it (or pass another --sample-dir) to sample again")
+        raise TinyFusionError(f"{final_path} already exists; remove it (or pass another --sample-dir) to sample again")
     settings_path = os.path.join(run_dir, "settings.json")
     finished = read_parts(parts_dir, image_shape) if os.path.isdir(parts_dir) else {}
     if os.path.isfile(settings_path):
         if not args.resume and finished:
-            raise SystemExit(f"error: {parts_dir} holds {len(finished)} samples of an unfinished run; pass --resume "
+            raise TinyFusionError(f"{parts_dir} holds {len(finished)} samples of an unfinished run; pass --resume "
                              f"to continue it or remove {run_dir}")
         with open(settings_path) as f:
             previous = json.load(f)
         changed = [key for key in IDENTITY_KEYS if previous.get(key) != settings[key]]
         if finished and changed:
             details = ", ".join(f"{key} {previous.get(key)!r} -> {settings[key]!r}" for key in changed)
-            raise SystemExit(f"error: cannot resume {run_dir}: its samples were made with other settings "
+            raise TinyFusionError(f"cannot resume {run_dir}: its samples were made with other settings "
                              f"({details}); use the same flags or remove the folder")
     os.makedirs(parts_dir, exist_ok=True)
     atomic_write_json(settings_path, settings)
@@ -147,12 +147,12 @@ def plan_run(args, run_dir, final_path, settings, image_shape):
 
 def check_args(args):
     if args.cfg_scale < 1.0:
-        raise SystemExit(f"error: --cfg-scale must be >= 1.0 (1.0 = no guidance), got {args.cfg_scale}")
+        raise TinyFusionError(f"--cfg-scale must be >= 1.0 (1.0 = no guidance), got {args.cfg_scale}")
     if min(args.num_fid_samples, args.per_proc_batch_size, args.cpu_threads) <= 0 or args.global_seed < 0:
-        raise SystemExit("error: --num-fid-samples, --per-proc-batch-size and --cpu-threads must be positive, "
+        raise TinyFusionError("--num-fid-samples, --per-proc-batch-size and --cpu-threads must be positive, "
                          "--global-seed >= 0")
     if args.sampler == "ddpm" and args.ddim_eta != 0.0:
-        raise SystemExit("error: --ddim-eta is for --sampler ddim")
+        raise TinyFusionError("--ddim-eta is for --sampler ddim")
 
 
 def main(args):
@@ -180,12 +180,12 @@ def main(args):
     if ctx.is_main:
         try:
             plan = plan_run(args, run_dir, final_path, settings, image_shape)
-        except SystemExit as error:
+        except TinyFusionError as error:
             plan = ("error", str(error))
     status, todo = broadcast_object(plan, ctx)
     if status == "error":
         cleanup_distributed()
-        raise SystemExit(todo)
+        raise TinyFusionError(todo)
     logger = create_logger(run_dir if status == "todo" else None, ctx.is_main, name="sample_ddp")
     if status == "done":
         logger.info(f"{final_path} is already complete; nothing to do")
@@ -239,13 +239,13 @@ def main(args):
                         f"uint8 and labels")
         except BaseException as caught:
             failure = caught
-            error = str(caught) if isinstance(caught, SystemExit) else f"error: rank 0 could not write {final_path}"
+            error = str(caught) if isinstance(caught, TinyFusionError) else f"error: rank 0 could not write {final_path}"
     error = broadcast_object(error, ctx)
     cleanup_distributed()
     if failure is not None:
         raise failure
     if error:
-        raise SystemExit(error)
+        raise TinyFusionError(error)
 
 
 def parse_args(argv=None):
