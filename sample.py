@@ -15,7 +15,7 @@ from torchvision.utils import save_image
 
 from tinyfusion.atomic_files import atomic_path
 from tinyfusion.checkpoints import build_model
-from tinyfusion.cli import add_model_args, add_precision_arg, resolve_precision
+from tinyfusion.cli import add_guidance_args, add_model_args, add_precision_arg, resolve_precision
 from diffusion import create_diffusion
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, sample_generator
 from tinyfusion.vae import load_vae
@@ -45,7 +45,8 @@ def main(args):
     start = time.time()
     generators = [sample_generator(args.seed, i) for i in range(len(args.class_labels))]
     images = generate(model, diffusion, args.class_labels, generators, args.cfg_scale, args.sampler, args.ddim_eta,
-                      vae, amp_dtype=resolve_precision(args.precision, device), progress=True)
+                      vae, amp_dtype=resolve_precision(args.precision, device), progress=True,
+                      guide_all_channels=args.guide_all_channels)
     # normalize to [-1, 1] then *255 + 0.5: the same uint8 values as sample_ddp.py's clamp(127.5 x + 128)
     with atomic_path(args.out) as tmp:
         save_image(images.float().cpu(), tmp, nrow=4, normalize=True, value_range=(-1, 1))
@@ -55,7 +56,7 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     add_model_args(parser)
-    parser.add_argument("--cfg-scale", type=float, default=4.0, help="1.0 = no guidance (one model pass per step)")
+    add_guidance_args(parser, cfg_scale=4.0)
     parser.add_argument("--num-sampling-steps", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ckpt", type=str, default=None,

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from tinyfusion.atomic_files import atomic_path, atomic_write_json
 from tinyfusion.checkpoints import build_model
-from tinyfusion.cli import add_model_args, add_precision_arg, resolve_precision
+from tinyfusion.cli import add_guidance_args, add_model_args, add_precision_arg, resolve_precision
 from diffusion import create_diffusion
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
 from tinyfusion.runlog import MetricsLog, create_logger
@@ -40,7 +40,8 @@ from tinyfusion.errors import TinyFusionError, run_main
 # settings that change the images: a run may only be resumed with the same values
 # (--num-fid-samples, --per-proc-batch-size and the world size may change)
 IDENTITY_KEYS = ("model", "ckpt", "no_ema", "image_size", "num_classes", "vae", "vae_path", "groups", "cfg_scale",
-                 "num_sampling_steps", "sampler", "ddim_eta", "global_seed", "precision", "tf32")
+                 "num_sampling_steps", "sampler", "ddim_eta", "global_seed", "precision", "tf32",
+                 "guide_all_channels")
 
 
 # ----------------------------------------------------------------------- part files
@@ -217,7 +218,7 @@ def main(args):
         labels = sample_labels(args.global_seed, indices, args.num_classes)
         generators = [sample_generator(args.global_seed, i) for i in indices]
         images = generate(model, diffusion, labels, generators, args.cfg_scale, args.sampler, args.ddim_eta, vae,
-                          amp_dtype=amp_dtype, pad_to=batch)
+                          amp_dtype=amp_dtype, pad_to=batch, guide_all_channels=args.guide_all_channels)
         images = to_uint8_nhwc(images).numpy()
         if args.save_png:  # before the part: a finished part implies its PNGs are complete
             for index, image in zip(indices, images):
@@ -254,7 +255,7 @@ def parse_args(argv=None):
     parser.add_argument("--sample-dir", type=str, default="samples")
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="1.0 = no guidance (one model pass per step)")
+    add_guidance_args(parser, cfg_scale=1.5)
     parser.add_argument("--num-sampling-steps", type=int, default=250)
     parser.add_argument("--global-seed", type=int, default=0, help="sample i uses seeds derived from (this, i)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,

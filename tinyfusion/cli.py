@@ -80,3 +80,12 @@ def add_compatibility_flags(parser, flags):
     for name, kwargs in flags:
         group.add_argument(name, **kwargs)
     return group
+
+
+def add_guidance_args(parser, cfg_scale):
+    """--cfg-scale and --guide-all-channels (the original guides only the first 3 noise channels)."""
+    parser.add_argument("--cfg-scale", type=float, default=cfg_scale, help="1.0 = no guidance (one model pass per step)")
+    parser.add_argument("--guide-all-channels", action="store_true",
+                        help="apply classifier-free guidance to every noise channel (the original, the default, "
+                             "guides only the first 3 of the SD-VAE's 4)")
+    return parser
