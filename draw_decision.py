@@ -11,6 +11,7 @@ import argparse
 import os
 
 import numpy as np
+from tinyfusion.errors import TinyFusionError, run_main
 
 
 def group_of_blocks(groups):
@@ -74,13 +75,13 @@ def main(args):
     from tinyfusion.runlog import read_metrics
     path = os.path.join(args.log, "metrics.jsonl") if os.path.isdir(args.log) else args.log
     if not os.path.isfile(path):
-        raise SystemExit(f"error: {path} does not exist; pass the metrics.jsonl of a prune_by_learning.py run (or its folder)")
+        raise TinyFusionError(f"{path} does not exist; pass the metrics.jsonl of a prune_by_learning.py run (or its folder)")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "decision.png")
     try:
         draw(read_metrics(path), out, args.title, overwrite=args.overwrite)
     except (ValueError, FileExistsError) as error:
         message = str(error)
-        raise SystemExit(message if message.startswith("error:") else f"error: {message}") from None
+        raise TinyFusionError(message) from None
     print(f"saved {out}")
 
 
@@ -90,4 +91,4 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=str, default=None, help="PNG to write (default: decision.png next to the log)")
     parser.add_argument("--title", type=str, default=None)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
-    main(parser.parse_args())
+    run_main(main, parser.parse_args())

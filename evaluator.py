@@ -1,6 +1,6 @@
 """
 Evaluate a sample batch against a reference batch with the ADM evaluator's metrics:
-Inception Score, FID, sFID, precision and recall (SPEC section 11), printed in the same
+Inception Score, FID, sFID, precision and recall (guided-diffusion's evaluations/evaluator.py), printed in the same
 lines as guided-diffusion's evaluations/evaluator.py plus a LaTeX row.
 
     python evaluator.py VIRTUAL_imagenet256_labeled.npz samples.npz --inception-path classify_image_graph_def.pb
@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from tinyfusion import metrics
 from tinyfusion.atomic_files import atomic_path, atomic_write_json
+from tinyfusion.errors import TinyFusionError, run_main
 
 INCEPTION_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb"
 INCEPTION_FILENAME = "classify_image_graph_def.pb"
@@ -390,7 +391,7 @@ def format_results(results):
 
 def main(args):
     if args.json is not None and os.path.exists(args.json) and not args.overwrite:
-        raise SystemExit(f"error: {args.json} already exists; pass --overwrite or choose another --json path")
+        raise TinyFusionError(f"{args.json} already exists; pass --overwrite or choose another --json path")
     try:
         network = load_feature_network(args.feature_net, args.inception_path, args.device)
         results = evaluate(args.ref_batch, args.sample_batch, network, batch_size=args.batch_size,
@@ -398,7 +399,7 @@ def main(args):
                            distance_dtype=torch.float64 if args.exact_distances else torch.float32,
                            fid_method=args.fid_method, device=args.device)
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}")
+        raise TinyFusionError(f"{exc}")
     print(format_results(results))
     if args.json is not None:
         record = dict(results, ref_batch=args.ref_batch, sample_batch=args.sample_batch,
@@ -426,4 +427,4 @@ if __name__ == "__main__":
     parser.add_argument("--device", type=str, default=None, help="torch device for distances / feature net (default: cuda if available)")
     parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    main(parser.parse_args())
+    run_main(main, parser.parse_args())

@@ -13,7 +13,7 @@ Linear to `norm1.linear` (same shift/scale/gate chunk order), the final adaLN Li
 Linear to `proj_out_1` / `proj_out_2`.
 
 Two diffusers quirks the export has to live with (diffusers hard-codes both):
-- DiT's timestep features use frequencies exp(-ln(10000) k / 128) (SPEC 4); diffusers' DiT
+- DiT's timestep features use frequencies exp(-ln(10000) k / 128); diffusers' DiT
   embedding uses k / 127 (`downscale_freq_shift=1`), also for the hub's facebook/DiT-XL-2-256.
   So a stock load differs slightly from our model; `match_original_timestep_embedding(
   pipe.transformer)` (a one-line attribute change, not stored in any config) makes it
@@ -34,7 +34,7 @@ from tinyfusion.checkpoints import build_model
 from tinyfusion.cli import add_model_args
 from models import get_2d_sincos_pos_embed, prune_to_kept_blocks
 from tinyfusion.vae import LATENT_SCALE, is_pixel_space, load_vae
-from tinyfusion.errors import run_main
+from tinyfusion.errors import TinyFusionError, run_main
 
 DIFFUSERS_NULL_CLASS = 1000  # the label DiTPipeline feeds as "unconditional" (hard-coded there)
 POS_EMBED_TOLERANCE = 1e-4   # diffusers recomputes the fixed sin-cos table; ours must be that table
@@ -101,13 +101,13 @@ def convert_state_dict(model, label_table):
 def check_exportable(model):
     """One-line errors for what DiTTransformer2DModel cannot represent."""
     if model.mlp_ratio != 4.0:
-        raise SystemExit(f"error: the model has mlp_ratio {model.mlp_ratio}; DiTTransformer2DModel only has "
+        raise TinyFusionError(f"the model has mlp_ratio {model.mlp_ratio}; DiTTransformer2DModel only has "
                          f"MLP ratio 4, so it cannot be exported")
     grid = model.input_size // model.patch_size
     standard = torch.from_numpy(get_2d_sincos_pos_embed(model.hidden_size, grid)).float()
     deviation = (model.pos_embed.detach().float()[0] - standard).abs().max().item()
     if deviation > POS_EMBED_TOLERANCE:
-        raise SystemExit(f"error: the checkpoint's pos_embed differs from the fixed 2-D sin-cos table by "
+        raise TinyFusionError(f"the checkpoint's pos_embed differs from the fixed 2-D sin-cos table by "
                          f"{deviation:.3g}; diffusers recomputes that table, so this model cannot be exported")
 
 
@@ -149,7 +149,7 @@ def read_id2label(path, num_classes):
         id2label = {str(key): str(value) for key, value in json.load(f).items()}
     outside = [key for key in id2label if not key.isdigit() or int(key) >= num_classes]
     if outside:
-        raise SystemExit(f"error: --id2label {path} names classes {outside[:3]} outside 0..{num_classes - 1}; "
+        raise TinyFusionError(f"--id2label {path} names classes {outside[:3]} outside 0..{num_classes - 1}; "
                          f"give a JSON object mapping class indices to names")
     return id2label
 
@@ -189,7 +189,7 @@ def write_folder_atomically(out, overwrite, write):
 
 def main(args):
     if os.path.exists(args.out) and not args.overwrite:
-        raise SystemExit(f"error: {args.out} already exists; choose another --out or pass --overwrite")
+        raise TinyFusionError(f"{args.out} already exists; choose another --out or pass --overwrite")
     model, metadata = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path,
                                   ckpt=args.ckpt, use_ema=not args.no_ema, groups=args.groups)
     transformer = to_diffusers_transformer(model.eval())
@@ -197,9 +197,9 @@ def main(args):
     vae = load_vae(args.vae, vae_folder) if vae_folder else None
     if vae is not None:
         if vae.config.latent_channels != model.in_channels:
-            raise SystemExit(f"error: the VAE in {vae_folder} has {vae.config.latent_channels} latent channels but "
+            raise TinyFusionError(f"the VAE in {vae_folder} has {vae.config.latent_channels} latent channels but "
                              f"the model takes {model.in_channels}; pass the VAE the model was trained with")
-        # our latents are scaled by 0.18215 whatever the VAE folder says; the pipeline reads it from the config
+        # our latents are scaled by LATENT_SCALE (0.18215) whatever the VAE folder says; the pipeline reads it from the config
         vae.register_to_config(scaling_factor=LATENT_SCALE)
     id2label = read_id2label(args.id2label, model.num_classes)
     provenance = dict(source_checkpoint=os.path.abspath(args.ckpt), model=args.model, depth=transformer.config.num_layers,

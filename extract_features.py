@@ -31,7 +31,7 @@ from tinyfusion.distributed import all_reduce_mean, barrier, cleanup_distributed
 from tinyfusion.image_folder import list_image_folder, load_image_uint8, to_unit_range
 from tinyfusion.runlog import create_logger
 from tinyfusion.vae import LATENT_SCALE, latent_geometry, latent_geometry_from_flags, load_vae, vae_source
-from tinyfusion.errors import run_main
+from tinyfusion.errors import TinyFusionError, run_main
 
 # what makes two extractions the same (and a store resumable); other plan fields are informational
 IDENTITY_KEYS = ("format", "version", "images_sha256", "num_images", "classes", "image_size", "vae",
@@ -154,7 +154,7 @@ def exit_together(error, ctx):
     errors = [e for e in gather(error, ctx) if e]
     if errors:
         cleanup_distributed()
-        raise SystemExit(errors[0])
+        raise TinyFusionError(errors[0])
 
 
 def prepare_features_path(path, plan, resume):
@@ -162,7 +162,7 @@ def prepare_features_path(path, plan, resume):
     Nothing that is already there gets overwritten: a different extraction, a finished one, or
     a folder holding anything else are errors."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise SystemExit(f"error: --features-path {path} is a file; pass a folder")
+        raise TinyFusionError(f"--features-path {path} is a file; pass a folder")
     plan_file = os.path.join(path, store.PLAN_FILE)
     entries = sorted(set(os.listdir(path) if os.path.isdir(path) else []) - set(stale_temp_files(path)))
     if os.path.isfile(plan_file):
@@ -171,15 +171,15 @@ def prepare_features_path(path, plan, resume):
         for key in IDENTITY_KEYS:
             if existing.get(key) != plan[key]:
                 there, here = (repr(value)[:60] for value in (existing.get(key), plan[key]))
-                raise SystemExit(f"error: {path} already holds a different extraction ({key}: {there} there, "
+                raise TinyFusionError(f"{path} already holds a different extraction ({key}: {there} there, "
                                  f"{here} now); choose another --features-path or delete that folder")
         if not resume:
             state = "a finished" if os.path.isfile(os.path.join(path, store.MANIFEST_FILE)) else "an unfinished"
-            raise SystemExit(f"error: {path} already holds {state} run of this extraction; pass --resume to "
+            raise TinyFusionError(f"{path} already holds {state} run of this extraction; pass --resume to "
                              f"check and complete it, or choose another --features-path")
         return "resume"
     if entries:
-        raise SystemExit(f"error: {path} is not empty and holds no extraction of ours (found {entries[0]!r}); "
+        raise TinyFusionError(f"{path} is not empty and holds no extraction of ours (found {entries[0]!r}); "
                          f"choose a new or empty --features-path")
     return "fresh"
 
@@ -265,23 +265,20 @@ def encode_shards(shard_ids, samples, plan, plan_id, vae, args, ctx, logger):
     return encoded
 
 
-def main(args):
-    ctx = setup_distributed()
-    logger = create_logger(None, ctx.is_main, name="extract")
-    features_path = args.features_path
-
-    # 1. every rank lists the images and loads the VAE; any rank's problem stops all of them
+def plan_extraction(args, ctx, logger):
+    """(samples, vae, plan): every rank lists the images and loads the VAE; any rank's problem
+    stops all of them."""
     error = samples = vae = plan = None
     try:
         latent_geometry_from_flags(args.vae, args.image_size, args.vae_path)  # size check before loading
         if args.shard_size < 1 or args.batch_size < 1:
-            raise SystemExit("error: --shard-size and --batch-size must be positive")
+            raise TinyFusionError("--shard-size and --batch-size must be positive")
         try:
             samples, classes, ignored = list_image_folder(args.data_path)
         except ValueError as listing_error:
-            raise SystemExit(str(listing_error)) from None
+            raise TinyFusionError(str(listing_error)) from None
         if len(classes) > args.num_classes:
-            raise SystemExit(f"error: {args.data_path} has {len(classes)} class folders but --num-classes is "
+            raise TinyFusionError(f"{args.data_path} has {len(classes)} class folders but --num-classes is "
                              f"{args.num_classes}; pass --num-classes {len(classes)}")
         for path in ignored:
             logger.info(f"skipping {path}: not an image file")
@@ -290,9 +287,19 @@ def main(args):
             vae = vae.to(memory_format=torch.channels_last)
         channels, size = latent_geometry(vae, args.image_size)
         plan = build_plan(args, samples, classes, vae, (channels, size, size))
-    except SystemExit as exit_error:
+    except TinyFusionError as exit_error:
         error = str(exit_error)
     exit_together(error, ctx)
+    return samples, vae, plan
+
+
+def main(args):
+    ctx = setup_distributed()
+    logger = create_logger(None, ctx.is_main, name="extract")
+    features_path = args.features_path
+
+    # 1. every rank lists the images and loads the VAE
+    samples, vae, plan = plan_extraction(args, ctx, logger)
     plan_id = extraction_id(plan)
     if len(set(gather(plan_id, ctx))) != 1:
         exit_together("error: the ranks see different images or VAEs (extraction ids differ); every node "
@@ -309,7 +316,7 @@ def main(args):
             if mode == "fresh":
                 atomic_write_json(os.path.join(features_path, store.PLAN_FILE), dict(plan, extraction_id=plan_id),
                                   overwrite=False)
-        except SystemExit as exit_error:
+        except TinyFusionError as exit_error:
             error = str(exit_error)
     exit_together(error, ctx)
     mode = gather(mode, ctx)[0]

@@ -166,6 +166,22 @@ def candidate_masks(keep, group_size):
     return masks
 
 
+def gate_decision(groups, logits, scaling):
+    """(kept_indices, choices, confidences) of gate logits (one 1-D tensor per group): per group
+    the argmax candidate and max softmax(logits * scaling). Takes the logits explicitly so the
+    decision can be read from an EMA of them without touching the model."""
+    kept, choices, confidences, offset = [], [], [], 0
+    for (keep, group_size), group_logits in zip(groups, logits):
+        group_logits = group_logits.detach().float().cpu()
+        choice = int(group_logits.argmax())
+        mask = candidate_masks(keep, group_size)[choice]
+        kept += [offset + int(j) for j in torch.nonzero(mask).flatten()]
+        choices.append(choice)
+        confidences.append(float(torch.softmax(group_logits * scaling, dim=0).max()))
+        offset += group_size
+    return kept, choices, confidences
+
+
 def validate_groups(groups, depth):
     """One-line errors for a pattern that cannot describe `depth` blocks."""
     if not groups:
@@ -305,24 +321,17 @@ class DiT(nn.Module):
         return torch.cat([onehot @ self.gate_candidates(index).to(onehot.dtype)
                           for index, onehot in enumerate(onehots)], dim=1)
 
-    @torch.no_grad()
     def gate_decisions(self):
         """Per group, the index of the most likely candidate (the current decision)."""
-        return [int(logits.argmax()) for logits in self.gate_logits]
+        return gate_decision(self.groups, self.gate_logits, self.scaling)[1]
 
-    @torch.no_grad()
     def gate_confidences(self):
         """Per group, max softmax(logits * scaling): how settled the decision is."""
-        return [float(torch.softmax(logits.float() * self.scaling, dim=0).max()) for logits in self.gate_logits]
+        return gate_decision(self.groups, self.gate_logits, self.scaling)[2]
 
     def kept_indices(self):
         """Global indices of the blocks the current decision keeps."""
-        kept, offset = [], 0
-        for index, choice in enumerate(self.gate_decisions()):
-            candidate = self.gate_candidates(index)[choice]
-            kept += [offset + int(j) for j in torch.nonzero(candidate).flatten()]
-            offset += candidate.numel()
-        return kept
+        return gate_decision(self.groups, self.gate_logits, self.scaling)[0]
 
     def _gated_block(self, block, x, c, mask):
         """m*block(x) + (1-m)*x for a per-sample 0/1 mask with a straight-through gradient.
@@ -420,17 +429,29 @@ class DiT(nn.Module):
 #                                   Pruning                                     #
 #################################################################################
 
+def validate_kept_indices(kept_indices, depth):
+    """ValueError (one line) unless `kept_indices` is a non-empty, sorted list of distinct block
+    indices in 0..depth-1; returns it as a list of ints."""
+    if not isinstance(kept_indices, (list, tuple)) or not all(isinstance(i, int) for i in kept_indices):
+        raise ValueError(f"kept indices must be a list of integers such as [0, 2, 4], got {kept_indices!r}")
+    if not kept_indices:
+        raise ValueError("kept indices are empty; keep at least one block, e.g. \"[0, 2, 4]\"")
+    outside = [i for i in kept_indices if not 0 <= i < depth]
+    if outside:
+        raise ValueError(f"kept indices {outside} are out of range for a model with {depth} blocks (valid: 0..{depth - 1})")
+    duplicates = sorted({i for i in kept_indices if list(kept_indices).count(i) > 1})
+    if duplicates:
+        raise ValueError(f"kept indices repeat {duplicates}; list every kept block once")
+    if list(kept_indices) != sorted(kept_indices):
+        raise ValueError(f"kept indices {list(kept_indices)} are not sorted; write them in increasing order, "
+                         f"e.g. {sorted(kept_indices)}")
+    return [int(i) for i in kept_indices]
+
+
 def prune_to_kept_blocks(model, kept_indices):
     """A plain (ungated) DiT holding only `kept_indices` of `model`'s blocks, renumbered 0..K-1,
     with every other weight copied. Its state dict has no gate keys."""
-    kept_indices = [int(i) for i in kept_indices]
-    if not kept_indices:
-        raise ValueError("kept_indices is empty; keep at least one block")
-    if sorted(set(kept_indices)) != kept_indices:
-        raise ValueError(f"kept_indices {kept_indices} must be sorted and without duplicates")
-    if kept_indices[0] < 0 or kept_indices[-1] >= model.depth:
-        raise ValueError(f"kept_indices {kept_indices} out of range for a model with {model.depth} blocks "
-                         f"(valid: 0..{model.depth - 1})")
+    kept_indices = validate_kept_indices([int(i) for i in kept_indices], model.depth)
     config = model.config()
     config.update(depth=len(kept_indices), groups=None)
     pruned = DiT(**config).to(next(model.parameters()).device)
@@ -504,7 +525,7 @@ DiT_models.update({
     "DiT-XL-7-14": _config("XL", 2, [[7, 14]] * 2),
     "DiT-XL-1-4": _config("XL", 2, [[1, 4]] * 7),
     "DiT-D14-1-2": _config("D14", 2, [[1, 2]] * 7),
-    # SPEC lists 7 x [2, 4] here, which covers 28 blocks, not 14: "2 of every 4" over 14 blocks
+    # 7 x [2, 4] would cover 28 blocks, not 14: "2 of every 4" over 14 blocks
     # that ends at 7 is three [2, 4] groups and a last [1, 2]
     "DiT-D14-2-4": _config("D14", 2, [[2, 4]] * 3 + [[1, 2]]),
 })

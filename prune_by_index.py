@@ -7,16 +7,16 @@ paper) and save the shallow model as a plain state dict with its metadata.
 """
 import argparse
 
-from tinyfusion.cli import add_model_args, parse_index_list
+from tinyfusion.cli import add_compatibility_flags, add_model_args, parse_index_list
 from tinyfusion.pruning import check_output_path, load_source_model, plain_name, save_pruned, source_lineage, validate_kept_indices
-from tinyfusion.errors import run_main
+from tinyfusion.errors import TinyFusionError, run_main
 
 
 def main(args):
     if not args.ckpt:
-        raise SystemExit("error: --ckpt is required: the checkpoint to prune, e.g. pretrained/DiT-XL-2-256x256.pt")
+        raise TinyFusionError("--ckpt is required: the checkpoint to prune, e.g. pretrained/DiT-XL-2-256x256.pt")
     if args.kept_indices is None:
-        raise SystemExit("error: --kept-indices is required, e.g. --kept-indices \"[0, 2, 4, 6]\"")
+        raise TinyFusionError("--kept-indices is required, e.g. --kept-indices \"[0, 2, 4, 6]\"")
     check_output_path(args.save_model, args.overwrite)
     model_name = plain_name(args.model)
     model, source_metadata = load_source_model(model_name, args.ckpt, args.image_size, args.num_classes, args.vae,
@@ -24,7 +24,7 @@ def main(args):
     try:
         kept = validate_kept_indices(args.kept_indices, model.depth)
     except ValueError as error:
-        raise SystemExit(f"error: --kept-indices: {error}") from None
+        raise TinyFusionError(f"--kept-indices: {error}") from None
     metadata = dict(method="index", source_model=model_name, source_checkpoint=args.ckpt, source_depth=model.depth,
                     groups=None, confidences=None, scores=None, steps=0, **source_lineage(source_metadata, kept))
     pruned = save_pruned(model, kept, args.save_model, metadata, overwrite=args.overwrite)
@@ -40,14 +40,11 @@ def parse_args(argv=None):
                         help="blocks to keep, sorted, e.g. \"[0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]\"")
     parser.add_argument("--save-model", type=str, default="outputs/pruned/pruned-by-index.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --save-model file")
-    ignored = "accepted for compatibility with the original command line; unused when pruning by index"
-    parser.add_argument("--data-path", type=str, default=None, help=ignored)
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help=ignored)
-    parser.add_argument("--num-sampling-steps", type=int, default=250, help=ignored)
-    parser.add_argument("--seed", type=int, default=0, help=ignored)
-    parser.add_argument("--pruner", type=str, default=None, help=ignored)
-    parser.add_argument("--nsamples", type=int, default=128, help=ignored)
-    parser.add_argument("--batch-size", type=int, default=16, help=ignored)
+    add_compatibility_flags(parser, [  # the original's command line; pruning by index needs no data or sampling
+        ("--data-path", dict(type=str, default=None)), ("--cfg-scale", dict(type=float, default=1.5)),
+        ("--num-sampling-steps", dict(type=int, default=250)), ("--seed", dict(type=int, default=0)),
+        ("--pruner", dict(type=str, default=None)), ("--nsamples", dict(type=int, default=128)),
+        ("--batch-size", dict(type=int, default=16))])
     return parser.parse_args(argv)
 
 

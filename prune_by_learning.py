@@ -1,4 +1,4 @@
-"""Learnable depth pruning (TinyFusion, SPEC section 6): learn which N of every M blocks to keep
+"""Learnable depth pruning (TinyFusion): learn which N of every M blocks to keep
 by sampling per-sample block masks from trainable gate logits (hard Gumbel-softmax,
 straight-through) while the model is optionally fine-tuned (`--delta-w`, with `--lora` by LoRA
 adapters), so the search prefers the sub-network that recovers best. At the end the decision of
@@ -11,40 +11,39 @@ the EMA logits is applied to the ORIGINAL weights and the shallow model is saved
 Only the gate logits and the LoRA factors (or, with --delta-w alone, the weights) train; the
 frozen model is not wrapped in DDP: their gradients are all-reduced by hand. The gated forward
 runs a block's backward pass only for the samples that keep it (models.DiT.gate_forward
-"sparse"), and the EMA covers only what trains.
+"sparse"), and the EMA covers only what trains. The loop is tinyfusion/loop.py's, with the tau /
+scaling annealing and the gate decisions added as hooks.
 """
 import argparse
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from tinyfusion.cli import add_model_args, add_precision_arg, resolve_precision
 from diffusion import create_diffusion
-from tinyfusion.distributed import check_global_batch, cleanup_distributed, setup_distributed
-from tinyfusion.ema import ParameterEMA
+from models import DiT_models, gate_decision
+from tinyfusion.cli import add_model_args, add_precision_arg
+from tinyfusion.distributed import check_global_batch, cleanup_distributed, distributed_context, start_process_group
+from tinyfusion.errors import TinyFusionError, run_main
 from tinyfusion.lora import apply_lora
-from models import DiT_models
-from tinyfusion.pruning import (check_output_path, gate_decision, linear_schedule, load_source_model, plain_name, save_pruned,
-                     source_lineage)
-from tinyfusion.runlog import checkpoint_path, run_folder_name
-from tinyfusion.training import (AutocastForward, NonFiniteGuard, ThroughputMeter, add_training_args, all_reduce_gradients,
-                      check_dataset_fits, check_resume_compatible, device_flag, iterate_epoch,
-                      load_training_checkpoint, normalize_position, open_run_folder, open_training_data,
-                      resolve_resume, restore_rank_rng, save_training_checkpoint, seed_everything,
-                      step_unless_nonfinite, total_training_steps)
-from tinyfusion.errors import run_main
+from tinyfusion.loop import LoopHooks, train_loop
+from tinyfusion.pruning import (check_output_path, linear_schedule, load_source_model, plain_name, save_pruned,
+                                source_lineage)
+from tinyfusion.resume import seed_everything
+from tinyfusion.trackers import tracker_hooks
+from tinyfusion.run_setup import (PreparedRun, add_training_args, check_dataset_fits, device_flag, loop_keywords,
+                                  open_training_data, resolve_run, resumed_flag)
 
 
 def gated_groups(args):
     """The gating pattern: --groups, else the gated --model's own."""
     if args.model not in DiT_models:
-        raise SystemExit(f"error: unknown --model {args.model}; choose one of {', '.join(DiT_models)}")
+        raise TinyFusionError(f"unknown --model {args.model}; choose one of {', '.join(DiT_models)}")
     groups = args.groups or DiT_models[args.model].default_groups
     if groups is None:
-        raise SystemExit(f"error: --model {args.model} has no gates; use a gated model (DiT-XL-1-2, DiT-XL-2-4, "
-                         f"DiT-XL-7-14, DiT-XL-1-4, DiT-D14-1-2, DiT-D14-2-4) or pass --groups \"[[1,2]]*14\"")
+        raise TinyFusionError(f"--model {args.model} has no gates; use a gated model (DiT-XL-1-2, DiT-XL-2-4, "
+                              f"DiT-XL-7-14, DiT-XL-1-4, DiT-D14-1-2, DiT-D14-2-4) or pass --groups \"[[1,2]]*14\"")
     return groups
 
 
@@ -72,9 +71,26 @@ def trainable_groups(model):
     return weights, logits
 
 
+def restore_trained_parameters(model, checkpoint, path):
+    """Copy the trained parameters (logits, LoRA factors or weights) of a search checkpoint."""
+    weights, logits = trainable_groups(model)
+    missing = [name for name, _ in weights + logits if name not in checkpoint["model"]]
+    if missing:
+        raise TinyFusionError(f"{path} lacks {missing[:2]}; resume with the same --model/--groups/"
+                              f"--delta-w/--lora/--lora-rank it was started with")
+    with torch.no_grad():
+        for name, param in weights + logits:
+            param.copy_(checkpoint["model"][name])
+
+
 def ema_logits(ema, num_groups):
     state = dict(zip(ema.names, ema.shadows))
     return [state[f"gate_logits.{index}"] for index in range(num_groups)]
+
+
+def trained_weights(model, ema):
+    """What a search checkpoint holds: the trained parameters and their EMA (not the frozen model)."""
+    return {name: param.detach().cpu().clone() for name, param in zip(ema.names, ema.sources)}, ema.state_dict()
 
 
 def pruning_loss(forward, diffusion, x, y):
@@ -84,170 +100,118 @@ def pruning_loss(forward, diffusion, x, y):
     return diffusion.training_losses(forward, x, t, dict(y=y))["loss"].mean()
 
 
-def main(args):
-    ctx = setup_distributed(device_flag(args))
-    device = ctx.device
+class GateSearch(LoopHooks):
+    """The loop hooks of the search: tau and scaling annealed linearly over the run, and the
+    decision of the EMA logits (kept blocks, confidences) in the log and in every checkpoint."""
+
+    def __init__(self, groups, tau_range, scaling_range):
+        self.groups, self.tau_range, self.scaling_range = groups, tau_range, scaling_range
+
+    def before_step(self, loop, step):
+        loop.model.tau = linear_schedule(*self.tau_range, step, loop.total_steps)
+        loop.model.scaling = linear_schedule(*self.scaling_range, step, loop.total_steps)
+
+    def decision(self, ema, scaling):
+        return gate_decision(self.groups, ema_logits(ema, len(self.groups)), scaling)
+
+    def log_fields(self, loop, step):
+        kept, choices, confidences = self.decision(loop.ema, loop.model.scaling)
+        fields = dict(tau=loop.model.tau, scaling=loop.model.scaling, kept_indices=kept, choices=choices,
+                      confidences=confidences, groups=self.groups)
+        return fields, (f"tau {loop.model.tau:.3f} scaling {loop.model.scaling:.1f} kept {kept} confidence "
+                        f"[{', '.join(f'{c:.2f}' for c in confidences)}]")
+
+    def checkpoint_extra(self, loop):
+        kept, _, confidences = self.decision(loop.ema, loop.model.scaling)
+        return {"kept_indices": kept, "confidences": confidences, "groups": self.groups}
+
+
+@dataclass
+class PreparedSearch(PreparedRun):
+    groups: list = None        # the gating pattern
+    save_path: str = None      # where the pruned model goes
+
+
+def prepare_search(args):
+    """Every check and load before the process group starts and before any file is written."""
+    if args.compile:
+        raise TinyFusionError("--compile does not work with prune_by_learning.py: the gated forward runs sub-batches "
+                              "whose shapes change every step (each would recompile); drop --compile")
+    ctx = distributed_context(device_flag(args))
     groups = gated_groups(args)
-    per_rank_batch = check_global_batch(args.global_batch_size, ctx)
-    run_dir = run_folder_name(args.results_dir, args.prefix, args.model)
-    resume_path = resolve_resume(args.resume, run_dir)
-    resume = load_training_checkpoint(resume_path) if resume_path else None
-    if resume is not None:
-        check_resume_compatible(resume, args, resume_path)
-        args.load_weight = args.load_weight or getattr(resume.get("args"), "load_weight", None)
+    check_global_batch(args.global_batch_size, ctx)
+    run_dir, resume_path, resume = resolve_run(args, ctx)
+    args.load_weight = args.load_weight or resumed_flag(resume, "load_weight")
     if not args.load_weight:
-        raise SystemExit("error: --load-weight is required: the checkpoint to prune, e.g. pretrained/DiT-XL-2-256x256.pt")
+        raise TinyFusionError("--load-weight is required: the checkpoint to prune, e.g. pretrained/DiT-XL-2-256x256.pt")
     save_path = args.save_model or os.path.join(run_dir, "pruned.pt")
     check_output_path(save_path, args.overwrite)
-    logger, metrics = open_run_folder(args, ctx, run_dir, resuming=resume is not None)
     seed_everything(args.global_seed, ctx)
-    if args.lora and not args.delta_w:
-        logger.info("--lora has no effect without --delta-w: only the gate logits train")
-    if args.compile:
-        logger.info("--compile is ignored by pruning (the gated forward's sub-batches change shape every step)")
-
     model, source_metadata = build_gated_model(args, groups)
-    model.to(device).train()
-    model.grad_checkpointing = bool(args.grad_checkpointing)
-    weights, logits = trainable_groups(model)
-    trainable = [param for _, param in weights + logits]
-    param_groups = [{"params": [param for _, param in logits], "lr": args.lr * args.logits_lr_scale}]
-    if weights:
-        param_groups.insert(0, {"params": [param for _, param in weights], "lr": args.lr})
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
-    ema = ParameterEMA(weights + logits, args.ema_decay)
-    total_params = sum(param.numel() for param in model.parameters())
-    trained = sum(param.numel() for param in trainable)
-    logger.info(f"{args.model} with groups {groups}: {trained:,} of {total_params:,} parameters train "
-                f"({100.0 * trained / total_params:.3f}%: {len(logits)} gate logit vectors"
-                f"{', LoRA rank %d' % args.lora_rank if args.delta_w and args.lora else ', all weights' if args.delta_w else ''})")
-
-    dataset = open_training_data(args, ctx)
-    check_dataset_fits(dataset, model, args)
-    from tinyfusion.feature_store import batches_per_epoch, make_loader
-    try:
-        loader, sampler = make_loader(dataset, per_rank_batch, ctx, seed=args.global_seed, num_workers=args.num_workers)
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
-    steps_per_epoch = batches_per_epoch(sampler)
-    total_steps = total_training_steps(args.epochs, steps_per_epoch, args.max_steps)
-    guard = NonFiniteGuard(args.max_skipped_in_a_row)
-    precision = resolve_precision(args.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if precision == torch.float16 else None  # fp16 needs loss scaling
-    train_steps, epoch, start_batch = 0, 0, 0
     if resume is not None:
-        trained_state = resume["model"]
-        missing = [name for name, _ in weights + logits if name not in trained_state]
-        if missing:
-            raise SystemExit(f"error: {resume_path} lacks {missing[:2]}; resume with the same --model/--groups/"
-                             f"--delta-w/--lora/--lora-rank it was started with")
-        with torch.no_grad():
-            for name, param in weights + logits:
-                param.copy_(trained_state[name])
-        ema.load_state_dict(resume["ema"])
-        optimizer.load_state_dict(resume["opt"])
-        if scaler is not None and resume.get("scaler") is not None:
-            scaler.load_state_dict(resume["scaler"])
-        train_steps = int(resume["train_steps"])
-        epoch, start_batch = normalize_position(int(resume.get("epoch", 0)), int(resume.get("batches_into_epoch", 0)),
-                                                steps_per_epoch)
-        guard.skipped_total = int(resume.get("skipped_steps", 0))
-        if not restore_rank_rng(resume, ctx, args.global_seed):
-            logger.info(f"the checkpoint was written with {resume.get('world_size')} ranks, this run has "
-                        f"{ctx.world_size}: RNG streams re-seeded")
-        logger.info(f"resumed {resume_path} at step {train_steps} of {total_steps}")
+        restore_trained_parameters(model, resume, resume_path)
+    dataset = open_training_data(args.data_path, args.global_seed)
+    check_dataset_fits(dataset, model, data_path=args.data_path, model_name=args.model, vae=args.vae,
+                       image_size=args.image_size)
+    return PreparedSearch(ctx, dataset, run_dir, resume_path, resume, model, source_metadata, tracker_hooks(args),
+                          groups=groups, save_path=save_path)
 
+
+def describe_search(args, groups, model):
+    weights, logits = trainable_groups(model)
+    total = sum(param.numel() for param in model.parameters())
+    trained = sum(param.numel() for _, param in weights + logits)
+    how = f", LoRA rank {args.lora_rank}" if args.delta_w and args.lora else ", all weights" if args.delta_w else ""
+    lines = [f"{args.model} with groups {groups}: {trained:,} of {total:,} parameters train "
+             f"({100.0 * trained / total:.3f}%: {len(logits)} gate logit vectors{how}); tau {args.tau_range[0]} -> "
+             f"{args.tau_range[1]}, scaling {args.scaling_range[0]} -> {args.scaling_range[1]}"]
+    if args.lora and not args.delta_w:
+        lines.append("--lora has no effect without --delta-w: only the gate logits train")
+    return lines
+
+
+def save_decision(args, groups, kept, choices, confidences, final_logits, result, run_dir, save_path,
+                  source_metadata):
+    """Apply the decision to the ORIGINAL weights (the LoRA / weight update only estimated how well
+    each choice recovers and is discarded) and save the shallow model with its metadata."""
+    source_name = plain_name(args.model)
+    original, _ = load_source_model(source_name, args.load_weight, args.image_size, args.num_classes, args.vae,
+                                    args.vae_path)
+    metadata = dict(method="learnable", source_model=source_name, source_checkpoint=args.load_weight,
+                    source_depth=original.depth, groups=groups, choices=choices, confidences=confidences,
+                    scores=final_logits, steps=result.train_steps, skipped_steps=result.skipped_steps,
+                    delta_w=bool(args.delta_w), lora=bool(args.delta_w and args.lora), lora_rank=args.lora_rank,
+                    tau_range=list(args.tau_range), scaling_range=list(args.scaling_range),
+                    run_dir=run_dir, **source_lineage(source_metadata, kept))
+    save_pruned(original, kept, save_path, metadata, overwrite=args.overwrite)
+    result.logger.info(f"saved the {len(kept)}-block model to {save_path}")
+
+
+def main(args):
+    run = prepare_search(args)
+    start_process_group(run.ctx)
     diffusion = create_diffusion("")
-    forward = AutocastForward(model, precision, device)
-    num_groups = len(groups)
-
-    def decision(scaling):
-        return gate_decision(groups, ema_logits(ema, num_groups), scaling)
-
-    def save(step, epoch_now, batches_done):
-        path = checkpoint_path(run_dir, step)
-        kept, _, confidences = decision(model.scaling)
-        save_training_checkpoint(
-            path, ctx, model_state=lambda: {name: param.detach().cpu().clone() for name, param in weights + logits},
-            ema_state=ema.state_dict, optimizer=optimizer, scheduler=None, train_steps=step, epoch=epoch_now,
-            batches_into_epoch=batches_done, args=args, scaler=scaler,
-            extra={"skipped_steps": guard.skipped_total, "kept_indices": kept, "confidences": confidences,
-                   "groups": groups})
-        logger.info(f"saved checkpoint {path}")
-
-    logger.info(f"{len(dataset):,} samples, {steps_per_epoch} steps per epoch, {total_steps} steps; tau "
-                f"{args.tau_range[0]} -> {args.tau_range[1]}, scaling {args.scaling_range[0]} -> {args.scaling_range[1]}; "
-                f"precision {str(precision).replace('torch.', '')}; {ctx.world_size} rank(s) ({ctx.backend})")
-    meter = ThroughputMeter(device)
-    window_loss, window_steps = 0.0, 0
-    last_saved = train_steps if resume is not None else None
-    progress = tqdm(total=total_steps, initial=train_steps, disable=not ctx.is_main, desc="prune", dynamic_ncols=True)
-    while train_steps < total_steps and epoch < args.epochs:
-        batches_done = start_batch
-        for x, y in iterate_epoch(loader, sampler, epoch, start_batch):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            model.tau = linear_schedule(*args.tau_range, train_steps, total_steps)
-            model.scaling = linear_schedule(*args.scaling_range, train_steps, total_steps)
-            loss = pruning_loss(forward, diffusion, x, y)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            all_reduce_gradients(trainable, ctx)  # zero-fills blocks this rank's samples all skipped
-            mean_loss, grad_norm, stepped = step_unless_nonfinite(loss.detach().float().reshape(1), trainable,
-                                                                  optimizer, scaler, ema, guard, train_steps + 1, ctx,
-                                                                  args.grad_clip)
-            if stepped:
-                window_loss += float(mean_loss)
-                window_steps += 1
-            else:
-                logger.info(f"step {train_steps + 1}: non-finite loss or gradient, step skipped "
-                            f"({guard.skipped_total} skipped in total)")
-            optimizer.zero_grad(set_to_none=True)
-            train_steps += 1
-            batches_done += 1
-            meter.step(args.global_batch_size)
-            progress.update(1)
-
-            if train_steps % args.log_every == 0 or train_steps == total_steps:
-                steps_per_sec, _ = meter.rates()
-                kept, choices, confidences = decision(model.scaling)
-                mean = window_loss / window_steps if window_steps else float("nan")
-                logger.info(f"(step={train_steps:07d}) loss {mean:.4f} steps/s {steps_per_sec:.2f} tau {model.tau:.3f} "
-                            f"scaling {model.scaling:.1f} kept {kept} confidence "
-                            f"[{', '.join(f'{c:.2f}' for c in confidences)}] skipped {guard.skipped_total}")
-                metrics.write(step=train_steps, epoch=epoch, loss=mean, steps_per_sec=steps_per_sec, tau=model.tau,
-                              scaling=model.scaling, kept_indices=kept, choices=choices, confidences=confidences,
-                              groups=groups, skipped_steps=guard.skipped_total, grad_norm=float(grad_norm))
-                window_loss, window_steps = 0.0, 0
-            if train_steps % args.ckpt_every == 0 or train_steps == total_steps:
-                save(train_steps, epoch, batches_done)
-                last_saved = train_steps
-            if train_steps >= total_steps:
-                break
-        epoch, start_batch = epoch + 1, 0
-    progress.close()
-    if last_saved != train_steps:
-        save(train_steps, epoch, 0)
-
-    # the decision of the EMA logits at the final scaling, applied to the ORIGINAL weights (the
-    # LoRA / weight update only estimated how well each choice recovers and is discarded)
-    final_scaling = linear_schedule(*args.scaling_range, total_steps - 1, total_steps)
-    kept, choices, confidences = decision(final_scaling)
-    logger.info(f"decision after {train_steps} steps: keep blocks {kept} (confidence per group "
-                f"[{', '.join(f'{c:.3f}' for c in confidences)}])")
-    if ctx.is_main:
-        final_logits = [[float(v) for v in group_logits] for group_logits in ema_logits(ema, num_groups)]
-        del model, optimizer, ema, forward
-        source_name = plain_name(args.model)
-        original, _ = load_source_model(source_name, args.load_weight, args.image_size, args.num_classes, args.vae,
-                                        args.vae_path)
-        metadata = dict(method="learnable", source_model=source_name, source_checkpoint=args.load_weight,
-                        source_depth=original.depth, groups=groups, choices=choices, confidences=confidences,
-                        scores=final_logits, steps=train_steps, skipped_steps=guard.skipped_total,
-                        delta_w=bool(args.delta_w), lora=bool(args.delta_w and args.lora), lora_rank=args.lora_rank,
-                        tau_range=list(args.tau_range), scaling_range=list(args.scaling_range),
-                        run_dir=run_dir, **source_lineage(source_metadata, kept))
-        save_pruned(original, kept, save_path, metadata, overwrite=args.overwrite)
-        logger.info(f"saved the {len(kept)}-block model to {save_path}")
-    if ctx.is_distributed:
+    search = GateSearch(run.groups, args.tau_range, args.scaling_range)
+    weights, logits = trainable_groups(run.model)
+    param_groups = ([([p for _, p in weights], 1.0)] if weights else []) + \
+        [([p for _, p in logits], args.logits_lr_scale)]
+    result = train_loop(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run.run_dir,
+                        intro=describe_search(args, run.groups, run.model), progress_label="prune",
+                        compute_losses=lambda forward, x, y, epoch: {"loss": pruning_loss(forward, diffusion, x, y)},
+                        param_groups=param_groups, gradient_sync="all_reduce", checkpoint_weights=trained_weights,
+                        hooks=[search, *run.trackers], resume_checkpoint=run.resume, resume_path=run.resume_path,
+                        **loop_keywords(args))
+    run.model = None  # the gated model with its LoRA adapters is not needed any more
+    # the decision of the EMA logits at the final scaling
+    final_scaling = linear_schedule(*args.scaling_range, result.train_steps - 1, result.train_steps)
+    kept, choices, confidences = search.decision(result.ema, final_scaling)
+    result.logger.info(f"decision after {result.train_steps} steps: keep blocks {kept} (confidence per group "
+                       f"[{', '.join(f'{c:.3f}' for c in confidences)}])")
+    if run.ctx.is_main:
+        final_logits = [[float(v) for v in group_logits] for group_logits in ema_logits(result.ema, len(run.groups))]
+        save_decision(args, run.groups, kept, choices, confidences, final_logits, result, run.run_dir, run.save_path,
+                      run.metadata)
+    if run.ctx.is_distributed:
         dist.barrier()
     cleanup_distributed()
     return kept
@@ -256,8 +220,8 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser, default_model="DiT-XL-1-2")
-    add_training_args(parser, lr=1e-4, epochs=1, global_batch_size=128, log_every=50, ckpt_every=1000,
-                      ema_decay=0.999)
+    add_training_args(parser, lr=1e-4, lr_schedule="constant", min_lr=0.0, epochs=1, global_batch_size=128,
+                      log_every=50, ckpt_every=1000, ema_decay=0.999)
     add_precision_arg(parser)
     parser.add_argument("--delta-w", action="store_true",
                         help="also update the weights during the search (recoverability); without it only the logits train")

@@ -16,7 +16,7 @@ from tinyfusion.cli import add_model_args
 from diffusion import create_diffusion
 from tinyfusion.pruning import (bi_scores, calibration_latents, check_output_path, load_source_model, plain_name, save_pruned,
                      select_by_bi_score, source_lineage)
-from tinyfusion.errors import run_main
+from tinyfusion.errors import TinyFusionError, run_main
 
 
 def save_sample_grid(model, vae, path, args, device):
@@ -41,9 +41,9 @@ def save_sample_grid(model, vae, path, args, device):
 
 def main(args):
     if not args.ckpt:
-        raise SystemExit("error: --ckpt is required: the checkpoint to prune, e.g. pretrained/DiT-XL-2-256x256.pt")
+        raise TinyFusionError("--ckpt is required: the checkpoint to prune, e.g. pretrained/DiT-XL-2-256x256.pt")
     if not args.data_path and not args.features_path:
-        raise SystemExit("error: pass --data-path (an ImageFolder, encoded with --vae) or --features-path "
+        raise TinyFusionError("pass --data-path (an ImageFolder, encoded with --vae) or --features-path "
                          "(a feature store) for the calibration samples")
     check_output_path(args.save_model, args.overwrite)
     check_output_path(args.sample_grid, args.overwrite)
@@ -61,17 +61,17 @@ def main(args):
                                           args.image_size, vae, args.batch_size, device)
     expected = (model.in_channels, model.input_size, model.input_size)
     if tuple(latents.shape[1:]) != expected:
-        raise SystemExit(f"error: the calibration latents are {tuple(latents.shape[1:])} but the model expects {expected}; "
+        raise TinyFusionError(f"the calibration latents are {tuple(latents.shape[1:])} but the model expects {expected}; "
                          f"pass the --vae/--image-size the data was made with")
     if int(labels.max()) >= model.num_classes:
-        raise SystemExit(f"error: the calibration data has labels up to {int(labels.max())} but the model has "
+        raise TinyFusionError(f"the calibration data has labels up to {int(labels.max())} but the model has "
                          f"{model.num_classes} classes; pass --num-classes {int(labels.max()) + 1}")
     diffusion = create_diffusion("")
     similarities = bi_scores(model, latents, labels, diffusion, args.batch_size, args.seed, progress=True)
     try:
         kept = select_by_bi_score(similarities, args.n_pruned)
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise TinyFusionError(f"{error}") from None
     print(f"input/output cosine similarity of each block over {len(latents)} calibration samples "
           f"(BI score = 1 - similarity; the most similar blocks are removed):")
     for index, similarity in enumerate(similarities):

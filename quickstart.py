@@ -109,7 +109,8 @@ class Pipeline:
     def run_all(self):
         # with several seeds the teacher is trained once (seed 0) and the seeds vary what the paper
         # compares: the pruning, the recovery and the sampling
-        teacher = self.train_run("teacher", "train.py", self.teacher_steps, ["--lr", "1e-3", "--ema-decay", "0.995"],
+        teacher = self.train_run("teacher", "train.py", self.teacher_steps, ["--lr", "1e-3", "--ema-decay", "0.995",
+                                                                                "--lr-schedule", "constant"],
                                  results=self.teacher_runs)
         pruned = self.path("pruned")
         os.makedirs(pruned, exist_ok=True)
@@ -142,7 +143,7 @@ class Pipeline:
                                                              self.recover_steps, ["--load-weight", checkpoint] + kd)
         models["learned + fine-tuning"] = self.train_run("finetune-learned", "train.py", self.recover_steps,
                                                          ["--load-weight", students["learned"], "--lr", "5e-4",
-                                                          "--ema-decay", "0.99"])
+                                                          "--lr-schedule", "constant", "--ema-decay", "0.99"])
         rows = []
         for name, checkpoint in models.items():
             rows.append(self.evaluate(name, checkpoint))

@@ -15,11 +15,11 @@ from torchvision.utils import save_image
 
 from tinyfusion.atomic_files import atomic_path
 from tinyfusion.checkpoints import build_model
-from tinyfusion.cli import add_model_args, add_precision_arg, resolve_precision
+from tinyfusion.cli import add_guidance_args, add_model_args, add_precision_arg, resolve_precision
 from diffusion import create_diffusion
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, sample_generator
 from tinyfusion.vae import load_vae
-from tinyfusion.errors import run_main
+from tinyfusion.errors import TinyFusionError, run_main
 
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
@@ -28,12 +28,12 @@ def main(args):
     """Sample one image per --class-labels entry and save them as a 4-column grid PNG."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.sampler == "ddpm" and args.ddim_eta != 0.0:
-        raise SystemExit("error: --ddim-eta is for --sampler ddim")
+        raise TinyFusionError("--ddim-eta is for --sampler ddim")
     if args.seed < 0:
-        raise SystemExit(f"error: --seed must be >= 0, got {args.seed}")
+        raise TinyFusionError(f"--seed must be >= 0, got {args.seed}")
     bad_labels = [label for label in args.class_labels if not 0 <= label < args.num_classes]
     if bad_labels:
-        raise SystemExit(f"error: --class-labels {bad_labels} outside [0, {args.num_classes}); pass labels of the "
+        raise TinyFusionError(f"--class-labels {bad_labels} outside [0, {args.num_classes}); pass labels of the "
                          f"model's classes (or the right --num-classes)")
     ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
     model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
@@ -45,7 +45,8 @@ def main(args):
     start = time.time()
     generators = [sample_generator(args.seed, i) for i in range(len(args.class_labels))]
     images = generate(model, diffusion, args.class_labels, generators, args.cfg_scale, args.sampler, args.ddim_eta,
-                      vae, amp_dtype=resolve_precision(args.precision, device), progress=True)
+                      vae, amp_dtype=resolve_precision(args.precision, device), progress=True,
+                      guide_all_channels=args.guide_all_channels)
     # normalize to [-1, 1] then *255 + 0.5: the same uint8 values as sample_ddp.py's clamp(127.5 x + 128)
     with atomic_path(args.out) as tmp:
         save_image(images.float().cpu(), tmp, nrow=4, normalize=True, value_range=(-1, 1))
@@ -55,7 +56,7 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     add_model_args(parser)
-    parser.add_argument("--cfg-scale", type=float, default=4.0, help="1.0 = no guidance (one model pass per step)")
+    add_guidance_args(parser, cfg_scale=4.0)
     parser.add_argument("--num-sampling-steps", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ckpt", type=str, default=None,

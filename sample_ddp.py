@@ -29,18 +29,19 @@ from tqdm import tqdm
 
 from tinyfusion.atomic_files import atomic_path, atomic_write_json
 from tinyfusion.checkpoints import build_model
-from tinyfusion.cli import add_model_args, add_precision_arg, resolve_precision
+from tinyfusion.cli import add_guidance_args, add_model_args, add_precision_arg, resolve_precision
 from diffusion import create_diffusion
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
 from tinyfusion.runlog import MetricsLog, create_logger
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, run_name, sample_generator, sample_labels
 from tinyfusion.vae import load_vae, to_uint8_nhwc
-from tinyfusion.errors import run_main
+from tinyfusion.errors import TinyFusionError, run_main
 
 # settings that change the images: a run may only be resumed with the same values
 # (--num-fid-samples, --per-proc-batch-size and the world size may change)
 IDENTITY_KEYS = ("model", "ckpt", "no_ema", "image_size", "num_classes", "vae", "vae_path", "groups", "cfg_scale",
-                 "num_sampling_steps", "sampler", "ddim_eta", "global_seed", "precision", "tf32")
+                 "num_sampling_steps", "sampler", "ddim_eta", "global_seed", "precision", "tf32",
+                 "guide_all_channels")
 
 
 # ----------------------------------------------------------------------- part files
@@ -99,7 +100,7 @@ def assemble(parts_dir, final_path, num_samples, image_shape, keep_parts=False):
     finished = read_parts(parts_dir, image_shape)
     missing = [i for i in range(num_samples) if i not in finished]
     if missing:
-        raise SystemExit(f"error: {len(missing)} samples are missing from {parts_dir} (first: {missing[:5]}); "
+        raise TinyFusionError(f"{len(missing)} samples are missing from {parts_dir} (first: {missing[:5]}); "
                          f"run again with --resume")
     write_npz(final_path, finished, num_samples, image_shape)
     if not keep_parts:  # the .npz holds everything; the parts would double the disk use
@@ -120,25 +121,25 @@ def npz_num_samples(path):
 # ----------------------------------------------------------------------- planning (rank 0)
 def plan_run(args, run_dir, final_path, settings, image_shape):
     """What is left to sample: ("done", None) when the final .npz exists and --resume was given,
-    else ("todo", sorted missing indices). Raises SystemExit on anything that would overwrite or
+    else ("todo", sorted missing indices). Raises TinyFusionError on anything that would overwrite or
     mix results."""
     parts_dir = os.path.join(run_dir, "parts")
     if os.path.exists(final_path):
         if args.resume and npz_num_samples(final_path) == args.num_fid_samples:
             return "done", None
-        raise SystemExit(f"error: {final_path} already exists; remove it (or pass another --sample-dir) to sample again")
+        raise TinyFusionError(f"{final_path} already exists; remove it (or pass another --sample-dir) to sample again")
     settings_path = os.path.join(run_dir, "settings.json")
     finished = read_parts(parts_dir, image_shape) if os.path.isdir(parts_dir) else {}
     if os.path.isfile(settings_path):
         if not args.resume and finished:
-            raise SystemExit(f"error: {parts_dir} holds {len(finished)} samples of an unfinished run; pass --resume "
+            raise TinyFusionError(f"{parts_dir} holds {len(finished)} samples of an unfinished run; pass --resume "
                              f"to continue it or remove {run_dir}")
         with open(settings_path) as f:
             previous = json.load(f)
         changed = [key for key in IDENTITY_KEYS if previous.get(key) != settings[key]]
         if finished and changed:
             details = ", ".join(f"{key} {previous.get(key)!r} -> {settings[key]!r}" for key in changed)
-            raise SystemExit(f"error: cannot resume {run_dir}: its samples were made with other settings "
+            raise TinyFusionError(f"cannot resume {run_dir}: its samples were made with other settings "
                              f"({details}); use the same flags or remove the folder")
     os.makedirs(parts_dir, exist_ok=True)
     atomic_write_json(settings_path, settings)
@@ -147,12 +148,12 @@ def plan_run(args, run_dir, final_path, settings, image_shape):
 
 def check_args(args):
     if args.cfg_scale < 1.0:
-        raise SystemExit(f"error: --cfg-scale must be >= 1.0 (1.0 = no guidance), got {args.cfg_scale}")
+        raise TinyFusionError(f"--cfg-scale must be >= 1.0 (1.0 = no guidance), got {args.cfg_scale}")
     if min(args.num_fid_samples, args.per_proc_batch_size, args.cpu_threads) <= 0 or args.global_seed < 0:
-        raise SystemExit("error: --num-fid-samples, --per-proc-batch-size and --cpu-threads must be positive, "
+        raise TinyFusionError("--num-fid-samples, --per-proc-batch-size and --cpu-threads must be positive, "
                          "--global-seed >= 0")
     if args.sampler == "ddpm" and args.ddim_eta != 0.0:
-        raise SystemExit("error: --ddim-eta is for --sampler ddim")
+        raise TinyFusionError("--ddim-eta is for --sampler ddim")
 
 
 def main(args):
@@ -180,12 +181,12 @@ def main(args):
     if ctx.is_main:
         try:
             plan = plan_run(args, run_dir, final_path, settings, image_shape)
-        except SystemExit as error:
+        except TinyFusionError as error:
             plan = ("error", str(error))
     status, todo = broadcast_object(plan, ctx)
     if status == "error":
         cleanup_distributed()
-        raise SystemExit(todo)
+        raise TinyFusionError(todo)
     logger = create_logger(run_dir if status == "todo" else None, ctx.is_main, name="sample_ddp")
     if status == "done":
         logger.info(f"{final_path} is already complete; nothing to do")
@@ -217,7 +218,7 @@ def main(args):
         labels = sample_labels(args.global_seed, indices, args.num_classes)
         generators = [sample_generator(args.global_seed, i) for i in indices]
         images = generate(model, diffusion, labels, generators, args.cfg_scale, args.sampler, args.ddim_eta, vae,
-                          amp_dtype=amp_dtype, pad_to=batch)
+                          amp_dtype=amp_dtype, pad_to=batch, guide_all_channels=args.guide_all_channels)
         images = to_uint8_nhwc(images).numpy()
         if args.save_png:  # before the part: a finished part implies its PNGs are complete
             for index, image in zip(indices, images):
@@ -239,13 +240,13 @@ def main(args):
                         f"uint8 and labels")
         except BaseException as caught:
             failure = caught
-            error = str(caught) if isinstance(caught, SystemExit) else f"error: rank 0 could not write {final_path}"
+            error = str(caught) if isinstance(caught, TinyFusionError) else f"error: rank 0 could not write {final_path}"
     error = broadcast_object(error, ctx)
     cleanup_distributed()
     if failure is not None:
         raise failure
     if error:
-        raise SystemExit(error)
+        raise TinyFusionError(error)
 
 
 def parse_args(argv=None):
@@ -254,7 +255,7 @@ def parse_args(argv=None):
     parser.add_argument("--sample-dir", type=str, default="samples")
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="1.0 = no guidance (one model pass per step)")
+    add_guidance_args(parser, cfg_scale=1.5)
     parser.add_argument("--num-sampling-steps", type=int, default=250)
     parser.add_argument("--global-seed", type=int, default=0, help="sample i uses seeds derived from (this, i)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,

@@ -14,6 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tinyfusion.atomic_files import atomic_path
+from tinyfusion.errors import TinyFusionError, run_main
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -63,11 +64,11 @@ def main(args):
     out_path = args.out if args.out is not None else f"{image_dir}.npz"
     # Check the destination before reading 50k images, not after.
     if os.path.exists(out_path) and not args.overwrite:
-        raise SystemExit(f"error: {out_path} already exists; pass --overwrite to replace it or choose another --out")
+        raise TinyFusionError(f"{out_path} already exists; pass --overwrite to replace it or choose another --out")
     try:
         images = load_image_folder(image_dir, args.num)
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}")
+        raise TinyFusionError(f"{exc}")
     # Temp file in the destination folder + os.replace: a crash never leaves a truncated .npz.
     with atomic_path(out_path, overwrite=args.overwrite) as tmp_path:
         np.savez(tmp_path, arr_0=images)
@@ -81,4 +82,4 @@ if __name__ == "__main__":
     parser.add_argument("--num", type=int, default=None, help="use only the first NUM images (default: all)")
     parser.add_argument("--out", type=str, default=None, help="output .npz path (default: {image_dir}.npz)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    main(parser.parse_args())
+    run_main(main, parser.parse_args())

@@ -5,20 +5,23 @@
         --epochs 100 --prefix D14-Learned-Finetuning
 
 Reads the feature store of extract_features.py (or the original imagenet256_features layout).
-AdamW (lr 1e-4 constant, no weight decay), grad clip 1.0, EMA 0.9999, bf16 autocast on GPU with
-fp32 losses. The run folder `{results-dir}/{prefix}-{model}` holds args.json, log.txt,
-metrics.jsonl and checkpoints/{step:07d}.pt ({model, ema, opt, sched, train_steps, args, ...},
-readable by sample.py); `--resume auto` continues the latest one bit-exactly.
+The original's optimisation: AdamW lr 2e-4 with CosineAnnealingLR to 1e-4 over all steps
+(stepped every iteration; `--lr-schedule constant` for DiT's constant lr), no weight decay, grad
+clip 1.0, EMA 0.9999, bf16 autocast on GPU with fp32 losses. The run folder
+`{results-dir}/{prefix}-{model}` holds args.json, log.txt, metrics.jsonl and
+checkpoints/{step:07d}.pt ({model, ema, opt, sched, train_steps, args, ...}, readable by
+sample.py); `--resume auto` continues the latest one bit-exactly.
 """
 import argparse
 
 import torch
 
-from tinyfusion import training
-from tinyfusion.cli import add_model_args, add_precision_arg
 from diffusion import create_diffusion
-from tinyfusion.distributed import cleanup_distributed
+from tinyfusion.cli import add_compatibility_flags, add_model_args, add_precision_arg
+from tinyfusion.distributed import cleanup_distributed, start_process_group
 from tinyfusion.errors import run_main
+from tinyfusion.loop import full_weights, train_loop
+from tinyfusion.run_setup import add_training_args, loop_keywords, prepare_training
 
 
 def diffusion_losses(model, diffusion, x, y):
@@ -30,26 +33,25 @@ def diffusion_losses(model, diffusion, x, y):
 
 
 def main(args):
-    ctx, dataset, run_dir, resume_path, resume, model, metadata = training.prepare_training(args)
+    run = prepare_training(args)  # every check before the process group starts and before any file is written
+    start_process_group(run.ctx)
     diffusion = create_diffusion(timestep_respacing="")  # default: 1000 steps, linear, learned sigma
-
-    logger, metrics = training.open_run_folder(args, ctx, run_dir, resuming=resume is not None)
-    logger.info(f"run folder {run_dir}; model {args.model} (depth {model.depth})"
-                + (f" from {args.load_weight}" if args.load_weight and resume is None else "")
-                + (f"; resuming {resume_path}" if resume is not None else ""))
-    training.fit(args, ctx, model, metadata, dataset,
-                 lambda student, x, y, epoch: diffusion_losses(student, diffusion, x, y),
-                 logger, metrics, run_dir, resume_checkpoint=resume, schedule="constant")
+    intro = (f"run folder {run.run_dir}; model {args.model} (depth {run.model.depth})"
+             + (f" from {args.load_weight}" if args.load_weight and run.resume is None else ""))
+    train_loop(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run.run_dir, intro=[intro],
+               compute_losses=lambda student, x, y, epoch: diffusion_losses(student, diffusion, x, y),
+               checkpoint_weights=full_weights(run.metadata), hooks=run.trackers, resume_checkpoint=run.resume,
+               resume_path=run.resume_path, **loop_keywords(args))
     cleanup_distributed()
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser, default_model="DiT-XL/2")
-    training.add_training_args(parser, lr=1e-4)
+    add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4)
     add_precision_arg(parser)
-    parser.add_argument("--strict", action="store_true",
-                        help="accepted for compatibility: weights are always loaded strictly (a mismatch is an error)")
+    add_compatibility_flags(parser, [("--strict", dict(action="store_true",
+                                                       help="weights are always loaded strictly"))])
     return parser
 
 

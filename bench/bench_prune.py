@@ -32,7 +32,8 @@ from tinyfusion.ema import ParameterEMA  # noqa: E402
 from tinyfusion.lora import apply_lora  # noqa: E402
 from models import DiT_models  # noqa: E402
 from prune_by_learning import pruning_loss  # noqa: E402
-from tinyfusion.training import AutocastForward, clip_grad_norm  # noqa: E402
+from tinyfusion.gradients import clip_grad_norm  # noqa: E402
+from tinyfusion.loop import AutocastForward  # noqa: E402
 
 
 def rss_mb():

@@ -27,7 +27,8 @@ from diffusion import create_diffusion  # noqa: E402
 from diffusion.distillation import masked_kd_losses, span_end_layer_map  # noqa: E402
 from tinyfusion.ema import ParameterEMA  # noqa: E402
 from models import DiT_models, prune_to_kept_blocks  # noqa: E402
-from tinyfusion.training import AutocastForward, clip_grad_norm  # noqa: E402
+from tinyfusion.gradients import clip_grad_norm  # noqa: E402
+from tinyfusion.loop import AutocastForward  # noqa: E402
 
 
 def main(args):

@@ -1,7 +1,7 @@
 """Gaussian diffusion for DiT / TinyFusion.
 
 User code does `from diffusion import create_diffusion`; the arguments and defaults
-match DiT's (see SPEC section 1): linear schedule over 1000 steps, epsilon
+match DiT's: linear schedule over 1000 steps, epsilon
 prediction, learned-range variance, MSE + frozen-mean vb loss.
 """
 

@@ -1,4 +1,4 @@
-"""Masked knowledge distillation (TinyFusion's recovery step, SPEC section 8).
+"""Masked knowledge distillation (TinyFusion's recovery step).
 
 Per step, one noise draw gives x_t; the student and the teacher (eval mode, no grad) see the
 same x_t, t, labels and classifier-free label drops, and
@@ -30,9 +30,11 @@ import ast
 
 import torch
 
+from models import validate_kept_indices
+
 from .diffusion_utils import mean_flat
 
-# SPEC section 8: the original's hard-coded (student block, teacher block) pairs per (student depth, teacher depth)
+# the original's hard-coded (student block, teacher block) pairs per (student depth, teacher depth)
 ORIGINAL_LAYER_MAPS = {
     (14, 28): [(i, 2 * i + 1) for i in range(14)],
     (7, 14): [(i, 2 * i + 1) for i in range(7)],
@@ -44,14 +46,11 @@ ORIGINAL_LAYER_MAPS = {
 def span_end_layer_map(kept_indices, teacher_depth):
     """[(i, k_{i+1} - 1), ..., (K-1, D-1)]: each student block aligned with the last teacher block
     of the span it replaces (see the module docstring)."""
-    kept = [int(k) for k in kept_indices]
-    if not kept:
-        raise ValueError("kept_indices is empty")
-    if sorted(set(kept)) != kept:
-        raise ValueError(f"kept_indices {kept} must be sorted and without duplicates")
-    if kept[0] < 0 or kept[-1] >= teacher_depth:
-        raise ValueError(f"kept_indices {kept} do not fit a teacher with {teacher_depth} blocks (valid: "
-                         f"0..{teacher_depth - 1}); was the student pruned from another model? pass --kd-layer-map")
+    try:
+        kept = validate_kept_indices([int(k) for k in kept_indices], teacher_depth)
+    except ValueError as error:
+        raise ValueError(f"kept_indices {list(kept_indices)} do not fit a teacher with {teacher_depth} blocks "
+                         f"({error}); was the student pruned from another model? pass --kd-layer-map") from None
     span_ends = kept[1:] + [teacher_depth]
     return [(i, end - 1) for i, end in enumerate(span_ends)]
 

@@ -1,4 +1,4 @@
-"""Checkpoint I/O (SPEC section 3): every format round-trips, mismatches are one-line errors that
+"""Checkpoint I/O: every format round-trips, mismatches are one-line errors that
 name the model the file fits, pickles that run code are refused, writes are atomic."""
 import argparse
 import os
@@ -8,6 +8,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
+from tinyfusion.errors import TinyFusionError
 from tinyfusion.checkpoints import (build_model, describe_architecture, infer_architecture, load_state_dict,
                          read_metadata, save_checkpoint, save_pruned_model)
 from models import DiT_models, prune_to_kept_blocks
@@ -88,14 +89,14 @@ def test_gated_model_starts_from_plain_weights(tmp_path):
 
 def test_mismatch_names_the_model_the_checkpoint_fits(tmp_path):
     torch.save(tiny_model("DiT-B/4", depth=12).state_dict(), tmp_path / "b4.pt")
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(TinyFusionError) as error:
         build_model("DiT-S/4", ckpt=str(tmp_path / "b4.pt"), image_size=16, num_classes=10, vae="none")
     message = str(error.value)
     assert "\n" not in message and "DiT-B/4 (depth 12, hidden 768, patch 4, input 16" in message
     assert "shape mismatch: pos_embed" in message
     # a checkpoint for another image size names its input size
     torch.save(tiny_model("DiT-S/4").state_dict(), tmp_path / "s4.pt")
-    with pytest.raises(SystemExit, match="input 16"):
+    with pytest.raises(TinyFusionError, match="input 16"):
         build_model("DiT-S/4", ckpt=str(tmp_path / "s4.pt"), image_size=32, num_classes=10, vae="none", depth=2)
 
 
@@ -113,7 +114,7 @@ def test_full_size_d14_checkpoint_given_to_xl_fails_naming_d14(tmp_path):
     d14 = DiT_models["DiT-D14/2"](input_size=8)
     torch.save(d14.state_dict(), tmp_path / "d14.pt")
     del d14
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(TinyFusionError) as error:
         build_model("DiT-XL/2", image_size=64, ckpt=str(tmp_path / "d14.pt"))
     assert "DiT-D14/2 (depth 14" in str(error.value) and "missing: blocks.14." in str(error.value)
 
@@ -130,13 +131,13 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"model": RunsCode(str(marker))}, f)
-    with pytest.raises(SystemExit, match="refusing to load"):
+    with pytest.raises(TinyFusionError, match="refusing to load"):
         load_state_dict(tmp_path / "evil.pt")
     assert not marker.exists()
 
 
 def test_missing_file_is_a_one_line_error(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(TinyFusionError, match="does not exist"):
         load_state_dict(tmp_path / "nope.pt")
 
 

@@ -1,4 +1,4 @@
-"""The shared flags: every flag of the original scripts (SPEC section 13) is accepted by our script
+"""The shared flags: every flag of the original scripts is accepted by our script
 of the same name, and the pattern parsers give the documented values and one-line errors."""
 import argparse
 import os

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from tinyfusion.errors import TinyFusionError
 import models
 from tinyfusion.checkpoints import save_checkpoint, save_pruned_model
 from export_diffusers import main, match_original_timestep_embedding, parse_args, to_diffusers_transformer
@@ -76,7 +77,7 @@ def test_xl_shaped_export_matches_noise_and_variance(tmp_path, monkeypatch, caps
     (out / "keep.txt").write_text("an earlier result")
     argv = ["--model", "DiT-XL/2", "--image-size", "64", "--ckpt", str(ckpt), "--out", str(out)]
 
-    with pytest.raises(SystemExit, match="already exists.*--overwrite"):
+    with pytest.raises(TinyFusionError, match="already exists.*--overwrite"):
         main(parse_args(argv))
     assert (out / "keep.txt").exists()
 
@@ -129,5 +130,5 @@ def test_refuses_a_learned_position_table():
     model = randomise(DiT_models["DiT-S/2"](input_size=4, hidden_size=32, num_heads=2, depth=1), seed=3)
     with torch.no_grad():
         model.pos_embed.add_(0.01)
-    with pytest.raises(SystemExit, match="pos_embed differs from the fixed 2-D sin-cos table"):
+    with pytest.raises(TinyFusionError, match="pos_embed differs from the fixed 2-D sin-cos table"):
         to_diffusers_transformer(model)

@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import extract_features  # noqa: E402
 from tinyfusion import feature_store  # noqa: E402
+from tinyfusion.errors import TinyFusionError  # noqa: E402
 from conftest import torch_threads  # noqa: E402
 from tinyfusion.distributed import DistributedContext  # noqa: E402
 from tinyfusion.image_folder import center_crop_arr, image_folder, list_image_folder, to_unit_range  # noqa: E402
@@ -227,10 +228,10 @@ def test_resume_redoes_missing_truncated_and_corrupted_shards(tmp_path, referenc
     data[-20] ^= 0xFF  # a flipped byte inside the latents: only the checksum can tell
     shard_3.write_bytes(bytes(data))
     (path / ".shard-00001.x1y2.tmp.safetensors").write_bytes(b"half a shard")
-    with pytest.raises(SystemExit, match="unfinished"):
+    with pytest.raises(TinyFusionError, match="unfinished"):
         feature_store.open_feature_dataset(path)
     untouched = os.stat(path / feature_store.shard_file_name(0))
-    with pytest.raises(SystemExit, match="pass --resume"):
+    with pytest.raises(TinyFusionError, match="pass --resume"):
         extract(images, path, vae_path=tiny_vae)
     with torch_threads(1):
         extract(images, path, "--resume", vae_path=tiny_vae)
@@ -251,16 +252,16 @@ def test_damaged_store_is_refused_by_the_dataset(tmp_path, reference_store):
     shutil.copytree(reference_store, path)
     shard = path / feature_store.shard_file_name(2)
     shard.write_bytes(shard.read_bytes()[:-4])
-    with pytest.raises(SystemExit, match="damaged.*--resume"):
+    with pytest.raises(TinyFusionError, match="damaged.*--resume"):
         feature_store.open_feature_dataset(path)
 
 
 def test_bad_inputs_are_one_line_errors_and_overwrite_nothing(tmp_path, images, tiny_vae, reference_store,
                                                               monkeypatch):
     def fails(match, data_path, features_path, *extra, vae_path=tiny_vae):
-        with pytest.raises(SystemExit, match=match) as error:
+        with pytest.raises(TinyFusionError, match=match) as error:
             extract(data_path, features_path, *extra, vae_path=vae_path)
-        assert str(error.value).startswith("error: ") and "\n" not in str(error.value)
+        assert "\n" not in str(error.value)
 
     os.makedirs(tmp_path / "empty")
     fails("no class sub-folders", tmp_path / "empty", tmp_path / "out")
@@ -429,5 +430,5 @@ def test_ranks_split_the_samples():
 
 
 def test_missing_features_is_a_one_line_error(tmp_path):
-    with pytest.raises(SystemExit, match=f"no features found in {tmp_path}; run extract_features.py"):
+    with pytest.raises(TinyFusionError, match=f"no features found in {tmp_path}; run extract_features.py"):
         feature_store.open_feature_dataset(tmp_path)

@@ -1,4 +1,4 @@
-"""models.py against SPEC sections 2, 4 and 6: every expected value is computed here from the
+"""models.py against the original's configurations, numerics and gates: every expected value is computed here from the
 formulas, not by calling the code under test."""
 import itertools
 import math
@@ -31,13 +31,13 @@ def small(name, **kw):
 
 
 # --------------------------------------------------------------------------- configs
-SPEC_BLOCK_KEYS = {
+ORIGINAL_BLOCK_KEYS = {
     "attn.qkv.weight": (3456, 1152), "attn.qkv.bias": (3456,), "attn.proj.weight": (1152, 1152),
     "attn.proj.bias": (1152,), "mlp.fc1.weight": (4608, 1152), "mlp.fc1.bias": (4608,),
     "mlp.fc2.weight": (1152, 4608), "mlp.fc2.bias": (1152,), "adaLN_modulation.1.weight": (6912, 1152),
     "adaLN_modulation.1.bias": (6912,),
 }
-SPEC_OTHER_KEYS = {
+ORIGINAL_OTHER_KEYS = {
     "pos_embed": (1, 256, 1152), "x_embedder.proj.weight": (1152, 4, 2, 2), "x_embedder.proj.bias": (1152,),
     "t_embedder.mlp.0.weight": (1152, 256), "t_embedder.mlp.0.bias": (1152,),
     "t_embedder.mlp.2.weight": (1152, 1152), "t_embedder.mlp.2.bias": (1152,),
@@ -50,9 +50,9 @@ SPEC_OTHER_KEYS = {
 def test_xl2_state_dict_keys_and_shapes_match_the_official_checkpoint():
     with torch.device("meta"):
         model = DiT_models["DiT-XL/2"]()
-    expected = dict(SPEC_OTHER_KEYS)
+    expected = dict(ORIGINAL_OTHER_KEYS)
     for block in range(28):
-        expected.update({f"blocks.{block}.{key}": shape for key, shape in SPEC_BLOCK_KEYS.items()})
+        expected.update({f"blocks.{block}.{key}": shape for key, shape in ORIGINAL_BLOCK_KEYS.items()})
     actual = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     assert len(expected) == 292
     assert actual == expected
@@ -65,7 +65,7 @@ def test_parameter_counts_of_xl_and_d14():
     assert sum(p.numel() for p in d14.parameters()) == 340_457_504
 
 
-SPEC_CONFIGS = {  # name: (depth, hidden, patch, heads, groups)
+ORIGINAL_CONFIGS = {  # name: (depth, hidden, patch, heads, groups)
     **{f"DiT-{family}/{patch}": (depth, hidden, patch, heads, None)
        for family, (depth, hidden, heads) in {"XL": (28, 1152, 16), "L": (24, 1024, 16),
                                               "B": (12, 768, 12), "S": (12, 384, 6)}.items()
@@ -80,8 +80,8 @@ SPEC_CONFIGS = {  # name: (depth, hidden, patch, heads, groups)
 
 
 def test_every_published_name_has_the_spec_architecture():
-    assert set(DiT_models) == set(SPEC_CONFIGS)
-    for name, (depth, hidden, patch, heads, groups) in SPEC_CONFIGS.items():
+    assert set(DiT_models) == set(ORIGINAL_CONFIGS)
+    for name, (depth, hidden, patch, heads, groups) in ORIGINAL_CONFIGS.items():
         with torch.device("meta"):
             model = DiT_models[name]()
         assert (model.depth, model.hidden_size, model.patch_size, model.num_heads, model.groups) == \
@@ -91,7 +91,7 @@ def test_every_published_name_has_the_spec_architecture():
                 "DiT-D14-1-2": 7, "DiT-D14-2-4": 7}.get(name, depth) == kept
 
 
-@pytest.mark.parametrize("name", sorted(SPEC_CONFIGS))
+@pytest.mark.parametrize("name", sorted(ORIGINAL_CONFIGS))
 def test_every_config_runs_forward_at_reduced_width(name):
     model = small(name).eval()
     x = torch.randn(2, 4, 16, 16)
@@ -100,7 +100,7 @@ def test_every_config_runs_forward_at_reduced_width(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(SPEC_CONFIGS))
+@pytest.mark.parametrize("name", sorted(ORIGINAL_CONFIGS))
 def test_every_config_runs_forward_at_full_width(name):
     model = DiT_models[name](input_size=8).eval()
     with torch.no_grad():
@@ -368,6 +368,6 @@ def test_forced_choices_prune_to_the_plain_shallow_model_bit_for_bit():
 
 def test_prune_to_kept_blocks_rejects_bad_indices():
     model = small("DiT-S/2", depth=4)
-    for bad, message in (([], "empty"), ([0, 0], "duplicates"), ([2, 1], "sorted"), ([0, 4], "out of range")):
+    for bad, message in (([], "empty"), ([0, 0], "repeat"), ([2, 1], "sorted"), ([0, 4], "out of range")):
         with pytest.raises(ValueError, match=message):
             prune_to_kept_blocks(model, bad)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from tinyfusion.errors import TinyFusionError
 import prune_by_learning
 from tinyfusion.checkpoints import load_checkpoint_file, read_metadata
 from models import DiT_models
@@ -125,8 +126,9 @@ def test_resume_continues_from_the_same_step_logits_and_optimizer(workspace, lor
     os.remove(os.path.join(copy_dir, "pruned.pt"))
     assert prune_by_learning.main(resumed_args) == kept
     assert os.path.isfile(os.path.join(copy_dir, "pruned.pt"))
-    # the copied log had steps 2 and 4; the resumed run appended step 4 once, the finished one nothing
-    assert [r["step"] for r in read_metrics(os.path.join(copy_dir, "metrics.jsonl"))] == [2, 4, 4]
+    # the copied log had steps 2 and 4; resuming at step 2 dropped the record of step 4 and logged it
+    # again, resuming the finished run at step 4 logged nothing: every step is recorded once
+    assert [r["step"] for r in read_metrics(os.path.join(copy_dir, "metrics.jsonl"))] == [2, 4]
 
 
 def test_nan_step_is_skipped_and_counted_and_logits_only_ema(workspace, monkeypatch):
@@ -144,14 +146,16 @@ def test_nan_step_is_skipped_and_counted_and_logits_only_ema(workspace, monkeypa
                                                  "--log-every", "1", "--ckpt-every", "1"))
     prune_by_learning.main(args)
     run_dir = os.path.join(str(folder / "results"), "nan-DiT-XS-4")
-    checkpoints = [load_checkpoint_file(os.path.join(run_dir, "checkpoints", f"{s:07d}.pt")) for s in (1, 2, 3)]
-    assert [c["skipped_steps"] for c in checkpoints] == [0, 1, 1]
+    # step 2 was skipped: its checkpoint is postponed to step 3 (never written while skipping)
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["0000001.pt", "0000003.pt"]
+    assert "step 2: checkpoint postponed: the last 1 step(s) were skipped" in open(os.path.join(run_dir, "log.txt")).read()
+    checkpoints = [load_checkpoint_file(os.path.join(run_dir, "checkpoints", f"{s:07d}.pt")) for s in (1, 3)]
+    assert [c["skipped_steps"] for c in checkpoints] == [0, 1]
     assert set(checkpoints[0]["ema"]) == {"gate_logits.0", "gate_logits.1"}  # without --delta-w only logits train
     for name in checkpoints[0]["model"]:
-        assert torch.equal(checkpoints[1]["model"][name], checkpoints[0]["model"][name])  # skipped: unchanged
-        assert not torch.equal(checkpoints[2]["model"][name], checkpoints[1]["model"][name])  # step 3 trained
+        assert not torch.equal(checkpoints[1]["model"][name], checkpoints[0]["model"][name])  # step 3 trained
     steps_taken = [c["opt"]["state"][0]["step"].item() for c in checkpoints]
-    assert steps_taken == [1, 1, 2]
+    assert steps_taken == [1, 2]  # three steps, one skipped
     assert [r["skipped_steps"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))] == [0, 1, 1]
 
 
@@ -159,15 +163,15 @@ def test_bad_input_is_one_line(workspace):
     folder, features, teacher = workspace
     existing = folder / "exists.pt"
     existing.write_bytes(b"x")
-    with pytest.raises(SystemExit, match="already exists; pass --overwrite") as info:
+    with pytest.raises(TinyFusionError, match="already exists; pass --overwrite") as info:
         prune_by_learning.main(prune_by_learning.parse_args(
             run_args(folder, features, teacher, "bad", "--save-model", str(existing))))
     assert "\n" not in str(info.value)
     plain = run_args(folder, features, teacher, "bad2")
     plain.remove("--groups"), plain.remove("[[1,2]]*2")
-    with pytest.raises(SystemExit, match="has no gates"):
+    with pytest.raises(TinyFusionError, match="has no gates"):
         prune_by_learning.main(prune_by_learning.parse_args(plain))
-    with pytest.raises(SystemExit, match="cover 6 blocks but the model has depth 4"):
+    with pytest.raises(TinyFusionError, match="cover 6 blocks but the model has depth 4"):
         prune_by_learning.main(prune_by_learning.parse_args(
             run_args(folder, features, teacher, "bad3") + ["--groups", "[[1,2]]*3"]))
 

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from tinyfusion.errors import TinyFusionError
 import prune_by_index
 import prune_by_score
 from tinyfusion.checkpoints import build_model, load_checkpoint_file, read_metadata
@@ -68,11 +69,11 @@ def test_prune_by_index_keeps_exactly_the_listed_blocks(folder, source28):
 def test_prune_by_index_rejects_bad_indices_in_one_line(folder, source28, indices, message):
     source = source28
     out = folder / f"never-{message.replace(' ', '-')}.pt"
-    with pytest.raises(SystemExit, match=message) as info:
+    with pytest.raises(TinyFusionError, match=message) as info:
         prune_by_index.main(prune_by_index.parse_args([
             "--model", "DiT-XS/4", "--ckpt", source, "--kept-indices", indices, "--save-model", str(out),
             "--image-size", "8", "--vae", "none", "--num-classes", "10"]))
-    assert str(info.value).startswith("error: --kept-indices") and "\n" not in str(info.value)
+    assert str(info.value).startswith("--kept-indices") and "\n" not in str(info.value)
     assert not out.exists()
 
 
@@ -82,7 +83,7 @@ def test_prune_by_index_never_overwrites_silently(folder):
     out.write_bytes(b"keep me")
     argv = ["--model", "DiT-XS/4", "--ckpt", source, "--kept-indices", "[0, 3]", "--save-model", str(out),
             "--image-size", "8", "--vae", "none", "--num-classes", "10"]
-    with pytest.raises(SystemExit, match="already exists; pass --overwrite"):
+    with pytest.raises(TinyFusionError, match="already exists; pass --overwrite"):
         prune_by_index.main(prune_by_index.parse_args(argv))
     assert out.read_bytes() == b"keep me"
     prune_by_index.main(prune_by_index.parse_args(argv + ["--overwrite"]))
@@ -132,11 +133,11 @@ def test_prune_by_score_through_the_vae_on_an_image_folder_with_a_sample_grid(fo
 
 def test_prune_by_score_errors(folder):
     source = known_similarity_teacher(folder)
-    with pytest.raises(SystemExit, match="--data-path .* or --features-path"):
+    with pytest.raises(TinyFusionError, match="--data-path .* or --features-path"):
         prune_by_score.main(prune_by_score.parse_args([
             "--model", "DiT-XS/2", "--ckpt", source, "--image-size", "8", "--vae", "none", "--num-classes", "10"]))
     _, features = make_digits_features(str(folder), limit=64)
-    with pytest.raises(SystemExit, match="between 0 and 5"):
+    with pytest.raises(TinyFusionError, match="between 0 and 5"):
         prune_by_score.main(prune_by_score.parse_args([
             "--model", "DiT-XS/2", "--ckpt", source, "--features-path", features, "--n-pruned", "6", "--nsamples", "8",
             "--save-model", str(folder / "never.pt"), "--image-size", "8", "--vae", "none", "--num-classes", "10"]))

@@ -7,11 +7,16 @@ import torch
 import torch.nn as nn
 
 from diffusion import create_diffusion
-from tinyfusion.lora import LoRALinear, apply_lora, lora_parameters, strip_lora_keys
-from models import DiT_models
-from tinyfusion.pruning import (block_input_output_similarity, bi_scores, gate_decision, linear_schedule, select_by_bi_score,
+from tinyfusion.lora import LoRALinear, apply_lora, lora_parameters
+from models import DiT_models, gate_decision
+from tinyfusion.pruning import (block_input_output_similarity, bi_scores, linear_schedule, select_by_bi_score,
                      validate_kept_indices)
 from tests.prune_helpers import set_block_gates, xs_model
+
+
+def strip_lora_keys(state_dict):
+    """A state dict without the LoRA factors (what the plain model loads)."""
+    return {key: value for key, value in state_dict.items() if not (key.endswith(".lora_A") or key.endswith(".lora_B"))}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tinyfusion.errors import TinyFusionError
 import sample
 import sample_ddp
 from tinyfusion.checkpoints import save_pruned_model
@@ -102,18 +103,18 @@ def test_run_name_follows_the_original():
 
 def test_missing_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="DiT-XL-2-512x512.pt into pretrained/ and pass --ckpt"):
+    with pytest.raises(TinyFusionError, match="DiT-XL-2-512x512.pt into pretrained/ and pass --ckpt"):
         resolve_checkpoint(None, "DiT-XL/2", 512)
-    with pytest.raises(SystemExit, match="--ckpt is required for --model DiT-D14/2"):
+    with pytest.raises(TinyFusionError, match="--ckpt is required for --model DiT-D14/2"):
         resolve_checkpoint(None, "DiT-D14/2", 256)
     # the original downloads into pretrained_models/: a copy there is used as it would be
     os.makedirs("pretrained_models")
     open("pretrained_models/DiT-XL-2-256x256.pt", "wb").close()
     assert resolve_checkpoint(None, "DiT-XL/2", 256) == os.path.join("pretrained_models", "DiT-XL-2-256x256.pt")
     # both scripts fail before building anything
-    with pytest.raises(SystemExit, match=DIT_CHECKPOINT_URL.format(size=512).replace(".", r"\.")):
+    with pytest.raises(TinyFusionError, match=DIT_CHECKPOINT_URL.format(size=512).replace(".", r"\.")):
         sample.main(sample.parse_args(["--image-size", "512"]))
-    with pytest.raises(SystemExit, match="--ckpt is required"):
+    with pytest.raises(TinyFusionError, match="--ckpt is required"):
         ddp_main("--sample-dir", str(tmp_path / "samples"))
     assert not os.path.exists(tmp_path / "samples")
 
@@ -265,7 +266,7 @@ def test_sample_ddp_npz_resume_and_no_silent_overwrite(tmp_path, pixel_ckpt):
 
     # a finished run is never overwritten; --resume on it does nothing
     before = os.stat(final).st_mtime_ns
-    with pytest.raises(SystemExit, match="already exists"):
+    with pytest.raises(TinyFusionError, match="already exists"):
         ddp_main("--ckpt", pixel_ckpt, "--num-fid-samples", str(num), "--sample-dir", reference_dir)
     ddp_main("--ckpt", pixel_ckpt, "--num-fid-samples", str(num), "--sample-dir", reference_dir, "--resume")
     assert os.stat(final).st_mtime_ns == before
@@ -279,9 +280,9 @@ def test_sample_ddp_npz_resume_and_no_silent_overwrite(tmp_path, pixel_ckpt):
     part_files = sorted(glob.glob(os.path.join(other_final[:-4], "parts", "*.json")))
     os.remove(part_files[1])
     os.remove(part_files[3].replace(".json", ".npy"))
-    with pytest.raises(SystemExit, match="pass --resume"):
+    with pytest.raises(TinyFusionError, match="pass --resume"):
         ddp_main("--ckpt", pixel_ckpt, "--num-fid-samples", str(num), "--sample-dir", other_dir)
-    with pytest.raises(SystemExit, match="no_ema False -> True"):  # other weights, other images: never mixed
+    with pytest.raises(TinyFusionError, match="no_ema False -> True"):  # other weights, other images: never mixed
         ddp_main("--ckpt", pixel_ckpt, "--num-fid-samples", str(num), "--sample-dir", other_dir, "--resume", "--no-ema")
     ddp_main("--ckpt", pixel_ckpt, "--num-fid-samples", str(num), "--per-proc-batch-size", "2",
              "--sample-dir", other_dir, "--resume")

@@ -1,9 +1,10 @@
-"""train.py and the shared training machinery (training.py): run folder and checkpoint format,
+"""train.py and the shared training machinery (tinyfusion/loop.py, resume.py, schedules.py,
+gradients.py, run_setup.py): run folder and checkpoint format,
 bit-exact resume after an interruption, skipped non-finite steps, bad input, and the small
 helpers. The 2-rank end-to-end runs (loss goes down from scratch, resume under torchrun) are slow."""
-import argparse
 import io
 import json
+import math
 import os
 import random
 import shutil
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from tinyfusion.errors import TinyFusionError
 import train
 import train_masked_kd
-from tinyfusion import training
+from tinyfusion import gradients, loop, resume, run_setup, schedules
 from tinyfusion.distributed import DistributedContext
 from training_helpers import COMMON_FLAGS, IMAGE_SIZE, MODEL, make_digits_store, make_teacher_and_student, torchrun
 
@@ -92,7 +94,7 @@ def test_interrupted_run_resumed_with_auto_ends_with_the_same_weights(workspace,
     metrics_b = {r["step"]: r["loss"] for r in map(json.loads, open(run_b / "metrics.jsonl"))}
     assert metrics_b == metrics_a and len(metrics_a) == 14
     # running the finished command again without --resume refuses to touch the run
-    with pytest.raises(SystemExit, match="already holds checkpoints; pass --resume auto"):
+    with pytest.raises(TinyFusionError, match="already holds checkpoints; pass --resume auto"):
         script.main(parse(script, workspace, tmp_path / "b", *flags))
 
 
@@ -110,9 +112,10 @@ def test_training_from_scratch_writes_the_run_folder_and_original_format_checkpo
     assert [r["step"] for r in records] == [2, 4]
     for key in ("loss", "gt", "mse", "vb", "lr", "steps_per_sec", "images_per_sec", "skipped_steps"):
         assert key in records[0]
-    assert records[0]["lr"] == 1e-4 and records[0]["loss"] == pytest.approx(records[0]["mse"] + records[0]["vb"])
+    assert records[0]["lr"] == pytest.approx(1.5e-4, rel=1e-12)  # the default cosine, 2e-4 to 1e-4, at step 2 of 4
+    assert records[0]["loss"] == pytest.approx(records[0]["mse"] + records[0]["vb"])
     saved = checkpoint(run / "checkpoints" / "0000004.pt")
-    assert isinstance(saved["args"], argparse.Namespace) and saved["train_steps"] == 4
+    assert type(saved["args"]) is dict and saved["args"]["model"] == MODEL and saved["train_steps"] == 4
     # the original loading rule: torch.load(weights_only) + ["ema"] into the plain architecture
     original = torch.load(run / "checkpoints" / "0000004.pt", map_location="cpu", weights_only=True)
     model = DiT_models[MODEL](input_size=IMAGE_SIZE, in_channels=3, num_classes=10)
@@ -135,7 +138,7 @@ def test_bad_input_is_one_line_and_writes_nothing(workspace, tmp_path, monkeypat
     elif case == "batch-not-divisible":
         args = parse(train, workspace, results, "--global-batch-size", "9")
         fake = DistributedContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="gloo")
-        monkeypatch.setattr(training, "setup_distributed", lambda device=None: fake)
+        monkeypatch.setattr(run_setup, "distributed_context", lambda device=None: fake)
         expected = "--global-batch-size 9 is not divisible by the world size 2"
     elif case == "wrong-geometry":
         args = parse(train, workspace, results, "--image-size", "16")
@@ -143,31 +146,28 @@ def test_bad_input_is_one_line_and_writes_nothing(workspace, tmp_path, monkeypat
     else:
         args = parse(train, workspace, results, "--resume", workspace["student"], *flags)
         expected = "is not a training checkpoint"
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(TinyFusionError) as error:
         train.main(args)
     message = str(error.value)
-    assert message.startswith("error: ") and expected in message and "\n" not in message
+    assert expected in message and "\n" not in message
     assert not results.exists()
 
 
 # ------------------------------------------------------------------ non-finite losses
 def make_fit_inputs(workspace, tmp_path, *extra):
-    from tinyfusion.distributed import setup_distributed
+    """The keywords of a train_loop call as train.py makes them."""
     args = parse(train, workspace, tmp_path, "--load-weight", workspace["student"], "--log-every", "1",
                  "--ckpt-every", "100", *extra)
-    ctx = setup_distributed("cpu")
-    training.seed_everything(0, ctx)
-    model, metadata = training.build_training_model(args)
-    dataset = training.open_training_data(args, ctx)
+    run = run_setup.prepare_training(args)
     run_dir = str(tmp_path / "run")
-    logger, metrics = training.open_run_folder(args, ctx, run_dir, resuming=False)
-    return args, ctx, model, metadata, dataset, logger, metrics, run_dir
+    return run.model, dict(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run_dir,
+                           checkpoint_weights=loop.full_weights(run.metadata), **run_setup.loop_keywords(args))
 
 
 def test_non_finite_losses_skip_the_step_and_are_counted(workspace, tmp_path):
     from diffusion import create_diffusion
-    args, ctx, model, metadata, dataset, logger, metrics, run_dir = make_fit_inputs(
-        workspace, tmp_path, "--max-steps", "6")
+    model, keywords = make_fit_inputs(workspace, tmp_path, "--max-steps", "6")
+    run_dir = keywords["run_dir"]
     diffusion = create_diffusion("")
     snapshots = []
 
@@ -178,8 +178,8 @@ def test_non_finite_losses_skip_the_step_and_are_counted(workspace, tmp_path):
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    result = training.fit(args, ctx, model, metadata, dataset, losses_nan_in_steps_3_and_4, logger, metrics, run_dir)
-    assert result["skipped_steps"] == 2 and result["train_steps"] == 6
+    result = loop.train_loop(compute_losses=losses_nan_in_steps_3_and_4, **keywords)
+    assert result.skipped_steps == 2 and result.train_steps == 6
     assert not torch.equal(snapshots[1], snapshots[2])  # step 2 updated the weights
     assert torch.equal(snapshots[2], snapshots[3]) and torch.equal(snapshots[3], snapshots[4])  # 3, 4 did not
     assert not torch.equal(snapshots[4], snapshots[5])
@@ -190,56 +190,65 @@ def test_non_finite_losses_skip_the_step_and_are_counted(workspace, tmp_path):
 
 
 def test_too_many_non_finite_losses_in_a_row_stop_the_run(workspace, tmp_path):
-    args, ctx, model, metadata, dataset, logger, metrics, run_dir = make_fit_inputs(
-        workspace, tmp_path, "--max-steps", "10", "--max-skipped-in-a-row", "3")
+    model, keywords = make_fit_inputs(workspace, tmp_path, "--max-steps", "10", "--max-skipped-in-a-row", "3")
 
     def always_nan(student, x, y, epoch):
         out = student(x, torch.zeros(len(x), dtype=torch.long), y)
         return {"loss": out.mean() * float("inf")}
 
-    with pytest.raises(SystemExit, match="error: 3 non-finite losses in a row at step 3"):
-        training.fit(args, ctx, model, metadata, dataset, always_nan, logger, metrics, run_dir)
+    with pytest.raises(TinyFusionError, match="3 non-finite losses in a row at step 3"):
+        loop.train_loop(compute_losses=always_nan, **keywords)
 
 
 # ------------------------------------------------------------------ small helpers
 def test_rng_state_survives_a_weights_only_checkpoint():
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     buffer = io.BytesIO()
-    torch.save({"rng": [training.capture_rng_state()]}, buffer)
+    torch.save({"rng": [resume.capture_rng_state()]}, buffer)
     expected = (random.random(), np.random.rand(), torch.rand(4))
     buffer.seek(0)
-    training.restore_rng_state(torch.load(buffer, weights_only=True)["rng"][0])
+    resume.restore_rng_state(torch.load(buffer, weights_only=True)["rng"][0])
     assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(4), expected[2])
 
 
-def test_schedules():
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.AdamW([param], lr=2e-4)
-    scheduler = training.cosine_schedule(optimizer, total_steps=10, final_lr=1e-4)
-    lrs = []
-    for _ in range(12):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step(), scheduler.step()
-    assert lrs[0] == pytest.approx(2e-4) and lrs[5] == pytest.approx(1.5e-4) and lrs[10:] == pytest.approx([1e-4] * 2)
-    assert all(a > b for a, b in zip(lrs[:10], lrs[1:11]))
-    optimizer = torch.optim.AdamW([param], lr=1e-4)
-    scheduler = training.constant_schedule(optimizer)
+def test_cosine_schedule_is_cosine_annealing_lr_step_for_step_and_restarts_on_its_closed_form():
+    def optimizer():
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+    ours_opt, reference_opt = optimizer(), optimizer()
+    ours = schedules.make_lr_scheduler(ours_opt, schedule="cosine", total_steps=10, min_lr=1e-4)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(reference_opt, T_max=10, eta_min=1e-4)
+    for step in range(10):
+        assert ours_opt.param_groups[0]["lr"] == reference_opt.param_groups[0]["lr"]
+        closed = 1e-4 + 1e-4 * (1 + math.cos(math.pi * step / 10)) / 2
+        assert ours_opt.param_groups[0]["lr"] == pytest.approx(closed, rel=1e-12, abs=0)
+        ours_opt.step(), ours.step(), reference_opt.step(), reference.step()
+    assert ours_opt.param_groups[0]["lr"] == pytest.approx(1e-4, rel=1e-12)
+    # a schedule restarted at step 4 (a resume that changed the settings) goes on on the same curve
+    restarted_opt = optimizer()
+    restarted = schedules.restart_lr_schedule(restarted_opt, step=4, lr=2e-4, schedule="cosine", total_steps=10,
+                                              min_lr=1e-4)
+    for step in range(4, 10):
+        expected = 1e-4 + 1e-4 * (1 + math.cos(math.pi * step / 10)) / 2
+        assert restarted_opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12, abs=0)
+        restarted_opt.step(), restarted.step()
+    constant_opt = optimizer()
+    constant = schedules.make_lr_scheduler(constant_opt, schedule="constant", total_steps=10, min_lr=1e-4)
     for _ in range(3):
-        optimizer.step(), scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == 1e-4
+        constant_opt.step(), constant.step()
+    assert constant_opt.param_groups[0]["lr"] == 2e-4
 
 
 def test_resolve_resume_and_loop_position(tmp_path):
-    assert training.resolve_resume(None, str(tmp_path)) is None
-    assert training.resolve_resume("auto", str(tmp_path)) is None  # nothing yet: a fresh start
+    assert resume.resolve_resume(None, str(tmp_path)) is None
+    assert resume.resolve_resume("auto", str(tmp_path)) is None  # nothing yet: a fresh start
     (tmp_path / "checkpoints").mkdir()
     for step in (5, 40, 12):
         (tmp_path / "checkpoints" / f"{step:07d}.pt").write_bytes(b"")
-    assert training.resolve_resume("auto", str(tmp_path)).endswith("0000040.pt")
-    with pytest.raises(SystemExit, match="--resume nope.pt does not exist"):
-        training.resolve_resume("nope.pt", str(tmp_path))
-    assert training.normalize_position(3, 12, 12) == (4, 0)
-    assert training.normalize_position(3, 7, 12) == (3, 7)
+    assert resume.resolve_resume("auto", str(tmp_path)).endswith("0000040.pt")
+    with pytest.raises(TinyFusionError, match="--resume nope.pt does not exist"):
+        resume.resolve_resume("nope.pt", str(tmp_path))
+    assert resume.normalize_position(3, 12, 12) == (4, 0)
+    assert resume.normalize_position(3, 7, 12) == (3, 7)
 
 
 def test_gradient_all_reduce_zero_fills_missing_grads_and_guard_counts():
@@ -247,13 +256,13 @@ def test_gradient_all_reduce_zero_fills_missing_grads_and_guard_counts():
     used, unused, frozen = (torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2)),
                             torch.nn.Parameter(torch.ones(2), requires_grad=False))
     (used * 2).sum().backward()
-    training.all_reduce_gradients([used, unused, frozen], ctx)
+    gradients.all_reduce_gradients([used, unused, frozen], ctx)
     assert torch.equal(used.grad, torch.full((3,), 2.0)) and torch.equal(unused.grad, torch.zeros(2))
     assert frozen.grad is None
-    guard = training.NonFiniteGuard(max_in_a_row=2)
+    guard = gradients.NonFiniteGuard(max_in_a_row=2)
     assert guard.check(True, 1) and not guard.check(False, 2) and guard.check(True, 3) and not guard.check(False, 4)
     assert guard.skipped_total == 2
-    with pytest.raises(SystemExit, match="2 non-finite losses in a row at step 5"):
+    with pytest.raises(TinyFusionError, match="2 non-finite losses in a row at step 5"):
         guard.check(False, 5)
 
 

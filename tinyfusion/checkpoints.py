@@ -1,7 +1,7 @@
 """Every checkpoint read and write of TinyFusion, and the one function that builds a model for a
 script from its flags and (optionally) a checkpoint.
 
-Formats read (SPEC section 3): the official plain state dict, training checkpoints
+Formats read: the official plain state dict, training checkpoints
 `{"model", "ema", "opt", ..., "args": Namespace}` (ema unless --no-ema, else model), state dicts
 saved from a DDP wrapper (`module.` prefix) and `.safetensors`. Loading is always
 `weights_only=True`: a downloaded `.pt` cannot run code.
@@ -20,6 +20,7 @@ from collections import OrderedDict
 import torch
 
 from tinyfusion.atomic_files import atomic_path
+from tinyfusion.errors import TinyFusionError
 
 METADATA_KEY = "__tinyfusion__"
 torch.serialization.add_safe_globals([argparse.Namespace])
@@ -30,7 +31,7 @@ def load_checkpoint_file(path):
     """The raw object stored in `path` (.pt/.pth via weights_only torch.load, or .safetensors)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} does not exist; check the path (released weights: "
+        raise TinyFusionError(f"checkpoint {path} does not exist; check the path (released weights: "
                          f"https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -39,9 +40,9 @@ def load_checkpoint_file(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
-            raise SystemExit(f"error: refusing to load {path}: it holds Python objects other than tensors and "
+            raise TinyFusionError(f"refusing to load {path}: it holds Python objects other than tensors and "
                              f"could run code (weights_only=True); re-save it as a plain state dict") from None
-        raise SystemExit(f"error: could not read checkpoint {path} ({type(error).__name__}: {error}); "
+        raise TinyFusionError(f"could not read checkpoint {path} ({type(error).__name__}: {error}); "
                          f"is the file complete?") from None
 
 
@@ -59,7 +60,7 @@ def extract_state_dict(obj, use_ema=True):
     """The model state dict inside a loaded checkpoint: `ema` unless use_ema is False, else
     `model`, else the object itself; a `module.` (DDP) prefix is removed."""
     if not isinstance(obj, dict):
-        raise SystemExit(f"error: checkpoint holds a {type(obj).__name__}, not a state dict")
+        raise TinyFusionError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
     if use_ema and "ema" in obj:
         state_dict = obj["ema"]
     elif "model" in obj:
@@ -138,7 +139,7 @@ def load_into_model(model, state_dict, model_name, source, flag="--model"):
         details = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                             for label, keys in (("missing", missing), ("unexpected", unexpected),
                                                 ("shape mismatch", mismatched)) if keys)
-        raise SystemExit(f"error: checkpoint {source} does not fit {flag} {model_name}: it holds {fits}; "
+        raise TinyFusionError(f"checkpoint {source} does not fit {flag} {model_name}: it holds {fits}; "
                          f"pass the matching {flag}/--image-size/--num-classes/--vae ({details})")
     model.load_state_dict(state_dict, strict=True)
     return model
@@ -155,7 +156,7 @@ def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_pat
     from models import DiT_models
     from tinyfusion.vae import latent_geometry_from_flags
     if model_name not in DiT_models:
-        raise SystemExit(f"error: unknown {flag} {model_name}; choose one of {', '.join(DiT_models)}")
+        raise TinyFusionError(f"unknown {flag} {model_name}; choose one of {', '.join(DiT_models)}")
     channels, latent_size = latent_geometry_from_flags(vae, image_size, vae_path)
     kwargs = dict(input_size=latent_size, num_classes=num_classes, in_channels=channels, **model_kwargs)
     if groups is not None:
@@ -169,7 +170,7 @@ def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_pat
     try:
         model = DiT_models[model_name](**kwargs)
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise TinyFusionError(f"{error}") from None
     if state_dict is not None:
         load_into_model(model, state_dict, model_name, ckpt, flag)
     return model, metadata

@@ -1,5 +1,5 @@
 """Command-line flags that several scripts share, defined once so that every script
-accepts the original flags with the same meaning (SPEC section 13)."""
+accepts the original flags with the same meaning."""
 import argparse
 import ast
 import re
@@ -71,3 +71,21 @@ def autocast(dtype, device):
     """An autocast context (a no-op for fp32)."""
     device_type = torch.device(device).type
     return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def add_compatibility_flags(parser, flags):
+    """Flags of the original scripts that do nothing here, accepted so that a copied command runs:
+    `flags` is [(name, argparse kwargs)], listed in --help under their own heading."""
+    group = parser.add_argument_group("accepted for compatibility with the original, no effect")
+    for name, kwargs in flags:
+        group.add_argument(name, **kwargs)
+    return group
+
+
+def add_guidance_args(parser, cfg_scale):
+    """--cfg-scale and --guide-all-channels (the original guides only the first 3 noise channels)."""
+    parser.add_argument("--cfg-scale", type=float, default=cfg_scale, help="1.0 = no guidance (one model pass per step)")
+    parser.add_argument("--guide-all-channels", action="store_true",
+                        help="apply classifier-free guidance to every noise channel (the original, the default, "
+                             "guides only the first 3 of the SD-VAE's 4)")
+    return parser

@@ -38,9 +38,3 @@ class ParameterEMA:
         averaged = dict(zip(self.names, self.shadows))
         return {key: (averaged[key].to(value.dtype) if key in averaged else value.clone())
                 for key, value in model.state_dict().items()}
-
-    @torch.no_grad()
-    def copy_to(self):
-        """Write the averages into the tracked parameters (e.g. before reading decisions)."""
-        for param, shadow in zip(self.sources, self.shadows):
-            param.copy_(shadow.to(param.dtype))

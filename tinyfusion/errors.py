@@ -20,4 +20,12 @@ def run_main(main, *args, **kwargs):
         if int(os.environ.get("RANK", "0")) == 0:
             message = str(error)
             print(message if message.startswith("error:") else f"error: {message}", file=sys.stderr, flush=True)
+        _leave_process_group()
         sys.exit(2)
+
+
+def _leave_process_group():
+    """Every rank raised the same error: leave the process group cleanly (no teardown warnings)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -28,6 +28,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tinyfusion.atomic_files import atomic_path
+from tinyfusion.errors import TinyFusionError
+from tinyfusion.vae import LATENT_SCALE
 
 STORE_FORMAT = "tinyfusion-features"
 STORE_VERSION = 1
@@ -159,7 +161,7 @@ class _StoreSource:
                     raise ValueError(f"{path} has {os.path.getsize(path)} bytes, the manifest says {record['bytes']}")
                 tensors, _ = read_shard_header(path)
             except (OSError, ValueError) as error:
-                raise SystemExit(f"error: the feature store {folder} is damaged ({error}); rerun extract_features.py "
+                raise TinyFusionError(f"the feature store {folder} is damaged ({error}); rerun extract_features.py "
                                  f"with the same flags and --resume to redo the bad shard") from None
             self.files.append(path)
             self.latent_tensors.append(tensors["latents"])
@@ -202,10 +204,10 @@ class _OriginalSource:
         self.features_dir, self.labels_dir = features_dir, labels_dir
         self.names = sorted((n for n in os.listdir(features_dir) if n.endswith(".npy")), key=_numeric_first)
         if not self.names:
-            raise SystemExit(f"error: no features found in {features_dir}; run extract_features.py first")
+            raise TinyFusionError(f"no features found in {features_dir}; run extract_features.py first")
         missing = sorted(set(self.names) - set(os.listdir(labels_dir)), key=_numeric_first)
         if missing:
-            raise SystemExit(f"error: {len(missing)} feature files have no label file in {labels_dir} "
+            raise TinyFusionError(f"{len(missing)} feature files have no label file in {labels_dir} "
                              f"(first: {missing[0]}); the extraction was interrupted, redo it")
         first = np.load(os.path.join(features_dir, self.names[0]))
         self.sample_shape = tuple(first.shape[-3:])
@@ -283,13 +285,13 @@ def read_manifest(folder):
     with open(os.path.join(folder, MANIFEST_FILE)) as f:
         manifest = json.load(f)
     if manifest.get("format") != STORE_FORMAT or manifest.get("version") != STORE_VERSION:
-        raise SystemExit(f"error: {folder}/{MANIFEST_FILE} is not a {STORE_FORMAT} v{STORE_VERSION} manifest")
+        raise TinyFusionError(f"{folder}/{MANIFEST_FILE} is not a {STORE_FORMAT} v{STORE_VERSION} manifest")
     return manifest
 
 
 def open_feature_dataset(path, flip_prob=0.5, seed=0):
     """The features under `path`: our store (a folder with manifest.json) or the original layout
-    (a folder holding imagenet256_features/ and imagenet256_labels/). One-line SystemExit if
+    (a folder holding imagenet256_features/ and imagenet256_labels/). One-line TinyFusionError if
     there are none or the store is unfinished or damaged."""
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, MANIFEST_FILE)):
@@ -299,15 +301,15 @@ def open_feature_dataset(path, flip_prob=0.5, seed=0):
         metadata["layout"] = "tinyfusion"
         return FeatureDataset(_StoreSource(path, manifest), metadata, flip_prob, seed)
     if os.path.isfile(os.path.join(path, PLAN_FILE)):
-        raise SystemExit(f"error: the extraction in {path} is unfinished (no {MANIFEST_FILE}); rerun extract_features.py "
+        raise TinyFusionError(f"the extraction in {path} is unfinished (no {MANIFEST_FILE}); rerun extract_features.py "
                          f"--features-path {path} with the same flags and --resume")
     dirs = _original_layout_dirs(path) if os.path.isdir(path) else None
     if dirs is None:
-        raise SystemExit(f"error: no features found in {path}; run extract_features.py --features-path {path} first")
+        raise TinyFusionError(f"no features found in {path}; run extract_features.py --features-path {path} first")
     source = _OriginalSource(*dirs)
     channels, height, _ = source.sample_shape
     metadata = {"layout": "original", "vae": None, "vae_source": None, "class_to_idx": None,
-                "image_size": height * 8 if channels == 4 else None, "scale_factor": 0.18215,
+                "image_size": height * 8 if channels == 4 else None, "scale_factor": LATENT_SCALE,
                 "num_samples": len(source), "store_dtype": None, "global_seed": None}
     return FeatureDataset(source, metadata, flip_prob, seed)
 

@@ -1,5 +1,5 @@
 """Images on disk -> tensors: the ImageFolder layout (one sub-folder per class) and the ADM
-center crop that DiT and TinyFusion use before the VAE (SPEC section 9).
+center crop that DiT and TinyFusion use before the VAE.
 
 `image_folder(path, image_size)` gives (image in [-1, 1], label) pairs for calibration and
 pixel-space work; `extract_features.py` reads the same listing through `list_image_folder`.

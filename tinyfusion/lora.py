@@ -1,5 +1,5 @@
 """LoRA (low-rank adaptation) on every nn.Linear of a model, for the recoverability estimate of
-learnable pruning (`prune_by_learning.py --delta-w --lora`, SPEC section 6).
+learnable pruning (`prune_by_learning.py --delta-w --lora`).
 
 `LoRALinear` replaces an nn.Linear in place and *reuses* its `weight` and `bias` Parameters, so
 every original state-dict key stays where it was (`blocks.3.attn.qkv.weight`) and only
@@ -32,7 +32,7 @@ class LoRALinear(nn.Module):
         self.weight = base.weight  # the same Parameter objects: names and values stay put
         self.bias = base.bias
         self.rank = rank
-        self.scaling = (2 * rank if alpha is None else alpha) / rank  # SPEC: alpha = 2 x rank
+        self.scaling = (2 * rank if alpha is None else alpha) / rank  # the original's alpha = 2 x rank
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
@@ -79,8 +79,3 @@ def lora_parameters(model):
     """[(name, parameter)] of every LoRA factor in `model`."""
     return [(name, param) for name, param in model.named_parameters()
             if name.endswith(".lora_A") or name.endswith(".lora_B")]
-
-
-def strip_lora_keys(state_dict):
-    """A state dict without the LoRA factors (what the plain model loads)."""
-    return {key: value for key, value in state_dict.items() if not (key.endswith(".lora_A") or key.endswith(".lora_B"))}

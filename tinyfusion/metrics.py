@@ -4,7 +4,7 @@ statistics, the Frechet distance, the Inception Score, k-NN manifold precision /
 and classifier accuracy. Inputs are plain arrays of activations, so the same functions
 serve the Inception graph (evaluator.py) and small TorchScript feature networks.
 
-Semantics follow guided-diffusion's evaluations/evaluator.py (see SPEC section 11); the
+Semantics follow guided-diffusion's evaluations/evaluator.py; the
 implementation is faster where the maths allows it:
 - covariance accumulated in float64 chunks (np.cov's numbers without its full float64 copy);
 - tr(sqrtm(s1 s2)) from a Cholesky factor and symmetric eigenvalues instead of a general

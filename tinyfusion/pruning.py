@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from tinyfusion.checkpoints import build_model, infer_architecture, load_into_model, load_state_dict, save_pruned_model
-from models import DiT_models, candidate_masks, plain_model_name, prune_to_kept_blocks
+from models import DiT_models, plain_model_name, prune_to_kept_blocks, validate_kept_indices  # noqa: F401 (re-exported)
+from tinyfusion.errors import TinyFusionError
 
 
 # ----------------------------------------------------------------------- checks
@@ -21,33 +22,14 @@ def check_output_path(path, overwrite=False):
     """Refuse (one line) to replace an existing result unless --overwrite; called before any
     long computation so a finished run is not thrown away at its end."""
     if path and os.path.exists(path) and not overwrite:
-        raise SystemExit(f"error: {path} already exists; pass --overwrite to replace it or choose another --save-model")
-
-
-def validate_kept_indices(kept_indices, depth):
-    """ValueError (one line) unless `kept_indices` is a non-empty, sorted list of distinct block
-    indices in 0..depth-1."""
-    if not isinstance(kept_indices, (list, tuple)) or not all(isinstance(i, int) for i in kept_indices):
-        raise ValueError(f"kept indices must be a list of integers such as [0, 2, 4], got {kept_indices!r}")
-    if not kept_indices:
-        raise ValueError("kept indices are empty; keep at least one block, e.g. \"[0, 2, 4]\"")
-    outside = [i for i in kept_indices if not 0 <= i < depth]
-    if outside:
-        raise ValueError(f"kept indices {outside} are out of range for a model with {depth} blocks (valid: 0..{depth - 1})")
-    duplicates = sorted({i for i in kept_indices if list(kept_indices).count(i) > 1})
-    if duplicates:
-        raise ValueError(f"kept indices repeat {duplicates}; list every kept block once")
-    if list(kept_indices) != sorted(kept_indices):
-        raise ValueError(f"kept indices {list(kept_indices)} are not sorted; write them in increasing order, "
-                         f"e.g. {sorted(kept_indices)}")
-    return list(kept_indices)
+        raise TinyFusionError(f"{path} already exists; pass --overwrite to replace it or choose another --save-model")
 
 
 # ----------------------------------------------------------------------- models
 def plain_name(model_name):
     """The ungated architecture name of --model (DiT-XL-1-2 -> DiT-XL/2); one line if unknown."""
     if model_name not in DiT_models:
-        raise SystemExit(f"error: unknown --model {model_name}; choose one of {', '.join(DiT_models)}")
+        raise TinyFusionError(f"unknown --model {model_name}; choose one of {', '.join(DiT_models)}")
     return plain_model_name(model_name)
 
 
@@ -80,28 +62,12 @@ def save_pruned(source_model, kept_indices, path, metadata, overwrite=False):
     return pruned
 
 
-# ----------------------------------------------------------------------- gate decisions
+# ----------------------------------------------------------------------- schedules
 def linear_schedule(start, end, step, total_steps):
-    """`start` at step 0, `end` at the last step (total_steps - 1), linear in between (SPEC 6)."""
+    """`start` at step 0, `end` at the last step (total_steps - 1), linear in between."""
     if total_steps <= 1:
         return float(start)
     return float(start) + (float(end) - float(start)) * min(step, total_steps - 1) / (total_steps - 1)
-
-
-def gate_decision(groups, logits, scaling):
-    """(kept_indices, choices, confidences) of gate logits (one 1-D tensor per group): per group
-    the argmax candidate and max softmax(logits * scaling). Takes the logits explicitly so the
-    decision can be read from the EMA without touching the model."""
-    kept, choices, confidences, offset = [], [], [], 0
-    for (keep, group_size), group_logits in zip(groups, logits):
-        group_logits = group_logits.detach().float().cpu()
-        choice = int(group_logits.argmax())
-        mask = candidate_masks(keep, group_size)[choice]
-        kept += [offset + int(j) for j in torch.nonzero(mask).flatten()]
-        choices.append(choice)
-        confidences.append(float(torch.softmax(group_logits * scaling, dim=0).max()))
-        offset += group_size
-    return kept, choices, confidences
 
 
 # ----------------------------------------------------------------------- BI score
@@ -151,7 +117,7 @@ def bi_scores(model, latents, labels, diffusion, batch_size=16, seed=0, progress
 
 def select_by_bi_score(similarities, n_pruned):
     """Sorted kept indices after removing the `n_pruned` blocks whose output is most similar to
-    their input (they change the least); the last block is never removed (SPEC 7)."""
+    their input (they change the least); the last block is never removed."""
     depth = len(similarities)
     if not 0 <= n_pruned <= depth - 1:
         raise ValueError(f"--n-pruned {n_pruned} must be between 0 and {depth - 1} for a model with {depth} blocks "
@@ -177,11 +143,11 @@ def calibration_latents(nsamples, seed, features_path=None, data_path=None, imag
         try:
             dataset = image_folder(data_path, image_size)
         except ValueError as error:
-            raise SystemExit(str(error)) from None
+            raise TinyFusionError(str(error)) from None
     else:
-        raise SystemExit("error: calibration needs data: pass --data-path (an ImageFolder) or --features-path")
+        raise TinyFusionError("calibration needs data: pass --data-path (an ImageFolder) or --features-path")
     if len(dataset) == 0:
-        raise SystemExit("error: the calibration data set is empty")
+        raise TinyFusionError("the calibration data set is empty")
     count = min(nsamples, len(dataset))
     order = torch.randperm(len(dataset), generator=generator)[:count].tolist()
     latents, labels = [], []

@@ -10,7 +10,8 @@ import os
 import sys
 import time
 
-from tinyfusion.atomic_files import atomic_write_json
+from tinyfusion.atomic_files import atomic_path, atomic_write_json
+from tinyfusion.errors import TinyFusionError
 
 
 def run_folder_name(results_dir, prefix, model_name):
@@ -33,11 +34,11 @@ def prepare_run_folder(run_dir, args, resuming, is_main):
     if not is_main:
         return run_dir
     if not resuming and latest_checkpoint(run_dir) is not None:
-        raise SystemExit(f"error: {run_dir} already holds checkpoints; pass --resume auto to continue that run "
+        raise TinyFusionError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
                          f"or choose another --prefix/--results-dir")
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     args_name = "args.json" if not resuming else f"args-resume-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    atomic_write_json(os.path.join(run_dir, args_name), vars(args))
+    atomic_write_json(os.path.join(run_dir, args_name), args if isinstance(args, dict) else vars(args))
     return run_dir
 
 
@@ -76,6 +77,20 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
             f.flush()
+
+    def truncate_after(self, step):
+        """Drop the records of steps after `step` (a resumed run logs them again), atomically:
+        a crash leaves the old file or the new one, never a half-written one."""
+        if not self.is_main or not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) == len(lines):
+            return
+        with atomic_path(self.path, overwrite=True) as tmp:
+            with open(tmp, "w") as f:
+                f.writelines(kept)
 
 
 def read_metrics(path):

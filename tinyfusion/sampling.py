@@ -20,11 +20,18 @@ import torch
 
 from tinyfusion.cli import autocast
 from tinyfusion.vae import decode
+from tinyfusion.errors import TinyFusionError
 
 DIT_CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-{size}x{size}.pt"
 ROW_MULTIPLE = 4
 NOISE_STREAM, LABEL_STREAM = 0, 1  # independent random streams of one sample
-SAMPLERS = ("ddpm", "ddim")
+# the sampler registry: name -> fn(diffusion, model_fn, shape, eta, loop keywords) -> final latents.
+# A new sampler is one entry here (its --sampler choice follows); unknown names are refused.
+SAMPLERS = {
+    "ddpm": lambda diffusion, model_fn, shape, eta, kwargs: diffusion.p_sample_loop(model_fn, shape, **kwargs),
+    "ddim": lambda diffusion, model_fn, shape, eta, kwargs: diffusion.ddim_sample_loop(model_fn, shape, eta=eta,
+                                                                                       **kwargs),
+}
 
 
 # ----------------------------------------------------------------------- checkpoints
@@ -39,10 +46,10 @@ def resolve_checkpoint(ckpt, model_name, image_size):
         for folder in ("pretrained_models", "pretrained"):
             if os.path.isfile(os.path.join(folder, file_name)):
                 return os.path.join(folder, file_name)
-        raise SystemExit(f"error: no --ckpt given and the released weights cannot be downloaded here; "
+        raise TinyFusionError(f"no --ckpt given and the released weights cannot be downloaded here; "
                          f"download {DIT_CHECKPOINT_URL.format(size=image_size)} into pretrained/ "
                          f"and pass --ckpt pretrained/{file_name}")
-    raise SystemExit(f"error: --ckpt is required for --model {model_name} at --image-size {image_size} (only "
+    raise TinyFusionError(f"--ckpt is required for --model {model_name} at --image-size {image_size} (only "
                      f"DiT-XL/2 at 256/512 has released weights: {DIT_CHECKPOINT_URL.format(size=256)}); "
                      f"pass --ckpt with your trained or pruned checkpoint")
 
@@ -132,10 +139,7 @@ def generate(model, diffusion, labels, generators, cfg_scale=1.0, sampler="ddpm"
 
     loop_kwargs = dict(noise=x_start.repeat(copies, 1, 1, 1).to(device), clip_denoised=False,
                        model_kwargs=dict(y=y), device=device, progress=progress, noise_fn=noise_fn)
-    if sampler == "ddpm":
-        latents = diffusion.p_sample_loop(model_fn, (len(y), *shape), **loop_kwargs)
-    else:
-        latents = diffusion.ddim_sample_loop(model_fn, (len(y), *shape), eta=eta, **loop_kwargs)
+    latents = SAMPLERS[sampler](diffusion, model_fn, (len(y), *shape), eta, loop_kwargs)
     latents = latents[: rows + pad]
     images = decode(vae, latents.float()) if vae is not None else latents
     return images[:rows]

@@ -1,0 +1,174 @@
+"""What the training and pruning scripts do before their loop starts: the shared flags (and
+their translation into the loop's keywords), and the checks and loading that happen before the
+process group starts and before anything is written, so that bad input is one line printed
+once (by rank 0) and leaves no run folder behind.
+"""
+import os
+from dataclasses import dataclass
+
+from tinyfusion.checkpoints import build_model, extract_state_dict, load_into_model, read_metadata
+from tinyfusion.distributed import broadcast_object, check_global_batch, distributed_context
+from tinyfusion.errors import TinyFusionError
+from tinyfusion.resume import (check_resume_compatible, load_training_checkpoint, resolve_resume, saved_args,
+                               seed_everything)
+from tinyfusion.runlog import MetricsLog, create_logger, latest_checkpoint, prepare_run_folder, run_folder_name
+from tinyfusion.schedules import LR_SCHEDULES
+from tinyfusion.trackers import add_tracker_args, tracker_hooks
+
+
+# ------------------------------------------------------------------------------ flags
+def add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4, min_lr_aliases=(), epochs=1400,
+                      global_batch_size=256, log_every=100, ckpt_every=50_000, results_dir="results",
+                      ema_decay=0.9999):
+    """The flags every training / pruning script shares (the original's plus ours). Defaults are
+    the original TinyFusion train.py / train_masked_kd.py ones (AdamW lr 2e-4, CosineAnnealingLR
+    to 1e-4 over all steps); scripts pass their own where the original differs."""
+    parser.add_argument("--data-path", type=str, required=True,
+                        help="feature store written by extract_features.py (or the original "
+                             "imagenet256_features/ + imagenet256_labels/ layout)")
+    parser.add_argument("--results-dir", type=str, default=results_dir)
+    parser.add_argument("--prefix", type=str, default="run",
+                        help="run folder is {results-dir}/{prefix}-{model with / as -}")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop after this many optimizer steps (also the length of the LR schedule)")
+    parser.add_argument("--global-batch-size", type=int, default=global_batch_size)
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--log-every", type=int, default=log_every)
+    parser.add_argument("--ckpt-every", type=int, default=ckpt_every)
+    parser.add_argument("--resume", type=str, default=None,
+                        help="a training checkpoint to continue from, or 'auto' for the latest one in the run folder")
+    parser.add_argument("--load-weight", type=str, default=None,
+                        help="initial weights (e.g. a pruned model); ignored when resuming")
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=lr_schedule,
+                        help="cosine: torch's CosineAnnealingLR from --lr to --min-lr over all steps, stepped "
+                             "every iteration; constant: --lr throughout")
+    parser.add_argument("--min-lr", *min_lr_aliases, dest="min_lr", type=float, default=min_lr,
+                        help="where the cosine schedule ends (its eta_min)")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 disables clipping)")
+    parser.add_argument("--ema-decay", type=float, default=ema_decay)
+    parser.add_argument("--max-skipped-in-a-row", type=int, default=20,
+                        help="end the run after this many consecutive non-finite losses")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_tracker_args(parser)
+    return parser
+
+
+def loop_keywords(args):
+    """The keywords of tinyfusion.loop.train_loop that come straight from the shared flags."""
+    return dict(epochs=args.epochs, max_steps=args.max_steps, global_batch_size=args.global_batch_size,
+                global_seed=args.global_seed, num_workers=args.num_workers, log_every=args.log_every,
+                ckpt_every=args.ckpt_every, lr=args.lr, lr_schedule=args.lr_schedule, min_lr=args.min_lr,
+                weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
+                max_skipped_in_a_row=args.max_skipped_in_a_row, precision=args.precision,
+                grad_checkpointing=args.grad_checkpointing, compile_model=args.compile, run_args=vars(args))
+
+
+def device_flag(args):
+    """distributed_context's `device` argument from --device."""
+    return None if getattr(args, "device", "auto") == "auto" else args.device
+
+
+# ------------------------------------------------------------------------------ data and model
+def open_training_data(data_path, seed):
+    """The feature dataset of --data-path (one-line TinyFusionError when there is none)."""
+    from tinyfusion.feature_store import open_feature_dataset
+    return open_feature_dataset(data_path, flip_prob=0.5, seed=seed)
+
+
+def check_dataset_fits(dataset, model, *, data_path, model_name, vae, image_size):
+    """One-line TinyFusionError when the features cannot feed the model (geometry or labels)."""
+    expected = (model.in_channels, model.input_size, model.input_size)
+    if tuple(dataset.sample_shape) != expected:
+        raise TinyFusionError(f"the features in {data_path} are {tuple(dataset.sample_shape)} but --model "
+                              f"{model_name} with --vae {vae} --image-size {image_size} expects {expected}; "
+                              f"pass the --vae/--image-size the features were extracted with")
+    if dataset.num_classes > model.num_classes:
+        raise TinyFusionError(f"the features in {data_path} have {dataset.num_classes} classes but "
+                              f"--num-classes is {model.num_classes}; pass --num-classes {dataset.num_classes}")
+
+
+def build_training_model(args, resume_checkpoint=None, resume_path=None):
+    """(model, metadata) of the model to train: the "model" weights of the resume checkpoint,
+    else --load-weight (a pruned checkpoint's metadata sets the depth), else a fresh init."""
+    if resume_checkpoint is None:
+        return build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path,
+                           ckpt=args.load_weight)
+    metadata = read_metadata(resume_checkpoint)
+    kwargs = {}
+    if metadata and metadata.get("kept_indices") is not None:
+        kwargs["depth"] = len(metadata["kept_indices"])
+    model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, **kwargs)
+    load_into_model(model, extract_state_dict(resume_checkpoint, use_ema=False), args.model, resume_path)
+    return model, metadata
+
+
+@dataclass
+class PreparedRun:
+    ctx: object                # DistributedContext (process group not started yet)
+    dataset: object
+    run_dir: str
+    resume_path: str = None
+    resume: dict = None        # the loaded training checkpoint, or None for a fresh run
+    model: object = None
+    metadata: dict = None
+    trackers: list = None      # TrackerHooks of --wandb / --tensorboard
+
+
+def resolve_run(args, ctx):
+    """(run_dir, resume path or None, loaded resume checkpoint or None), checked against the
+    flags; a folder that already holds checkpoints is only reused with --resume."""
+    run_dir = run_folder_name(args.results_dir, args.prefix, args.model)
+    resume_path = resolve_resume(args.resume, run_dir)
+    if resume_path is None and latest_checkpoint(run_dir) is not None:
+        raise TinyFusionError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
+                              f"or choose another --prefix/--results-dir")
+    resume = load_training_checkpoint(resume_path) if resume_path else None
+    if resume is not None:
+        check_resume_compatible(resume, resume_path, model=args.model, global_batch_size=args.global_batch_size,
+                                image_size=args.image_size, num_classes=args.num_classes,
+                                global_seed=args.global_seed)  # the seed orders the data
+    return run_dir, resume_path, resume
+
+
+def prepare_training(args, build_model_fn=build_training_model):
+    """Everything train.py and train_masked_kd.py check and load before the process group starts:
+    flags, the global batch, seeds, data, run folder name, `--resume`, and the model (resumed,
+    from --load-weight, or fresh) checked against the data. Returns a PreparedRun."""
+    ctx = distributed_context(device_flag(args))
+    check_global_batch(args.global_batch_size, ctx)
+    seed_everything(args.global_seed, ctx)
+    dataset = open_training_data(args.data_path, args.global_seed)
+    run_dir, resume_path, resume = resolve_run(args, ctx)
+    model, metadata = build_model_fn(args, resume, resume_path)
+    check_dataset_fits(dataset, model, data_path=args.data_path, model_name=args.model, vae=args.vae,
+                       image_size=args.image_size)
+    return PreparedRun(ctx, dataset, run_dir, resume_path, resume, model, metadata, tracker_hooks(args))
+
+
+def resumed_flag(resume, name):
+    """A flag's value in the checkpoint being resumed (None without one)."""
+    return saved_args(resume).get(name) if resume is not None else None
+
+
+# ------------------------------------------------------------------------------ run folder
+def open_run_folder(run_args, ctx, run_dir, resuming):
+    """Create the run folder on rank 0 (args.json; refuses to reuse a folder holding checkpoints
+    unless resuming) and return (logger, metrics); an error reaches every rank as one line."""
+    error = None
+    if ctx.is_main:
+        try:
+            prepare_run_folder(run_dir, run_args, resuming, ctx.is_main)
+        except TinyFusionError as refused:
+            error = str(refused)
+    error = broadcast_object(error, ctx)
+    if error:
+        raise TinyFusionError(error)
+    logger = create_logger(run_dir, ctx.is_main)
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), ctx.is_main)
+    return logger, metrics
