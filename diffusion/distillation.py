@@ -1,4 +1,4 @@
-"""Masked knowledge distillation (TinyFusion's recovery step, SPEC section 8).
+"""Masked knowledge distillation (TinyFusion's recovery step).
 
 Per step, one noise draw gives x_t; the student and the teacher (eval mode, no grad) see the
 same x_t, t, labels and classifier-free label drops, and
@@ -17,14 +17,17 @@ computed separately for the student and the teacher. k = mask_sigma (2 by defaul
 disables masking (plain RepKD). The teacher's features are detached. beta goes linearly from
 beta0 at epoch 0 to 0 at the last epoch (`feature_beta`).
 
-Student/teacher alignment rule (which teacher block each student block imitates): with the
-student's kept indices k_0 < k_1 < ... < k_{K-1} of the teacher's D blocks, student block i
-replaces the teacher span [k_i, k_{i+1}) (the last span ends at D), so its output should match
-the teacher's hidden state after the LAST block of that span: teacher block k_{i+1} - 1 (for the
-last student block: D - 1). Kept [0, 2, ..., 26] of 28 gives 2i + 1. Without kept indices
-(a checkpoint without our metadata) the original fixed maps are used: 2i + 1 for D14 from a
-28-block teacher and D7 from a 14-block one, and [2,5,7,10,12,15,18] <-> [3,7,11,15,19,23,27]
-for D19 from 28; any other shape needs an explicit `--kd-layer-map`.
+Student/teacher alignment (which teacher block each student block imitates), `--kd-layer-map`:
+- "original" (the default, the original TinyFusion code): student block i against teacher block
+  2i + 1 for D14 from a 28-block teacher and D7 from a 14-block one, and the fixed pairs
+  [2,5,7,10,12,15,18] <-> [3,7,11,15,19,23,27] for D19 from 28, whatever blocks were kept. For
+  any other depth pair the original has no map: the span-end rule is used (and logged).
+- "span-end" (ours): with the student's kept indices k_0 < ... < k_{K-1} numbered as in the
+  teacher's D blocks, student block i replaces the teacher span [k_i, k_{i+1}) (the last span
+  ends at D), so it is aligned with the LAST block of that span, k_{i+1} - 1 (the last student
+  block: D - 1). Kept [0, 2, ..., 26] of 28 gives 2i + 1. The kept indices must be in the frame
+  of the teacher actually loaded (tinyfusion.pruning.kept_indices_in_frame).
+- explicit pairs "0:1,1:3,...".
 """
 import ast
 
@@ -32,7 +35,8 @@ import torch
 
 from .diffusion_utils import mean_flat
 
-# SPEC section 8: the original's hard-coded (student block, teacher block) pairs per (student depth, teacher depth)
+LAYER_MAP_RULES = ("original", "span-end")
+# the original's hard-coded (student block, teacher block) pairs per (student depth, teacher depth)
 ORIGINAL_LAYER_MAPS = {
     (14, 28): [(i, 2 * i + 1) for i in range(14)],
     (7, 14): [(i, 2 * i + 1) for i in range(7)],
@@ -83,19 +87,23 @@ def validate_layer_map(pairs, student_depth, teacher_depth):
     return [(int(s), int(t)) for s, t in pairs]
 
 
-def default_layer_map(student_depth, teacher_depth, kept_indices=None):
-    """(pairs, how they were chosen). Kept indices -> the span-end rule; else the original fixed
-    map for the known depth pairs; else a ValueError asking for --kd-layer-map."""
-    if kept_indices is not None:
-        if len(kept_indices) != student_depth:
-            raise ValueError(f"the student has {student_depth} blocks but its metadata keeps {len(kept_indices)}; "
-                             f"pass --kd-layer-map")
-        return span_end_layer_map(kept_indices, teacher_depth), f"span ends of kept indices {list(kept_indices)}"
-    if (student_depth, teacher_depth) in ORIGINAL_LAYER_MAPS:
+def rule_layer_map(rule, student_depth, teacher_depth, teacher_frame_kept):
+    """(pairs, how they were chosen) for `rule` "original" or "span-end" (module docstring).
+    `teacher_frame_kept()` returns (the student's kept indices in the teacher's frame, a
+    description of that frame); it is called only when the span-end rule is needed."""
+    if rule not in LAYER_MAP_RULES:
+        raise ValueError(f"unknown layer map rule {rule!r}; use one of {', '.join(LAYER_MAP_RULES)} or explicit pairs")
+    if rule == "original" and (student_depth, teacher_depth) in ORIGINAL_LAYER_MAPS:
         return list(ORIGINAL_LAYER_MAPS[(student_depth, teacher_depth)]), \
-            f"the original fixed map for {student_depth} student / {teacher_depth} teacher blocks (no kept indices in the student checkpoint)"
-    raise ValueError(f"no default layer map for a {student_depth}-block student and a {teacher_depth}-block teacher "
-                     f"without kept indices in the student checkpoint; pass --kd-layer-map \"0:1,1:3,...\"")
+            f"the original's fixed map for a {student_depth}-block student and a {teacher_depth}-block teacher"
+    kept, frame = teacher_frame_kept()
+    if len(kept) != student_depth:
+        raise ValueError(f"the student has {student_depth} blocks but its metadata keeps {len(kept)}; "
+                         f"pass --kd-layer-map \"0:1,1:3,...\"")
+    how = f"span ends of kept indices {list(kept)} ({frame})"
+    if rule == "original":
+        how += f"; the original has no map for a {student_depth}-block student and a {teacher_depth}-block teacher"
+    return span_end_layer_map(kept, teacher_depth), how
 
 
 # ------------------------------------------------------------------------------ losses

@@ -66,7 +66,9 @@ def test_prune_by_index_keeps_exactly_the_listed_blocks(folder, source28):
     prune_by_index.main(prune_by_index.parse_args([
         "--model", "DiT-XS/4", "--ckpt", str(out), "--kept-indices", "0,13", "--save-model", str(again),
         "--image-size", "8", "--vae", "none", "--num-classes", "10"]))
-    assert read_metadata(load_checkpoint_file(again))["original_kept_indices"] == [0, 27]
+    lineage = read_metadata(load_checkpoint_file(again))
+    assert (lineage["kept_indices"], lineage["source_depth"]) == ([0, 13], 14)
+    assert (lineage["root_kept_indices"], lineage["root_depth"]) == ([0, 27], 28)
 
 
 @pytest.mark.parametrize("indices, message", [

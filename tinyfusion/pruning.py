@@ -4,8 +4,9 @@ calibration latents, and saving a pruned checkpoint with its metadata.
 
 A pruned checkpoint is a plain state dict of the shallow DiT (blocks renumbered 0..K-1), loadable
 by the original rule, with our metadata riding along (checkpoints.save_pruned_model):
-kept_indices, groups, method ("learnable" / "bi-score" / "index"), source_model,
-source_checkpoint, confidences, scores, steps.
+kept_indices and source_depth (relative to the model it was pruned from), root_kept_indices and
+root_depth (relative to the unpruned model at the start of the chain), groups, method
+("learnable" / "bi-score" / "index"), source_model, source_checkpoint, confidences, scores, steps.
 """
 import os
 
@@ -66,19 +67,60 @@ def load_source_model(model_name, checkpoint, image_size=256, num_classes=1000, 
 
 
 def source_lineage(source_metadata, kept_indices):
-    """Metadata that tracks a model pruned twice back to the original blocks."""
-    original = (source_metadata or {}).get("original_kept_indices") or (source_metadata or {}).get("kept_indices")
-    if not original:
+    """The root-frame lineage of a model pruned to `kept_indices` of the model `source_metadata`
+    describes: root_kept_indices (the kept blocks numbered as in the root, the unpruned model the
+    chain started from) and root_depth. Empty when the source is itself a root (save_pruned then
+    records the source as the root). A source written before root_depth existed gives None."""
+    metadata = source_metadata or {}
+    if metadata.get("root_kept_indices") is not None:
+        parent_root, root_depth = metadata["root_kept_indices"], metadata.get("root_depth")
+    elif metadata.get("original_kept_indices") is not None:  # older files: the root's depth was not recorded
+        parent_root, root_depth = metadata["original_kept_indices"], None
+    elif metadata.get("kept_indices") is not None:
+        parent_root, root_depth = metadata["kept_indices"], metadata.get("source_depth")
+    else:
         return {}
-    return {"original_kept_indices": [int(original[i]) for i in kept_indices]}
+    return {"root_kept_indices": [int(parent_root[i]) for i in kept_indices], "root_depth": root_depth}
 
 
 def save_pruned(source_model, kept_indices, path, metadata, overwrite=False):
     """Prune `source_model` to `kept_indices` and save it with `metadata` (atomic; refuses to
-    replace an existing file unless overwrite). Returns the pruned model."""
-    pruned = prune_to_kept_blocks(source_model, kept_indices)
-    save_pruned_model(pruned, path, dict(metadata, kept_indices=[int(i) for i in kept_indices]), overwrite=overwrite)
+    replace an existing file unless overwrite). Returns the pruned model. kept_indices and
+    source_depth are in the frame of the parent (`source_model`), root_kept_indices and
+    root_depth in the frame of the root (the parent itself unless it was pruned)."""
+    kept = [int(i) for i in kept_indices]
+    metadata = dict(metadata, kept_indices=kept, source_depth=source_model.depth)
+    if metadata.get("root_kept_indices") is None:
+        metadata.update(root_kept_indices=kept, root_depth=source_model.depth)
+    pruned = prune_to_kept_blocks(source_model, kept)
+    save_pruned_model(pruned, path, metadata, overwrite=overwrite)
     return pruned
+
+
+def kept_indices_in_frame(metadata, teacher_depth):
+    """(kept indices numbered as in a `teacher_depth`-block teacher, which frame) from a pruned
+    student's metadata. A student pruned twice (28 -> 14 -> 7) records its kept blocks relative
+    to its parent (14 blocks) and to the root (28): the teacher's depth says which applies.
+    TinyFusionError (one line) when no recorded frame has the teacher's depth."""
+    metadata = metadata or {}
+    if metadata.get("kept_indices") is None:
+        raise TinyFusionError("the student checkpoint records no kept indices, so its blocks cannot be aligned with "
+                              "the teacher's; pass --kd-layer-map \"0:1,1:3,...\"")
+    frames = []
+    if metadata.get("root_kept_indices") is not None and metadata.get("root_depth") is not None:
+        frames.append((f"relative to the {metadata['root_depth']}-block root", metadata["root_depth"],
+                       metadata["root_kept_indices"]))
+    if metadata.get("source_depth") is not None:
+        frames.append((f"relative to the {metadata['source_depth']}-block model it was pruned from",
+                       metadata["source_depth"], metadata["kept_indices"]))
+    matches = [frame for frame in frames if frame[1] == teacher_depth]
+    if not matches or any(list(frame[2]) != list(matches[0][2]) for frame in matches):
+        known = " and ".join(f"{depth} blocks" for _, depth, _ in frames) or "no model depth"
+        raise TinyFusionError(f"the student's kept indices are recorded for {known}, not for the {teacher_depth}-block "
+                              f"teacher, so which teacher blocks it kept is unknown; distil from the model it was "
+                              f"pruned from or pass --kd-layer-map \"0:1,1:3,...\"")
+    frame, _, kept = matches[0]
+    return [int(i) for i in kept], frame
 
 
 # ----------------------------------------------------------------------- gate decisions
