@@ -4,7 +4,8 @@ Per step, one noise draw gives x_t; the student and the teacher (eval mode, no g
 same x_t, t, labels and classifier-free label drops, and
 
     kd   = mean((eps_s - eps_t)^2)  (+ KL(teacher posterior || student posterior) in bits,
-                                      mean detached, when the variance is learned)
+                                      mean detached, when the variance is learned; at t == 0
+                                      the student's decoder NLL, as in the original)
     gt   = the usual diffusion loss of the student, mse + vb
     feat = mean over aligned block pairs (i, j) of mean((m_s * h_s_i - m_t * h_t_j)^2)
     loss = alpha * kd + (1 - alpha) * gt + beta * feat
@@ -135,15 +136,30 @@ def masked_feature_loss(student_hiddens, teacher_hiddens, k):
     return total / len(student_hiddens)
 
 
-def output_kd_loss(diffusion, student_output, teacher_output, x_t, t):
+KD_T0_TERMS = ("decoder-nll", "kl")
+
+
+def output_kd_loss(diffusion, student_output, teacher_output, x_t, t, x_start=None, t0_term="decoder-nll"):
     """mean((eps_s - eps_t)^2) plus, when the diffusion learns the variance, the mean over samples
-    of KL(teacher posterior || student posterior) in bits with the student's mean detached (the
-    eps term trains the mean, as in the training vb). fp32."""
+    of a variance term in bits with the student's mean detached (the eps term trains the mean, as
+    in the training vb): KL(teacher posterior || student posterior) for t > 0; at t == 0 the
+    original's student decoder NLL of `x_start` (t0_term "decoder-nll", as the plain loss) or
+    the KL to the teacher there too (t0_term "kl"). fp32."""
+    if t0_term not in KD_T0_TERMS:
+        raise ValueError(f"unknown t0_term {t0_term!r}; use one of {', '.join(KD_T0_TERMS)}")
     channels = x_t.shape[1]
     student_output, teacher_output = student_output.float(), teacher_output.detach().float()
     kd = mean_flat((student_output[:, :channels] - teacher_output[:, :channels]) ** 2).mean()
     if student_output.shape[1] == 2 * channels and diffusion._learns_variance:
-        kd = kd + diffusion.output_kl_bpd(teacher_output, student_output, x_t.float(), t, detach_mean=True).mean()
+        vb = diffusion.output_kl_bpd(teacher_output, student_output, x_t.float(), t, detach_mean=True)
+        if t0_term == "decoder-nll" and bool((t == 0).any()):
+            if x_start is None:
+                raise ValueError("the t == 0 decoder NLL needs x_start")
+            frozen = torch.cat([student_output[:, :channels].detach(), student_output[:, channels:]], dim=1)
+            decoder_nll = diffusion.vb_terms_bpd_from_output(frozen, x_start.float(), x_t.float(), t,
+                                                             clip_denoised=False)["output"]  # the NLL where t == 0
+            vb = torch.where(t == 0, decoder_nll, vb)
+        kd = kd + vb.mean()
     return kd
 
 
@@ -163,12 +179,13 @@ def draw_label_drops(batch_size, dropout_prob, device):
 
 
 def masked_kd_losses(student, teacher, diffusion, x_start, y, *, alpha, beta, mask_sigma, layer_pairs,
-                     class_dropout_prob, t=None, noise=None, force_drop_ids=None):
+                     class_dropout_prob, t=None, noise=None, force_drop_ids=None, kd_t0_term="decoder-nll"):
     """The Masked-KD losses of one batch: dict of fp32 scalars loss / gt / kd / feat.
 
     `student` and `teacher` are called as model(x_t, t, y, force_drop_ids=, hidden_indices=)
     (the student possibly DDP-wrapped); t, noise and the label drops are drawn here unless given
-    (in that order: t, noise, drops). The teacher runs under no_grad."""
+    (in that order: t, noise, drops). The teacher runs under no_grad. `kd_t0_term`: the
+    variance term of kd at t == 0 (output_kd_loss; "decoder-nll" is the original's)."""
     batch = x_start.shape[0]
     if t is None:
         t = torch.randint(0, diffusion.num_timesteps, (batch,), device=x_start.device)
@@ -193,7 +210,7 @@ def masked_kd_losses(student, teacher, diffusion, x_start, y, *, alpha, beta, ma
         student_output, teacher_output = student_result, teacher_result
         feat = torch.zeros((), device=x_start.device)
     student_output = student_output.float()
-    kd = output_kd_loss(diffusion, student_output, teacher_output, x_t, t)
+    kd = output_kd_loss(diffusion, student_output, teacher_output, x_t, t, x_start=x_start, t0_term=kd_t0_term)
     gt = diffusion.losses_from_output(student_output, x_start.float(), x_t.float(), t, noise.float())["loss"].mean()
     loss = alpha * kd + (1.0 - alpha) * gt + beta * feat
     return {"loss": loss, "gt": gt, "kd": kd, "feat": feat}

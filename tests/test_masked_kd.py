@@ -114,6 +114,54 @@ def test_masked_kd_loss_equals_the_spec_formula():
     assert s_call["hidden_indices"] == [0, 1] and t_call["hidden_indices"] == [1, 3]
 
 
+def reference_decoder_nll_bits(x0, mean, log_var):
+    """-log p(x0 | x1) / ln 2 per sample, by hand: 256 bins of width 2/255 on [-1, 1] (the edge
+    bins open to -inf / +inf) under N(mean, exp(log_var)), with ADM's tanh approximation of the
+    standard normal CDF, 0.5 (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))."""
+    cdf = lambda z: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))  # noqa: E731
+    inv_std = np.exp(-0.5 * log_var)
+    upper, lower = cdf(inv_std * (x0 - mean + 1 / 255)), cdf(inv_std * (x0 - mean - 1 / 255))
+    log_p = np.where(x0 < -0.999, np.log(np.maximum(upper, 1e-12)),
+                     np.where(x0 > 0.999, np.log(np.maximum(1 - lower, 1e-12)),
+                              np.log(np.maximum(upper - lower, 1e-12))))
+    return -log_p.reshape(len(log_p), -1).mean(axis=1) / math.log(2)
+
+
+def test_kd_variance_term_at_t0_is_the_students_decoder_nll():
+    gen = torch.Generator().manual_seed(2)
+    batch, channels, side = 4, 2, 3
+    x0 = torch.rand(batch, channels, side, side, generator=gen) * 2 - 1
+    x0[0, 0, 0, 0], x0[1, 1, 2, 2] = -1.0, 1.0  # the two open edge bins
+    noise = torch.randn(batch, channels, side, side, generator=gen)
+    t = torch.tensor([0, 0, 3, 0])
+    student_out = torch.randn(batch, 2 * channels, side, side, generator=gen).clamp(-0.9, 0.9)
+    teacher_out = torch.randn(batch, 2 * channels, side, side, generator=gen).clamp(-0.9, 0.9)
+    student, teacher = Scripted(student_out, []), Scripted(teacher_out, [])
+    common = dict(alpha=0.9, beta=0.0, mask_sigma=2.0, layer_pairs=[], class_dropout_prob=0.0, t=t, noise=noise)
+    losses = masked_kd_losses(student, teacher, create_diffusion(""), x0, torch.zeros(batch, dtype=torch.long), **common)
+    ours = masked_kd_losses(student, teacher, create_diffusion(""), x0, torch.zeros(batch, dtype=torch.long),
+                            kd_t0_term="kl", **common)
+
+    tab = reference_tables()
+    x0_, noise_, t_ = x0.double().numpy(), noise.double().numpy(), t.numpy()
+    x_t = np.sqrt(tab["abar"][t_]).reshape(-1, 1, 1, 1) * x0_ + np.sqrt(1 - tab["abar"][t_]).reshape(-1, 1, 1, 1) * noise_
+    s_out, t_out = student_out.double().numpy(), teacher_out.double().numpy()
+    s_mean, s_logvar = reference_gaussian(s_out, x_t, t_, tab)
+    t_mean, t_logvar = reference_gaussian(t_out, x_t, t_, tab)
+    mse = ((s_out[:, :channels] - t_out[:, :channels]) ** 2).mean()
+    kl = kl_bits(t_mean, t_logvar, s_mean, s_logvar)
+    nll = reference_decoder_nll_bits(x0_, s_mean, s_logvar)
+    original = mse + np.where(t_ == 0, nll, kl).mean()
+    assert losses["kd"].item() == pytest.approx(original, rel=1e-5)
+    assert ours["kd"].item() == pytest.approx(mse + kl.mean(), rel=1e-5)
+    assert abs(original - (mse + kl.mean())) > 1e-2 * abs(original)  # the two terms really differ here
+    # the plain loss uses the same decoder NLL at t == 0
+    true_mean = tab["coef1"][t_].reshape(-1, 1, 1, 1) * x0_ + tab["coef2"][t_].reshape(-1, 1, 1, 1) * x_t
+    true_logvar = tab["post_log_var"][t_].reshape(-1, 1, 1, 1) * np.ones_like(x_t)
+    gt_vb = np.where(t_ == 0, nll, kl_bits(true_mean, true_logvar, s_mean, s_logvar))
+    assert losses["gt"].item() == pytest.approx(((noise_ - s_out[:, :channels]) ** 2).mean() + gt_vb.mean(), rel=1e-5)
+
+
 def test_mask_sigma_zero_is_plain_repkd_and_masks_remove_planted_outliers():
     gen = torch.Generator().manual_seed(1)
     h_s = torch.rand(2, 16, 32, generator=gen) * 2 - 1
