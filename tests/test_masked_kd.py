@@ -197,7 +197,9 @@ def test_teacher_gets_no_gradient_and_an_identical_student_has_zero_distillation
     losses = masked_kd_losses(student, teacher, diffusion, x, y, alpha=0.9, beta=0.01, mask_sigma=2.0,
                               layer_pairs=pairs, class_dropout_prob=0.1, t=t, noise=noise, force_drop_ids=drops)
     assert pairs == [(i, i) for i in range(12)]
-    assert losses["kd"].item() == 0.0 and losses["feat"].item() == 0.0  # same drops, same x_t: same network
+    # same drops, same x_t: the same network. The posterior KL of equal outputs is 0 up to float
+    # rounding (SIMD kernels round by memory alignment), the feature difference exactly 0
+    assert abs(losses["kd"].item()) < 1e-6 and losses["feat"].item() == 0.0
     reference = diffusion.training_losses(student, x, t, dict(y=y, force_drop_ids=drops), noise=noise)["loss"].mean()
     assert losses["gt"].item() == pytest.approx(reference.item(), rel=1e-6)
     losses["loss"].backward()
