@@ -1,21 +1,27 @@
 """Prune a DiT with the BI score (ShortGPT's Block Influence, the paper's score baseline): on
-calibration latents noised at random timesteps, measure how similar each block's output is to
-its input, remove the `--n-pruned` most similar blocks (never the last), save the shallow model.
+calibration latents of real images, measure how similar each block's output is to its input,
+remove the `--n-pruned` most similar blocks (never the last), save the shallow model and the
+per-block scores (`<save-model without .pt>.scores.json`).
 
     python prune_by_score.py --model DiT-XL/2 --ckpt pretrained/DiT-XL-2-256x256.pt \
         --data-path /data/imagenet/train --save-model outputs/pruned/DiT-D14-Score.pt --n-pruned 14
 
-Calibration reads an ImageFolder through the VAE like the original (`--data-path`), or the latents
-of a feature store written by extract_features.py (`--features-path`, no VAE needed).
+Calibration (the original's): `--nsamples` images of `--data-path` (center crop, random
+horizontal flip, SD-VAE latent), clean, in batches of `--batch-size`, with t ~ U{0..N-1} for
+N = `--num-sampling-steps` passed directly to the model with the true labels. `--features-path`
+reads the latents (and stored flips) of a feature store instead (no VAE needed);
+`--calibration noised` is our variant (q_sample-noised latents, t ~ U{0..999}).
 """
 import argparse
+import os
 
 import torch
 
 from tinyfusion.cli import add_model_args
 from diffusion import create_diffusion
-from tinyfusion.pruning import (bi_scores, calibration_latents, check_output_path, load_source_model, plain_name, save_pruned,
-                     select_by_bi_score, source_lineage)
+from tinyfusion.pruning import (CALIBRATIONS, bi_scores, calibration_latents, check_output_path, load_source_model,
+                                plain_name, save_pruned, select_by_bi_score, source_lineage)
+from tinyfusion.atomic_files import atomic_write_json
 from tinyfusion.errors import TinyFusionError, run_main
 
 
@@ -39,51 +45,79 @@ def save_sample_grid(model, vae, path, args, device):
         save_image(images, tmp, nrow=4, normalize=True, value_range=(-1, 1))
 
 
-def main(args):
+def scores_path(save_model):
+    """Where the per-block scores go: next to the pruned model, `X.pt` -> `X.scores.json`."""
+    return os.path.splitext(save_model)[0] + ".scores.json"
+
+
+def check_inputs(args):
+    """Every one-line refusal that needs no model or data, before any work."""
     if not args.ckpt:
         raise TinyFusionError("--ckpt is required: the checkpoint to prune, e.g. pretrained/DiT-XL-2-256x256.pt")
     if not args.data_path and not args.features_path:
-        raise TinyFusionError("pass --data-path (an ImageFolder, encoded with --vae) or --features-path "
-                         "(a feature store) for the calibration samples")
-    check_output_path(args.save_model, args.overwrite)
-    check_output_path(args.sample_grid, args.overwrite)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(args.seed)
-    model_name = plain_name(args.model)
-    model, source_metadata = load_source_model(model_name, args.ckpt, args.image_size, args.num_classes, args.vae,
-                                               args.vae_path, use_ema=not args.no_ema)
-    model.to(device).eval()
+        raise TinyFusionError("--data-path is required: the BI score calibrates on real images (an ImageFolder such "
+                              "as /data/imagenet/train, encoded with --vae), or pass --features-path (a feature store)")
+    if args.nsamples < 1 or args.batch_size < 1 or args.num_sampling_steps < 1:
+        raise TinyFusionError("--nsamples, --batch-size and --num-sampling-steps must be >= 1")
+    for path in (args.save_model, scores_path(args.save_model), args.sample_grid):
+        check_output_path(path, args.overwrite)
+
+
+def load_calibration(args, model, device):
+    """(latents, labels, vae) of the calibration set, checked against the model."""
     vae = None
     if args.data_path and not args.features_path or args.sample_grid:
         from tinyfusion.vae import load_vae
         vae = load_vae(args.vae, args.vae_path, device)
     latents, labels = calibration_latents(args.nsamples, args.seed, args.features_path, args.data_path,
-                                          args.image_size, vae, args.batch_size, device)
+                                          args.image_size, vae, args.batch_size, device,
+                                          random_flip=args.calibration == "clean")
     expected = (model.in_channels, model.input_size, model.input_size)
     if tuple(latents.shape[1:]) != expected:
-        raise TinyFusionError(f"the calibration latents are {tuple(latents.shape[1:])} but the model expects {expected}; "
-                         f"pass the --vae/--image-size the data was made with")
+        raise TinyFusionError(f"the calibration latents are {tuple(latents.shape[1:])} but the model expects "
+                              f"{expected}; pass the --vae/--image-size the data was made with")
     if int(labels.max()) >= model.num_classes:
         raise TinyFusionError(f"the calibration data has labels up to {int(labels.max())} but the model has "
-                         f"{model.num_classes} classes; pass --num-classes {int(labels.max()) + 1}")
-    diffusion = create_diffusion("")
-    similarities = bi_scores(model, latents, labels, diffusion, args.batch_size, args.seed, progress=True)
+                              f"{model.num_classes} classes; pass --num-classes {int(labels.max()) + 1}")
+    return latents, labels, vae
+
+
+def main(args):
+    check_inputs(args)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)  # the VAE posterior samples
+    model_name = plain_name(args.model)
+    model, source_metadata = load_source_model(model_name, args.ckpt, args.image_size, args.num_classes, args.vae,
+                                               args.vae_path, use_ema=not args.no_ema)
+    model.to(device).eval()
+    latents, labels, vae = load_calibration(args, model, device)
+    similarities = bi_scores(model, latents, labels, calibration=args.calibration,
+                             num_timesteps=args.num_sampling_steps, batch_size=args.batch_size, seed=args.seed,
+                             progress=True)
     try:
         kept = select_by_bi_score(similarities, args.n_pruned)
     except ValueError as error:
-        raise TinyFusionError(f"{error}") from None
-    print(f"input/output cosine similarity of each block over {len(latents)} calibration samples "
-          f"(BI score = 1 - similarity; the most similar blocks are removed):")
+        raise TinyFusionError(str(error)) from None
+    t_range = f"t in [0, {args.num_sampling_steps})" if args.calibration == "clean" else "t in [0, 1000)"
+    print(f"input/output cosine similarity of each block over {len(latents)} {args.calibration} calibration samples, "
+          f"{t_range} (BI score = 1 - similarity; the most similar blocks are removed):")
     for index, similarity in enumerate(similarities):
         print(f"  block {index:2d}: similarity {similarity:.6f}  BI {1 - similarity:.6f}  "
               f"{'kept' if index in kept else 'removed'}")
     print(f"kept indices: {kept}")
+    calibration = dict(calibration=args.calibration, nsamples=len(latents), batch_size=args.batch_size,
+                       timesteps=args.num_sampling_steps if args.calibration == "clean" else 1000, seed=args.seed)
     metadata = dict(method="bi-score", source_model=model_name, source_checkpoint=args.ckpt, source_depth=model.depth,
                     groups=None, confidences=None, scores=[float(s) for s in similarities],
                     score_definition="mean input/output cosine similarity per block (BI = 1 - score)",
-                    nsamples=len(latents), steps=0, **source_lineage(source_metadata, kept))
+                    steps=0, **calibration, **source_lineage(source_metadata, kept))
     pruned = save_pruned(model, kept, args.save_model, metadata, overwrite=args.overwrite)
-    print(f"saved the {pruned.depth}-block model to {args.save_model}")
+    atomic_write_json(scores_path(args.save_model), dict(
+        calibration, source_checkpoint=args.ckpt, n_pruned=args.n_pruned, kept_indices=kept,
+        removed_indices=[j for j in range(model.depth) if j not in kept],
+        similarity=[float(s) for s in similarities], bi=[1.0 - float(s) for s in similarities],
+        score_definition=metadata["score_definition"]), overwrite=args.overwrite)
+    print(f"saved the {pruned.depth}-block model to {args.save_model} and the scores to {scores_path(args.save_model)}")
     if args.sample_grid:
         save_sample_grid(pruned, vae, args.sample_grid, args, device)
         print(f"saved a sample grid to {args.sample_grid}")
@@ -97,15 +131,21 @@ def parse_args(argv=None):
     parser.add_argument("--data-path", type=str, default=None, help="calibration ImageFolder (encoded with --vae)")
     parser.add_argument("--features-path", type=str, default=None,
                         help="calibrate on a feature store from extract_features.py instead (no VAE needed)")
-    parser.add_argument("--nsamples", type=int, default=128, help="calibration samples")
+    parser.add_argument("--calibration", choices=CALIBRATIONS, default="clean",
+                        help="clean: the original's (clean latents, t < --num-sampling-steps); noised: ours "
+                             "(q_sample-noised latents, t < 1000)")
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration images")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--n-pruned", type=int, default=14, help="number of blocks to remove")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration subset, timesteps, noise, samples")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration subset, flips, timesteps, samples")
     parser.add_argument("--save-model", type=str, default="outputs/pruned/pruned-by-score.pt")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --save-model / --sample-grid")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --save-model (and its .scores.json) / --sample-grid")
     parser.add_argument("--sample-grid", type=str, default=None, help="also sample 8 images from the pruned model to this PNG")
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the sample grid")
-    parser.add_argument("--num-sampling-steps", type=int, default=250, help="sampling steps of the sample grid")
+    parser.add_argument("--num-sampling-steps", type=int, default=250,
+                        help="clean calibration draws t in [0, N) (the original's respaced step count); also the "
+                             "sampling steps of the sample grid")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser.parse_args(argv)
 

@@ -1,9 +1,12 @@
 """
 Sample a grid of images from a DiT (pretrained, trained, pruned or fine-tuned) on one GPU or the CPU.
 
-Image i of the grid uses seeds derived from (--seed, i) for its initial and per-step noise, so it
-does not change when other labels are added or removed (it is the same noise sample_ddp.py uses
-for its sample i).
+By default this is the original DiT/TinyFusion sample.py: `torch.manual_seed(--seed)` once, the
+initial noise of the whole grid drawn at once, duplicated for the null label, ancestral sampling
+with classifier-free guidance (`forward_with_cfg`) in fp32, the conditional half decoded by the
+VAE and saved as a 4-column grid; the same checkpoint and seed give the same PNG as the original.
+`--per-sample-seeds` instead gives image i its own noise from (--seed, i), the noise sample_ddp.py
+uses for its sample i, so an image does not change when other labels are added or removed.
 
     python sample.py --model DiT-D14/2 --ckpt pretrained/TinyDiT-D14-MaskedKD-500K.pt --seed 5464
 """
@@ -15,13 +18,39 @@ from torchvision.utils import save_image
 
 from tinyfusion.atomic_files import atomic_path
 from tinyfusion.checkpoints import build_model
-from tinyfusion.cli import add_guidance_args, add_model_args, add_precision_arg, resolve_precision
+from tinyfusion.cli import add_guidance_args, add_model_args, add_precision_arg, autocast, resolve_precision
 from diffusion import create_diffusion
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, sample_generator
-from tinyfusion.vae import load_vae
+from tinyfusion.vae import decode, load_vae
 from tinyfusion.errors import TinyFusionError, run_main
 
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
+
+
+@torch.no_grad()
+def original_grid(model, diffusion, labels, args, vae, amp_dtype, device):
+    """The original procedure: one global seed, z ~ randn(n, C, L, L) on the device for the
+    whole grid, [z; z] with labels [y; null], the sampling loop over model.forward_with_cfg with
+    clip_denoised=False, the first half decoded (latents / 0.18215)."""
+    torch.manual_seed(args.seed)
+    z = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size, device=device)
+    y = torch.tensor(labels, device=device)
+    z = torch.cat([z, z], 0)
+    y = torch.cat([y, torch.tensor([model.num_classes] * len(labels), device=device)], 0)
+    model_kwargs = dict(y=y, cfg_scale=args.cfg_scale)
+    forward = model.forward_with_cfg
+    if amp_dtype != torch.float32:
+        def forward(x, t, **kwargs):
+            with autocast(amp_dtype, device):
+                return model.forward_with_cfg(x, t, **kwargs).float()
+    if args.sampler == "ddpm":
+        samples = diffusion.p_sample_loop(forward, z.shape, z, clip_denoised=False, model_kwargs=model_kwargs,
+                                          progress=True, device=device)
+    else:
+        samples = diffusion.ddim_sample_loop(forward, z.shape, z, clip_denoised=False, model_kwargs=model_kwargs,
+                                             progress=True, device=device, eta=args.ddim_eta)
+    samples, _ = samples.chunk(2, dim=0)
+    return decode(vae, samples)
 
 
 def main(args):
@@ -34,19 +63,23 @@ def main(args):
     bad_labels = [label for label in args.class_labels if not 0 <= label < args.num_classes]
     if bad_labels:
         raise TinyFusionError(f"--class-labels {bad_labels} outside [0, {args.num_classes}); pass labels of the "
-                         f"model's classes (or the right --num-classes)")
+                              f"model's classes (or the right --num-classes)")
     ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
     model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
                            use_ema=not args.no_ema, groups=args.groups)
     model = model.to(device).eval().requires_grad_(False)
     vae = load_vae(args.vae, args.vae_path, device)
     diffusion = create_diffusion(str(args.num_sampling_steps))
+    amp_dtype = resolve_precision(args.precision, device)
 
     start = time.time()
-    generators = [sample_generator(args.seed, i) for i in range(len(args.class_labels))]
-    images = generate(model, diffusion, args.class_labels, generators, args.cfg_scale, args.sampler, args.ddim_eta,
-                      vae, amp_dtype=resolve_precision(args.precision, device), progress=True,
-                      guide_all_channels=args.guide_all_channels)
+    if args.per_sample_seeds:
+        generators = [sample_generator(args.seed, i) for i in range(len(args.class_labels))]
+        images = generate(model, diffusion, args.class_labels, generators, args.cfg_scale, args.sampler,
+                          args.ddim_eta, vae, amp_dtype=amp_dtype, progress=True,
+                          guide_all_channels=args.guide_all_channels)
+    else:
+        images = original_grid(model, diffusion, args.class_labels, args, vae, amp_dtype, device)
     # normalize to [-1, 1] then *255 + 0.5: the same uint8 values as sample_ddp.py's clamp(127.5 x + 128)
     with atomic_path(args.out) as tmp:
         save_image(images.float().cpu(), tmp, nrow=4, normalize=True, value_range=(-1, 1))
@@ -63,10 +96,14 @@ def parse_args(argv=None):
                         help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
     parser.add_argument("--class-labels", type=int, nargs="+", default=DEFAULT_CLASS_LABELS)
+    parser.add_argument("--per-sample-seeds", action="store_true",
+                        help="image i gets its own noise from (--seed, i), as sample i of sample_ddp.py, instead of "
+                             "the original's one global seed for the whole grid")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     parser.add_argument("--ddim-eta", type=float, default=0.0)
     parser.add_argument("--out", type=str, default="sample.png", help="grid PNG to write (replaced if it exists)")
     add_precision_arg(parser)
+    parser.set_defaults(precision="fp32")  # the original samples in fp32; bf16 is opt-in on every device
     return parser.parse_args(argv)
 
 

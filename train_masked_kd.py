@@ -13,12 +13,14 @@ masks); `--beta-feat 0` drops the feature term.
 import argparse
 
 from diffusion import create_diffusion
-from diffusion.distillation import default_layer_map, feature_beta, masked_kd_losses, parse_layer_map, validate_layer_map
+from diffusion.distillation import (LAYER_MAP_RULES, feature_beta, masked_kd_losses, parse_layer_map, rule_layer_map,
+                                    validate_layer_map)
 from tinyfusion.checkpoints import build_model
 from tinyfusion.cli import add_compatibility_flags, add_model_args, add_precision_arg, resolve_precision
 from tinyfusion.distributed import cleanup_distributed, start_process_group
 from tinyfusion.errors import TinyFusionError, run_main
 from tinyfusion.loop import AutocastForward, full_weights, train_loop
+from tinyfusion.pruning import kept_indices_in_frame
 from tinyfusion.run_setup import add_training_args, loop_keywords, prepare_training
 
 
@@ -48,13 +50,14 @@ def check_teacher_fits(args, student, teacher):
 
 
 def resolve_layer_map(args, student, metadata, teacher):
-    """(pairs, how they were chosen) from --kd-layer-map or the default rule; one-line errors."""
+    """(pairs, how they were chosen) for --kd-layer-map: original (the default), span-end (kept
+    indices in the loaded teacher's frame) or explicit pairs; one-line errors."""
     try:
-        if args.kd_layer_map:
-            pairs, source = parse_layer_map(args.kd_layer_map), "--kd-layer-map"
+        if args.kd_layer_map in LAYER_MAP_RULES:
+            pairs, source = rule_layer_map(args.kd_layer_map, student.depth, teacher.depth,
+                                           lambda: kept_indices_in_frame(metadata, teacher.depth))
         else:
-            kept = metadata.get("kept_indices") if metadata else None
-            pairs, source = default_layer_map(student.depth, teacher.depth, kept)
+            pairs, source = parse_layer_map(args.kd_layer_map), "--kd-layer-map"
         return validate_layer_map(pairs, student.depth, teacher.depth), source
     except ValueError as error:
         raise TinyFusionError(str(error)) from None
@@ -96,9 +99,10 @@ def build_parser():
                         help="weight of the masked feature loss at epoch 0 (linearly to 0 at the last epoch)")
     parser.add_argument("--mask-sigma", type=float, default=2.0,
                         help="keep hidden entries within k std of their mean; 0 disables masking (plain RepKD)")
-    parser.add_argument("--kd-layer-map", type=str, default=None,
-                        help="explicit student:teacher block pairs, e.g. \"0:1,1:3,2:5\" (default: span ends of the "
-                             "student's kept indices)")
+    parser.add_argument("--kd-layer-map", type=str, default="original",
+                        help="original: the original's fixed maps (2i+1 for D14 from 28 and D7 from 14, fixed D19 "
+                             "pairs; span ends for other depths); span-end: the last teacher block of the span each "
+                             "student block replaces; or explicit student:teacher pairs, e.g. \"0:1,1:3,2:5\"")
     add_compatibility_flags(parser, [
         ("--strong-aug", dict(action="store_true", help="training reads pre-extracted features (image and flip only)")),
         ("--strict", dict(action="store_true", help="weights are always loaded strictly"))])

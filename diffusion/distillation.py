@@ -4,7 +4,8 @@ Per step, one noise draw gives x_t; the student and the teacher (eval mode, no g
 same x_t, t, labels and classifier-free label drops, and
 
     kd   = mean((eps_s - eps_t)^2)  (+ KL(teacher posterior || student posterior) in bits,
-                                      mean detached, when the variance is learned)
+                                      mean detached, when the variance is learned; at t == 0
+                                      the student's decoder NLL, as in the original)
     gt   = the usual diffusion loss of the student, mse + vb
     feat = mean over aligned block pairs (i, j) of mean((m_s * h_s_i - m_t * h_t_j)^2)
     loss = alpha * kd + (1 - alpha) * gt + beta * feat
@@ -17,14 +18,17 @@ computed separately for the student and the teacher. k = mask_sigma (2 by defaul
 disables masking (plain RepKD). The teacher's features are detached. beta goes linearly from
 beta0 at epoch 0 to 0 at the last epoch (`feature_beta`).
 
-Student/teacher alignment rule (which teacher block each student block imitates): with the
-student's kept indices k_0 < k_1 < ... < k_{K-1} of the teacher's D blocks, student block i
-replaces the teacher span [k_i, k_{i+1}) (the last span ends at D), so its output should match
-the teacher's hidden state after the LAST block of that span: teacher block k_{i+1} - 1 (for the
-last student block: D - 1). Kept [0, 2, ..., 26] of 28 gives 2i + 1. Without kept indices
-(a checkpoint without our metadata) the original fixed maps are used: 2i + 1 for D14 from a
-28-block teacher and D7 from a 14-block one, and [2,5,7,10,12,15,18] <-> [3,7,11,15,19,23,27]
-for D19 from 28; any other shape needs an explicit `--kd-layer-map`.
+Student/teacher alignment (which teacher block each student block imitates), `--kd-layer-map`:
+- "original" (the default, the original TinyFusion code): student block i against teacher block
+  2i + 1 for D14 from a 28-block teacher and D7 from a 14-block one, and the fixed pairs
+  [2,5,7,10,12,15,18] <-> [3,7,11,15,19,23,27] for D19 from 28, whatever blocks were kept. For
+  any other depth pair the original has no map: the span-end rule is used (and logged).
+- "span-end" (ours): with the student's kept indices k_0 < ... < k_{K-1} numbered as in the
+  teacher's D blocks, student block i replaces the teacher span [k_i, k_{i+1}) (the last span
+  ends at D), so it is aligned with the LAST block of that span, k_{i+1} - 1 (the last student
+  block: D - 1). Kept [0, 2, ..., 26] of 28 gives 2i + 1. The kept indices must be in the frame
+  of the teacher actually loaded (tinyfusion.pruning.kept_indices_in_frame).
+- explicit pairs "0:1,1:3,...".
 """
 import ast
 
@@ -34,6 +38,7 @@ from models import validate_kept_indices
 
 from .diffusion_utils import mean_flat
 
+LAYER_MAP_RULES = ("original", "span-end")
 # the original's hard-coded (student block, teacher block) pairs per (student depth, teacher depth)
 ORIGINAL_LAYER_MAPS = {
     (14, 28): [(i, 2 * i + 1) for i in range(14)],
@@ -82,19 +87,23 @@ def validate_layer_map(pairs, student_depth, teacher_depth):
     return [(int(s), int(t)) for s, t in pairs]
 
 
-def default_layer_map(student_depth, teacher_depth, kept_indices=None):
-    """(pairs, how they were chosen). Kept indices -> the span-end rule; else the original fixed
-    map for the known depth pairs; else a ValueError asking for --kd-layer-map."""
-    if kept_indices is not None:
-        if len(kept_indices) != student_depth:
-            raise ValueError(f"the student has {student_depth} blocks but its metadata keeps {len(kept_indices)}; "
-                             f"pass --kd-layer-map")
-        return span_end_layer_map(kept_indices, teacher_depth), f"span ends of kept indices {list(kept_indices)}"
-    if (student_depth, teacher_depth) in ORIGINAL_LAYER_MAPS:
+def rule_layer_map(rule, student_depth, teacher_depth, teacher_frame_kept):
+    """(pairs, how they were chosen) for `rule` "original" or "span-end" (module docstring).
+    `teacher_frame_kept()` returns (the student's kept indices in the teacher's frame, a
+    description of that frame); it is called only when the span-end rule is needed."""
+    if rule not in LAYER_MAP_RULES:
+        raise ValueError(f"unknown layer map rule {rule!r}; use one of {', '.join(LAYER_MAP_RULES)} or explicit pairs")
+    if rule == "original" and (student_depth, teacher_depth) in ORIGINAL_LAYER_MAPS:
         return list(ORIGINAL_LAYER_MAPS[(student_depth, teacher_depth)]), \
-            f"the original fixed map for {student_depth} student / {teacher_depth} teacher blocks (no kept indices in the student checkpoint)"
-    raise ValueError(f"no default layer map for a {student_depth}-block student and a {teacher_depth}-block teacher "
-                     f"without kept indices in the student checkpoint; pass --kd-layer-map \"0:1,1:3,...\"")
+            f"the original's fixed map for a {student_depth}-block student and a {teacher_depth}-block teacher"
+    kept, frame = teacher_frame_kept()
+    if len(kept) != student_depth:
+        raise ValueError(f"the student has {student_depth} blocks but its metadata keeps {len(kept)}; "
+                         f"pass --kd-layer-map \"0:1,1:3,...\"")
+    how = f"span ends of kept indices {list(kept)} ({frame})"
+    if rule == "original":
+        how += f"; the original has no map for a {student_depth}-block student and a {teacher_depth}-block teacher"
+    return span_end_layer_map(kept, teacher_depth), how
 
 
 # ------------------------------------------------------------------------------ losses
@@ -126,15 +135,30 @@ def masked_feature_loss(student_hiddens, teacher_hiddens, k):
     return total / len(student_hiddens)
 
 
-def output_kd_loss(diffusion, student_output, teacher_output, x_t, t):
+KD_T0_TERMS = ("decoder-nll", "kl")
+
+
+def output_kd_loss(diffusion, student_output, teacher_output, x_t, t, x_start=None, t0_term="decoder-nll"):
     """mean((eps_s - eps_t)^2) plus, when the diffusion learns the variance, the mean over samples
-    of KL(teacher posterior || student posterior) in bits with the student's mean detached (the
-    eps term trains the mean, as in the training vb). fp32."""
+    of a variance term in bits with the student's mean detached (the eps term trains the mean, as
+    in the training vb): KL(teacher posterior || student posterior) for t > 0; at t == 0 the
+    original's student decoder NLL of `x_start` (t0_term "decoder-nll", as the plain loss) or
+    the KL to the teacher there too (t0_term "kl"). fp32."""
+    if t0_term not in KD_T0_TERMS:
+        raise ValueError(f"unknown t0_term {t0_term!r}; use one of {', '.join(KD_T0_TERMS)}")
     channels = x_t.shape[1]
     student_output, teacher_output = student_output.float(), teacher_output.detach().float()
     kd = mean_flat((student_output[:, :channels] - teacher_output[:, :channels]) ** 2).mean()
     if student_output.shape[1] == 2 * channels and diffusion._learns_variance:
-        kd = kd + diffusion.output_kl_bpd(teacher_output, student_output, x_t.float(), t, detach_mean=True).mean()
+        vb = diffusion.output_kl_bpd(teacher_output, student_output, x_t.float(), t, detach_mean=True)
+        if t0_term == "decoder-nll":  # computed for every row (no host sync to ask whether some t == 0)
+            if x_start is None:
+                raise ValueError("the t == 0 decoder NLL needs x_start")
+            frozen = torch.cat([student_output[:, :channels].detach(), student_output[:, channels:]], dim=1)
+            decoder_nll = diffusion.vb_terms_bpd_from_output(frozen, x_start.float(), x_t.float(), t,
+                                                             clip_denoised=False)["output"]  # the NLL where t == 0
+            vb = torch.where(t == 0, decoder_nll, vb)
+        kd = kd + vb.mean()
     return kd
 
 
@@ -154,12 +178,13 @@ def draw_label_drops(batch_size, dropout_prob, device):
 
 
 def masked_kd_losses(student, teacher, diffusion, x_start, y, *, alpha, beta, mask_sigma, layer_pairs,
-                     class_dropout_prob, t=None, noise=None, force_drop_ids=None):
+                     class_dropout_prob, t=None, noise=None, force_drop_ids=None, kd_t0_term="decoder-nll"):
     """The Masked-KD losses of one batch: dict of fp32 scalars loss / gt / kd / feat.
 
     `student` and `teacher` are called as model(x_t, t, y, force_drop_ids=, hidden_indices=)
     (the student possibly DDP-wrapped); t, noise and the label drops are drawn here unless given
-    (in that order: t, noise, drops). The teacher runs under no_grad."""
+    (in that order: t, noise, drops). The teacher runs under no_grad. `kd_t0_term`: the
+    variance term of kd at t == 0 (output_kd_loss; "decoder-nll" is the original's)."""
     batch = x_start.shape[0]
     if t is None:
         t = torch.randint(0, diffusion.num_timesteps, (batch,), device=x_start.device)
@@ -184,7 +209,7 @@ def masked_kd_losses(student, teacher, diffusion, x_start, y, *, alpha, beta, ma
         student_output, teacher_output = student_result, teacher_result
         feat = torch.zeros((), device=x_start.device)
     student_output = student_output.float()
-    kd = output_kd_loss(diffusion, student_output, teacher_output, x_t, t)
+    kd = output_kd_loss(diffusion, student_output, teacher_output, x_t, t, x_start=x_start, t0_term=kd_t0_term)
     gt = diffusion.losses_from_output(student_output, x_start.float(), x_t.float(), t, noise.float())["loss"].mean()
     loss = alpha * kd + (1.0 - alpha) * gt + beta * feat
     return {"loss": loss, "gt": gt, "kd": kd, "feat": feat}

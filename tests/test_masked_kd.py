@@ -11,8 +11,8 @@ import torch
 
 from tinyfusion.errors import TinyFusionError
 from diffusion import create_diffusion
-from diffusion.distillation import (default_layer_map, feature_beta, masked_feature_loss, masked_kd_losses,
-                                    outlier_mask, parse_layer_map, span_end_layer_map, validate_layer_map)
+from diffusion.distillation import (feature_beta, masked_feature_loss, masked_kd_losses, outlier_mask, parse_layer_map,
+                                    rule_layer_map, span_end_layer_map, validate_layer_map)
 from training_helpers import COMMON_FLAGS, IMAGE_SIZE, MODEL, make_digits_store, make_teacher_and_student, torchrun
 
 
@@ -115,6 +115,54 @@ def test_masked_kd_loss_equals_the_original_formula():
     assert s_call["hidden_indices"] == [0, 1] and t_call["hidden_indices"] == [1, 3]
 
 
+def reference_decoder_nll_bits(x0, mean, log_var):
+    """-log p(x0 | x1) / ln 2 per sample, by hand: 256 bins of width 2/255 on [-1, 1] (the edge
+    bins open to -inf / +inf) under N(mean, exp(log_var)), with ADM's tanh approximation of the
+    standard normal CDF, 0.5 (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))."""
+    cdf = lambda z: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))  # noqa: E731
+    inv_std = np.exp(-0.5 * log_var)
+    upper, lower = cdf(inv_std * (x0 - mean + 1 / 255)), cdf(inv_std * (x0 - mean - 1 / 255))
+    log_p = np.where(x0 < -0.999, np.log(np.maximum(upper, 1e-12)),
+                     np.where(x0 > 0.999, np.log(np.maximum(1 - lower, 1e-12)),
+                              np.log(np.maximum(upper - lower, 1e-12))))
+    return -log_p.reshape(len(log_p), -1).mean(axis=1) / math.log(2)
+
+
+def test_kd_variance_term_at_t0_is_the_students_decoder_nll():
+    gen = torch.Generator().manual_seed(2)
+    batch, channels, side = 4, 2, 3
+    x0 = torch.rand(batch, channels, side, side, generator=gen) * 2 - 1
+    x0[0, 0, 0, 0], x0[1, 1, 2, 2] = -1.0, 1.0  # the two open edge bins
+    noise = torch.randn(batch, channels, side, side, generator=gen)
+    t = torch.tensor([0, 0, 3, 0])
+    student_out = torch.randn(batch, 2 * channels, side, side, generator=gen).clamp(-0.9, 0.9)
+    teacher_out = torch.randn(batch, 2 * channels, side, side, generator=gen).clamp(-0.9, 0.9)
+    student, teacher = Scripted(student_out, []), Scripted(teacher_out, [])
+    common = dict(alpha=0.9, beta=0.0, mask_sigma=2.0, layer_pairs=[], class_dropout_prob=0.0, t=t, noise=noise)
+    losses = masked_kd_losses(student, teacher, create_diffusion(""), x0, torch.zeros(batch, dtype=torch.long), **common)
+    ours = masked_kd_losses(student, teacher, create_diffusion(""), x0, torch.zeros(batch, dtype=torch.long),
+                            kd_t0_term="kl", **common)
+
+    tab = reference_tables()
+    x0_, noise_, t_ = x0.double().numpy(), noise.double().numpy(), t.numpy()
+    x_t = np.sqrt(tab["abar"][t_]).reshape(-1, 1, 1, 1) * x0_ + np.sqrt(1 - tab["abar"][t_]).reshape(-1, 1, 1, 1) * noise_
+    s_out, t_out = student_out.double().numpy(), teacher_out.double().numpy()
+    s_mean, s_logvar = reference_gaussian(s_out, x_t, t_, tab)
+    t_mean, t_logvar = reference_gaussian(t_out, x_t, t_, tab)
+    mse = ((s_out[:, :channels] - t_out[:, :channels]) ** 2).mean()
+    kl = kl_bits(t_mean, t_logvar, s_mean, s_logvar)
+    nll = reference_decoder_nll_bits(x0_, s_mean, s_logvar)
+    original = mse + np.where(t_ == 0, nll, kl).mean()
+    assert losses["kd"].item() == pytest.approx(original, rel=1e-5)
+    assert ours["kd"].item() == pytest.approx(mse + kl.mean(), rel=1e-5)
+    assert abs(original - (mse + kl.mean())) > 1e-2 * abs(original)  # the two terms really differ here
+    # the plain loss uses the same decoder NLL at t == 0
+    true_mean = tab["coef1"][t_].reshape(-1, 1, 1, 1) * x0_ + tab["coef2"][t_].reshape(-1, 1, 1, 1) * x_t
+    true_logvar = tab["post_log_var"][t_].reshape(-1, 1, 1, 1) * np.ones_like(x_t)
+    gt_vb = np.where(t_ == 0, nll, kl_bits(true_mean, true_logvar, s_mean, s_logvar))
+    assert losses["gt"].item() == pytest.approx(((noise_ - s_out[:, :channels]) ** 2).mean() + gt_vb.mean(), rel=1e-5)
+
+
 def test_mask_sigma_zero_is_plain_repkd_and_masks_remove_planted_outliers():
     gen = torch.Generator().manual_seed(1)
     h_s = torch.rand(2, 16, 32, generator=gen) * 2 - 1
@@ -150,7 +198,9 @@ def test_teacher_gets_no_gradient_and_an_identical_student_has_zero_distillation
     losses = masked_kd_losses(student, teacher, diffusion, x, y, alpha=0.9, beta=0.01, mask_sigma=2.0,
                               layer_pairs=pairs, class_dropout_prob=0.1, t=t, noise=noise, force_drop_ids=drops)
     assert pairs == [(i, i) for i in range(12)]
-    assert losses["kd"].item() == 0.0 and losses["feat"].item() == 0.0  # same drops, same x_t: same network
+    # same drops, same x_t: the same network. The posterior KL of equal outputs is 0 up to float
+    # rounding (SIMD kernels round by memory alignment), the feature difference exactly 0
+    assert abs(losses["kd"].item()) < 1e-6 and losses["feat"].item() == 0.0
     reference = diffusion.training_losses(student, x, t, dict(y=y, force_drop_ids=drops), noise=noise)["loss"].mean()
     assert losses["gt"].item() == pytest.approx(reference.item(), rel=1e-6)
     losses["loss"].backward()
@@ -168,14 +218,94 @@ def test_span_end_layer_map():
         span_end_layer_map([0, 28], 28)
 
 
-def test_default_layer_maps_without_metadata_are_the_original_ones():
-    assert default_layer_map(14, 28)[0] == [(i, 2 * i + 1) for i in range(14)]
-    assert default_layer_map(7, 14)[0] == [(i, 2 * i + 1) for i in range(7)]
-    assert default_layer_map(19, 28)[0] == list(zip([2, 5, 7, 10, 12, 15, 18], [3, 7, 11, 15, 19, 23, 27]))
-    assert "no kept indices" in default_layer_map(14, 28)[1]
-    assert default_layer_map(3, 28, kept_indices=[0, 10, 20])[0] == [(0, 9), (1, 19), (2, 27)]
-    with pytest.raises(ValueError, match="pass --kd-layer-map"):
-        default_layer_map(5, 12)
+def never_called():
+    raise AssertionError("the original's fixed maps must not read the kept indices")
+
+
+def test_original_layer_map_is_2i_plus_1_whatever_blocks_were_kept():
+    import random
+    rng = random.Random(0)
+    kept_sets = [list(range(0, 28, 2)), list(range(14)), [1, 3, 4, 7, 9, 10, 13, 15, 17, 18, 21, 22, 25, 27]]
+    kept_sets += [sorted(rng.sample(range(28), 14)) for _ in range(20)]
+    for kept in kept_sets:
+        pairs, how = rule_layer_map("original", 14, 28, never_called)
+        assert pairs == [(i, 2 * i + 1) for i in range(14)] and "original's fixed map" in how
+        span_end, _ = rule_layer_map("span-end", 14, 28, lambda: (kept, "test frame"))
+        assert span_end == span_end_layer_map(kept, 28)
+    assert rule_layer_map("original", 7, 14, never_called)[0] == [(i, 2 * i + 1) for i in range(7)]
+    assert rule_layer_map("original", 19, 28, never_called)[0] == list(zip([2, 5, 7, 10, 12, 15, 18],
+                                                                           [3, 7, 11, 15, 19, 23, 27]))
+    # the two rules differ for a learned kept set (they agree on even blocks only)
+    learned = kept_sets[2]
+    assert rule_layer_map("span-end", 14, 28, lambda: (learned, "f"))[0] != rule_layer_map("original", 14, 28, never_called)[0]
+    assert rule_layer_map("span-end", 14, 28, lambda: (kept_sets[0], "f"))[0] == [(i, 2 * i + 1) for i in range(14)]
+
+
+def test_original_rule_falls_back_to_span_ends_for_other_depths_and_says_so():
+    pairs, how = rule_layer_map("original", 3, 28, lambda: ([0, 10, 20], "relative to the 28-block root"))
+    assert pairs == [(0, 9), (1, 19), (2, 27)]
+    assert "span ends of kept indices [0, 10, 20] (relative to the 28-block root)" in how
+    assert "the original has no map for a 3-block student and a 28-block teacher" in how
+    with pytest.raises(ValueError, match="keeps 2"):
+        rule_layer_map("span-end", 3, 28, lambda: ([0, 10], "f"))
+    with pytest.raises(ValueError, match="unknown layer map rule"):
+        rule_layer_map("spanend", 3, 28, never_called)
+
+
+def test_kept_indices_are_read_in_the_frame_of_the_loaded_teacher(tmp_path):
+    """XL -> D14 -> D7 (here 28 -> 14 -> 7 blocks of DiT-XS/4, pruned by the real script): the D7
+    records its blocks relative to the D14 and to the 28-block root; distilled from the root it
+    uses the root's numbering, from the D14 the D14's, from anything else it refuses."""
+    import prune_by_index
+    from tinyfusion.checkpoints import load_checkpoint_file, read_metadata, save_checkpoint
+    from tinyfusion.errors import TinyFusionError
+    from tinyfusion.pruning import kept_indices_in_frame
+    from models import DiT_models
+    root = str(tmp_path / "root28.pt")
+    save_checkpoint(DiT_models[MODEL](input_size=IMAGE_SIZE, in_channels=3, num_classes=10, depth=28).state_dict(), root)
+    d14_kept, d7_kept = [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27], [1, 3, 5, 7, 9, 11, 13]
+    paths = {}
+    for name, source, kept in (("d14", root, d14_kept), ("d7", str(tmp_path / "d14.pt"), d7_kept)):
+        paths[name] = str(tmp_path / f"{name}.pt")
+        prune_by_index.main(prune_by_index.parse_args(["--model", MODEL, "--ckpt", source, "--kept-indices", str(kept),
+                                                       "--save-model", paths[name], *COMMON_FLAGS[:6]]))
+    d14, d7 = (read_metadata(load_checkpoint_file(paths[name])) for name in ("d14", "d7"))
+    assert (d14["kept_indices"], d14["source_depth"]) == (d14_kept, 28)
+    assert (d14["root_kept_indices"], d14["root_depth"]) == (d14_kept, 28)
+    root_frame = [d14_kept[i] for i in d7_kept]
+    assert root_frame == [2, 6, 10, 15, 19, 23, 27]
+    assert (d7["kept_indices"], d7["source_depth"]) == (d7_kept, 14)
+    assert (d7["root_kept_indices"], d7["root_depth"]) == (root_frame, 28)
+    assert kept_indices_in_frame(d7, 28) == (root_frame, "relative to the 28-block root")
+    assert kept_indices_in_frame(d7, 14) == (d7_kept, "relative to the 14-block model it was pruned from")
+    for teacher_depth in (12, 21):  # parent-frame indices would pass the range check of a 21-block teacher
+        with pytest.raises(TinyFusionError, match=f"not for the {teacher_depth}-block teacher") as error:
+            kept_indices_in_frame(d7, teacher_depth)
+        assert "\n" not in str(error.value)
+    # a file written before root_depth was recorded: the root frame is unknown, so only the parent works
+    legacy = {"kept_indices": d7_kept, "source_depth": 14, "original_kept_indices": root_frame}
+    assert kept_indices_in_frame(legacy, 14)[0] == d7_kept
+    with pytest.raises(TinyFusionError, match="recorded for 14 blocks, not for the 28-block teacher"):
+        kept_indices_in_frame(legacy, 28)
+    with pytest.raises(TinyFusionError, match="records no kept indices"):
+        kept_indices_in_frame({"method": "x"}, 28)
+    # D7 from the 28-block root: no original map for (7, 28), so span ends in the root's frame
+    assert rule_layer_map("original", 7, 28, lambda: kept_indices_in_frame(d7, 28))[0] == \
+        span_end_layer_map(root_frame, 28) == [(0, 5), (1, 9), (2, 14), (3, 18), (4, 22), (5, 26), (6, 27)]
+    # from the D14: the original's 2i+1, and span ends in the D14's frame
+    assert rule_layer_map("original", 7, 14, never_called)[0] == [(i, 2 * i + 1) for i in range(7)]
+    assert rule_layer_map("span-end", 7, 14, lambda: kept_indices_in_frame(d7, 14))[0] == \
+        span_end_layer_map(d7_kept, 14) == [(0, 2), (1, 4), (2, 6), (3, 8), (4, 10), (5, 12), (6, 13)]
+    # the script's resolution: the same maps, and a one-line refusal for a teacher of another depth
+    import train_masked_kd
+    from types import SimpleNamespace
+    resolve = lambda rule, teacher_depth: train_masked_kd.resolve_layer_map(  # noqa: E731
+        SimpleNamespace(kd_layer_map=rule), SimpleNamespace(depth=7), d7, SimpleNamespace(depth=teacher_depth))
+    assert resolve("span-end", 28)[0] == span_end_layer_map(root_frame, 28)
+    assert "relative to the 28-block root" in resolve("original", 28)[1]
+    assert resolve("original", 14)[0] == [(i, 2 * i + 1) for i in range(7)]
+    with pytest.raises(TinyFusionError, match="not for the 21-block teacher"):
+        resolve("original", 21)
 
 
 def test_layer_map_parsing_and_missing_blocks():
@@ -220,7 +350,7 @@ def test_kd_bad_input_is_one_line_and_writes_nothing(workspace, tmp_path, case):
                 "no-teacher": "--load-teacher is required"}[case]
     with pytest.raises(TinyFusionError) as error:
         run_kd(workspace, tmp_path, *flags)
-    message = str(error.value)
+    message = str(error.value).removeprefix("error: ")
     assert expected in message and "\n" not in message
     assert not (tmp_path / "results").exists()
 
@@ -270,7 +400,7 @@ def test_distillation_beats_fine_tuning_against_the_teacher(tmp_path):
     save_checkpoint(teacher.state_dict(), teacher_path)
     kept = [0, 3, 6, 9]
     student_path = str(tmp_path / "student.pt")
-    save_pruned_model(prune_to_kept_blocks(teacher, kept), student_path, {"kept_indices": kept})
+    save_pruned_model(prune_to_kept_blocks(teacher, kept), student_path, {"kept_indices": kept, "source_depth": 12})
     # one process, both ranks: start both recoveries at once
     steps = "120"
     fine_tune = torchrun("train.py", ["--model", MODEL, "--prefix", "ft", "--load-weight", student_path,

@@ -309,6 +309,41 @@ def test_sample_ddp_two_ranks_match_one(tmp_path, pixel_ckpt):
 
 
 # ----------------------------------------------------------------------- sample.py
+def original_sample_png(model, labels, seed, cfg_scale, steps, path):
+    """The original DiT sample.py, written out from its formulas: one torch.manual_seed, z for
+    the whole grid, [z; z] with the null label, p_sample_loop over forward_with_cfg in fp32, the
+    first half, save_image(nrow=4, normalize=True, value_range=(-1, 1)). Pixel space: no VAE."""
+    from torchvision.utils import save_image
+    diffusion = create_diffusion(str(steps))
+    torch.manual_seed(seed)
+    n = len(labels)
+    z = torch.randn(n, model.in_channels, model.input_size, model.input_size)
+    y = torch.tensor(labels)
+    z = torch.cat([z, z], 0)
+    y = torch.cat([y, torch.tensor([model.num_classes] * n)], 0)
+    with torch.no_grad():
+        samples = diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, clip_denoised=False,
+                                          model_kwargs=dict(y=y, cfg_scale=cfg_scale), progress=True)
+    samples, _ = samples.chunk(2, dim=0)
+    save_image(samples, path, nrow=4, normalize=True, value_range=(-1, 1))
+
+
+def test_sample_py_writes_the_png_of_the_original_procedure(tmp_path, pixel_ckpt):
+    labels = [3, 1, 4, 1, 5, 9]
+    out, reference = tmp_path / "sample.png", tmp_path / "original.png"
+    sample.main(sample.parse_args([*PIXEL_FLAGS, "--ckpt", pixel_ckpt, "--seed", "5464", "--class-labels",
+                                   *map(str, labels), "--out", str(out)]))
+    model = tame_dit()  # the weights saved in pixel_ckpt, built independently of sample.py
+    original_sample_png(model, labels, seed=5464, cfg_scale=4.0, steps=STEPS, path=str(reference))
+    assert out.read_bytes() == reference.read_bytes()  # bit for bit on the CPU
+    assert len(np.unique(np.asarray(Image.open(reference)))) > 50  # a real image, not a constant
+    # per-sample seeds are another procedure (another image)
+    sample.main(sample.parse_args([*PIXEL_FLAGS, "--ckpt", pixel_ckpt, "--seed", "5464", "--class-labels",
+                                   *map(str, labels), "--out", str(out), "--per-sample-seeds"]))
+    assert out.read_bytes() != reference.read_bytes()
+    assert sample.parse_args([]).precision == "fp32" and not sample.parse_args([]).per_sample_seeds
+
+
 def test_sample_py_grid_with_a_latent_model(tmp_path):
     from tiny_vae import make_tiny_vae
     vae_dir = make_tiny_vae(str(tmp_path / "vae"))
@@ -317,7 +352,8 @@ def test_sample_py_grid_with_a_latent_model(tmp_path):
     labels = [3, 1, 4, 1, 5]
     sample.main(sample.parse_args(["--model", "DiT-XS/2", "--image-size", "32", "--vae", "ema", "--vae-path", vae_dir,
                                    "--num-classes", "10", "--ckpt", ckpt, "--num-sampling-steps", str(STEPS),
-                                   "--seed", "5", "--class-labels", *map(str, labels), "--out", out]))
+                                   "--seed", "5", "--class-labels", *map(str, labels), "--out", out,
+                                   "--per-sample-seeds"]))
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 34 + 2, 4 * 34 + 2, 3)  # torchvision grid: 4 columns, 2-pixel padding
     # the tiles are the images of seeds (5, i), decoded by the VAE: same pixels as sample_ddp's uint8 conversion

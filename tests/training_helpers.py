@@ -42,8 +42,8 @@ def make_teacher_and_student(folder, kept_indices=(0, 3, 6, 9), seed=0):
     save_checkpoint(teacher.state_dict(), teacher_path)
     student = prune_to_kept_blocks(teacher, list(kept_indices))
     student_path = os.path.join(folder, "student.pt")
-    save_pruned_model(student, student_path, {"kept_indices": list(kept_indices), "source_model": MODEL,
-                                              "method": "test"})
+    save_pruned_model(student, student_path, {"kept_indices": list(kept_indices), "source_depth": teacher.depth,
+                                              "source_model": MODEL, "method": "test"})
     return teacher_path, student_path
 
 

@@ -4,8 +4,9 @@ calibration latents, and saving a pruned checkpoint with its metadata.
 
 A pruned checkpoint is a plain state dict of the shallow DiT (blocks renumbered 0..K-1), loadable
 by the original rule, with our metadata riding along (checkpoints.save_pruned_model):
-kept_indices, groups, method ("learnable" / "bi-score" / "index"), source_model,
-source_checkpoint, confidences, scores, steps.
+kept_indices and source_depth (relative to the model it was pruned from), root_kept_indices and
+root_depth (relative to the unpruned model at the start of the chain), groups, method
+("learnable" / "bi-score" / "index"), source_model, source_checkpoint, confidences, scores, steps.
 """
 import os
 
@@ -47,19 +48,60 @@ def load_source_model(model_name, checkpoint, image_size=256, num_classes=1000, 
 
 
 def source_lineage(source_metadata, kept_indices):
-    """Metadata that tracks a model pruned twice back to the original blocks."""
-    original = (source_metadata or {}).get("original_kept_indices") or (source_metadata or {}).get("kept_indices")
-    if not original:
+    """The root-frame lineage of a model pruned to `kept_indices` of the model `source_metadata`
+    describes: root_kept_indices (the kept blocks numbered as in the root, the unpruned model the
+    chain started from) and root_depth. Empty when the source is itself a root (save_pruned then
+    records the source as the root). A source written before root_depth existed gives None."""
+    metadata = source_metadata or {}
+    if metadata.get("root_kept_indices") is not None:
+        parent_root, root_depth = metadata["root_kept_indices"], metadata.get("root_depth")
+    elif metadata.get("original_kept_indices") is not None:  # older files: the root's depth was not recorded
+        parent_root, root_depth = metadata["original_kept_indices"], None
+    elif metadata.get("kept_indices") is not None:
+        parent_root, root_depth = metadata["kept_indices"], metadata.get("source_depth")
+    else:
         return {}
-    return {"original_kept_indices": [int(original[i]) for i in kept_indices]}
+    return {"root_kept_indices": [int(parent_root[i]) for i in kept_indices], "root_depth": root_depth}
 
 
 def save_pruned(source_model, kept_indices, path, metadata, overwrite=False):
     """Prune `source_model` to `kept_indices` and save it with `metadata` (atomic; refuses to
-    replace an existing file unless overwrite). Returns the pruned model."""
-    pruned = prune_to_kept_blocks(source_model, kept_indices)
-    save_pruned_model(pruned, path, dict(metadata, kept_indices=[int(i) for i in kept_indices]), overwrite=overwrite)
+    replace an existing file unless overwrite). Returns the pruned model. kept_indices and
+    source_depth are in the frame of the parent (`source_model`), root_kept_indices and
+    root_depth in the frame of the root (the parent itself unless it was pruned)."""
+    kept = [int(i) for i in kept_indices]
+    metadata = dict(metadata, kept_indices=kept, source_depth=source_model.depth)
+    if metadata.get("root_kept_indices") is None:
+        metadata.update(root_kept_indices=kept, root_depth=source_model.depth)
+    pruned = prune_to_kept_blocks(source_model, kept)
+    save_pruned_model(pruned, path, metadata, overwrite=overwrite)
     return pruned
+
+
+def kept_indices_in_frame(metadata, teacher_depth):
+    """(kept indices numbered as in a `teacher_depth`-block teacher, which frame) from a pruned
+    student's metadata. A student pruned twice (28 -> 14 -> 7) records its kept blocks relative
+    to its parent (14 blocks) and to the root (28): the teacher's depth says which applies.
+    TinyFusionError (one line) when no recorded frame has the teacher's depth."""
+    metadata = metadata or {}
+    if metadata.get("kept_indices") is None:
+        raise TinyFusionError("the student checkpoint records no kept indices, so its blocks cannot be aligned with "
+                              "the teacher's; pass --kd-layer-map \"0:1,1:3,...\"")
+    frames = []
+    if metadata.get("root_kept_indices") is not None and metadata.get("root_depth") is not None:
+        frames.append((f"relative to the {metadata['root_depth']}-block root", metadata["root_depth"],
+                       metadata["root_kept_indices"]))
+    if metadata.get("source_depth") is not None:
+        frames.append((f"relative to the {metadata['source_depth']}-block model it was pruned from",
+                       metadata["source_depth"], metadata["kept_indices"]))
+    matches = [frame for frame in frames if frame[1] == teacher_depth]
+    if not matches or any(list(frame[2]) != list(matches[0][2]) for frame in matches):
+        known = " and ".join(f"{depth} blocks" for _, depth, _ in frames) or "no model depth"
+        raise TinyFusionError(f"the student's kept indices are recorded for {known}, not for the {teacher_depth}-block "
+                              f"teacher, so which teacher blocks it kept is unknown; distil from the model it was "
+                              f"pruned from or pass --kd-layer-map \"0:1,1:3,...\"")
+    frame, _, kept = matches[0]
+    return [int(i) for i in kept], frame
 
 
 # ----------------------------------------------------------------------- schedules
@@ -93,26 +135,47 @@ def block_input_output_similarity(model, x_t, t, y):
     return sums
 
 
+CALIBRATIONS = ("clean", "noised")
+
+
 @torch.no_grad()
-def bi_scores(model, latents, labels, diffusion, batch_size=16, seed=0, progress=False):
+def bi_scores(model, latents, labels, *, calibration="clean", num_timesteps=250, batch_size=16, seed=0,
+              progress=False):
     """Per-block mean input/output cosine similarity (ShortGPT's Block Influence is 1 minus it)
-    over calibration `latents` (N, C, H, W) noised at t ~ U{0..T-1}, drawn from `seed`."""
+    over calibration `latents` (N, C, H, W) with their true `labels`, in eval mode.
+
+    - "clean" (the original TinyFusion procedure): the latents as they are, with per batch
+      t ~ U{0..num_timesteps-1} (the original draws t below the respaced step count, 250 by
+      default) passed directly to the model.
+    - "noised" (our variant): x_t = q_sample(latents, t, noise) with t ~ U{0..999} on the
+      1000-step process, the model seeing the noisy input it sees when sampling.
+
+    Per batch of `batch_size`: similarity over channels, averaged over tokens and samples; the
+    result is the mean over batches. t (and, noised, then the noise) of each batch are drawn
+    in that order from a CPU generator seeded with `seed`."""
     from tqdm import tqdm
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r}; use one of {', '.join(CALIBRATIONS)}")
+    diffusion = None
+    if calibration == "noised":
+        from diffusion import create_diffusion
+        diffusion = create_diffusion("")
+        num_timesteps = diffusion.num_timesteps
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     was_training = model.training
     model.eval()
-    totals = torch.zeros(model.depth, dtype=torch.float64)
-    starts = range(0, len(latents), batch_size)
-    for start in tqdm(starts, disable=not progress, desc="BI score"):
-        x0 = latents[start:start + batch_size]
-        t = torch.randint(0, diffusion.num_timesteps, (len(x0),), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        x_t = diffusion.q_sample(x0.float(), t, noise=noise)
-        totals += block_input_output_similarity(model, x_t.to(device), t.to(device),
-                                                labels[start:start + batch_size].to(device))
+    batch_means = []
+    for start in tqdm(range(0, len(latents), batch_size), disable=not progress, desc="BI score"):
+        x = latents[start:start + batch_size].float()
+        t = torch.randint(0, num_timesteps, (len(x),), generator=generator)
+        if diffusion is not None:
+            x = diffusion.q_sample(x, t, noise=torch.randn(x.shape, generator=generator))
+        sums = block_input_output_similarity(model, x.to(device), t.to(device),
+                                             labels[start:start + batch_size].to(device))
+        batch_means.append(sums / len(x))
     model.train(was_training)
-    return (totals / len(latents)).tolist()
+    return torch.stack(batch_means).mean(dim=0).tolist()
 
 
 def select_by_bi_score(similarities, n_pruned):
@@ -129,33 +192,52 @@ def select_by_bi_score(similarities, n_pruned):
 
 # ----------------------------------------------------------------------- calibration data
 def calibration_latents(nsamples, seed, features_path=None, data_path=None, image_size=256, vae=None,
-                        batch_size=16, device="cpu"):
-    """(latents (N, C, H, W) float32 on the CPU, labels (N,)): `nsamples` random samples
-    (seeded) of a feature store, or of an ImageFolder center-cropped and encoded with `vae`
-    (None = pixel space) in batches."""
-    from tinyfusion import vae as vae_io
+                        batch_size=16, device="cpu", random_flip=True):
+    """(latents (N, C, H, W) float32 on the CPU, labels (N,)): `nsamples` random samples of a
+    feature store, or of an ImageFolder center-cropped and encoded with `vae` (None = pixel
+    space; an SD-VAE latent is latent_dist.sample() * 0.18215) in batches.
+
+    From a CPU generator seeded with `seed`: the subset (randperm of the data set, first
+    `nsamples`), then one horizontal-flip draw per sample (rand < 0.5) when `random_flip` (the
+    original's RandomHorizontalFlip: the image is flipped before encoding; a feature store gives
+    its stored flip's latent)."""
+    import tinyfusion.vae as vae_io
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    if features_path:
-        from tinyfusion.feature_store import open_feature_dataset
-        dataset = open_feature_dataset(features_path, flip_prob=0.0, seed=seed)
-    elif data_path:
-        from tinyfusion.image_folder import image_folder
-        try:
-            dataset = image_folder(data_path, image_size)
-        except ValueError as error:
-            raise TinyFusionError(str(error)) from None
-    else:
-        raise TinyFusionError("calibration needs data: pass --data-path (an ImageFolder) or --features-path")
-    if len(dataset) == 0:
-        raise TinyFusionError("the calibration data set is empty")
+    dataset, flipped = _calibration_dataset(features_path, data_path, image_size, seed)
     count = min(nsamples, len(dataset))
     order = torch.randperm(len(dataset), generator=generator)[:count].tolist()
+    flips = (torch.rand(count, generator=generator) < 0.5).tolist() if random_flip else [False] * count
     latents, labels = [], []
     for start in range(0, count, batch_size):
-        items = [dataset[i] for i in order[start:start + batch_size]]
-        x = torch.stack([torch.as_tensor(item[0]) for item in items]).float()
-        if not features_path:
+        rows = range(start, min(start + batch_size, count))
+        if features_path:
+            items = [(flipped if flips[row] else dataset)[order[row]] for row in rows]
+            x = torch.stack([torch.as_tensor(item[0]) for item in items]).float()
+        else:
+            items = [dataset[order[row]] for row in rows]
+            x = torch.stack([torch.flip(item[0], dims=[-1]) if flips[row] else item[0]
+                             for row, item in zip(rows, items)]).float()
             x = vae_io.encode(vae, x.to(device)).float().cpu()
         latents.append(x)
         labels.append(torch.tensor([int(item[1]) for item in items], dtype=torch.int64))
     return torch.cat(latents), torch.cat(labels)
+
+
+def _calibration_dataset(features_path, data_path, image_size, seed):
+    """(data set, its flipped twin or None): a feature store read as stored and as its flips, or
+    an ImageFolder; a one-line TinyFusionError when there is none."""
+    if features_path:
+        from tinyfusion.feature_store import open_feature_dataset
+        dataset = open_feature_dataset(features_path, flip_prob=0.0, seed=seed)
+        flipped = open_feature_dataset(features_path, flip_prob=1.0, seed=seed)
+    elif data_path:
+        from tinyfusion.image_folder import image_folder
+        try:
+            dataset, flipped = image_folder(data_path, image_size), None
+        except ValueError as error:
+            raise TinyFusionError(str(error)) from None
+    else:
+        raise TinyFusionError("calibration needs real images: pass --data-path (an ImageFolder) or --features-path")
+    if len(dataset) == 0:
+        raise TinyFusionError("the calibration data set is empty")
+    return dataset, flipped
