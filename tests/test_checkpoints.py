@@ -136,7 +136,8 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
 
 
 def test_missing_file_is_a_one_line_error(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
+    from tinyfusion.errors import TinyFusionError
+    with pytest.raises(TinyFusionError, match="does not exist"):
         load_state_dict(tmp_path / "nope.pt")
 
 
