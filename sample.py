@@ -40,12 +40,14 @@ def main(args):
                            use_ema=not args.no_ema, groups=args.groups)
     model = model.to(device).eval().requires_grad_(False)
     vae = load_vae(args.vae, args.vae_path, device)
-    diffusion = create_diffusion(str(args.num_sampling_steps))
+    # "leading": diffusers' timesteps 0, s, 2s, ... (s = 1000 // steps), as DiTPipeline samples
+    diffusion = create_diffusion(("leading" if args.timestep_spacing == "leading" else "") + str(args.num_sampling_steps))
 
     start = time.time()
     generators = [sample_generator(args.seed, i) for i in range(len(args.class_labels))]
     images = generate(model, diffusion, args.class_labels, generators, args.cfg_scale, args.sampler, args.ddim_eta,
-                      vae, amp_dtype=resolve_precision(args.precision, device), progress=True)
+                      vae, amp_dtype=resolve_precision(args.precision, device), progress=True,
+                      guide_all_channels=args.guide_all_channels)
     # normalize to [-1, 1] then *255 + 0.5: the same uint8 values as sample_ddp.py's clamp(127.5 x + 128)
     with atomic_path(args.out) as tmp:
         save_image(images.float().cpu(), tmp, nrow=4, normalize=True, value_range=(-1, 1))
@@ -64,6 +66,10 @@ def parse_args(argv=None):
     parser.add_argument("--class-labels", type=int, nargs="+", default=DEFAULT_CLASS_LABELS)
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     parser.add_argument("--ddim-eta", type=float, default=0.0)
+    parser.add_argument("--timestep-spacing", choices=["dit", "leading"], default="dit",
+                        help="dit: steps spread evenly over [0, 999] (DiT); leading: 0, s, 2s, ... (diffusers' DiTPipeline)")
+    parser.add_argument("--guide-all-channels", action="store_true",
+                        help="guide every latent channel (diffusers' DiTPipeline) instead of DiT's first 3")
     parser.add_argument("--out", type=str, default="sample.png", help="grid PNG to write (replaced if it exists)")
     add_precision_arg(parser)
     return parser.parse_args(argv)
