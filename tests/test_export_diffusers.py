@@ -145,30 +145,30 @@ def use_small(monkeypatch, name):
 
 def test_gated_export_needs_trained_gates_and_records_kept_blocks(tmp_path, monkeypatch):
     from tinyfusion.errors import TinyFusionError
-    use_small(monkeypatch, "DiT-XL/2")
-    use_small(monkeypatch, "DiT-XL-1-2")
-    plain = randomise(DiT_models["DiT-XL/2"](input_size=8, num_classes=10), seed=4)
+    use_small(monkeypatch, "DiT-D14/2")
+    use_small(monkeypatch, "DiT-D14-1-2")  # 14 blocks, 7 x [1, 2]
+    plain = randomise(DiT_models["DiT-D14/2"](input_size=8, num_classes=10), seed=4)
     ckpt = tmp_path / "plain.pt"
     save_checkpoint(plain.state_dict(), ckpt)
     flags = ["--image-size", "64", "--num-classes", "10"]
     # plain weights in a gated config: the gates keep their untrained, tied init
     with pytest.raises(TinyFusionError, match="group 0 .* were never trained: its 2 best candidates tie"):
-        main(parse_args(["--model", "DiT-XL-1-2", "--ckpt", str(ckpt), "--out", str(tmp_path / "never"), *flags]))
+        main(parse_args(["--model", "DiT-D14-1-2", "--ckpt", str(ckpt), "--out", str(tmp_path / "never"), *flags]))
     assert not (tmp_path / "never").exists()
 
-    gated = DiT_models["DiT-XL-1-2"](input_size=8, num_classes=10)
+    gated = DiT_models["DiT-D14-1-2"](input_size=8, num_classes=10)
     gated.load_state_dict({**plain.state_dict(), **{k: v for k, v in gated.state_dict().items() if "gate" in k}})
     with torch.no_grad():  # trained gates: keep the first block of even groups, the second of odd ones
         for index, logits in enumerate(gated.gate_logits):
             logits.copy_(torch.tensor([1.0, -1.0]) if index % 2 == 0 else torch.tensor([-1.0, 1.0]))
-    expected = [2 * g + (g % 2) for g in range(14)]
+    expected = [2 * g + (g % 2) for g in range(7)]
     assert gated.kept_indices() == expected
     gated_ckpt = tmp_path / "gated.pt"
     save_checkpoint({"model": gated.state_dict(), "ema": gated.state_dict()}, gated_ckpt)
     out = tmp_path / "gated-export"
-    main(parse_args(["--model", "DiT-XL-1-2", "--ckpt", str(gated_ckpt), "--out", str(out), *flags]))
+    main(parse_args(["--model", "DiT-D14-1-2", "--ckpt", str(gated_ckpt), "--out", str(out), *flags]))
     info = json.loads((out / "tinyfusion_export.json").read_text())
-    assert info["kept_blocks"] == expected and info["source_depth"] == 28 and info["depth"] == 14
+    assert info["kept_blocks"] == expected and info["source_depth"] == 14 and info["depth"] == 7
     from safetensors.torch import load_file
     exported = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
     for slot, block in enumerate(expected):  # exported layer i is the kept block expected[i]
