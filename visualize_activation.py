@@ -18,7 +18,6 @@ their true labels, all seeded by `--seed`. Written to `--out`:
   activations.json     the per-block numbers of both figures.
 """
 import argparse
-import json
 import os
 
 import numpy as np

@@ -2,7 +2,6 @@
 setting): the figures are written, and the JSON's numbers equal a hand computation from hidden
 states captured with forward hooks (another path than the model's hidden_indices) in NumPy."""
 import json
-import os
 
 import numpy as np
 import pytest
