@@ -21,8 +21,24 @@ Two diffusers quirks the export has to live with (diffusers hard-codes both):
 - `DiTPipeline` uses label 1000 as the null (unconditional) class for guidance. A model with
   fewer classes is exported with its label table padded to 1000 classes: our null row goes to
   row 1000 and to the unused rows in between, so guidance works and real classes are unchanged.
+  A stock DiTPipeline does not check labels, so a label between the model's classes and 1000
+  would silently sample unconditionally: `load_pipeline(DIR)` refuses such labels.
+- diffusers stores id2label in model_index.json, whose keys JSON makes strings; DiTPipeline
+  declares integer keys, so a stock load logs a type warning. `load_pipeline(DIR)` passes them
+  as integers (no warning), and applies the exact timestep frequencies.
+
+A gated model (--model DiT-XL-1-2, ...) is exported as the blocks its gates keep, and only if
+the gates were trained: untrained gates tie and would pick arbitrary blocks. The kept blocks are
+recorded in `DIR/tinyfusion_export.json`.
+
+Sampling differences to our sample.py: DiTPipeline samples with DDIM (eta 0, timesteps
+range(0, 1000, 1000 // steps)), guides all latent channels and discards the learned variance;
+sample.py follows DiT (DDPM with the learned variance, guidance on the first 3 channels).
+`sample.py --sampler ddim --timestep-spacing leading --guide-all-channels` is the sampler of the
+pipeline (same images to float rounding from the same initial noise).
 """
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -31,6 +47,7 @@ import tempfile
 import torch
 
 from tinyfusion.checkpoints import build_model
+from tinyfusion.downloads import resolve_released
 from tinyfusion.cli import add_model_args
 from models import get_2d_sincos_pos_embed, prune_to_kept_blocks
 from tinyfusion.vae import LATENT_SCALE, is_pixel_space, load_vae
@@ -111,11 +128,25 @@ def check_exportable(model):
                          f"{deviation:.3g}; diffusers recomputes that table, so this model cannot be exported")
 
 
+def check_gates_trained(model):
+    """A gated model's decision is the argmax of each group's logits: refuse when a group's
+    top logits tie (freshly initialised gates all hold 0.02), as its blocks would be arbitrary."""
+    for index, logits in enumerate(model.gate_logits):
+        logits = logits.detach()
+        if int((logits == logits.max()).sum()) > 1:
+            raise TinyFusionError(
+                f"the gates of group {index} ({model.groups[index][0]} of {model.groups[index][1]} blocks) were never "
+                f"trained: its {int((logits == logits.max()).sum())} best candidates tie, so the kept blocks would be "
+                f"arbitrary; export the pruned model prune_by_learning.py saved (--save-model) with the plain "
+                f"--model, or a checkpoint of a pruning run")
+
+
 def to_diffusers_transformer(model):
     """A DiTTransformer2DModel (fp32, eval) holding `model`'s weights; gated models are first
-    pruned to the blocks their gates currently keep."""
+    pruned to the blocks their (trained) gates keep."""
     from diffusers import DiTTransformer2DModel
     if getattr(model, "groups", None) is not None:
+        check_gates_trained(model)
         model = prune_to_kept_blocks(model, model.kept_indices())
     check_exportable(model)
     num_embeds, label_table = label_table_for_diffusers(model)
@@ -131,6 +162,46 @@ def match_original_timestep_embedding(transformer):
     for block in transformer.transformer_blocks:
         block.norm1.emb.time_proj.downscale_freq_shift = 0
     return transformer
+
+
+@functools.lru_cache(maxsize=None)
+def checked_pipeline_class():
+    """DiTPipeline whose __call__ refuses class labels outside the model's own classes."""
+    from diffusers import DiTPipeline
+
+    class TinyFusionDiTPipeline(DiTPipeline):
+        num_classes = None  # set by load_pipeline from tinyfusion_export.json
+
+        def __call__(self, class_labels, *args, **kwargs):
+            labels = torch.as_tensor(class_labels).reshape(-1).tolist()
+            limit = self.num_classes or DIFFUSERS_NULL_CLASS
+            outside = [label for label in labels if not 0 <= int(label) < limit]
+            if outside:
+                raise ValueError(f"class labels {outside} are outside this model's {limit} classes (0..{limit - 1}); "
+                                 f"its label table is padded to diffusers' 1000 classes with the null class, so they "
+                                 f"would sample unconditionally")
+            return super().__call__(class_labels, *args, **kwargs)
+
+    return TinyFusionDiTPipeline
+
+
+def load_pipeline(folder, exact_timesteps=True, **kwargs):
+    """A DiTPipeline of an exported folder that refuses labels outside the model's classes,
+    reads id2label without diffusers' type warning and, with exact_timesteps, uses DiT's
+    timestep frequencies (match_original_timestep_embedding). kwargs go to from_pretrained."""
+    with open(os.path.join(folder, "model_index.json")) as f:
+        id2label = json.load(f).get("id2label") or {}
+    export_info = os.path.join(folder, "tinyfusion_export.json")
+    num_classes = None
+    if os.path.isfile(export_info):
+        with open(export_info) as f:
+            num_classes = json.load(f).get("num_classes")
+    kwargs.setdefault("id2label", {int(key): value for key, value in id2label.items()})
+    pipe = checked_pipeline_class().from_pretrained(folder, **kwargs)
+    pipe.num_classes = num_classes
+    if exact_timesteps:
+        match_original_timestep_embedding(pipe.transformer)
+    return pipe
 
 
 def build_pipeline(transformer, vae, id2label):
@@ -190,9 +261,16 @@ def write_folder_atomically(out, overwrite, write):
 def main(args):
     if os.path.exists(args.out) and not args.overwrite:
         raise TinyFusionError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    ckpt = resolve_released(args.ckpt)  # a released name is found in pretrained/ or downloaded
     model, metadata = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path,
-                                  ckpt=args.ckpt, use_ema=not args.no_ema, groups=args.groups)
+                                  ckpt=ckpt, use_ema=not args.no_ema, groups=args.groups)
     transformer = to_diffusers_transformer(model.eval())
+    if getattr(model, "groups", None) is not None:  # the blocks the trained gates keep, in the gated model's frame
+        kept_blocks, source_depth = model.kept_indices(), model.depth
+    elif metadata and metadata.get("kept_indices") is not None:  # a pruned checkpoint: the blocks of its source
+        kept_blocks, source_depth = list(metadata["kept_indices"]), metadata.get("source_depth")
+    else:
+        kept_blocks, source_depth = list(range(model.depth)), model.depth
     vae_folder = args.vae_path or (args.vae if os.path.isdir(args.vae) else None)
     vae = load_vae(args.vae, vae_folder) if vae_folder else None
     if vae is not None:
@@ -202,11 +280,12 @@ def main(args):
         # our latents are scaled by LATENT_SCALE (0.18215) whatever the VAE folder says; the pipeline reads it from the config
         vae.register_to_config(scaling_factor=LATENT_SCALE)
     id2label = read_id2label(args.id2label, model.num_classes)
-    provenance = dict(source_checkpoint=os.path.abspath(args.ckpt), model=args.model, depth=transformer.config.num_layers,
+    provenance = dict(source_checkpoint=os.path.abspath(ckpt), model=args.model, depth=transformer.config.num_layers,
+                      kept_blocks=kept_blocks, source_depth=source_depth,
                       num_classes=model.num_classes, pruning_metadata=metadata,
                       null_class_in_diffusers=transformer.config.num_embeds_ada_norm,
                       timestep_embedding="call export_diffusers.match_original_timestep_embedding(transformer) after "
-                                         "loading to use DiT's exact timestep frequencies")
+                                         "loading to use DiT's exact timestep frequencies (load_pipeline does)")
 
     def write(folder):
         if vae is None:
@@ -226,7 +305,11 @@ def main(args):
     write_folder_atomically(args.out, args.overwrite, write)
     depth = transformer.config.num_layers
     if vae is not None:
-        print(f"wrote a DiTPipeline ({depth} layers) to {args.out}: DiTPipeline.from_pretrained({args.out!r})")
+        print(f"wrote a DiTPipeline ({depth} layers, blocks {kept_blocks} of {source_depth}) to {args.out}: "
+              f"export_diffusers.load_pipeline({args.out!r}) (or DiTPipeline.from_pretrained)")
+        if model.num_classes < DIFFUSERS_NULL_CLASS:
+            print(f"note: labels {model.num_classes}..{DIFFUSERS_NULL_CLASS - 1} are not classes of this model; a stock "
+                  f"DiTPipeline samples them unconditionally, load_pipeline refuses them")
     else:
         reason = ("pixel-space models (--vae none) have no VAE" if is_pixel_space(args.vae) and not vae_folder
                   else "no local VAE folder was given (--vae-path)")

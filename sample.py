@@ -38,6 +38,8 @@ def original_grid(model, diffusion, labels, args, vae, amp_dtype, device):
     z = torch.cat([z, z], 0)
     y = torch.cat([y, torch.tensor([model.num_classes] * len(labels), device=device)], 0)
     model_kwargs = dict(y=y, cfg_scale=args.cfg_scale)
+    if args.guide_all_channels:  # not the original's: it guides the first 3 channels
+        model_kwargs["guide_all_channels"] = True
     forward = model.forward_with_cfg
     if amp_dtype != torch.float32:
         def forward(x, t, **kwargs):
@@ -69,7 +71,8 @@ def main(args):
                            use_ema=not args.no_ema, groups=args.groups)
     model = model.to(device).eval().requires_grad_(False)
     vae = load_vae(args.vae, args.vae_path, device)
-    diffusion = create_diffusion(str(args.num_sampling_steps))
+    # "leading": diffusers' timesteps 0, s, 2s, ... (s = 1000 // steps), as DiTPipeline samples
+    diffusion = create_diffusion(("leading" if args.timestep_spacing == "leading" else "") + str(args.num_sampling_steps))
     amp_dtype = resolve_precision(args.precision, device)
 
     start = time.time()
@@ -101,6 +104,8 @@ def parse_args(argv=None):
                              "the original's one global seed for the whole grid")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     parser.add_argument("--ddim-eta", type=float, default=0.0)
+    parser.add_argument("--timestep-spacing", choices=["dit", "leading"], default="dit",
+                        help="dit: steps spread evenly over [0, 999] (DiT); leading: 0, s, 2s, ... (diffusers' DiTPipeline)")
     parser.add_argument("--out", type=str, default="sample.png", help="grid PNG to write (replaced if it exists)")
     add_precision_arg(parser)
     parser.set_defaults(precision="fp32")  # the original samples in fp32; bf16 is opt-in on every device

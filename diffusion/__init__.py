@@ -29,7 +29,7 @@ def create_diffusion(
 ):
     """Build the (respaced) diffusion used for training and sampling.
 
-    timestep_respacing: None or "" = all diffusion_steps; "250", "25,25,50" or "ddim50"
+    timestep_respacing: None or "" = all diffusion_steps; "250", "25,25,50", "ddim50" or "leading50"
     (see respace.space_timesteps). The model always receives original step indices.
     """
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)

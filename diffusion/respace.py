@@ -19,12 +19,23 @@ def space_timesteps(num_timesteps, section_counts):
     section_counts:
       - "ddimN": the integer stride s for which range(0, T, s) has exactly N steps
         (the DDIM paper's uniform skipping); ValueError if no stride gives N.
+      - "leadingN": the N steps 0, s, 2s, ... with s = T // N (diffusers' schedulers with
+        timestep_spacing="leading", as DiTPipeline's DDIMScheduler).
       - "N" or "N1,N2,...": split [0, T) into len(counts) near-equal sections (the first
         T % len sections get one extra step) and take N_i steps evenly spread over
         section i, first and last step of the section included, positions rounded to
         the nearest integer (the ADM rule, fractional stride). A list of ints works too.
     """
     if isinstance(section_counts, str):
+        if section_counts.startswith("leading"):
+            try:
+                desired = int(section_counts[len("leading"):])
+            except ValueError:
+                raise ValueError(f"bad respacing {section_counts!r}; expected 'leadingN' with an integer N") from None
+            if not 0 < desired <= num_timesteps:
+                raise ValueError(f"cannot take {desired} of {num_timesteps} steps for {section_counts!r}")
+            stride = num_timesteps // desired
+            return set(range(0, desired * stride, stride))
         if section_counts.startswith("ddim"):
             try:
                 desired = int(section_counts[len("ddim"):])
@@ -41,7 +52,7 @@ def space_timesteps(num_timesteps, section_counts):
             section_counts = [int(part) for part in section_counts.split(",")]
         except ValueError:
             raise ValueError(
-                f"bad respacing {section_counts!r}; expected '', 'N', 'N1,N2,...' or 'ddimN'"
+                f"bad respacing {section_counts!r}; expected '', 'N', 'N1,N2,...', 'ddimN' or 'leadingN'"
             ) from None
     elif isinstance(section_counts, int):
         section_counts = [section_counts]

@@ -338,6 +338,18 @@ def test_space_timesteps_sets():
         space_timesteps(1000, "300,300,300,300")
 
 
+def test_leading_spacing_is_diffusers_ddim_timesteps():
+    # "leadingN" keeps diffusers' "leading" timesteps (DiTPipeline's DDIMScheduler): 0, s, ..., (N-1)s, s = T // N
+    from diffusers import DDIMScheduler
+    assert space_timesteps(1000, "leading30") == set(range(0, 990, 33))
+    for steps in (10, 25, 30, 250):
+        scheduler = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="leading")
+        scheduler.set_timesteps(steps)
+        assert space_timesteps(1000, f"leading{steps}") == set(scheduler.timesteps.tolist())
+    with pytest.raises(ValueError, match="cannot take 0 of 1000"):
+        space_timesteps(1000, "leading0")
+
+
 def test_respaced_betas():
     diffusion = create_diffusion("10,20")
     kept = hand_space(1000, [10, 20])

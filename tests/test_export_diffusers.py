@@ -132,3 +132,101 @@ def test_refuses_a_learned_position_table():
         model.pos_embed.add_(0.01)
     with pytest.raises(TinyFusionError, match="pos_embed differs from the fixed 2-D sin-cos table"):
         to_diffusers_transformer(model)
+
+
+def use_small(monkeypatch, name):
+    """Make `--model name` (plain or gated) build the small-hidden XL."""
+    original = DiT_models[name]
+
+    def build(**kwargs):
+        return original(**{**SMALL_XL, **kwargs})
+    build.family, build.patch_size, build.default_groups = original.family, original.patch_size, original.default_groups
+    monkeypatch.setitem(models.DiT_models, name, build)
+
+
+def test_gated_export_needs_trained_gates_and_records_kept_blocks(tmp_path, monkeypatch):
+    from tinyfusion.errors import TinyFusionError
+    use_small(monkeypatch, "DiT-D14/2")
+    use_small(monkeypatch, "DiT-D14-1-2")  # 14 blocks, 7 x [1, 2]
+    plain = randomise(DiT_models["DiT-D14/2"](input_size=8, num_classes=10), seed=4)
+    ckpt = tmp_path / "plain.pt"
+    save_checkpoint(plain.state_dict(), ckpt)
+    flags = ["--image-size", "64", "--num-classes", "10"]
+    # plain weights in a gated config: the gates keep their untrained, tied init
+    with pytest.raises(TinyFusionError, match="group 0 .* were never trained: its 2 best candidates tie"):
+        main(parse_args(["--model", "DiT-D14-1-2", "--ckpt", str(ckpt), "--out", str(tmp_path / "never"), *flags]))
+    assert not (tmp_path / "never").exists()
+
+    gated = DiT_models["DiT-D14-1-2"](input_size=8, num_classes=10)
+    gated.load_state_dict({**plain.state_dict(), **{k: v for k, v in gated.state_dict().items() if "gate" in k}})
+    with torch.no_grad():  # trained gates: keep the first block of even groups, the second of odd ones
+        for index, logits in enumerate(gated.gate_logits):
+            logits.copy_(torch.tensor([1.0, -1.0]) if index % 2 == 0 else torch.tensor([-1.0, 1.0]))
+    expected = [2 * g + (g % 2) for g in range(7)]
+    assert gated.kept_indices() == expected
+    gated_ckpt = tmp_path / "gated.pt"
+    save_checkpoint({"model": gated.state_dict(), "ema": gated.state_dict()}, gated_ckpt)
+    out = tmp_path / "gated-export"
+    main(parse_args(["--model", "DiT-D14-1-2", "--ckpt", str(gated_ckpt), "--out", str(out), *flags]))
+    info = json.loads((out / "tinyfusion_export.json").read_text())
+    assert info["kept_blocks"] == expected and info["source_depth"] == 14 and info["depth"] == 7
+    from safetensors.torch import load_file
+    exported = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    for slot, block in enumerate(expected):  # exported layer i is the kept block expected[i]
+        assert torch.equal(exported[f"transformer_blocks.{slot}.ff.net.2.weight"], plain.state_dict()[f"blocks.{block}.mlp.fc2.weight"])
+
+
+def diffusers_warnings(action):
+    """The messages diffusers logs (its logger does not propagate to the root) while running action."""
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        result = action()
+    finally:
+        logger.removeHandler(handler)
+    return result, [record.getMessage() for record in records]
+
+
+def test_load_pipeline_checks_labels_and_matches_our_ddim_settings(tmp_path, monkeypatch):
+    from diffusers import DiTPipeline
+
+    from diffusion import create_diffusion
+    from export_diffusers import load_pipeline
+    from tinyfusion.sampling import generate
+    from tinyfusion.vae import load_vae
+    use_small_xl(monkeypatch)
+    model = randomise(DiT_models["DiT-XL/2"](input_size=8, depth=3, num_classes=10), seed=6)
+    ckpt = tmp_path / "small.pt"
+    save_pruned_model(model, ckpt, dict(kept_indices=[0, 1, 2], source_model="DiT-XL/2"))
+    vae_path = make_tiny_vae(tmp_path / "vae")
+    out = tmp_path / "pipeline"
+    main(parse_args(["--model", "DiT-XL/2", "--image-size", "64", "--num-classes", "10", "--vae-path", vae_path,
+                     "--ckpt", str(ckpt), "--out", str(out)]))
+
+    _, stock_messages = diffusers_warnings(lambda: DiTPipeline.from_pretrained(out))
+    assert any("id2label" in message for message in stock_messages)  # diffusers' own load warns
+    pipe, messages = diffusers_warnings(lambda: load_pipeline(out))
+    assert not any("id2label" in message for message in messages), messages
+    assert pipe.get_label_ids(["3"]) == [3]
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match=r"class labels \[10, 999\] are outside this model's 10 classes"):
+        pipe(class_labels=[2, 10, 999], num_inference_steps=2)
+
+    # the documented settings: DDIM, diffusers' "leading" timesteps, every channel guided, same x_T
+    seed, steps, cfg = 11, 10, 4.0
+    theirs = pipe(class_labels=[7], num_inference_steps=steps, guidance_scale=cfg,
+                  generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    vae = load_vae("ema", vae_path)
+
+    def ours(spacing, all_channels):
+        images = generate(model, create_diffusion(spacing + str(steps)), [7], [torch.Generator().manual_seed(seed)],
+                          cfg_scale=cfg, sampler="ddim", vae=vae, guide_all_channels=all_channels)
+        return (images / 2 + 0.5).clamp(0, 1)
+    assert (ours("leading", True) - theirs).abs().max().item() <= 1e-4
+    # each of the two settings matters: DiT's 3-channel guidance or DiT's spacing give other images
+    assert (ours("leading", False) - theirs).abs().max().item() > 1e-3
+    assert (ours("", True) - theirs).abs().max().item() > 1e-3

@@ -22,7 +22,7 @@ import sample_ddp
 from tinyfusion.checkpoints import save_pruned_model
 from diffusion import create_diffusion, per_sample_noise_fn
 from models import DiT_models
-from tinyfusion.sampling import (DIT_CHECKPOINT_URL, generate, padded_rows, resolve_checkpoint, run_name, sample_generator,
+from tinyfusion.sampling import (generate, padded_rows, resolve_checkpoint, run_name, sample_generator,
                       sample_labels, sample_seed)
 from training_helpers import ROOT, torchrun
 from tinyfusion.vae import to_uint8_nhwc
@@ -102,8 +102,14 @@ def test_run_name_follows_the_original():
 
 
 def test_missing_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
+    import socket
+    from tinyfusion.errors import TinyFusionError
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(TinyFusionError, match="DiT-XL-2-512x512.pt into pretrained/ and pass --ckpt"):
+    with socket.socket() as probe:  # a port nothing listens on: the download fails at once, as offline
+        probe.bind(("127.0.0.1", 0))
+        offline = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("TINYFUSION_DOWNLOAD_URL", offline)
+    with pytest.raises(TinyFusionError, match=f"cannot download DiT-XL-2-512x512.pt from {offline}/DiT-XL-2-512x512.pt"):
         resolve_checkpoint(None, "DiT-XL/2", 512)
     with pytest.raises(TinyFusionError, match="--ckpt is required for --model DiT-D14/2"):
         resolve_checkpoint(None, "DiT-D14/2", 256)
@@ -112,7 +118,7 @@ def test_missing_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
     open("pretrained_models/DiT-XL-2-256x256.pt", "wb").close()
     assert resolve_checkpoint(None, "DiT-XL/2", 256) == os.path.join("pretrained_models", "DiT-XL-2-256x256.pt")
     # both scripts fail before building anything
-    with pytest.raises(TinyFusionError, match=DIT_CHECKPOINT_URL.format(size=512).replace(".", r"\.")):
+    with pytest.raises(TinyFusionError, match=f"wget -c {offline}/DiT-XL-2-512x512.pt -P pretrained"):
         sample.main(sample.parse_args(["--image-size", "512"]))
     with pytest.raises(TinyFusionError, match="--ckpt is required"):
         ddp_main("--sample-dir", str(tmp_path / "samples"))

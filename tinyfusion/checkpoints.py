@@ -20,6 +20,7 @@ from collections import OrderedDict
 import torch
 
 from tinyfusion.atomic_files import atomic_path
+from tinyfusion.downloads import missing_checkpoint_message, resolve_released
 from tinyfusion.errors import TinyFusionError
 
 METADATA_KEY = "__tinyfusion__"
@@ -28,11 +29,11 @@ torch.serialization.add_safe_globals([argparse.Namespace])
 
 # ----------------------------------------------------------------------- reading
 def load_checkpoint_file(path):
-    """The raw object stored in `path` (.pt/.pth via weights_only torch.load, or .safetensors)."""
-    path = os.fspath(path)
+    """The raw object stored in `path` (.pt/.pth via weights_only torch.load, or .safetensors);
+    a bare released file name (DiT-XL-2-256x256.pt, ...) is found or downloaded first."""
+    path = resolve_released(os.fspath(path))  # a bare released name: found in pretrained/ or downloaded
     if not os.path.isfile(path):
-        raise TinyFusionError(f"checkpoint {path} does not exist; check the path (released weights: "
-                         f"https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt)")
+        raise TinyFusionError(missing_checkpoint_message(path))
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path, device="cpu")

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from tinyfusion.cli import autocast
-from tinyfusion.vae import decode
+from tinyfusion.downloads import resolve_released
 from tinyfusion.errors import TinyFusionError
+from tinyfusion.vae import decode
 
-DIT_CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-{size}x{size}.pt"
 ROW_MULTIPLE = 4
 NOISE_STREAM, LABEL_STREAM = 0, 1  # independent random streams of one sample
 # the sampler registry: name -> fn(diffusion, model_fn, shape, eta, loop keywords) -> final latents.
@@ -36,22 +36,15 @@ SAMPLERS = {
 
 # ----------------------------------------------------------------------- checkpoints
 def resolve_checkpoint(ckpt, model_name, image_size):
-    """The checkpoint to load. Without --ckpt the original downloads DiT-XL-2-{size}x{size}.pt
-    into pretrained_models/; offline we use a copy already there (or in pretrained/) and
-    otherwise say exactly what to download."""
+    """The checkpoint to load. Without --ckpt the original uses the released DiT-XL-2-{size}x{size}.pt:
+    a copy in pretrained/ (or the original's pretrained_models/), else it is downloaded."""
     if ckpt:
         return ckpt
-    file_name = f"DiT-XL-2-{image_size}x{image_size}.pt"
     if model_name == "DiT-XL/2" and image_size in (256, 512):
-        for folder in ("pretrained_models", "pretrained"):
-            if os.path.isfile(os.path.join(folder, file_name)):
-                return os.path.join(folder, file_name)
-        raise TinyFusionError(f"no --ckpt given and the released weights cannot be downloaded here; "
-                         f"download {DIT_CHECKPOINT_URL.format(size=image_size)} into pretrained/ "
-                         f"and pass --ckpt pretrained/{file_name}")
-    raise TinyFusionError(f"--ckpt is required for --model {model_name} at --image-size {image_size} (only "
-                     f"DiT-XL/2 at 256/512 has released weights: {DIT_CHECKPOINT_URL.format(size=256)}); "
-                     f"pass --ckpt with your trained or pruned checkpoint")
+        return resolve_released(f"DiT-XL-2-{image_size}x{image_size}.pt")
+    tiny = " (the released TinyDiT: --ckpt TinyDiT-D14-MaskedKD-500K.pt)" if (model_name, image_size) == ("DiT-D14/2", 256) else ""
+    raise TinyFusionError(f"--ckpt is required for --model {model_name} at --image-size {image_size}: only DiT-XL/2 "
+                          f"at 256/512 has a default checkpoint; pass your trained or pruned checkpoint{tiny}")
 
 
 # ----------------------------------------------------------------------- per-sample seeds

@@ -1,0 +1,53 @@
+"""Find or download the released weights: DiT-XL/2 (256x256, 512x512) and TinyDiT-D14.
+
+    python download.py                               # all released files, into pretrained/
+    python download.py DiT-XL-2-256x256.pt           # only the named ones
+
+A file already in pretrained/ (or the original's pretrained_models/) is not fetched again; an
+interrupted download resumes where it stopped. In Python, as in the original:
+
+    from download import find_model
+    state_dict = find_model("DiT-XL-2-256x256.pt")   # a released name downloads; a path loads
+"""
+import argparse
+
+from tinyfusion.downloads import DOWNLOAD_FOLDER, RELEASED, SEARCH_FOLDERS, download, find_local, resolve_released
+from tinyfusion.errors import TinyFusionError, run_main
+
+pretrained_models = set(RELEASED)  # the original's name for the released files
+
+
+def find_model(name_or_path, no_ema=False):
+    """The state dict of a released file name (found locally or downloaded) or of a checkpoint
+    path: a training checkpoint gives its `ema` weights unless no_ema, then `model`."""
+    from tinyfusion.checkpoints import load_state_dict
+    state_dict, _ = load_state_dict(resolve_released(name_or_path), use_ema=not no_ema)
+    return state_dict
+
+
+def download_model(model_name):
+    """The original's helper: the state dict of a released file, downloaded if needed."""
+    if model_name not in RELEASED:
+        raise TinyFusionError(f"{model_name} is not a released file; choose one of {', '.join(RELEASED)}")
+    return find_model(model_name)
+
+
+def main(args):
+    names = args.names or list(RELEASED)
+    unknown = [name for name in names if name not in RELEASED]
+    if unknown:
+        raise TinyFusionError(f"unknown released file {', '.join(unknown)}; choose from {', '.join(RELEASED)}")
+    for name in names:
+        existing = find_local(name, (args.folder,) + SEARCH_FOLDERS)
+        if existing:
+            print(f"{name}: already at {existing}")
+            continue
+        print(f"{name}: {RELEASED[name]['about']}")
+        print(f"{name}: saved to {download(name, folder=args.folder)}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"released files (default: all): {', '.join(RELEASED)}")
+    parser.add_argument("--folder", default=DOWNLOAD_FOLDER, help="where downloads go (default: pretrained)")
+    run_main(main, parser.parse_args())

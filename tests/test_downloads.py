@@ -1,0 +1,278 @@
+"""The released-weights downloader against a local HTTP server on 127.0.0.1: a full download, a
+download killed halfway and resumed by the next run, a server that drops the connection, a 404,
+a wrong-size file, a server that ignores Range, offline; and the scripts' use of released names."""
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from tinyfusion import downloads
+from tinyfusion.errors import TinyFusionError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAME = "DiT-XL-2-256x256.pt"
+PAYLOAD = bytes(range(256)) * 12289  # 3,145,984 bytes: several read chunks, not a multiple of one
+
+
+class ServerState:
+    def __init__(self):
+        self.files = {NAME: PAYLOAD}
+        self.requests = []        # (file name, Range header or None)
+        self.ranges = True        # honour Range requests
+        self.send_length = True   # announce Content-Length
+        self.cut_at = None        # close the connection once this absolute offset is sent
+        self.cuts_left = 0        # ... for this many requests
+        self.stall = None         # an Event to wait on (instead of closing) at cut_at
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        state = self.server.state
+        name, requested = self.path.rsplit("/", 1)[-1], self.headers.get("Range")
+        state.requests.append((name, requested))
+        if name not in state.files:
+            self.send_error(404)
+            return
+        data, start = state.files[name], 0
+        if requested and state.ranges:
+            start = int(re.match(r"bytes=(\d+)-", requested).group(1))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        if state.send_length:
+            self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = data[start:]
+        if state.cut_at is not None and state.cuts_left > 0:
+            state.cuts_left -= 1
+            self.wfile.write(body[:max(0, state.cut_at - start)])
+            self.wfile.flush()
+            if state.stall is not None:
+                state.stall.wait(30)
+            return  # HTTP/1.0: returning closes the connection mid-body
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server(monkeypatch):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.state = ServerState()
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv(downloads.URL_ENVIRONMENT_VARIABLE, f"http://127.0.0.1:{httpd.server_port}/files")
+    httpd.state.files = {NAME: PAYLOAD}
+    yield httpd.state
+    if httpd.state.stall is not None:
+        httpd.state.stall.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    original = downloads.download
+
+    def quick(*args, **kwargs):
+        return original(*args, **dict(dict(progress=False, retry_wait=0.0, timeout=10.0), **kwargs))
+    monkeypatch.setattr(downloads, "download", quick)
+
+
+def test_url_table_and_environment_override(monkeypatch):
+    monkeypatch.delenv(downloads.URL_ENVIRONMENT_VARIABLE, raising=False)
+    assert downloads.release_url("DiT-XL-2-512x512.pt") == "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt"
+    assert downloads.release_url("TinyDiT-D14-MaskedKD-500K.pt") == \
+        "https://github.com/VainF/TinyFusion/releases/download/v1.0.0/TinyDiT-D14-MaskedKD-500K.pt"
+    monkeypatch.setenv(downloads.URL_ENVIRONMENT_VARIABLE, "http://mirror.example/w/")
+    assert downloads.release_url(NAME) == f"http://mirror.example/w/{NAME}"
+    assert downloads.is_released_name(NAME) and not downloads.is_released_name(f"pretrained/{NAME}")
+    assert not downloads.is_released_name("my-model.pt")
+
+
+def test_full_download_then_found_without_a_request(server, fast_retries, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = downloads.resolve_released(NAME)
+    assert path == os.path.join("pretrained", NAME)
+    assert open(path, "rb").read() == PAYLOAD
+    assert os.listdir("pretrained") == [NAME]  # no .part left behind
+    assert server.requests == [(NAME, None)]
+    assert downloads.resolve_released(NAME) == path and len(server.requests) == 1
+    # a copy in the original's folder is used as it is
+    os.makedirs("elsewhere/pretrained_models")
+    monkeypatch.chdir("elsewhere")
+    open(f"pretrained_models/{NAME}", "wb").close()
+    assert downloads.resolve_released(NAME) == os.path.join("pretrained_models", NAME)
+    assert len(server.requests) == 1
+
+
+def test_download_killed_halfway_resumes_in_the_next_run(server, tmp_path):
+    half = len(PAYLOAD) // 2
+    server.cut_at, server.cuts_left, server.stall = half, 1, threading.Event()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    command = [sys.executable, os.path.join(ROOT, "download.py"), NAME]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    part = tmp_path / "pretrained" / f"{NAME}.part"
+    deadline = time.time() + 60
+    while not (part.exists() and part.stat().st_size == half) and time.time() < deadline:
+        time.sleep(0.05)
+    process.kill()
+    process.communicate()
+    assert part.stat().st_size == half
+    assert not (tmp_path / "pretrained" / NAME).exists()  # nothing under the final name
+    server.stall.set()
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "pretrained" / NAME).read_bytes() == PAYLOAD
+    assert not part.exists()
+    assert server.requests == [(NAME, None), (NAME, f"bytes={half}-")]
+    assert "(resumed)" in done.stderr  # the progress bar says so
+
+
+def test_dropped_connection_is_resumed_within_the_run(server, fast_retries, tmp_path):
+    third = len(PAYLOAD) // 3
+    server.cut_at, server.cuts_left = third, 1
+    path = downloads.download(NAME, folder=str(tmp_path))
+    assert open(path, "rb").read() == PAYLOAD
+    assert server.requests == [(NAME, None), (NAME, f"bytes={third}-")]
+
+
+def test_a_server_that_always_drops_leaves_only_the_part_file(server, fast_retries, tmp_path):
+    third = len(PAYLOAD) // 3
+    server.cut_at, server.cuts_left = third, 100
+    with pytest.raises(TinyFusionError) as error:
+        downloads.download(NAME, folder=str(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"{NAME}.part keeps the {third} bytes received and the next run resumes" in message
+    assert f"wget -c {downloads.release_url(NAME)}" in message
+    assert sorted(os.listdir(tmp_path)) == [f"{NAME}.part"]
+    assert len(server.requests) == 4  # the first, then 3 attempts that brought nothing new
+
+
+def test_404_is_one_line_and_writes_nothing(server, fast_retries, tmp_path):
+    server.files = {}
+    with pytest.raises(TinyFusionError, match=r"HTTP 404 .* from http://127\.0\.0\.1:\d+/files/DiT-XL-2-256x256\.pt"):
+        downloads.download(NAME, folder=str(tmp_path / "pretrained"))
+    assert not (tmp_path / "pretrained").exists()
+
+
+def test_wrong_size_is_refused(server, fast_retries, tmp_path, monkeypatch):
+    monkeypatch.setitem(downloads.RELEASED, NAME, dict(downloads.RELEASED[NAME], size=len(PAYLOAD) + 1))
+    with pytest.raises(TinyFusionError, match=f"announces {len(PAYLOAD)} bytes.*has {len(PAYLOAD) + 1}"):
+        downloads.download(NAME, folder=str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    # a server that does not announce the length: found after the download, the file removed
+    server.send_length = False
+    with pytest.raises(TinyFusionError, match=f"has {len(PAYLOAD)} bytes, expected {len(PAYLOAD) + 1}"):
+        downloads.download(NAME, folder=str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    # the right size passes
+    monkeypatch.setitem(downloads.RELEASED, NAME, dict(downloads.RELEASED[NAME], size=len(PAYLOAD)))
+    assert open(downloads.download(NAME, folder=str(tmp_path)), "rb").read() == PAYLOAD
+
+
+def test_server_without_range_support_restarts_from_zero(server, fast_retries, tmp_path):
+    (tmp_path / f"{NAME}.part").write_bytes(b"stale bytes of an older attempt")
+    server.ranges = False
+    assert open(downloads.download(NAME, folder=str(tmp_path)), "rb").read() == PAYLOAD
+    # a complete .part (killed between the last byte and the rename) is not fetched again
+    (tmp_path / f"{NAME}.part").write_bytes(PAYLOAD)
+    os.remove(tmp_path / NAME)
+    server.ranges = True
+    assert open(downloads.download(NAME, folder=str(tmp_path)), "rb").read() == PAYLOAD
+    assert server.requests[-1] == (NAME, f"bytes={len(PAYLOAD)}-")
+
+
+def closed_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_offline_is_one_line_naming_url_and_wget(tmp_path, monkeypatch):
+    url = f"http://127.0.0.1:{closed_port()}"
+    env = dict(os.environ, PYTHONPATH=ROOT, **{downloads.URL_ENVIRONMENT_VARIABLE: url})
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "download.py"), "TinyDiT-D14-MaskedKD-500K.pt"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: cannot download TinyDiT-D14-MaskedKD-500K.pt from "
+                               f"{url}/TinyDiT-D14-MaskedKD-500K.pt")
+    assert f"wget -c {url}/TinyDiT-D14-MaskedKD-500K.pt -P pretrained; nothing was written" in lines[0]
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_script_rejects_unknown_names(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "download.py"), "DiT-XL-2-1024x1024.pt"],
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown released file DiT-XL-2-1024x1024.pt" in done.stderr
+
+
+# ----------------------------------------------------------------------- scripts' use
+def tiny_state_dict_bytes(tmp_path):
+    from models import DiT_models
+    torch.manual_seed(0)
+    model = DiT_models["DiT-XS/4"](input_size=8, num_classes=10, in_channels=3)
+    path = tmp_path / "served.pt"
+    torch.save({"model": model.state_dict(), "ema": {k: v + 1 for k, v in model.state_dict().items()}}, path)
+    return path.read_bytes(), model.state_dict()
+
+
+def test_released_name_as_checkpoint_downloads_and_loads(server, fast_retries, tmp_path, monkeypatch):
+    from download import find_model
+    from tinyfusion.checkpoints import build_model
+    payload, weights = tiny_state_dict_bytes(tmp_path)
+    server.files = {"TinyDiT-D14-MaskedKD-500K.pt": payload}
+    monkeypatch.chdir(tmp_path)
+    model, _ = build_model("DiT-XS/4", 8, 10, "none", ckpt="TinyDiT-D14-MaskedKD-500K.pt")
+    assert torch.equal(model.state_dict()["pos_embed"], weights["pos_embed"] + 1)  # the ema weights
+    assert os.path.isfile("pretrained/TinyDiT-D14-MaskedKD-500K.pt")
+    ema = find_model("TinyDiT-D14-MaskedKD-500K.pt")
+    plain = find_model("pretrained/TinyDiT-D14-MaskedKD-500K.pt", no_ema=True)
+    assert torch.equal(ema["x_embedder.proj.weight"], weights["x_embedder.proj.weight"] + 1)
+    assert torch.equal(plain["x_embedder.proj.weight"], weights["x_embedder.proj.weight"])
+    assert len(server.requests) == 1
+
+
+def test_sampling_without_ckpt_uses_the_released_dit(server, fast_retries, tmp_path, monkeypatch):
+    from tinyfusion.sampling import resolve_checkpoint
+    monkeypatch.chdir(tmp_path)
+    server.files = {"DiT-XL-2-512x512.pt": b"weights"}
+    assert resolve_checkpoint(None, "DiT-XL/2", 512) == os.path.join("pretrained", "DiT-XL-2-512x512.pt")
+    with pytest.raises(TinyFusionError, match="--ckpt is required for --model DiT-D14/2.*TinyDiT-D14-MaskedKD-500K.pt"):
+        resolve_checkpoint(None, "DiT-D14/2", 256)
+    with pytest.raises(TinyFusionError) as error:
+        resolve_checkpoint(None, "DiT-S/2", 256)
+    assert "TinyDiT" not in str(error.value) and "http" not in str(error.value)
+
+
+def test_missing_checkpoint_names_the_right_url_or_none(tmp_path, monkeypatch):
+    from tinyfusion.checkpoints import load_checkpoint_file
+    monkeypatch.delenv(downloads.URL_ENVIRONMENT_VARIABLE, raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TinyFusionError) as error:
+        load_checkpoint_file("outputs/D14-Learned-Finetuning/checkpoints/0500000.pt")
+    assert "does not exist" in str(error.value) and "http" not in str(error.value)
+    with pytest.raises(TinyFusionError) as error:
+        load_checkpoint_file("pretrained/TinyDiT-D14-MaskedKD-500K.pt")
+    assert "https://github.com/VainF/TinyFusion/releases/download/v1.0.0/TinyDiT-D14-MaskedKD-500K.pt" in str(error.value)
+    assert "fbaipublicfiles" not in str(error.value)
+    with pytest.raises(TinyFusionError, match=r"https://dl\.fbaipublicfiles\.com/DiT/models/DiT-XL-2-512x512\.pt"):
+        load_checkpoint_file("pretrained_models/DiT-XL-2-512x512.pt")

@@ -1,0 +1,226 @@
+"""Extreme activations of a DiT, block by block (the paper's "massive activations" figure): the
+distribution of the hidden states each block outputs on real data, and how many entries Masked
+KD's outlier mask removes.
+
+    python visualize_activation.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --data-path /data/imagenet/train
+    python visualize_activation.py --model DiT-XS/4 --ckpt teacher.pt --features-path features \
+        --vae none --image-size 8 --num-classes 10
+
+Inputs are what training and distillation see: `--nsamples` real latents (an ImageFolder
+encoded with `--vae`, or a feature store from extract_features.py via `--features-path`),
+noised with q_sample at timesteps drawn uniformly from [0, 1000) (or `--timestep T`), with
+their true labels, all seeded by `--seed`. Written to `--out`:
+  blocks/block_NN.png  a symlog histogram of every hidden-state value of block NN, with its
+                       min, max and mean +/- std marked;
+  summary.png          per block, the top-k absolute activations and the share of entries the
+                       Masked KD mask removes (|h - mu| >= k * std, mu and std per sample over
+                       tokens and channels, k = --mask-sigma);
+  activations.json     the per-block numbers of both figures.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+
+EDGE_DECADES, BINS_PER_DECADE = 7, 12  # histogram bins: linear in [-1, 1], logarithmic out to 1e7
+
+
+def histogram_edges():
+    """Fixed symlog bin edges (so batches can be counted one at a time); values beyond +-1e7
+    land in the outermost bins."""
+    outer = np.logspace(0, EDGE_DECADES, EDGE_DECADES * BINS_PER_DECADE + 1)
+    return np.concatenate([-outer[::-1], np.linspace(-1, 1, 21)[1:-1], outer])
+
+
+def model_inputs(latents, labels, seed, timestep=None, num_timesteps=1000):
+    """(x_t, t, y) for all samples: t uniform in [0, num_timesteps) (or fixed), x_t = q_sample
+    with seeded noise, so the same flags give the same inputs on any device or batch size."""
+    from diffusion import create_diffusion
+    generator = torch.Generator().manual_seed(seed)
+    if timestep is None:
+        t = torch.randint(0, num_timesteps, (len(latents),), generator=generator)
+    else:
+        t = torch.full((len(latents),), timestep, dtype=torch.long)
+    noise = torch.randn(latents.shape, generator=generator)
+    x_t = create_diffusion("").q_sample(latents, t, noise=noise)
+    return x_t, t, labels
+
+
+class BlockStatistics:
+    """Running statistics of one block's hidden states over batches (float64)."""
+
+    def __init__(self, edges, topk, mask_sigma):
+        self.edges = torch.as_tensor(edges, dtype=torch.float64)
+        self.counts = torch.zeros(len(edges) + 1, dtype=torch.int64)
+        self.topk, self.mask_sigma = topk, mask_sigma
+        self.entries, self.masked, self.total, self.total_sq = 0, 0, 0.0, 0.0
+        self.low, self.high, self.top = float("inf"), float("-inf"), torch.zeros(0, dtype=torch.float64)
+
+    def add(self, hidden):
+        h = hidden.detach().to("cpu", torch.float64).flatten(1)  # (B, T*D)
+        self.entries += h.numel()
+        self.total += float(h.sum())
+        self.total_sq += float((h * h).sum())
+        self.low, self.high = min(self.low, float(h.min())), max(self.high, float(h.max()))
+        self.top = torch.cat([self.top, h.abs().flatten()]).topk(min(self.topk, self.top.numel() + h.numel())).values
+        self.counts += torch.bincount(torch.bucketize(h.flatten(), self.edges), minlength=len(self.counts))
+        mu = h.mean(dim=1, keepdim=True)
+        std = h.var(dim=1, unbiased=False, keepdim=True).sqrt()
+        self.masked += int(((h - mu).abs() >= self.mask_sigma * std).sum())
+
+    def summary(self, index):
+        mean = self.total / self.entries
+        std = max(self.total_sq / self.entries - mean * mean, 0.0) ** 0.5
+        return dict(block=index, entries=self.entries, min=self.low, max=self.high, mean=mean, std=std,
+                    topk_abs=self.top.tolist(), masked_share=self.masked / self.entries)
+
+
+@torch.no_grad()
+def collect(model, x_t, t, y, batch_size, topk, mask_sigma, device):
+    """One BlockStatistics per block of `model` over all samples, in batches of batch_size."""
+    from tqdm import tqdm
+    edges = histogram_edges()
+    stats = [BlockStatistics(edges, topk, mask_sigma) for _ in range(model.depth)]
+    for start in tqdm(range(0, len(x_t), batch_size), desc="activations", unit="batch"):
+        batch = slice(start, start + batch_size)
+        _, hiddens = model(x_t[batch].to(device), t[batch].to(device), y[batch].to(device),
+                           hidden_indices=list(range(model.depth)))
+        for block_stats, hidden in zip(stats, hiddens):
+            block_stats.add(hidden)
+    return stats
+
+
+def plot_block(stats, summary, path, title):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    edges = stats.edges.numpy()
+    counts = stats.counts.numpy()[1:-1]  # the two open-ended bins beyond the edges are not drawn
+    ax.stairs(np.maximum(counts, 0.5), edges, fill=True, color="#4c72b0", alpha=0.8, baseline=0.5)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_yscale("log")
+    for value, label, color in ((summary["min"], "min", "#c44e52"), (summary["max"], "max", "#c44e52")):
+        ax.axvline(value, color=color, linewidth=1.2)
+        ax.annotate(f"{label} {value:.3g}", (value, 0.95), xycoords=("data", "axes fraction"), color=color,
+                    ha="right" if label == "max" else "left", va="top", fontsize=8)
+    for sign in (-1, 1):
+        ax.axvline(summary["mean"] + sign * summary["std"], color="#55a868", linestyle="--", linewidth=1)
+    ax.set_xlim(min(summary["min"] * 1.5, -1.5), max(summary["max"] * 1.5, 1.5))
+    ax.set_xlabel(f"hidden-state value (symlog; dashed: mean +/- std, std {summary['std']:.3g})")
+    ax.set_ylabel("entries")
+    ax.set_title(title, fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_summary(summaries, mask_sigma, path, title):
+    import matplotlib.pyplot as plt
+    blocks = [s["block"] for s in summaries]
+    fig, (top_ax, mask_ax) = plt.subplots(2, 1, figsize=(max(6, 0.35 * len(blocks) + 2), 6), sharex=True)
+    for s in summaries:
+        top_ax.scatter([s["block"]] * len(s["topk_abs"]), s["topk_abs"], s=10, color="#c44e52", alpha=0.6)
+    top_ax.plot(blocks, [s["std"] for s in summaries], color="#4c72b0", marker=".", label="std of all entries")
+    top_ax.set_yscale("log")
+    top_ax.set_ylabel(f"top-{len(summaries[0]['topk_abs'])} |activation|")
+    top_ax.legend(loc="upper left", fontsize=8)
+    top_ax.set_title(title, fontsize=10)
+    mask_ax.bar(blocks, [100 * s["masked_share"] for s in summaries], color="#55a868")
+    mask_ax.set_ylabel(f"masked by |h-mu| >= {mask_sigma:g} std (%)")
+    mask_ax.set_xlabel("block")
+    mask_ax.set_xticks(blocks)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+
+    from tinyfusion.atomic_files import atomic_path
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def check_args(args):
+    from tinyfusion.errors import TinyFusionError
+    if not args.data_path and not args.features_path:
+        raise TinyFusionError("pass --data-path (an ImageFolder, encoded with --vae) or --features-path (a feature store)")
+    if min(args.nsamples, args.batch_size, args.topk) <= 0 or args.mask_sigma <= 0 or args.seed < 0:
+        raise TinyFusionError("--nsamples, --batch-size, --topk and --mask-sigma must be positive, --seed >= 0")
+    if args.timestep is not None and not 0 <= args.timestep < 1000:
+        raise TinyFusionError(f"--timestep must lie in [0, 1000), got {args.timestep}")
+    if os.path.exists(os.path.join(args.out, "activations.json")) and not args.overwrite:
+        raise TinyFusionError(f"{args.out} already holds activations.json; pass --overwrite or another --out")
+
+
+def main(args):
+    import matplotlib
+    matplotlib.use("Agg")
+    from tinyfusion.atomic_files import atomic_write_json
+    from tinyfusion.errors import TinyFusionError
+    from tinyfusion.pruning import calibration_latents, load_source_model
+    from tinyfusion.sampling import resolve_checkpoint
+    from tinyfusion.vae import load_vae
+    args.out = args.out or os.path.join("activations", args.model.replace("/", "-") + (
+        "-" + os.path.splitext(os.path.basename(args.ckpt))[0] if args.ckpt else ""))
+    check_args(args)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
+    # the depth comes from the checkpoint, so a pruned file without metadata loads under its family's name
+    model, _ = load_source_model(args.model, ckpt, args.image_size, args.num_classes, args.vae, args.vae_path,
+                                 groups=args.groups, use_ema=not args.no_ema)
+    model = model.to(device).eval()
+    vae = load_vae(args.vae, args.vae_path, device) if args.data_path and not args.features_path else None
+    latents, labels = calibration_latents(args.nsamples, args.seed, args.features_path, args.data_path,
+                                          args.image_size, vae, args.batch_size, device)
+    expected = (model.in_channels, model.input_size, model.input_size)
+    if tuple(latents.shape[1:]) != expected:
+        raise TinyFusionError(f"the data's latents are {tuple(latents.shape[1:])} but the model expects {expected}; "
+                              f"pass the --vae/--image-size the data was made with")
+    if int(labels.max()) >= model.num_classes:
+        raise TinyFusionError(f"the data has labels up to {int(labels.max())} but the model has {model.num_classes} "
+                              f"classes; pass --num-classes {int(labels.max()) + 1}")
+    x_t, t, y = model_inputs(latents, labels, args.seed, args.timestep)
+    stats = collect(model, x_t, t, y, args.batch_size, args.topk, args.mask_sigma, device)
+    summaries = [block.summary(index) for index, block in enumerate(stats)]
+    name = f"{args.model} {os.path.basename(ckpt)}"
+    for index, (block, summary) in enumerate(zip(stats, summaries)):
+        plot_block(block, summary, os.path.join(args.out, "blocks", f"block_{index:02d}.png"),
+                   f"{name}: block {index} output, {len(latents)} samples")
+    plot_summary(summaries, args.mask_sigma, os.path.join(args.out, "summary.png"),
+                 f"{name}: extreme activations per block ({len(latents)} samples)")
+    record = dict(model=args.model, ckpt=ckpt, nsamples=len(latents), seed=args.seed, mask_sigma=args.mask_sigma,
+                  timesteps=("uniform [0, 1000)" if args.timestep is None else args.timestep), topk=args.topk,
+                  blocks=summaries)
+    atomic_write_json(os.path.join(args.out, "activations.json"), record)
+    for summary in summaries:
+        print(f"block {summary['block']:2d}: min {summary['min']:10.3f} max {summary['max']:10.3f} "
+              f"std {summary['std']:8.3f} top |h| {summary['topk_abs'][0]:10.3f} "
+              f"masked {100 * summary['masked_share']:.3f}%")
+    print(f"saved {args.out}/summary.png, {args.out}/blocks/ and {args.out}/activations.json")
+
+
+def parse_args(argv=None):
+    from tinyfusion.cli import add_model_args
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser, default_model="DiT-XL/2")
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="checkpoint (a path, or a released name such as DiT-XL-2-256x256.pt); "
+                             "omitted: the released DiT-XL/2 of --image-size")
+    parser.add_argument("--no-ema", action="store_true", help="a training checkpoint's 'model', not its 'ema'")
+    parser.add_argument("--data-path", type=str, default=None, help="ImageFolder of real images (encoded with --vae)")
+    parser.add_argument("--features-path", type=str, default=None, help="or a feature store from extract_features.py")
+    parser.add_argument("--nsamples", type=int, default=128, help="real samples to run")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample subset, timesteps and noise")
+    parser.add_argument("--timestep", type=int, default=None, help="one timestep for all samples (default: uniform)")
+    parser.add_argument("--mask-sigma", type=float, default=2.0, help="k of the Masked KD mask |h - mu| >= k std")
+    parser.add_argument("--topk", type=int, default=10, help="largest |activations| shown per block")
+    parser.add_argument("--out", type=str, default=None, help="output folder (default: activations/<model>-<ckpt>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the figures of an earlier run in --out")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    from tinyfusion.errors import run_main
+    run_main(main, parse_args())
