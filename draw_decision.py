@@ -132,7 +132,6 @@ def draw_series(steps, kept, alpha, depth, out_paths, title=None, overwrite=Fals
 
 
 def main(args):
-    from tinyfusion.errors import TinyFusionError
     original = getattr(args, "original", None) or []
     if original and (len(original) != 2 or args.log):
         raise TinyFusionError("pass either --log RUN (our JSONL) or the original's two arguments BASE LOGFILE, "
@@ -179,7 +178,6 @@ def draw_original_log(base, log_file, out, depth, title, overwrite):
 
 
 if __name__ == "__main__":
-    from tinyfusion.errors import run_main
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("original", nargs="*", metavar="BASE LOGFILE",
                         help="the original's arguments: the confidence shown transparent, and its log")
