@@ -15,7 +15,7 @@ from torchvision.utils import save_image
 
 from tinyfusion.atomic_files import atomic_path
 from tinyfusion.checkpoints import build_model
-from tinyfusion.cli import add_model_args, add_precision_arg, resolve_precision
+from tinyfusion.cli import add_model_args, add_precision_arg, nonnegative_float, resolve_precision, sampling_steps
 from diffusion import create_diffusion
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, sample_generator
 from tinyfusion.vae import load_vae
@@ -55,8 +55,8 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     add_model_args(parser)
-    parser.add_argument("--cfg-scale", type=float, default=4.0, help="1.0 = no guidance (one model pass per step)")
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--cfg-scale", type=nonnegative_float, default=4.0, help="1.0 = no guidance (one model pass per step)")
+    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ckpt", type=str, default=None,
                         help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
