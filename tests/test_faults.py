@@ -214,3 +214,29 @@ def test_disk_full_names_the_file_and_leaves_nothing(tiny_disk):
     assert os.listdir(tiny_disk / "checkpoints") == [] and os.listdir(tiny_disk) == ["checkpoints"]
     save_checkpoint({"model": {"w": torch.zeros(1000)}}, path)  # a file that fits is written as usual
     assert torch.equal(load_checkpoint_file(path)["model"]["w"], torch.zeros(1000))
+
+
+def test_without_flock_the_recorded_pid_decides(tmp_path, monkeypatch):
+    """Filesystems without flock: a dead pid on this host is stale, a live one or another host's is not."""
+    import json
+    import socket
+    monkeypatch.setattr(run_lock, "_try_flock", lambda handle: None)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for holder, refused in [({"host": socket.gethostname(), "pid": sleeper.pid}, True),
+                                ({"host": "another-node", "pid": int(dead.stdout)}, True),
+                                ({"host": socket.gethostname(), "pid": int(dead.stdout)}, False)]:
+            (folder / run_lock.LOCK_FILE).write_text(json.dumps(dict(holder, started=0, command="train.py")))
+            messages = []
+            if refused:
+                with pytest.raises(run_lock.FolderLocked, match=f"in use by pid {holder['pid']} on {holder['host']}"):
+                    run_lock.lock_folder(str(folder), log=messages.append)
+            else:
+                run_lock.lock_folder(str(folder), log=messages.append).release()
+                assert len(messages) == 1 and "taking over the stale lock" in messages[0]
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -137,7 +137,7 @@ def lock_folder(folder, *, what="run folder", log=print):
         log(f"taking over the stale lock of {what} {folder} left by {describe_holder(previous)}, which is no "
             f"longer running")
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": _process_start_ticks(os.getpid()),
-              "started": time.time(), "command": " ".join(os.path.basename(a) for a in sys.argv[:1]) or "python"}
+              "started": time.time(), "command": " ".join([os.path.basename(sys.argv[0] if sys.argv else "python"), *sys.argv[1:]])[:160]}
     handle.seek(0)
     handle.truncate()
     handle.write(json.dumps(holder) + "\n")
