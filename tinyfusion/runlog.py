@@ -43,7 +43,7 @@ def prepare_run_folder(run_dir, args, resuming, is_main):
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     remove_stale_temporaries(run_dir)
     args_name = "args.json" if not resuming else f"args-resume-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    atomic_write_json(os.path.join(run_dir, args_name), vars(args))
+    atomic_write_json(os.path.join(run_dir, args_name), args if isinstance(args, dict) else vars(args))
     return run_dir
 
 
