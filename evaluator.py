@@ -114,16 +114,43 @@ def open_npz_array(path, key="arr_0"):
 def iterate_image_batches(path, batch_size, key="arr_0"):
     """Yield float32 NHWC batches in [0, 255] of an .npz image array; first yields its length."""
     with open_npz_array(path, key) as (shape, dtype, read_batch):
-        if len(shape) != 4 or shape[-1] != 3:
-            raise ValueError(f"{path}: '{key}' has shape {shape}, expected (N, H, W, 3) RGB images (NHWC)")
-        if shape[0] == 0:
-            raise ValueError(f"{path}: '{key}' holds no images")
+        check_image_array(path, key, shape, dtype)
         yield shape[0]
         while True:
             batch = read_batch(batch_size)
             if batch is None:
                 return
             yield batch.astype(np.float32)
+
+
+def check_image_array(path, key, shape, dtype):
+    """Only uint8 (N, H, W, 3) RGB images are a batch: a float [0, 1] or int16 array would be fed
+    to the network as if in [0, 255] and give a plausible-looking but meaningless FID."""
+    if len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"{path}: '{key}' has shape {shape}, expected (N, H, W, 3) RGB images (NHWC)")
+    if dtype != np.uint8:
+        raise ValueError(f"{path}: '{key}' is {dtype}, expected uint8 images in [0, 255]; convert with "
+                         f"np.clip(np.rint(x * 255), 0, 255).astype(np.uint8) for [0, 1] floats, or re-pack with save_npz.py")
+    if shape[0] == 0:
+        raise ValueError(f"{path}: '{key}' holds no images")
+
+
+def check_batch_file(path, key="arr_0"):
+    """Validate an .npz batch from its headers before any activation is computed: its images
+    (check_image_array) and, if present, all four reference statistics with matching, finite
+    shapes. Returns the number of images."""
+    with open_npz_array(path, key) as (shape, dtype, _):
+        check_image_array(path, key, shape, dtype)
+    stored = read_npz_statistics(path)
+    if stored is not None:
+        for mean_key, cov_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
+            mean, cov = np.asarray(stored[mean_key]), np.asarray(stored[cov_key])
+            if mean.ndim != 1 or cov.shape != (len(mean), len(mean)) or mean.dtype.kind != "f" or cov.dtype.kind != "f":
+                raise ValueError(f"{path}: '{mean_key}' {mean.shape} {mean.dtype} / '{cov_key}' {cov.shape} {cov.dtype} "
+                                 f"are not a float mean vector and its square covariance")
+            if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
+                raise ValueError(f"{path}: '{mean_key}' / '{cov_key}' hold NaN or inf")
+    return shape[0]
 
 
 def read_npz_statistics(path):
@@ -329,7 +356,10 @@ def reference_activations(ref_path, network, batch_size=64, cache=False, log=pri
 
 def evaluate(ref_batch, sample_batch, network, batch_size=64, cache_ref_stats=False,
              distance_dtype=torch.float32, fid_method="fast", device=None, log=print):
-    """All metrics of sample_batch against ref_batch as a dict (floats)."""
+    """All metrics of sample_batch against ref_batch as a dict (floats). Both files are
+    validated before any activation is computed."""
+    for path in (ref_batch, sample_batch):
+        check_batch_file(path)
     ref = reference_activations(ref_batch, network, batch_size, cache_ref_stats, log)
     ref_stored = read_npz_statistics(ref_batch) if network.uses_npz_statistics else None
     if ref_stored is not None:
@@ -393,6 +423,8 @@ def main(args):
     if args.json is not None and os.path.exists(args.json) and not args.overwrite:
         raise TinyFusionError(f"{args.json} already exists; pass --overwrite or choose another --json path")
     try:
+        for path in (args.ref_batch, args.sample_batch):  # both, before loading any network
+            check_batch_file(path)
         network = load_feature_network(args.feature_net, args.inception_path, args.device)
         results = evaluate(args.ref_batch, args.sample_batch, network, batch_size=args.batch_size,
                            cache_ref_stats=args.cache_ref_stats,

@@ -26,12 +26,13 @@ from tqdm import tqdm
 
 from tinyfusion import feature_store as store
 from tinyfusion.atomic_files import atomic_write_json
-from tinyfusion.cli import add_model_args
+from tinyfusion.cli import add_model_args, nonnegative_int, positive_int
 from tinyfusion.distributed import all_reduce_mean, barrier, cleanup_distributed, setup_distributed
 from tinyfusion.image_folder import list_image_folder, load_image_uint8, to_unit_range
 from tinyfusion.runlog import create_logger
 from tinyfusion.vae import LATENT_SCALE, latent_geometry, latent_geometry_from_flags, load_vae, vae_source
 from tinyfusion.errors import TinyFusionError, run_main
+from tinyfusion.run_lock import LOCK_FILE, lock_folder, release_folder
 
 # what makes two extractions the same (and a store resumable); other plan fields are informational
 IDENTITY_KEYS = ("format", "version", "images_sha256", "num_images", "classes", "image_size", "vae",
@@ -164,7 +165,7 @@ def prepare_features_path(path, plan, resume):
     if os.path.exists(path) and not os.path.isdir(path):
         raise TinyFusionError(f"--features-path {path} is a file; pass a folder")
     plan_file = os.path.join(path, store.PLAN_FILE)
-    entries = sorted(set(os.listdir(path) if os.path.isdir(path) else []) - set(stale_temp_files(path)))
+    entries = sorted(set(os.listdir(path) if os.path.isdir(path) else []) - set(stale_temp_files(path)) - {LOCK_FILE})
     if os.path.isfile(plan_file):
         with open(plan_file) as f:
             existing = json.load(f)
@@ -294,6 +295,14 @@ def plan_extraction(args, ctx, logger):
 
 
 def main(args):
+    """Extract the store; rank 0 holds the lock of --features-path until the end (also on error)."""
+    try:
+        extract(args)
+    finally:
+        release_folder(args.features_path)
+
+
+def extract(args):
     ctx = setup_distributed()
     logger = create_logger(None, ctx.is_main, name="extract")
     features_path = args.features_path
@@ -309,6 +318,9 @@ def main(args):
     error = mode = None
     if ctx.is_main:
         try:
+            if os.path.exists(features_path) and not os.path.isdir(features_path):
+                raise TinyFusionError(f"--features-path {features_path} is a file; pass a folder")
+            lock_folder(features_path, what="feature store", log=logger.info)
             mode = prepare_features_path(features_path, plan, args.resume)
             os.makedirs(features_path, exist_ok=True)
             for name in stale_temp_files(features_path):
@@ -364,10 +376,10 @@ def parse_args(argv=None):
     add_model_args(parser)  # --model (ignored here), --image-size, --num-classes, --vae, --vae-path, --groups (ignored)
     parser.add_argument("--data-path", type=str, required=True, help="ImageFolder: one sub-folder of images per class")
     parser.add_argument("--features-path", type=str, default="features", help="folder of the feature store to write")
-    parser.add_argument("--global-seed", type=int, default=0, help="seed of the VAE posterior noise (per image)")
-    parser.add_argument("--num-workers", type=int, default=4, help="image-decoding DataLoader workers per rank")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per VAE call per rank (x2 with the flips)")
-    parser.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
+    parser.add_argument("--global-seed", type=nonnegative_int, default=0, help="seed of the VAE posterior noise (per image)")
+    parser.add_argument("--num-workers", type=nonnegative_int, default=4, help="image-decoding DataLoader workers per rank")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE call per rank (x2 with the flips)")
+    parser.add_argument("--shard-size", type=positive_int, default=4096, help="images per shard file")
     parser.add_argument("--store-dtype", choices=sorted(store.STORE_DTYPES), default="fp32",
                         help="fp32 keeps the original values; fp16 halves the disk and page-cache footprint")
     parser.add_argument("--resume", action="store_true",

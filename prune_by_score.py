@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from tinyfusion.cli import add_model_args
+from tinyfusion.cli import add_model_args, nonnegative_float, positive_int, sampling_steps
 from diffusion import create_diffusion
 from tinyfusion.pruning import (CALIBRATIONS, bi_scores, calibration_latents, check_output_path, load_source_model,
                                 plain_name, save_pruned, select_by_bi_score, source_lineage)
@@ -134,16 +134,16 @@ def parse_args(argv=None):
     parser.add_argument("--calibration", choices=CALIBRATIONS, default="clean",
                         help="clean: the original's (clean latents, t < --num-sampling-steps); noised: ours "
                              "(q_sample-noised latents, t < 1000)")
-    parser.add_argument("--nsamples", type=int, default=128, help="calibration images")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--nsamples", type=positive_int, default=128, help="calibration images")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--n-pruned", type=int, default=14, help="number of blocks to remove")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration subset, flips, timesteps, samples")
     parser.add_argument("--save-model", type=str, default="outputs/pruned/pruned-by-score.pt")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --save-model (and its .scores.json) / --sample-grid")
     parser.add_argument("--sample-grid", type=str, default=None, help="also sample 8 images from the pruned model to this PNG")
-    parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the sample grid")
-    parser.add_argument("--num-sampling-steps", type=int, default=250,
+    parser.add_argument("--cfg-scale", type=nonnegative_float, default=4.0, help="guidance scale of the sample grid")
+    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250,
                         help="clean calibration draws t in [0, N) (the original's respaced step count); also the "
                              "sampling steps of the sample grid")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

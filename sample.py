@@ -18,7 +18,8 @@ from torchvision.utils import save_image
 
 from tinyfusion.atomic_files import atomic_path
 from tinyfusion.checkpoints import build_model
-from tinyfusion.cli import add_guidance_args, add_model_args, add_precision_arg, autocast, resolve_precision
+from tinyfusion.cli import (add_guidance_args, add_model_args, add_precision_arg, autocast, resolve_precision,
+                            sampling_steps)
 from diffusion import create_diffusion
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, sample_generator
 from tinyfusion.vae import decode, load_vae
@@ -93,7 +94,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     add_model_args(parser)
     add_guidance_args(parser, cfg_scale=4.0)
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ckpt", type=str, default=None,
                         help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")

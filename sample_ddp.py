@@ -16,6 +16,7 @@ Across nodes, --sample-dir must be on a filesystem every node sees (as in the or
 import argparse
 import functools
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -28,20 +29,36 @@ from PIL import Image
 from tqdm import tqdm
 
 from tinyfusion.atomic_files import atomic_path, atomic_write_json
-from tinyfusion.checkpoints import build_model
-from tinyfusion.cli import add_guidance_args, add_model_args, add_precision_arg, resolve_precision
+from tinyfusion.checkpoints import build_model, check_finite_weights, load_state_dict
+from tinyfusion.cli import (add_guidance_args, add_model_args, add_precision_arg, nonnegative_int, positive_int,
+                            resolve_precision, sampling_steps)
 from diffusion import create_diffusion
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
 from tinyfusion.runlog import MetricsLog, create_logger
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, run_name, sample_generator, sample_labels
 from tinyfusion.vae import load_vae, to_uint8_nhwc
 from tinyfusion.errors import TinyFusionError, run_main
+from tinyfusion.run_lock import lock_folder, release_folder
 
-# settings that change the images: a run may only be resumed with the same values
-# (--num-fid-samples, --per-proc-batch-size and the world size may change)
-IDENTITY_KEYS = ("model", "ckpt", "no_ema", "image_size", "num_classes", "vae", "vae_path", "groups", "cfg_scale",
-                 "num_sampling_steps", "sampler", "ddim_eta", "global_seed", "precision", "tf32",
+# settings that change the images: a run may only be resumed (or reported complete) with the same
+# values (--num-fid-samples, --per-proc-batch-size and the world size may change). The checkpoint
+# counts by the weights it holds, not its name: two different checkpoints/0000010.pt never share samples.
+IDENTITY_KEYS = ("model", "weights_sha256", "no_ema", "image_size", "num_classes", "vae", "vae_path", "groups",
+                 "cfg_scale", "num_sampling_steps", "sampler", "ddim_eta", "global_seed", "precision", "tf32",
                  "guide_all_channels")
+
+
+def weights_sha256(ckpt, use_ema=True):
+    """sha256 of the weights a run samples from (names, dtypes, shapes, bytes; about 1.5 s per GB
+    on one core): the file's bytes would not do, since torch.save records the file name it wrote."""
+    state_dict, _ = load_state_dict(ckpt, use_ema=use_ema)
+    check_finite_weights(state_dict, ckpt)  # before any folder is made
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------- part files
@@ -119,28 +136,47 @@ def npz_num_samples(path):
 
 
 # ----------------------------------------------------------------------- planning (rank 0)
+def settings_mismatch(run_dir, settings):
+    """None when run_dir/settings.json records the same IDENTITY_KEYS as `settings`, else a
+    one-line description of what differs (or that nothing is recorded)."""
+    settings_path = os.path.join(run_dir, "settings.json")
+    if not os.path.isfile(settings_path):
+        return f"{settings_path} is missing, so its settings are unknown"
+    with open(settings_path) as f:
+        previous = json.load(f)
+    changed = [key for key in IDENTITY_KEYS if previous.get(key) != settings[key]]
+    if not changed:
+        return None
+    return "its samples were made with other settings (" + ", ".join(
+        f"{key} {previous.get(key)!r} -> {settings[key]!r}" for key in changed) + ")"
+
+
 def plan_run(args, run_dir, final_path, settings, image_shape):
-    """What is left to sample: ("done", None) when the final .npz exists and --resume was given,
-    else ("todo", sorted missing indices). Raises TinyFusionError on anything that would overwrite or
-    mix results."""
+    """What is left to sample: ("done", None) when the final .npz of these very settings exists
+    and --resume was given, else ("todo", sorted missing indices). Raises TinyFusionError on anything
+    that would overwrite or mix results."""
     parts_dir = os.path.join(run_dir, "parts")
-    if os.path.exists(final_path):
-        if args.resume and npz_num_samples(final_path) == args.num_fid_samples:
-            return "done", None
+    if os.path.exists(final_path) and not args.resume:
         raise TinyFusionError(f"{final_path} already exists; remove it (or pass another --sample-dir) to sample again")
+    lock_folder(run_dir, what="sample folder")  # released by main when the run ends
+    if os.path.exists(final_path):
+        mismatch = settings_mismatch(run_dir, settings)
+        if mismatch:
+            raise TinyFusionError(f"{final_path} exists but {mismatch}; use the same flags and checkpoint, "
+                             f"or another --sample-dir")
+        if npz_num_samples(final_path) != args.num_fid_samples:
+            raise TinyFusionError(f"{final_path} holds {npz_num_samples(final_path)} samples, not "
+                             f"--num-fid-samples {args.num_fid_samples}; remove it or pass another --sample-dir")
+        return "done", None
     settings_path = os.path.join(run_dir, "settings.json")
     finished = read_parts(parts_dir, image_shape) if os.path.isdir(parts_dir) else {}
-    if os.path.isfile(settings_path):
-        if not args.resume and finished:
+    if finished:
+        if not args.resume:
             raise TinyFusionError(f"{parts_dir} holds {len(finished)} samples of an unfinished run; pass --resume "
                              f"to continue it or remove {run_dir}")
-        with open(settings_path) as f:
-            previous = json.load(f)
-        changed = [key for key in IDENTITY_KEYS if previous.get(key) != settings[key]]
-        if finished and changed:
-            details = ", ".join(f"{key} {previous.get(key)!r} -> {settings[key]!r}" for key in changed)
-            raise TinyFusionError(f"cannot resume {run_dir}: its samples were made with other settings "
-                             f"({details}); use the same flags or remove the folder")
+        mismatch = settings_mismatch(run_dir, settings)
+        if mismatch:
+            raise TinyFusionError(f"cannot resume {run_dir}: {mismatch}; use the same flags or remove the folder")
     os.makedirs(parts_dir, exist_ok=True)
     atomic_write_json(settings_path, settings)
     return "todo", [i for i in range(args.num_fid_samples) if i not in finished]
@@ -173,20 +209,30 @@ def main(args):
     run_dir = os.path.join(args.sample_dir, name)
     final_path = f"{run_dir}.npz"
     image_shape = (args.image_size, args.image_size, 3)
-    settings = {key: getattr(args, key) for key in IDENTITY_KEYS}
+    settings = {key: getattr(args, key) for key in IDENTITY_KEYS if hasattr(args, key)}
     settings.update(ckpt=os.path.abspath(ckpt), precision=precision, tf32=bool(args.tf32))
 
-    # rank 0 decides (and creates folders); every rank gets the same plan or the same error
+    # rank 0 locks the run folder and decides (and creates folders); every rank gets the same
+    # plan or the same error. The lock is held until the .npz is written (or the run fails).
     plan = None
     if ctx.is_main:
         try:
+            settings["weights_sha256"] = weights_sha256(ckpt, use_ema=not args.no_ema)
             plan = plan_run(args, run_dir, final_path, settings, image_shape)
-        except TinyFusionError as error:
+        except (TinyFusionError, OSError) as error:
             plan = ("error", str(error))
-    status, todo = broadcast_object(plan, ctx)
-    if status == "error":
-        cleanup_distributed()
-        raise TinyFusionError(todo)
+    try:
+        status, todo = broadcast_object(plan, ctx)
+        if status == "error":
+            cleanup_distributed()
+            raise TinyFusionError(todo)
+        sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_dtype, image_shape)
+    finally:
+        release_folder(run_dir)
+
+
+def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_dtype, image_shape):
+    """Every rank samples its share of `todo` into part files; rank 0 writes the .npz."""
     logger = create_logger(run_dir if status == "todo" else None, ctx.is_main, name="sample_ddp")
     if status == "done":
         logger.info(f"{final_path} is already complete; nothing to do")
@@ -253,23 +299,23 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     add_model_args(parser)
     parser.add_argument("--sample-dir", type=str, default="samples")
-    parser.add_argument("--per-proc-batch-size", type=int, default=32)
-    parser.add_argument("--num-fid-samples", type=int, default=50_000)
+    parser.add_argument("--per-proc-batch-size", type=positive_int, default=32)
+    parser.add_argument("--num-fid-samples", type=positive_int, default=50_000)
     add_guidance_args(parser, cfg_scale=1.5)
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
-    parser.add_argument("--global-seed", type=int, default=0, help="sample i uses seeds derived from (this, i)")
+    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
+    parser.add_argument("--global-seed", type=nonnegative_int, default=0, help="sample i uses seeds derived from (this, i)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="TF32 matmuls on Ampere+ GPUs: faster, as the original; --no-tf32 for full fp32")
     parser.add_argument("--ckpt", type=str, default=None,
                         help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    parser.add_argument("--ddim-eta", type=float, default=0.0)
+    parser.add_argument("--ddim-eta", type=nonnegative_float, default=0.0)
     add_precision_arg(parser)
     parser.set_defaults(precision="fp32")  # FID numbers are comparable to the original's fp32 sampling
     parser.add_argument("--save-png", action="store_true", help="also write {index:06d}.png into the run folder")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run (keep its finished parts)")
-    parser.add_argument("--cpu-threads", type=int, default=1,
+    parser.add_argument("--cpu-threads", type=positive_int, default=1,
                         help="intra-op threads per rank on CPU (use one rank per core instead: images are bit-identical "
                              "for any world size only at a fixed thread count)")
     parser.add_argument("--keep-parts", action="store_true", help="keep the part files after the .npz is written")

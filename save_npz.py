@@ -27,6 +27,21 @@ def list_image_files(image_dir):
     return [os.path.join(image_dir, name) for name in names]
 
 
+def read_rgb_pixels(path):
+    """(H, W, 3) uint8 pixels of one RGB image file; a ValueError naming the file if it is not
+    a readable image (truncated, not an image at all) or not RGB."""
+    try:
+        with Image.open(path) as image:
+            if image.mode != "RGB":
+                raise ValueError(f"{path} is a {image.mode} image, not RGB; convert the folder to "
+                                 f"RGB (e.g. Image.open(p).convert('RGB').save(p)) first")
+            image.load()  # decode now: a truncated file fails here, not as a half-black image
+            return np.asarray(image, dtype=np.uint8)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's errors for broken files
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{path} is not a readable image ({reason}); remove or regenerate it") from None
+
+
 def load_image_folder(image_dir, num=None):
     """(N, H, W, 3) uint8 array of the first `num` images (all when None) in sorted order.
 
@@ -45,11 +60,7 @@ def load_image_folder(image_dir, num=None):
         paths = paths[:num]
     images = None
     for index, path in enumerate(tqdm(paths, desc="Building .npz file from samples")):
-        with Image.open(path) as image:
-            if image.mode != "RGB":
-                raise ValueError(f"{path} is a {image.mode} image, not RGB; convert the folder to "
-                                 f"RGB (e.g. Image.open(p).convert('RGB').save(p)) first")
-            pixels = np.asarray(image, dtype=np.uint8)
+        pixels = read_rgb_pixels(path)
         if images is None:
             images = np.empty((len(paths), *pixels.shape), dtype=np.uint8)
         elif pixels.shape != images.shape[1:]:

@@ -2,11 +2,18 @@
 
 Every writer goes to a temporary file in the destination folder (same filesystem, so the
 final os.replace is atomic) and is renamed into place only after it was flushed and fsynced.
+A full disk is reported as such ("no space left on device while writing PATH"), whatever the
+writer (torch.save only says "file write failed").
 """
+import errno
 import json
 import os
 import tempfile
 from contextlib import contextmanager
+
+from tinyfusion.errors import TinyFusionError
+
+FULL_DISK_BYTES = 1 << 20  # a write that failed with less than this left on the device ran out of space
 
 
 @contextmanager
@@ -24,9 +31,15 @@ def atomic_path(path, overwrite=True):
     handle, tmp_path = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=folder)
     os.close(handle)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb") as written:
-            os.fsync(written.fileno())
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb") as written:
+                os.fsync(written.fileno())
+        except Exception as error:
+            if out_of_space(folder, error):
+                raise TinyFusionError(f"no space left on device while writing {path} "
+                                      f"({free_bytes(folder) / 2 ** 20:.1f} MiB free in {folder})") from None
+            raise
         os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; results should read like any file
         os.replace(tmp_path, path)
     finally:
@@ -52,3 +65,23 @@ def _current_umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def free_bytes(folder):
+    """Bytes this process may still write on folder's device (root may use the reserved blocks)."""
+    stats = os.statvfs(folder)
+    return (stats.f_bfree if os.geteuid() == 0 else stats.f_bavail) * stats.f_frsize
+
+
+def out_of_space(folder, error):
+    """Whether a failed write into folder failed for lack of space: ENOSPC / EDQUOT, or any
+    writer error while (almost) nothing is left on the device (torch.save hides the errno)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return free_bytes(folder) < FULL_DISK_BYTES
+    except OSError:
+        return False

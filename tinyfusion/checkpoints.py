@@ -10,11 +10,18 @@ Pruned checkpoints are plain state dicts, so the original loading rule still rea
 metadata (source model, kept indices, method, groups, ...) rides in the state dict's
 `_metadata` attribute, the same place where PyTorch keeps per-module versions, which
 `load_state_dict(strict=True)` ignores.
+
+Every checkpoint we write carries a CRC32 of all its tensors (and plain values) in the
+`_metadata` of its top-level dict; loading recomputes it, so a file with flipped bytes is an
+error naming the file instead of a model with weights of 1e37. Files without it (the official
+DiT weights) are only checked for non-finite weights, which every loaded model is.
 """
 import argparse
+import glob
 import os
 import pickle
 import re
+import zlib
 from collections import OrderedDict
 
 import torch
@@ -24,6 +31,8 @@ from tinyfusion.downloads import missing_checkpoint_message, resolve_released
 from tinyfusion.errors import TinyFusionError
 
 METADATA_KEY = "__tinyfusion__"
+CHECKSUM_KEY = "__tinyfusion_checksum__"
+CHECKSUM_ALGORITHM = "crc32-v1"  # zlib.crc32 chained over (key path, dtype, shape, raw bytes) in storage order
 torch.serialization.add_safe_globals([argparse.Namespace])
 
 
@@ -38,13 +47,82 @@ def load_checkpoint_file(path):
         from safetensors.torch import load_file
         return load_file(path, device="cpu")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
             raise TinyFusionError(f"refusing to load {path}: it holds Python objects other than tensors and "
                              f"could run code (weights_only=True); re-save it as a plain state dict") from None
-        raise TinyFusionError(f"could not read checkpoint {path} ({type(error).__name__}: {error}); "
-                         f"is the file complete?") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CorruptCheckpointError(f"could not read checkpoint {path} ({type(error).__name__}: {reason}); "
+                                     f"the file is truncated or damaged") from None
+    verify_checksum(obj, path)
+    return obj
+
+
+class CorruptCheckpointError(TinyFusionError):
+    """A checkpoint file that cannot be read back intact (truncated, flipped bytes)."""
+
+
+# ---------------------------------------------------------------------- checksums
+def _checksum_items(obj, prefix=""):
+    """(key path, value) of every tensor and plain value inside obj, in a fixed order."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _checksum_items(value, f"{prefix}/{key!r}")
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from _checksum_items(value, f"{prefix}/{index}")
+    elif isinstance(obj, argparse.Namespace):
+        yield from _checksum_items(vars(obj), prefix)
+    elif torch.is_tensor(obj) or isinstance(obj, (int, float, str, bool, type(None))):
+        yield prefix, obj
+
+
+def tensors_checksum(obj):
+    """CRC32 over every tensor's raw bytes (and every plain value) of a checkpoint object, with
+    each one's key path, dtype and shape; about 2 GB/s on one CPU core."""
+    crc = 0
+    for path, value in _checksum_items(obj):
+        if torch.is_tensor(value):
+            tensor = value.detach()
+            crc = zlib.crc32(f"{path}:{tensor.dtype}:{tuple(tensor.shape)}".encode(), crc)
+            if tensor.numel():
+                data = tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                crc = zlib.crc32(data, crc)
+        else:
+            crc = zlib.crc32(f"{path}={value!r}".encode(), crc)
+    return f"{crc:08x}"
+
+
+def with_checksum(obj):
+    """obj (a dict) as an OrderedDict whose `_metadata` records tensors_checksum(obj)."""
+    tagged = OrderedDict(obj)
+    tagged._metadata = OrderedDict(getattr(obj, "_metadata", None) or {})
+    tagged._metadata[CHECKSUM_KEY] = {"algorithm": CHECKSUM_ALGORITHM, "digest": tensors_checksum(obj)}
+    return tagged
+
+
+def verify_checksum(obj, path):
+    """Recompute the checksum a checkpoint of ours records (if any); CorruptCheckpointError on a mismatch."""
+    recorded = (getattr(obj, "_metadata", None) or {}).get(CHECKSUM_KEY) if isinstance(obj, dict) else None
+    if not recorded or recorded.get("algorithm") != CHECKSUM_ALGORITHM:
+        return False
+    actual = tensors_checksum(obj)
+    if actual != recorded["digest"]:
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupted: its tensors' checksum is {actual}, the file "
+                                     f"recorded {recorded['digest']} when it was written; use another copy")
+    return True
+
+
+def check_finite_weights(state_dict, source):
+    """Refuse weights holding NaN or inf (a diverged run, a damaged file): they would sample
+    black or constant images with exit code 0."""
+    for key, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and value.numel():
+            if not torch.isfinite(value.sum()) and not bool(torch.isfinite(value).all()):
+                bad = int((~torch.isfinite(value)).sum())
+                raise TinyFusionError(f"checkpoint {source} holds non-finite weights ({bad} NaN/inf values in "
+                                      f"{key}); it is damaged or comes from a diverged run")
 
 
 def read_metadata(obj):
@@ -142,6 +220,7 @@ def load_into_model(model, state_dict, model_name, source, flag="--model"):
                                                 ("shape mismatch", mismatched)) if keys)
         raise TinyFusionError(f"checkpoint {source} does not fit {flag} {model_name}: it holds {fits}; "
                          f"pass the matching {flag}/--image-size/--num-classes/--vae ({details})")
+    check_finite_weights(state_dict, source)
     model.load_state_dict(state_dict, strict=True)
     return model
 
@@ -188,10 +267,42 @@ def with_metadata(state_dict, metadata):
 
 
 def save_checkpoint(obj, path, overwrite=True):
-    """torch.save through a temp file + rename: a crash never leaves a truncated checkpoint."""
+    """torch.save through a temp file + rename: a crash never leaves a truncated checkpoint. A
+    dict gets a checksum of its tensors (verified by load_checkpoint_file)."""
+    if isinstance(obj, dict):
+        obj = with_checksum(obj)
     with atomic_path(path, overwrite=overwrite) as tmp:
         torch.save(obj, tmp)
     return path
+
+
+def newest_loadable_checkpoint(run_dir, *, fall_back=False, load=None, log=print,
+                               fallback_flag="--resume-fallback"):
+    """(path, loaded checkpoint) of the newest `checkpoints/NNNNNNN.pt` in run_dir that loads
+    intact (checksum verified), or (None, None) when there is none. A corrupt newest one is a
+    TinyFusionError naming it and the newest good one, unless fall_back: then that one is
+    taken, with a log line. `load` (default load_checkpoint_file) may check more."""
+    load = load or load_checkpoint_file
+    found = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "[0-9]" * 7 + ".pt")), reverse=True)
+    if not found:
+        return None, None
+    problems = []
+    for path in found:
+        try:
+            checkpoint = load(path)
+        except CorruptCheckpointError as error:
+            problems.append((path, str(error)))
+            continue
+        if problems and not fall_back:
+            raise TinyFusionError(f"the newest checkpoint is corrupt ({problems[0][1]}); the newest good one is "
+                                  f"{path}: pass --resume {path} (or add {fallback_flag}) to continue from it")
+        for bad, reason in problems:
+            log(f"skipping corrupt checkpoint {bad}: {reason}")
+        if problems:
+            log(f"resuming from {path}, the newest checkpoint that loads intact")
+        return path, checkpoint
+    raise TinyFusionError(f"no checkpoint in {os.path.join(run_dir, 'checkpoints')} loads intact "
+                          f"(newest: {problems[0][1]}); start a new run or restore a copy")
 
 
 def save_pruned_model(model, path, metadata, overwrite=False):

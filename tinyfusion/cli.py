@@ -23,6 +23,70 @@ def parse_groups(text):
     return [list(group) for group in groups]
 
 
+# ----------------------------------------------------------------- numeric validators
+# argparse `type=` functions: a bad value stops the script at parsing (exit 2, one line naming the
+# flag), before any work or any folder is created.
+def _number(text, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is float and value != value:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    return value
+
+
+def positive_int(text):
+    """An integer >= 1 (batch sizes, --ckpt-every, --log-every, --nsamples, ...)."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text):
+    """An integer >= 0 (--num-workers, seeds, ...)."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text):
+    """A finite number > 0 (--lr, ...)."""
+    value = _number(text, float)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+def nonnegative_float(text):
+    """A finite number >= 0 (--cfg-scale, --weight-decay, --grad-clip, ...)."""
+    value = _number(text, float)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def unit_interval(text):
+    """A number in [0, 1] (--ema-decay, probabilities)."""
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+DIFFUSION_STEPS = 1000  # the training diffusion's steps: sampling can respace to at most these
+
+
+def sampling_steps(text):
+    """--num-sampling-steps: 1 .. 1000 (the respaced sampler picks that many of the 1000 training steps)."""
+    value = positive_int(text)
+    if value > DIFFUSION_STEPS:
+        raise argparse.ArgumentTypeError(f"must be at most the diffusion's {DIFFUSION_STEPS} steps, got {value}")
+    return value
+
+
 def parse_index_list(text):
     """`"[0, 2, 4]"` or `"0,2,4"` -> [0, 2, 4]."""
     try:
@@ -84,7 +148,7 @@ def add_compatibility_flags(parser, flags):
 
 def add_guidance_args(parser, cfg_scale):
     """--cfg-scale and --guide-all-channels (the original guides only the first 3 noise channels)."""
-    parser.add_argument("--cfg-scale", type=float, default=cfg_scale, help="1.0 = no guidance (one model pass per step)")
+    parser.add_argument("--cfg-scale", type=nonnegative_float, default=cfg_scale, help="1.0 = no guidance (one model pass per step)")
     parser.add_argument("--guide-all-channels", action="store_true",
                         help="apply classifier-free guidance to every noise channel (the original, the default, "
                              "guides only the first 3 of the SD-VAE's 4)")

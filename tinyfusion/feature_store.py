@@ -9,7 +9,10 @@ The store (a folder):
     ...                      ImageFolder); its metadata holds a sha256 of the three arrays
     manifest.json          written last, once every shard validated: the store is complete
 Shards are read through `np.memmap` at the offsets in the safetensors header, so a sample is a
-slice of a mapped file (no per-sample open, nothing loaded up front but the labels).
+slice of a mapped file (no per-sample open, nothing loaded up front but the labels). Each
+shard's sha256 is verified the first time a sample of it is read (once per training run: the
+verified flags live in shared memory, so later epochs' DataLoader workers skip them); a shard
+with flipped bytes stops training with an error naming it instead of training on garbage.
 
 The original layout (`imagenet256_features/{i}.npy` of shape (2, C, H, W) and
 `imagenet256_labels/{i}.npy` of shape (1,)) loads through the same dataset class.
@@ -151,20 +154,22 @@ def check_shard(path, expected, verify_checksum=True):
 class _StoreSource:
     """Samples of a finished store, memory-mapped shard by shard."""
 
-    def __init__(self, folder, manifest):
+    def __init__(self, folder, manifest, verify_checksums=True):
         self.folder = folder
-        self.files, self.latent_tensors, counts, labels = [], [], [], []
+        self.files, self.latent_tensors, self.tensors, self.checksums, counts, labels = [], [], [], [], [], []
         for record in manifest["shards"]:
             path = os.path.join(folder, record["file"])
             try:
                 if os.path.getsize(path) != record["bytes"]:
                     raise ValueError(f"{path} has {os.path.getsize(path)} bytes, the manifest says {record['bytes']}")
-                tensors, _ = read_shard_header(path)
+                tensors, info = read_shard_header(path)
             except (OSError, ValueError) as error:
                 raise TinyFusionError(f"the feature store {folder} is damaged ({error}); rerun extract_features.py "
                                  f"with the same flags and --resume to redo the bad shard") from None
             self.files.append(path)
             self.latent_tensors.append(tensors["latents"])
+            self.tensors.append(tensors)
+            self.checksums.append(info.get("sha256"))
             counts.append(record["count"])
             labels.append(np.array(_map_array(path, tensors["labels"])))
         self.ends = np.cumsum(counts)
@@ -172,6 +177,8 @@ class _StoreSource:
         self.sample_shape = tuple(manifest["sample_shape"])
         self.num_classes = int(manifest["num_classes"])
         self._maps = {}
+        # 1 = shard verified (or verification off); shared with the DataLoader workers of every epoch
+        self.verified = torch.full((len(self.files),), 0 if verify_checksums else 1, dtype=torch.uint8).share_memory_()
 
     def __len__(self):
         return int(self.ends[-1]) if len(self.ends) else 0
@@ -184,8 +191,19 @@ class _StoreSource:
         shard = int(np.searchsorted(self.ends, index, side="right"))
         local = index - (int(self.ends[shard - 1]) if shard else 0)
         if shard not in self._maps:
+            if not self.verified[shard]:
+                self.verify_shard(shard)
             self._maps[shard] = _map_array(self.files[shard], self.latent_tensors[shard])
         return self._maps[shard][local]
+
+    def verify_shard(self, shard):
+        """Re-hash a shard's arrays against the sha256 it was written with."""
+        arrays = [_map_array(self.files[shard], self.tensors[shard][name]) for name in ("latents", "labels", "indices")]
+        if _arrays_sha256(arrays) != self.checksums[shard]:
+            raise TinyFusionError(f"the feature store {self.folder} is damaged: {self.files[shard]} does not match its "
+                                  f"checksum (flipped bytes); rerun extract_features.py with the same flags and "
+                                  f"--resume to redo it")
+        self.verified[shard] = 1
 
     def label(self, index):
         return int(self.labels[index])
@@ -289,7 +307,7 @@ def read_manifest(folder):
     return manifest
 
 
-def open_feature_dataset(path, flip_prob=0.5, seed=0):
+def open_feature_dataset(path, flip_prob=0.5, seed=0, verify_checksums=True):
     """The features under `path`: our store (a folder with manifest.json) or the original layout
     (a folder holding imagenet256_features/ and imagenet256_labels/). One-line TinyFusionError if
     there are none or the store is unfinished or damaged."""
@@ -299,7 +317,7 @@ def open_feature_dataset(path, flip_prob=0.5, seed=0):
         metadata = {key: manifest.get(key) for key in ("vae", "vae_source", "image_size", "scale_factor",
                                                        "class_to_idx", "num_samples", "store_dtype", "global_seed")}
         metadata["layout"] = "tinyfusion"
-        return FeatureDataset(_StoreSource(path, manifest), metadata, flip_prob, seed)
+        return FeatureDataset(_StoreSource(path, manifest, verify_checksums), metadata, flip_prob, seed)
     if os.path.isfile(os.path.join(path, PLAN_FILE)):
         raise TinyFusionError(f"the extraction in {path} is unfinished (no {MANIFEST_FILE}); rerun extract_features.py "
                          f"--features-path {path} with the same flags and --resume")

@@ -28,11 +28,32 @@ def center_crop_arr(pil_image, image_size):
     return Image.fromarray(arr[top:top + image_size, left:left + image_size])
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb8(image, path="image"):
+    """An 8-bit RGB copy of a PIL image. 16-bit grey (`I;16*`, and `I` from a 16-bit PNG) is
+    scaled to 8 bits (round(v * 255 / 65535)); PIL's own convert("RGB") clips it at 255, which
+    turns most pixels white. Other 32-bit modes (`I` of another format, `F`) have no known
+    range and are refused (ValueError naming the file)."""
+    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+        values = np.asarray(image, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"{path}: {image.mode} pixel values span {values.min():g}..{values.max():g}, "
+                             f"outside 16 bits; convert it to 8-bit RGB first")
+        grey = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in ("I", "F"):
+        raise ValueError(f"{path} is a {image.mode} ({'32-bit integer' if image.mode == 'I' else 'float'}) image "
+                         f"whose range is unknown; convert it to 8-bit RGB first")
+    return image.convert("RGB")
+
+
 def load_image_uint8(path, image_size):
     """RGB, center-cropped image as a uint8 tensor (3, H, W); 4x smaller than floats to pass
-    between DataLoader workers."""
+    between DataLoader workers. High-bit-depth images are scaled to 8 bits (see to_rgb8)."""
     with Image.open(path) as image:
-        image = center_crop_arr(image.convert("RGB"), image_size)
+        image = center_crop_arr(to_rgb8(image, path), image_size)
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
 
 

@@ -12,6 +12,7 @@ import time
 
 from tinyfusion.atomic_files import atomic_path, atomic_write_json
 from tinyfusion.errors import TinyFusionError
+from tinyfusion.run_lock import lock_folder, release_folder
 
 
 def run_folder_name(results_dir, prefix, model_name):
@@ -29,17 +30,60 @@ def checkpoint_path(run_dir, step):
 
 
 def prepare_run_folder(run_dir, args, resuming, is_main):
-    """Create the run folder (rank 0). A folder that already holds checkpoints is only reused
-    with --resume, so a finished run is never overwritten by a copy-pasted command."""
+    """Create and lock the run folder (rank 0). A folder that already holds checkpoints is only
+    reused with --resume, so a finished run is never overwritten by a copy-pasted command; a
+    folder another live run holds is refused (naming that run); temporaries of a checkpoint
+    write that was killed are removed. The lock lasts until `release_run_folder(run_dir)` or
+    the end of the process."""
     if not is_main:
         return run_dir
     if not resuming and latest_checkpoint(run_dir) is not None:
         raise TinyFusionError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
                          f"or choose another --prefix/--results-dir")
+    lock_run_folder(run_dir)
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    remove_stale_temporaries(run_dir)
     args_name = "args.json" if not resuming else f"args-resume-{time.strftime('%Y%m%d-%H%M%S')}.json"
     atomic_write_json(os.path.join(run_dir, args_name), args if isinstance(args, dict) else vars(args))
     return run_dir
+
+
+def log_to_run_folder(run_dir, message):
+    """A line for the console and `run_dir/log.txt` before the run's logger exists."""
+    line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+    print(line, flush=True)
+    with open(os.path.join(run_dir, "log.txt"), "a") as f:
+        f.write(line + "\n")
+
+
+def lock_run_folder(run_dir):
+    """Take the exclusive lock of a run folder (see tinyfusion/run_lock.py); a TinyFusionError
+    naming the holder (host, pid, start time) when another live run has it."""
+    return lock_folder(run_dir, what="run folder", log=lambda message: log_to_run_folder(run_dir, message))
+
+
+def release_run_folder(run_dir):
+    """Release the lock `prepare_run_folder` took (call it when the run ends, also on error)."""
+    release_folder(run_dir)
+
+
+def stale_temporaries(run_dir):
+    """Temporary files (`.0000500.x1y2.tmp.pt`, `.args.json.*.tmp.json`) of writes that a killed
+    run never finished: only complete files are ever renamed into place, so these are litter."""
+    return sorted(glob.glob(os.path.join(run_dir, "checkpoints", ".*.tmp*")) + glob.glob(os.path.join(run_dir, ".*.tmp*")))
+
+
+def remove_stale_temporaries(run_dir):
+    """Delete stale_temporaries(run_dir) with a log line; call only while holding the folder's lock
+    (a live run's temporaries are not stale). Returns the removed paths."""
+    found = stale_temporaries(run_dir)
+    if found:
+        size = sum(os.path.getsize(path) for path in found)
+        for path in found:
+            os.remove(path)
+        log_to_run_folder(run_dir, f"removed {len(found)} temporary file(s) of an interrupted write "
+                                   f"({size / 2 ** 20:.1f} MiB): {', '.join(os.path.basename(p) for p in found[:3])}")
+    return found
 
 
 def create_logger(run_dir=None, is_main=True, name="tinyfusion"):
