@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from tinyfusion.atomic_files import atomic_path, atomic_write_json
 from tinyfusion.checkpoints import build_model, check_finite_weights, load_state_dict
-from tinyfusion.cli import (add_guidance_args, add_model_args, add_precision_arg, nonnegative_int, positive_int,
+from tinyfusion.cli import (add_guidance_args, add_model_args, add_precision_arg, nonnegative_float, nonnegative_int,
+                            positive_int,
                             resolve_precision, sampling_steps)
 from diffusion import create_diffusion
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
