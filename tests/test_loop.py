@@ -16,7 +16,7 @@ import torch
 
 import train
 from models import DiT_models
-from tinyfusion.checkpoints import load_checkpoint_file, save_checkpoint
+from tinyfusion.checkpoints import load_checkpoint_file
 from tinyfusion.errors import TinyFusionError
 from training_helpers import COMMON_FLAGS, IMAGE_SIZE, MODEL, make_digits_store, make_teacher_and_student, torchrun
 
@@ -126,8 +126,8 @@ def original_checkpoint(path, steps=2):
         out.square().mean().backward()
         opt.step(), sched.step(), opt.zero_grad()
     args = argparse.Namespace(model=MODEL, global_batch_size=8, image_size=IMAGE_SIZE, num_classes=10, epochs=1)
-    save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                     "sched": sched.state_dict(), "train_steps": steps, "args": args}, str(path))
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),  # as the original
+                "sched": sched.state_dict(), "train_steps": steps, "args": args}, str(path))
     return model, opt
 
 
