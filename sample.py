@@ -6,6 +6,10 @@ does not change when other labels are added or removed (it is the same noise sam
 for its sample i).
 
     python sample.py --model DiT-D14/2 --ckpt pretrained/TinyDiT-D14-MaskedKD-500K.pt --seed 5464
+
+A SiT (--model SiT-...) samples with --sampler ode or sde (SiT's ODE / SDE modes, same flags):
+
+    python sample.py --model SiT-XL/2 --ckpt pretrained/SiT-XL-2-256x256.pt --sampler sde
 """
 import argparse
 import time
@@ -20,6 +24,7 @@ from diffusion import create_diffusion
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, sample_generator
 from tinyfusion.vae import load_vae
 from tinyfusion.errors import run_main
+from transport.cli import FLOW_SAMPLERS, add_transport_args, check_sampler_family, flow_options, transport_from_args
 
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
@@ -27,7 +32,11 @@ DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 def main(args):
     """Sample one image per --class-labels entry and save them as a 4-column grid PNG."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.sampler == "ddpm" and args.ddim_eta != 0.0:
+    is_sit = args.model.startswith("SiT-")
+    args.sampler = args.sampler or ("ddpm" if not is_sit else None)
+    check_sampler_family(args.sampler, args.model, is_sit)
+    options = flow_options(args) if is_sit else None
+    if args.sampler != "ddim" and args.ddim_eta != 0.0:
         raise SystemExit("error: --ddim-eta is for --sampler ddim")
     if args.seed < 0:
         raise SystemExit(f"error: --seed must be >= 0, got {args.seed}")
@@ -40,12 +49,12 @@ def main(args):
                            use_ema=not args.no_ema, groups=args.groups)
     model = model.to(device).eval().requires_grad_(False)
     vae = load_vae(args.vae, args.vae_path, device)
-    diffusion = create_diffusion(str(args.num_sampling_steps))
+    diffusion = transport_from_args(args) if is_sit else create_diffusion(str(args.num_sampling_steps))
 
     start = time.time()
     generators = [sample_generator(args.seed, i) for i in range(len(args.class_labels))]
     images = generate(model, diffusion, args.class_labels, generators, args.cfg_scale, args.sampler, args.ddim_eta,
-                      vae, amp_dtype=resolve_precision(args.precision, device), progress=True)
+                      vae, amp_dtype=resolve_precision(args.precision, device), progress=True, flow_options=options)
     # normalize to [-1, 1] then *255 + 0.5: the same uint8 values as sample_ddp.py's clamp(127.5 x + 128)
     with atomic_path(args.out) as tmp:
         save_image(images.float().cpu(), tmp, nrow=4, normalize=True, value_range=(-1, 1))
@@ -62,10 +71,12 @@ def parse_args(argv=None):
                         help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
     parser.add_argument("--class-labels", type=int, nargs="+", default=DEFAULT_CLASS_LABELS)
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    parser.add_argument("--sampler", choices=SAMPLERS + FLOW_SAMPLERS, default=None,
+                        help="DiT: ddpm (default) or ddim; SiT: ode or sde (required)")
     parser.add_argument("--ddim-eta", type=float, default=0.0)
     parser.add_argument("--out", type=str, default="sample.png", help="grid PNG to write (replaced if it exists)")
     add_precision_arg(parser)
+    add_transport_args(parser)
     return parser.parse_args(argv)
 
 

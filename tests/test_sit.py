@@ -2,7 +2,9 @@
 and checkpoint layout: the forward pass computed from the state dict by name (as SiT's code
 consumes the released SiT-XL-2-256x256.pt), classifier-free guidance on 3 channels, and one ODE
 (Euler, Heun) and one SDE (Euler-Maruyama, default settings) trajectory with the same noise."""
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -197,3 +199,92 @@ def test_gated_sit_prunes_to_a_plain_sit_with_the_same_output():
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([0.2, 0.9]), torch.tensor([1, 2])
     assert torch.equal(gated(x, t, y), pruned(x, t, y))
     assert pruned(x, t, y).shape == (2, 4, 8, 8)
+
+
+# --------------------------------------------------------------------------- sample.py, family checks
+def save_xs4(path, family, **metadata):
+    from tinyfusion.checkpoints import save_pruned_model
+    registry = SiT_models if family == "SiT" else DiT_models
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = randomize(registry[f"{family}-XS/4"](input_size=8, in_channels=3, num_classes=10, depth=2), std=0.05)
+    save_pruned_model(model, path, {"kept_indices": [0, 1], "method": "test", **metadata})
+    return model.eval(), str(path)
+
+
+PIXEL = ["--model", "SiT-XS/4", "--image-size", "8", "--vae", "none", "--num-classes", "10"]
+
+
+@pytest.mark.parametrize("flags", [["--sampler", "sde", "--num-sampling-steps", "6"],
+                                   ["--sampler", "ode", "--sampling-method", "heun2", "--num-sampling-steps", "5"]])
+def test_sample_py_draws_a_sit_grid_from_per_sample_noise(tmp_path, flags):
+    """Tile i is sample_ode / sample_sde run on sample i alone: its start and step noise drawn
+    from the generator of (seed, i), guided with SiT's forward_with_cfg."""
+    import numpy as np
+    from PIL import Image
+
+    import sample
+    from tinyfusion.sampling import sample_generator
+    model, ckpt = save_xs4(tmp_path / "sit.pt", "SiT")
+    out = str(tmp_path / "grid.png")
+    labels = [3, 1, 4, 1, 5]
+    sample.main(sample.parse_args([*PIXEL, *flags, "--ckpt", ckpt, "--seed", "5", "--out", out,
+                                   "--class-labels", *map(str, labels)]))
+    grid = np.asarray(Image.open(out)).astype(int)
+    args = sample.parse_args([*PIXEL, *flags])
+    for i, label in enumerate(labels):
+        generator = sample_generator(5, i)
+        z = torch.randn((3, 8, 8), generator=generator)[None]
+        y = torch.tensor([label, 10])
+
+        def fn(x, t):
+            return model.forward_with_cfg(x, t, y, 4.0)
+        with torch.no_grad():
+            x = torch.cat([z, z])
+            if args.sampler == "sde":
+                noise = lambda like: torch.randn((3, 8, 8), generator=generator)[None].repeat(2, 1, 1, 1)  # noqa: E731
+                image = sample_sde(fn, x, create_transport(), num_steps=6, noise_fn=noise)[0]
+            else:
+                image = sample_ode(fn, x, create_transport(), method="heun2", num_steps=5)[0]
+        expected = torch.clamp((image + 1) / 2 * 255 + 0.5, 0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        row, col = divmod(i, 4)
+        tile = grid[2 + 10 * row: 10 + 10 * row, 2 + 10 * col: 10 + 10 * col]
+        assert np.abs(tile - expected.astype(int)).max() <= 1
+        assert len(np.unique(expected)) > 20
+
+
+def test_family_mismatch_and_sampler_errors_are_one_line(tmp_path):
+    import argparse
+
+    import sample
+    from tinyfusion.checkpoints import build_model
+    from tinyfusion.errors import TinyFusionError
+    _, sit_ckpt = save_xs4(tmp_path / "sit.pt", "SiT")
+    dit_model, dit_ckpt = save_xs4(tmp_path / "dit.pt", "DiT")
+    with pytest.raises(TinyFusionError, match="holds DiT weights but --model SiT-XS/4 is a SiT; pass --model DiT-XS/4"):
+        build_model("SiT-XS/4", 8, 10, "none", ckpt=dit_ckpt)
+    with pytest.raises(TinyFusionError, match="holds SiT weights but --model DiT-XS/4 is a DiT"):
+        build_model("DiT-XS/4", 8, 10, "none", ckpt=sit_ckpt)
+    training = str(tmp_path / "0000010.pt")  # a training checkpoint names its model in args
+    torch.save({"model": dit_model.state_dict(), "ema": dit_model.state_dict(),
+                "args": argparse.Namespace(model="DiT-XS/4")}, training)
+    with pytest.raises(TinyFusionError, match="holds DiT weights"):
+        build_model("SiT-XS/4", 8, 10, "none", ckpt=training)
+    plain = str(tmp_path / "plain.pt")  # nothing says which family: loads
+    torch.save(dit_model.state_dict(), plain)
+    assert type(build_model("SiT-XS/4", 8, 10, "none", ckpt=plain, depth=2)[0]) is SiT
+    no_sigma = str(tmp_path / "no-sigma.pt")  # p*p*C outputs (SiT trained with learn_sigma=False)
+    torch.save(SiT_models["SiT-XS/4"](input_size=8, in_channels=3, num_classes=10, depth=2, learn_sigma=False)
+               .state_dict(), no_sigma)
+    assert build_model("SiT-XS/4", 8, 10, "none", ckpt=no_sigma, depth=2)[0].learn_sigma is False
+    out = str(tmp_path / "never.png")
+    for flags, message in ((["--ckpt", sit_ckpt], "is a SiT: pass --sampler ode or --sampler sde"),
+                           (["--ckpt", sit_ckpt, "--sampler", "ddpm"], "is a SiT"),
+                           (["--ckpt", dit_ckpt, "--model", "DiT-XS/4", "--sampler", "sde"], "is for SiT models"),
+                           (["--ckpt", sit_ckpt, "--sampler", "ode", "--sampling-method", "Heun"], "SDE method")):
+        with pytest.raises(TinyFusionError, match=message):
+            sample.main(sample.parse_args([*PIXEL, *flags, "--out", out]))
+    if importlib.util.find_spec("torchdiffeq") is None:
+        with pytest.raises(TinyFusionError, match="pip install torchdiffeq"):
+            sample.main(sample.parse_args([*PIXEL, "--ckpt", sit_ckpt, "--sampler", "ode", "--out", out]))
+    assert not os.path.exists(out)
