@@ -288,3 +288,19 @@ def test_family_mismatch_and_sampler_errors_are_one_line(tmp_path):
         with pytest.raises(TinyFusionError, match="pip install torchdiffeq"):
             sample.main(sample.parse_args([*PIXEL, "--ckpt", sit_ckpt, "--sampler", "ode", "--out", out]))
     assert not os.path.exists(out)
+
+
+def test_sample_ddp_sit_npz_names_its_sampler_and_ignores_the_batch_size(tmp_path):
+    import numpy as np
+
+    import sample_ddp
+    _, ckpt = save_xs4(tmp_path / "sit.pt", "SiT")
+    flags = [*PIXEL, "--ckpt", ckpt, "--sampler", "sde", "--num-sampling-steps", "4", "--num-fid-samples", "5"]
+    for batch in ("4", "2"):
+        sample_ddp.main(sample_ddp.parse_args([*flags, "--per-proc-batch-size", batch,
+                                               "--sample-dir", str(tmp_path / batch)]))
+    name = "SiT-XS-4-sit-size-8-vae-none-cfg-1.5-seed-0-steps-4-sde-Euler-sigma-1.0-Mean-0.04.npz"
+    with np.load(tmp_path / "4" / name) as four, np.load(tmp_path / "2" / name) as two:
+        assert four["arr_0"].shape == (5, 8, 8, 3) and np.array_equal(four["labels"], two["labels"])
+        assert np.abs(four["arr_0"].astype(int) - two["arr_0"].astype(int)).max() <= 1
+        assert len(np.unique(four["arr_0"])) > 50

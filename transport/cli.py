@@ -59,3 +59,29 @@ def check_sampler_family(sampler, model_name, is_sit):
         raise TinyFusionError(f"{model_name} is a SiT: pass --sampler ode or --sampler sde (SiT's ODE / SDE modes)")
     if not is_sit and sampler in FLOW_SAMPLERS:
         raise TinyFusionError(f"--sampler {sampler} is for SiT models; {model_name} is a DiT (use ddpm or ddim)")
+
+
+IDENTITY_KEYS = ("path_type", "prediction", "sample_eps", "train_eps", "sampling_method", "atol", "rtol",
+                 "diffusion_form", "diffusion_norm", "last_step", "last_step_size")
+
+
+def flow_identity(args):
+    """The SiT flags that change the images (sample_ddp refuses to resume with others)."""
+    return {key: getattr(args, key) for key in IDENTITY_KEYS}
+
+
+def flow_run_suffix(args):
+    """Appended to a SiT run name so that two sampler settings never share a folder: the solver,
+    and for the SDE its diffusion and last step (as SiT's sample_ddp folder names), then any
+    non-default interpolant."""
+    options = flow_options(args)
+    suffix = f"-{options['method']}"
+    if args.sampler == "sde":
+        suffix += f"-{args.diffusion_form}-{args.diffusion_norm}-{args.last_step}-{args.last_step_size}"
+    elif options["method"] not in FIXED_ODE_METHODS:
+        suffix += f"-atol-{args.atol}-rtol-{args.rtol}"
+    if (args.path_type, args.prediction) != ("Linear", "velocity"):
+        suffix += f"-{args.path_type}-{args.prediction}"
+    if args.sample_eps is not None or args.train_eps is not None:
+        suffix += f"-eps-{args.train_eps}-{args.sample_eps}"
+    return suffix
