@@ -46,7 +46,8 @@ def main(args):
                          f"model's classes (or the right --num-classes)")
     ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
     model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
-                           use_ema=not args.no_ema, groups=args.groups)
+                           use_ema=not args.no_ema, groups=args.groups,
+                           families=("DiT", "SiT"))
     model = model.to(device).eval().requires_grad_(False)
     vae = load_vae(args.vae, args.vae_path, device)
     diffusion = transport_from_args(args) if is_sit else create_diffusion(str(args.num_sampling_steps))

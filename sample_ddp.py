@@ -205,7 +205,8 @@ def main(args):
                 f"{len(todo)} on {ctx.world_size} rank(s) x {args.per_proc_batch_size} ({ctx.backend}) into {run_dir}")
 
     model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
-                           use_ema=not args.no_ema, groups=args.groups)
+                           use_ema=not args.no_ema, groups=args.groups,
+                           families=("DiT", "SiT"))
     model = model.to(ctx.device).eval().requires_grad_(False)
     vae = load_vae(args.vae, args.vae_path, ctx.device)
     diffusion = transport_from_args(args) if options else create_diffusion(str(args.num_sampling_steps))

@@ -159,18 +159,23 @@ def load_into_model(model, state_dict, model_name, source, flag="--model"):
 
 # ----------------------------------------------------------------------- building
 def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_path=None, ckpt=None,
-                use_ema=True, groups=None, flag="--model", **model_kwargs):
+                use_ema=True, groups=None, flag="--model", families=("DiT",), **model_kwargs):
     """The DiT every script uses: architecture from --model, latent geometry from --vae and
     --image-size (4 x image/8 for the SD-VAE, 3 x image for --vae none), weights from `ckpt`.
 
     A checkpoint carrying our pruning metadata sets the depth, so a 6-block student pruned from
-    DiT-S/2 is used with `--model DiT-S/2` by every later script. Returns (model, metadata)."""
+    DiT-S/2 is used with `--model DiT-S/2` by every later script. `families` lists the model
+    families the calling script supports ("DiT", "SiT"). Returns (model, metadata)."""
     from models import DiT_models, SiT_models
     from tinyfusion.vae import latent_geometry_from_flags
     registry = {**DiT_models, **SiT_models}
     if model_name not in registry:
         raise SystemExit(f"error: unknown {flag} {model_name}; choose one of {', '.join(DiT_models)} "
                          f"(or their SiT- twins)")
+    if model_name in SiT_models and "SiT" not in families:
+        from tinyfusion.errors import TinyFusionError
+        raise TinyFusionError(f"{flag} {model_name} is a SiT; this script supports DiT models only for now "
+                              f"(SiT: sample.py and sample_ddp.py)")
     channels, latent_size = latent_geometry_from_flags(vae, image_size, vae_path)
     kwargs = dict(input_size=latent_size, num_classes=num_classes, in_channels=channels, **model_kwargs)
     if groups is not None:
