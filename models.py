@@ -218,6 +218,8 @@ class DiT(nn.Module):
     samples that keep it, "dense" is the literal m*block(x) + (1-m)*x (reference and benchmark).
     """
 
+    model_family = "DiT"  # checkpoint metadata: which generative process the weights belong to
+
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, groups=None):
         super().__init__()
@@ -454,7 +456,7 @@ def prune_to_kept_blocks(model, kept_indices):
     kept_indices = validate_kept_indices([int(i) for i in kept_indices], model.depth)
     config = model.config()
     config.update(depth=len(kept_indices), groups=None)
-    pruned = DiT(**config).to(next(model.parameters()).device)
+    pruned = type(model)(**config).to(next(model.parameters()).device)  # a DiT stays a DiT, a SiT a SiT
     source = {key: value for key, value in model.state_dict().items() if not key.startswith("gate_logits")}
     target = {}
     for key, value in source.items():
@@ -466,6 +468,28 @@ def prune_to_kept_blocks(model, kept_indices):
         target[key] = value
     pruned.load_state_dict(target, strict=True)
     return pruned
+
+
+#################################################################################
+#                                     SiT                                       #
+#################################################################################
+
+class SiT(DiT):
+    """SiT (Ma et al. 2024): the same backbone and parameter names, trained and sampled with the
+    flow-matching transport of transport/ instead of diffusion/. It is called with continuous
+    time t in [0, 1] (not 0..999) and returns one prediction (velocity by default) with the input's
+    C channels. As in SiT's code, learn_sigma=True (SiT's default, and the layout of the released
+    SiT-XL-2-256x256.pt) keeps a final layer of p*p*2C outputs whose second half is dropped."""
+
+    model_family = "SiT"
+
+    def forward(self, x, t, y, **kwargs):
+        out = super().forward(x, t, y, **kwargs)
+        if not self.learn_sigma:
+            return out
+        if isinstance(out, tuple):  # (output, hidden states) with hidden_indices
+            return out[0][:, :self.in_channels], out[1]
+        return out[:, :self.in_channels]
 
 
 #################################################################################
@@ -498,7 +522,7 @@ FAMILIES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": 
             "D19": (19, 1152, 16), "D14": (14, 1152, 16), "D7": (7, 1152, 16), "XS": (12, 128, 4)}
 
 
-def _config(family, patch_size, groups=None):
+def _config(family, patch_size, groups=None, model_class=DiT):
     depth, hidden_size, num_heads = FAMILIES[family]
 
     def build(**kwargs):
@@ -506,8 +530,9 @@ def _config(family, patch_size, groups=None):
         if groups is not None:
             settings["groups"] = groups
         settings.update(kwargs)  # e.g. depth= for a pruned student, groups= for a custom pattern
-        return DiT(**settings)
+        return model_class(**settings)
     build.family, build.patch_size, build.default_groups = family, patch_size, groups
+    build.model_family = model_class.model_family
     return build
 
 
@@ -531,7 +556,14 @@ DiT_models.update({
 })
 
 
+# SiT under the same names with the SiT- prefix (the 12 published configurations, our XS and
+# the shallow / gated ones)
+SiT_models = {name.replace("DiT-", "SiT-", 1): _config(build.family, build.patch_size, build.default_groups, SiT)
+              for name, build in DiT_models.items()}
+
+
 def plain_model_name(name):
-    """The ungated name whose weights a gated config starts from (DiT-XL-1-2 -> DiT-XL/2)."""
-    build = DiT_models[name]
-    return f"DiT-{build.family}/{build.patch_size}"
+    """The ungated name whose weights a gated config starts from (DiT-XL-1-2 -> DiT-XL/2,
+    SiT-XL-1-2 -> SiT-XL/2)."""
+    build = DiT_models[name] if name in DiT_models else SiT_models[name]
+    return f"{build.model_family}-{build.family}/{build.patch_size}"

@@ -9,6 +9,10 @@ VAE and saved as a 4-column grid; the same checkpoint and seed give the same PNG
 uses for its sample i, so an image does not change when other labels are added or removed.
 
     python sample.py --model DiT-D14/2 --ckpt pretrained/TinyDiT-D14-MaskedKD-500K.pt --seed 5464
+
+A SiT (--model SiT-...) samples with --sampler ode or sde (SiT's ODE / SDE modes, same flags):
+
+    python sample.py --model SiT-XL/2 --ckpt pretrained/SiT-XL-2-256x256.pt --sampler sde
 """
 import argparse
 import time
@@ -24,6 +28,7 @@ from diffusion import create_diffusion
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, sample_generator
 from tinyfusion.vae import decode, load_vae
 from tinyfusion.errors import TinyFusionError, run_main
+from transport.cli import FLOW_SAMPLERS, add_transport_args, check_sampler_family, flow_options, transport_from_args
 
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
@@ -59,7 +64,11 @@ def original_grid(model, diffusion, labels, args, vae, amp_dtype, device):
 def main(args):
     """Sample one image per --class-labels entry and save them as a 4-column grid PNG."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.sampler == "ddpm" and args.ddim_eta != 0.0:
+    is_sit = args.model.startswith("SiT-")
+    args.sampler = args.sampler or ("ddpm" if not is_sit else None)
+    check_sampler_family(args.sampler, args.model, is_sit)
+    options = flow_options(args) if is_sit else None
+    if args.sampler != "ddim" and args.ddim_eta != 0.0:
         raise TinyFusionError("--ddim-eta is for --sampler ddim")
     if args.seed < 0:
         raise TinyFusionError(f"--seed must be >= 0, got {args.seed}")
@@ -69,11 +78,13 @@ def main(args):
                               f"model's classes (or the right --num-classes)")
     ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
     model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
-                           use_ema=not args.no_ema, groups=args.groups)
+                           use_ema=not args.no_ema, groups=args.groups,
+                           families=("DiT", "SiT"))
     model = model.to(device).eval().requires_grad_(False)
     vae = load_vae(args.vae, args.vae_path, device)
     # "leading": diffusers' timesteps 0, s, 2s, ... (s = 1000 // steps), as DiTPipeline samples
-    diffusion = create_diffusion(("leading" if args.timestep_spacing == "leading" else "") + str(args.num_sampling_steps))
+    spacing = "leading" if args.timestep_spacing == "leading" else ""
+    diffusion = transport_from_args(args) if is_sit else create_diffusion(spacing + str(args.num_sampling_steps))
     amp_dtype = resolve_precision(args.precision, device)
 
     start = time.time()
@@ -81,7 +92,12 @@ def main(args):
         generators = [sample_generator(args.seed, i) for i in range(len(args.class_labels))]
         images = generate(model, diffusion, args.class_labels, generators, args.cfg_scale, args.sampler,
                           args.ddim_eta, vae, amp_dtype=amp_dtype, progress=True,
-                          guide_all_channels=args.guide_all_channels)
+                          guide_all_channels=args.guide_all_channels, flow_options=options)
+    elif is_sit:  # SiT has no original grid procedure here: its samplers draw per-sample noise
+        generators = [sample_generator(args.seed, i) for i in range(len(args.class_labels))]
+        images = generate(model, diffusion, args.class_labels, generators, args.cfg_scale, args.sampler,
+                          args.ddim_eta, vae, amp_dtype=amp_dtype, progress=True,
+                          guide_all_channels=args.guide_all_channels, flow_options=options)
     else:
         images = original_grid(model, diffusion, args.class_labels, args, vae, amp_dtype, device)
     # normalize to [-1, 1] then *255 + 0.5: the same uint8 values as sample_ddp.py's clamp(127.5 x + 128)
@@ -103,13 +119,15 @@ def parse_args(argv=None):
     parser.add_argument("--per-sample-seeds", action="store_true",
                         help="image i gets its own noise from (--seed, i), as sample i of sample_ddp.py, instead of "
                              "the original's one global seed for the whole grid")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    parser.add_argument("--sampler", choices=[*SAMPLERS, *FLOW_SAMPLERS], default=None,
+                        help="DiT: ddpm (default) or ddim; SiT: ode or sde (required)")
     parser.add_argument("--ddim-eta", type=float, default=0.0)
     parser.add_argument("--timestep-spacing", choices=["dit", "leading"], default="dit",
                         help="dit: steps spread evenly over [0, 999] (DiT); leading: 0, s, 2s, ... (diffusers' DiTPipeline)")
     parser.add_argument("--out", type=str, default="sample.png", help="grid PNG to write (replaced if it exists)")
     add_precision_arg(parser)
     parser.set_defaults(precision="fp32")  # the original samples in fp32; bf16 is opt-in on every device
+    add_transport_args(parser)
     return parser.parse_args(argv)
 
 

@@ -40,6 +40,8 @@ from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, run_name
 from tinyfusion.vae import load_vae, to_uint8_nhwc
 from tinyfusion.errors import TinyFusionError, run_main
 from tinyfusion.run_lock import lock_folder, release_folder
+from transport.cli import (FLOW_SAMPLERS, add_transport_args, check_sampler_family, flow_identity, flow_options,
+                           flow_run_suffix, transport_from_args)
 
 # settings that change the images: a run may only be resumed (or reported complete) with the same
 # values (--num-fid-samples, --per-proc-batch-size and the world size may change). The checkpoint
@@ -189,13 +191,16 @@ def check_args(args):
     if min(args.num_fid_samples, args.per_proc_batch_size, args.cpu_threads) <= 0 or args.global_seed < 0:
         raise TinyFusionError("--num-fid-samples, --per-proc-batch-size and --cpu-threads must be positive, "
                          "--global-seed >= 0")
-    if args.sampler == "ddpm" and args.ddim_eta != 0.0:
+    args.sampler = args.sampler or ("ddpm" if not args.model.startswith("SiT-") else None)
+    check_sampler_family(args.sampler, args.model, args.model.startswith("SiT-"))
+    if args.sampler != "ddim" and args.ddim_eta != 0.0:
         raise TinyFusionError("--ddim-eta is for --sampler ddim")
+    return flow_options(args) if args.model.startswith("SiT-") else None
 
 
 def main(args):
     """Sample --num-fid-samples images over all ranks and write them as one .npz."""
-    check_args(args)
+    options = check_args(args)
     ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
     ctx = setup_distributed()
     if ctx.device.type == "cuda":  # TF32 (the original's default) is fast on A100+; --no-tf32 for full fp32
@@ -206,12 +211,13 @@ def main(args):
     amp_dtype = resolve_precision(args.precision, ctx.device)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     name = run_name(args.model, args.ckpt, args.image_size, args.vae, args.cfg_scale, args.global_seed,
-                    args.num_sampling_steps, args.sampler, precision)
+                    args.num_sampling_steps, args.sampler, precision) + (flow_run_suffix(args) if options else "")
     run_dir = os.path.join(args.sample_dir, name)
     final_path = f"{run_dir}.npz"
     image_shape = (args.image_size, args.image_size, 3)
     settings = {key: getattr(args, key) for key in IDENTITY_KEYS if hasattr(args, key)}
     settings.update(ckpt=os.path.abspath(ckpt), precision=precision, tf32=bool(args.tf32))
+    settings.update(flow_identity(args) if options else {})
 
     # rank 0 locks the run folder and decides (and creates folders); every rank gets the same
     # plan or the same error. The lock is held until the .npz is written (or the run fails).
@@ -227,13 +233,14 @@ def main(args):
         if status == "error":
             cleanup_distributed()
             raise TinyFusionError(todo)
-        sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_dtype, image_shape)
+        sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_dtype, image_shape, options)
     finally:
         release_folder(run_dir)
 
 
-def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_dtype, image_shape):
-    """Every rank samples its share of `todo` into part files; rank 0 writes the .npz."""
+def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_dtype, image_shape, options=None):
+    """Every rank samples its share of `todo` into part files; rank 0 writes the .npz (`options`:
+    a SiT's flow sampler keywords, None for DiT)."""
     logger = create_logger(run_dir if status == "todo" else None, ctx.is_main, name="sample_ddp")
     if status == "done":
         logger.info(f"{final_path} is already complete; nothing to do")
@@ -247,10 +254,11 @@ def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_
                 f"{len(todo)} on {ctx.world_size} rank(s) x {args.per_proc_batch_size} ({ctx.backend}) into {run_dir}")
 
     model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
-                           use_ema=not args.no_ema, groups=args.groups)
+                           use_ema=not args.no_ema, groups=args.groups,
+                           families=("DiT", "SiT"))
     model = model.to(ctx.device).eval().requires_grad_(False)
     vae = load_vae(args.vae, args.vae_path, ctx.device)
-    diffusion = create_diffusion(str(args.num_sampling_steps))
+    diffusion = transport_from_args(args) if options else create_diffusion(str(args.num_sampling_steps))
 
     # global batch k covers todo[k*G:(k+1)*G], G = world size x per-proc batch; rank r takes its slice
     batch = args.per_proc_batch_size
@@ -265,7 +273,8 @@ def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_
         labels = sample_labels(args.global_seed, indices, args.num_classes)
         generators = [sample_generator(args.global_seed, i) for i in indices]
         images = generate(model, diffusion, labels, generators, args.cfg_scale, args.sampler, args.ddim_eta, vae,
-                          amp_dtype=amp_dtype, pad_to=batch, guide_all_channels=args.guide_all_channels)
+                          amp_dtype=amp_dtype, pad_to=batch, guide_all_channels=args.guide_all_channels,
+                          flow_options=options)
         images = to_uint8_nhwc(images).numpy()
         if args.save_png:  # before the part: a finished part implies its PNGs are complete
             for index, image in zip(indices, images):
@@ -310,7 +319,8 @@ def parse_args(argv=None):
     parser.add_argument("--ckpt", type=str, default=None,
                         help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    parser.add_argument("--sampler", choices=[*SAMPLERS, *FLOW_SAMPLERS], default=None,
+                        help="DiT: ddpm (default) or ddim; SiT: ode or sde (required)")
     parser.add_argument("--ddim-eta", type=nonnegative_float, default=0.0)
     add_precision_arg(parser)
     parser.set_defaults(precision="fp32")  # FID numbers are comparable to the original's fp32 sampling
@@ -320,6 +330,7 @@ def parse_args(argv=None):
                         help="intra-op threads per rank on CPU (use one rank per core instead: images are bit-identical "
                              "for any world size only at a fixed thread count)")
     parser.add_argument("--keep-parts", action="store_true", help="keep the part files after the .npz is written")
+    add_transport_args(parser)
     return parser.parse_args(argv)
 
 

@@ -152,6 +152,19 @@ def extract_state_dict(obj, use_ema=True):
             for key, value in state_dict.items() if torch.is_tensor(value)}
 
 
+def checkpoint_model_family(obj, metadata, path):
+    """"DiT" or "SiT" as far as a checkpoint tells (the two have the same keys and shapes): our
+    metadata, else a training checkpoint's args.model, else the released file names
+    (DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt); None when nothing says."""
+    if metadata and metadata.get("model_family"):
+        return metadata["model_family"]
+    name = getattr(obj.get("args"), "model", None) if isinstance(obj, dict) else None
+    if isinstance(name, str) and name[:4] in ("DiT-", "SiT-"):
+        return name[:3]
+    base = os.path.basename(os.fspath(path))
+    return base[:3] if re.fullmatch(r"(DiT|SiT)-XL-2-\d+x\d+\.pt", base) else None
+
+
 def load_state_dict(path, use_ema=True):
     """(state dict, metadata or None) of a checkpoint file in any supported format."""
     obj = load_checkpoint_file(path)
@@ -227,33 +240,56 @@ def load_into_model(model, state_dict, model_name, source, flag="--model"):
 
 # ----------------------------------------------------------------------- building
 def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_path=None, ckpt=None,
-                use_ema=True, groups=None, flag="--model", **model_kwargs):
+                use_ema=True, groups=None, flag="--model", families=("DiT",), **model_kwargs):
     """The DiT every script uses: architecture from --model, latent geometry from --vae and
     --image-size (4 x image/8 for the SD-VAE, 3 x image for --vae none), weights from `ckpt`.
 
     A checkpoint carrying our pruning metadata sets the depth, so a 6-block student pruned from
-    DiT-S/2 is used with `--model DiT-S/2` by every later script. Returns (model, metadata)."""
-    from models import DiT_models
+    DiT-S/2 is used with `--model DiT-S/2` by every later script. `families` lists the model
+    families the calling script supports ("DiT", "SiT"). Returns (model, metadata)."""
+    from models import DiT_models, SiT_models
     from tinyfusion.vae import latent_geometry_from_flags
-    if model_name not in DiT_models:
-        raise TinyFusionError(f"unknown {flag} {model_name}; choose one of {', '.join(DiT_models)}")
+    registry = {**DiT_models, **SiT_models}
+    if model_name not in registry:
+        raise TinyFusionError(f"unknown {flag} {model_name}; choose one of {', '.join(DiT_models)} "
+                              f"(or their SiT- twins)")
+    if model_name in SiT_models and "SiT" not in families:
+        raise TinyFusionError(f"{flag} {model_name} is a SiT; this script supports DiT models only for now "
+                              f"(SiT: sample.py and sample_ddp.py)")
     channels, latent_size = latent_geometry_from_flags(vae, image_size, vae_path)
     kwargs = dict(input_size=latent_size, num_classes=num_classes, in_channels=channels, **model_kwargs)
     if groups is not None:
         kwargs["groups"] = groups
     state_dict, metadata = (None, None)
     if ckpt:
-        state_dict, metadata = load_state_dict(ckpt, use_ema=use_ema)
+        obj = load_checkpoint_file(ckpt)
+        state_dict, metadata = extract_state_dict(obj, use_ema=use_ema), read_metadata(obj)
+        kwargs.update(_family_checked_kwargs(obj, metadata, state_dict, ckpt, model_name, flag))
         if metadata and metadata.get("kept_indices") is not None:
             kwargs["depth"] = len(metadata["kept_indices"])
             kwargs.pop("groups", None)
     try:
-        model = DiT_models[model_name](**kwargs)
+        model = registry[model_name](**kwargs)
     except ValueError as error:
         raise TinyFusionError(f"{error}") from None
     if state_dict is not None:
         load_into_model(model, state_dict, model_name, ckpt, flag)
     return model, metadata
+
+
+def _family_checked_kwargs(obj, metadata, state_dict, ckpt, model_name, flag):
+    """Refuses a DiT checkpoint for a SiT model and the reverse; a SiT state dict without the
+    unused sigma half (p*p*C outputs) gets learn_sigma=False. Returns extra model kwargs."""
+    from models import SiT_models
+    from tinyfusion.errors import TinyFusionError
+    wanted = "SiT" if model_name in SiT_models else "DiT"
+    family = checkpoint_model_family(obj, metadata, ckpt)
+    if family is not None and family != wanted:
+        twin = f"{family}-{model_name[4:]}"
+        raise TinyFusionError(f"checkpoint {ckpt} holds {family} weights but {flag} {model_name} is a {wanted}; "
+                              f"pass {flag} {twin} (and the matching sampler)")
+    arch = infer_architecture(state_dict) if wanted == "SiT" else None
+    return {"learn_sigma": False} if arch and arch["learn_sigma"] is False else {}
 
 
 # ----------------------------------------------------------------------- writing
@@ -307,5 +343,5 @@ def newest_loadable_checkpoint(run_dir, *, fall_back=False, load=None, log=print
 
 def save_pruned_model(model, path, metadata, overwrite=False):
     """A pruned (plain) DiT as a plain state dict with our metadata riding along."""
-    metadata = dict(metadata, depth=model.depth, config=model.config())
+    metadata = dict(metadata, depth=model.depth, config=model.config(), model_family=model.model_family)
     return save_checkpoint(with_metadata(model.state_dict(), metadata), path, overwrite=overwrite)

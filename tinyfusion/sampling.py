@@ -32,6 +32,9 @@ SAMPLERS = {
     "ddim": lambda diffusion, model_fn, shape, eta, kwargs: diffusion.ddim_sample_loop(model_fn, shape, eta=eta,
                                                                                        **kwargs),
 }
+FLOW_SAMPLERS = ("ode", "sde")  # SiT (transport/): flow_sample
+SIT_CHECKPOINT_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
+                      "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0")
 
 
 # ----------------------------------------------------------------------- checkpoints
@@ -40,11 +43,24 @@ def resolve_checkpoint(ckpt, model_name, image_size):
     a copy in pretrained/ (or the original's pretrained_models/), else it is downloaded."""
     if ckpt:
         return ckpt
+    if model_name.startswith("SiT-"):
+        return _resolve_sit_checkpoint(model_name, image_size)
     if model_name == "DiT-XL/2" and image_size in (256, 512):
         return resolve_released(f"DiT-XL-2-{image_size}x{image_size}.pt")
     tiny = " (the released TinyDiT: --ckpt TinyDiT-D14-MaskedKD-500K.pt)" if (model_name, image_size) == ("DiT-D14/2", 256) else ""
     raise TinyFusionError(f"--ckpt is required for --model {model_name} at --image-size {image_size}: only DiT-XL/2 "
                           f"at 256/512 has a default checkpoint; pass your trained or pruned checkpoint{tiny}")
+
+
+def _resolve_sit_checkpoint(model_name, image_size):
+    """SiT released SiT-XL-2-256x256.pt only (saved under that name by SiT's download.py)."""
+    if model_name == "SiT-XL/2" and image_size == 256:
+        for folder in ("pretrained_models", "pretrained"):
+            if os.path.isfile(os.path.join(folder, "SiT-XL-2-256x256.pt")):
+                return os.path.join(folder, "SiT-XL-2-256x256.pt")
+    raise TinyFusionError(f"no --ckpt given for --model {model_name} at --image-size {image_size}; the only released "
+                          f"SiT is SiT-XL/2 at 256: download {SIT_CHECKPOINT_URL} as "
+                          f"pretrained/SiT-XL-2-256x256.pt, or pass --ckpt with your own SiT checkpoint")
 
 
 # ----------------------------------------------------------------------- per-sample seeds
@@ -86,7 +102,7 @@ def padded_rows(rows, pad_to=0):
 # ----------------------------------------------------------------------- generation
 @torch.no_grad()
 def generate(model, diffusion, labels, generators, cfg_scale=1.0, sampler="ddpm", eta=0.0, vae=None,
-             amp_dtype=torch.float32, pad_to=0, progress=False, guide_all_channels=False):
+             amp_dtype=torch.float32, pad_to=0, progress=False, guide_all_channels=False, flow_options=None):
     """Sample one image per label and return them decoded: float (B, 3, H, W) in about [-1, 1]
     on the model's device (clamp / convert with vae.to_uint8_nhwc).
 
@@ -94,9 +110,14 @@ def generate(model, diffusion, labels, generators, cfg_scale=1.0, sampler="ddpm"
     its noise of every step. cfg_scale > 1 runs model.forward_with_cfg on [x; x] with labels
     [y; null class]; cfg_scale == 1 is the plain conditional model, one forward per step.
     clip_denoised=False as in DiT. The batch is padded to padded_rows(len(labels), pad_to)
-    rows (see the module docstring); padding rows are dropped from the result."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+    rows (see the module docstring); padding rows are dropped from the result.
+    A SiT samples with sampler "ode" or "sde": `diffusion` is then its transport.Transport and
+    flow_options the keyword arguments of transport.sample_ode / sample_sde."""
+    if sampler not in (*SAMPLERS, *FLOW_SAMPLERS):
+        raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join((*SAMPLERS, *FLOW_SAMPLERS))}")
+    if (sampler in FLOW_SAMPLERS) != (getattr(model, "model_family", "DiT") == "SiT"):
+        raise ValueError(f"sampler {sampler!r} does not fit a {getattr(model, 'model_family', 'DiT')} model "
+                         f"(SiT: ode, sde; DiT: ddpm, ddim)")
     if len(generators) != len(labels):
         raise ValueError(f"need one generator per label, got {len(generators)} generators for {len(labels)} labels")
     if cfg_scale < 0:
@@ -132,10 +153,22 @@ def generate(model, diffusion, labels, generators, cfg_scale=1.0, sampler="ddpm"
 
     loop_kwargs = dict(noise=x_start.repeat(copies, 1, 1, 1).to(device), clip_denoised=False,
                        model_kwargs=dict(y=y), device=device, progress=progress, noise_fn=noise_fn)
-    latents = SAMPLERS[sampler](diffusion, model_fn, (len(y), *shape), eta, loop_kwargs)
+    if sampler in FLOW_SAMPLERS:
+        latents = flow_sample(diffusion, sampler, lambda x, t: model_fn(x, t, y), loop_kwargs["noise"], noise_fn,
+                              progress, flow_options or {})
+    else:
+        latents = SAMPLERS[sampler](diffusion, model_fn, (len(y), *shape), eta, loop_kwargs)
     latents = latents[: rows + pad]
     images = decode(vae, latents.float()) if vae is not None else latents
     return images[:rows]
+
+
+def flow_sample(transport, sampler, model_fn, noise, noise_fn, progress, options):
+    """A SiT's ODE or SDE sample from `noise` (the SDE's per-step noise from noise_fn)."""
+    from transport import sample_ode, sample_sde
+    if sampler == "ode":
+        return sample_ode(model_fn, noise, transport, progress=progress, **options)
+    return sample_sde(model_fn, noise, transport, noise_fn=noise_fn, progress=progress, **options)
 
 
 # ----------------------------------------------------------------------- naming
