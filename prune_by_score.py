@@ -44,7 +44,7 @@ def main(args):
         raise TinyFusionError("--ckpt is required: the checkpoint to prune, e.g. pretrained/DiT-XL-2-256x256.pt")
     if not args.data_path and not args.features_path:
         raise TinyFusionError("pass --data-path (an ImageFolder, encoded with --vae) or --features-path "
-                         "(a feature store) for the calibration samples")
+                              "(a feature store) for the calibration samples")
     check_output_path(args.save_model, args.overwrite)
     check_output_path(args.sample_grid, args.overwrite)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -62,10 +62,10 @@ def main(args):
     expected = (model.in_channels, model.input_size, model.input_size)
     if tuple(latents.shape[1:]) != expected:
         raise TinyFusionError(f"the calibration latents are {tuple(latents.shape[1:])} but the model expects {expected}; "
-                         f"pass the --vae/--image-size the data was made with")
+                              f"pass the --vae/--image-size the data was made with")
     if int(labels.max()) >= model.num_classes:
         raise TinyFusionError(f"the calibration data has labels up to {int(labels.max())} but the model has "
-                         f"{model.num_classes} classes; pass --num-classes {int(labels.max()) + 1}")
+                              f"{model.num_classes} classes; pass --num-classes {int(labels.max()) + 1}")
     diffusion = create_diffusion("")
     similarities = bi_scores(model, latents, labels, diffusion, args.batch_size, args.seed, progress=True)
     try:

@@ -101,7 +101,7 @@ def assemble(parts_dir, final_path, num_samples, image_shape, keep_parts=False):
     missing = [i for i in range(num_samples) if i not in finished]
     if missing:
         raise TinyFusionError(f"{len(missing)} samples are missing from {parts_dir} (first: {missing[:5]}); "
-                         f"run again with --resume")
+                              f"run again with --resume")
     write_npz(final_path, finished, num_samples, image_shape)
     if not keep_parts:  # the .npz holds everything; the parts would double the disk use
         shutil.rmtree(parts_dir)
@@ -133,14 +133,14 @@ def plan_run(args, run_dir, final_path, settings, image_shape):
     if os.path.isfile(settings_path):
         if not args.resume and finished:
             raise TinyFusionError(f"{parts_dir} holds {len(finished)} samples of an unfinished run; pass --resume "
-                             f"to continue it or remove {run_dir}")
+                                  f"to continue it or remove {run_dir}")
         with open(settings_path) as f:
             previous = json.load(f)
         changed = [key for key in IDENTITY_KEYS if previous.get(key) != settings[key]]
         if finished and changed:
             details = ", ".join(f"{key} {previous.get(key)!r} -> {settings[key]!r}" for key in changed)
             raise TinyFusionError(f"cannot resume {run_dir}: its samples were made with other settings "
-                             f"({details}); use the same flags or remove the folder")
+                                  f"({details}); use the same flags or remove the folder")
     os.makedirs(parts_dir, exist_ok=True)
     atomic_write_json(settings_path, settings)
     return "todo", [i for i in range(args.num_fid_samples) if i not in finished]
@@ -151,7 +151,7 @@ def check_args(args):
         raise TinyFusionError(f"--cfg-scale must be >= 1.0 (1.0 = no guidance), got {args.cfg_scale}")
     if min(args.num_fid_samples, args.per_proc_batch_size, args.cpu_threads) <= 0 or args.global_seed < 0:
         raise TinyFusionError("--num-fid-samples, --per-proc-batch-size and --cpu-threads must be positive, "
-                         "--global-seed >= 0")
+                              "--global-seed >= 0")
     if args.sampler == "ddpm" and args.ddim_eta != 0.0:
         raise TinyFusionError("--ddim-eta is for --sampler ddim")
 

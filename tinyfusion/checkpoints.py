@@ -32,7 +32,7 @@ def load_checkpoint_file(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise TinyFusionError(f"checkpoint {path} does not exist; check the path (released weights: "
-                         f"https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt)")
+                              f"https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path, device="cpu")
@@ -41,9 +41,9 @@ def load_checkpoint_file(path):
     except Exception as error:
         if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
             raise TinyFusionError(f"refusing to load {path}: it holds Python objects other than tensors and "
-                             f"could run code (weights_only=True); re-save it as a plain state dict") from None
+                                  f"could run code (weights_only=True); re-save it as a plain state dict") from None
         raise TinyFusionError(f"could not read checkpoint {path} ({type(error).__name__}: {error}); "
-                         f"is the file complete?") from None
+                              f"is the file complete?") from None
 
 
 def read_metadata(obj):
@@ -140,7 +140,7 @@ def load_into_model(model, state_dict, model_name, source, flag="--model"):
                             for label, keys in (("missing", missing), ("unexpected", unexpected),
                                                 ("shape mismatch", mismatched)) if keys)
         raise TinyFusionError(f"checkpoint {source} does not fit {flag} {model_name}: it holds {fits}; "
-                         f"pass the matching {flag}/--image-size/--num-classes/--vae ({details})")
+                              f"pass the matching {flag}/--image-size/--num-classes/--vae ({details})")
     model.load_state_dict(state_dict, strict=True)
     return model
 

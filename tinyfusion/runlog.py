@@ -35,7 +35,7 @@ def prepare_run_folder(run_dir, args, resuming, is_main):
         return run_dir
     if not resuming and latest_checkpoint(run_dir) is not None:
         raise TinyFusionError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
-                         f"or choose another --prefix/--results-dir")
+                              f"or choose another --prefix/--results-dir")
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     args_name = "args.json" if not resuming else f"args-resume-{time.strftime('%Y%m%d-%H%M%S')}.json"
     atomic_write_json(os.path.join(run_dir, args_name), args if isinstance(args, dict) else vars(args))

@@ -47,11 +47,11 @@ def resolve_checkpoint(ckpt, model_name, image_size):
             if os.path.isfile(os.path.join(folder, file_name)):
                 return os.path.join(folder, file_name)
         raise TinyFusionError(f"no --ckpt given and the released weights cannot be downloaded here; "
-                         f"download {DIT_CHECKPOINT_URL.format(size=image_size)} into pretrained/ "
-                         f"and pass --ckpt pretrained/{file_name}")
+                              f"download {DIT_CHECKPOINT_URL.format(size=image_size)} into pretrained/ "
+                              f"and pass --ckpt pretrained/{file_name}")
     raise TinyFusionError(f"--ckpt is required for --model {model_name} at --image-size {image_size} (only "
-                     f"DiT-XL/2 at 256/512 has released weights: {DIT_CHECKPOINT_URL.format(size=256)}); "
-                     f"pass --ckpt with your trained or pruned checkpoint")
+                          f"DiT-XL/2 at 256/512 has released weights: {DIT_CHECKPOINT_URL.format(size=256)}); "
+                          f"pass --ckpt with your trained or pruned checkpoint")
 
 
 # ----------------------------------------------------------------------- per-sample seeds
