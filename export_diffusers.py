@@ -119,13 +119,13 @@ def check_exportable(model):
     """One-line errors for what DiTTransformer2DModel cannot represent."""
     if model.mlp_ratio != 4.0:
         raise TinyFusionError(f"the model has mlp_ratio {model.mlp_ratio}; DiTTransformer2DModel only has "
-                         f"MLP ratio 4, so it cannot be exported")
+                              f"MLP ratio 4, so it cannot be exported")
     grid = model.input_size // model.patch_size
     standard = torch.from_numpy(get_2d_sincos_pos_embed(model.hidden_size, grid)).float()
     deviation = (model.pos_embed.detach().float()[0] - standard).abs().max().item()
     if deviation > POS_EMBED_TOLERANCE:
         raise TinyFusionError(f"the checkpoint's pos_embed differs from the fixed 2-D sin-cos table by "
-                         f"{deviation:.3g}; diffusers recomputes that table, so this model cannot be exported")
+                              f"{deviation:.3g}; diffusers recomputes that table, so this model cannot be exported")
 
 
 def check_gates_trained(model):
@@ -221,7 +221,7 @@ def read_id2label(path, num_classes):
     outside = [key for key in id2label if not key.isdigit() or int(key) >= num_classes]
     if outside:
         raise TinyFusionError(f"--id2label {path} names classes {outside[:3]} outside 0..{num_classes - 1}; "
-                         f"give a JSON object mapping class indices to names")
+                              f"give a JSON object mapping class indices to names")
     return id2label
 
 
@@ -276,8 +276,9 @@ def main(args):
     if vae is not None:
         if vae.config.latent_channels != model.in_channels:
             raise TinyFusionError(f"the VAE in {vae_folder} has {vae.config.latent_channels} latent channels but "
-                             f"the model takes {model.in_channels}; pass the VAE the model was trained with")
-        # our latents are scaled by LATENT_SCALE (0.18215) whatever the VAE folder says; the pipeline reads it from the config
+                                  f"the model takes {model.in_channels}; pass the VAE the model was trained with")
+        # our latents are scaled by LATENT_SCALE (0.18215) whatever the VAE folder says; the pipeline reads
+        # it from the config
         vae.register_to_config(scaling_factor=LATENT_SCALE)
     id2label = read_id2label(args.id2label, model.num_classes)
     provenance = dict(source_checkpoint=os.path.abspath(ckpt), model=args.model, depth=transformer.config.num_layers,

@@ -173,15 +173,15 @@ def prepare_features_path(path, plan, resume):
             if existing.get(key) != plan[key]:
                 there, here = (repr(value)[:60] for value in (existing.get(key), plan[key]))
                 raise TinyFusionError(f"{path} already holds a different extraction ({key}: {there} there, "
-                                 f"{here} now); choose another --features-path or delete that folder")
+                                      f"{here} now); choose another --features-path or delete that folder")
         if not resume:
             state = "a finished" if os.path.isfile(os.path.join(path, store.MANIFEST_FILE)) else "an unfinished"
             raise TinyFusionError(f"{path} already holds {state} run of this extraction; pass --resume to "
-                             f"check and complete it, or choose another --features-path")
+                                  f"check and complete it, or choose another --features-path")
         return "resume"
     if entries:
         raise TinyFusionError(f"{path} is not empty and holds no extraction of ours (found {entries[0]!r}); "
-                         f"choose a new or empty --features-path")
+                              f"choose a new or empty --features-path")
     return "fresh"
 
 
@@ -280,7 +280,7 @@ def plan_extraction(args, ctx, logger):
             raise TinyFusionError(str(listing_error)) from None
         if len(classes) > args.num_classes:
             raise TinyFusionError(f"{args.data_path} has {len(classes)} class folders but --num-classes is "
-                             f"{args.num_classes}; pass --num-classes {len(classes)}")
+                                  f"{args.num_classes}; pass --num-classes {len(classes)}")
         for path in ignored:
             logger.info(f"skipping {path}: not an image file")
         vae = load_vae(args.vae, args.vae_path, ctx.device)

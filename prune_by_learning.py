@@ -14,7 +14,6 @@ runs a block's backward pass only for the samples that keep it (models.DiT.gate_
 "sparse"), and the EMA covers only what trains. The loop is tinyfusion/loop.py's, with the tau /
 scaling annealing and the gate decisions added as hooks.
 """
-import argparse
 import os
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ import torch.distributed as dist
 
 from diffusion import create_diffusion
 from models import DiT_models, gate_decision
-from tinyfusion.cli import add_model_args, add_precision_arg
+from tinyfusion.cli import ArgumentParser, add_model_args, add_precision_arg
 from tinyfusion.distributed import check_global_batch, cleanup_distributed, distributed_context, start_process_group
 from tinyfusion.errors import TinyFusionError, run_main
 from tinyfusion.lora import apply_lora
@@ -218,7 +217,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser, default_model="DiT-XL-1-2")
     add_training_args(parser, lr=1e-4, lr_schedule="constant", min_lr=0.0, epochs=1, global_batch_size=128,
                       log_every=50, ckpt_every=1000, ema_decay=0.999)

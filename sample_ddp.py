@@ -121,7 +121,7 @@ def assemble(parts_dir, final_path, num_samples, image_shape, keep_parts=False):
     missing = [i for i in range(num_samples) if i not in finished]
     if missing:
         raise TinyFusionError(f"{len(missing)} samples are missing from {parts_dir} (first: {missing[:5]}); "
-                         f"run again with --resume")
+                              f"run again with --resume")
     write_npz(final_path, finished, num_samples, image_shape)
     if not keep_parts:  # the .npz holds everything; the parts would double the disk use
         shutil.rmtree(parts_dir)

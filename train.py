@@ -12,12 +12,11 @@ clip 1.0, EMA 0.9999, bf16 autocast on GPU with fp32 losses. The run folder
 checkpoints/{step:07d}.pt ({model, ema, opt, sched, train_steps, args, ...}, readable by
 sample.py); `--resume auto` continues the latest one bit-exactly.
 """
-import argparse
 
 import torch
 
 from diffusion import create_diffusion
-from tinyfusion.cli import add_compatibility_flags, add_model_args, add_precision_arg
+from tinyfusion.cli import ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg
 from tinyfusion.distributed import cleanup_distributed, start_process_group
 from tinyfusion.errors import run_main
 from tinyfusion.loop import full_weights, train_loop
@@ -46,7 +45,7 @@ def main(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser, default_model="DiT-XL/2")
     add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4)
     add_precision_arg(parser)

@@ -10,13 +10,13 @@ formulas and the student/teacher block alignment rule). AdamW lr 2e-4 with Cosin
 1e-4 over all steps, stepped every iteration. `--mask-sigma 0` is plain RepKD (no outlier
 masks); `--beta-feat 0` drops the feature term.
 """
-import argparse
 
 from diffusion import create_diffusion
 from diffusion.distillation import (LAYER_MAP_RULES, feature_beta, masked_kd_losses, parse_layer_map, rule_layer_map,
                                     validate_layer_map)
 from tinyfusion.checkpoints import build_model
-from tinyfusion.cli import add_compatibility_flags, add_model_args, add_precision_arg, resolve_precision
+from tinyfusion.cli import (ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg,
+                            resolve_precision)
 from tinyfusion.distributed import cleanup_distributed, start_process_group
 from tinyfusion.errors import TinyFusionError, run_main
 from tinyfusion.loop import AutocastForward, full_weights, train_loop
@@ -88,7 +88,7 @@ def main(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser, default_model="DiT-D14/2")
     add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4, min_lr_aliases=("--final-lr",))
     add_precision_arg(parser)

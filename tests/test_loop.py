@@ -173,6 +173,12 @@ def test_torchrun_bad_input_prints_one_line_once_and_leaves_no_run_folder(worksp
     line = f"error: checkpoint {missing} does not exist"
     assert done.stderr.count(line) == 1, done.stderr[-3000:]
     assert not (tmp_path / "r").exists()
+    # a flag argparse refuses: its usage error once too
+    done = torchrun("train.py", ["--model", MODEL, "--data-path", workspace["features"], "--results-dir",
+                                 str(tmp_path / "r"), "--global-batch-size", "eight", *COMMON_FLAGS])
+    assert done.returncode != 0
+    assert done.stderr.count("train.py: error: argument --global-batch-size: invalid int value: 'eight'") == 1
+    assert not (tmp_path / "r").exists()
 
 
 # ------------------------------------------------------------------ experiment trackers

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from models import DiT_models, SiT, SiT_models, plain_model_name, prune_to_kept_blocks
-from test_models import SPEC_BLOCK_KEYS, SPEC_OTHER_KEYS, randomize
+from test_models import ORIGINAL_BLOCK_KEYS, ORIGINAL_OTHER_KEYS, randomize
 from transport import create_transport, sample_ode, sample_sde, training_losses
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,9 +30,9 @@ def test_sit_xl2_has_the_released_checkpoint_layout():
     with torch.device("meta"):
         model = SiT_models["SiT-XL/2"]()
         no_sigma = SiT_models["SiT-XL/2"](learn_sigma=False)
-    expected = dict(SPEC_OTHER_KEYS)
+    expected = dict(ORIGINAL_OTHER_KEYS)
     for block in range(28):
-        expected.update({f"blocks.{block}.{key}": shape for key, shape in SPEC_BLOCK_KEYS.items()})
+        expected.update({f"blocks.{block}.{key}": shape for key, shape in ORIGINAL_BLOCK_KEYS.items()})
     assert {key: tuple(value.shape) for key, value in model.state_dict().items()} == expected
     assert tuple(no_sigma.state_dict()["final_layer.linear.weight"].shape) == (2 * 2 * 4, 1152)
     assert model.model_family == "SiT" and DiT_models["DiT-XL/2"].model_family == "DiT"

@@ -2,9 +2,22 @@
 accepts the original flags with the same meaning."""
 import argparse
 import ast
+import os
 import re
+import sys
 
 import torch
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are printed once under torchrun (by rank 0): every rank parses
+    the same command line, and eight copies of one message bury it."""
+
+    def error(self, message):
+        if int(os.environ.get("RANK", "0")) == 0:
+            self.print_usage(sys.stderr)
+            sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
 
 
 def parse_groups(text):

@@ -90,5 +90,5 @@ def check_global_batch(global_batch_size, ctx):
     """The per-rank batch; a global batch that does not split evenly is a user error."""
     if global_batch_size % ctx.world_size != 0:
         raise TinyFusionError(f"--global-batch-size {global_batch_size} is not divisible by the world size "
-                         f"{ctx.world_size}; pick a multiple of {ctx.world_size}")
+                              f"{ctx.world_size}; pick a multiple of {ctx.world_size}")
     return global_batch_size // ctx.world_size

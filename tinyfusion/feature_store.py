@@ -165,7 +165,7 @@ class _StoreSource:
                 tensors, info = read_shard_header(path)
             except (OSError, ValueError) as error:
                 raise TinyFusionError(f"the feature store {folder} is damaged ({error}); rerun extract_features.py "
-                                 f"with the same flags and --resume to redo the bad shard") from None
+                                      f"with the same flags and --resume to redo the bad shard") from None
             self.files.append(path)
             self.latent_tensors.append(tensors["latents"])
             self.tensors.append(tensors)
@@ -226,7 +226,7 @@ class _OriginalSource:
         missing = sorted(set(self.names) - set(os.listdir(labels_dir)), key=_numeric_first)
         if missing:
             raise TinyFusionError(f"{len(missing)} feature files have no label file in {labels_dir} "
-                             f"(first: {missing[0]}); the extraction was interrupted, redo it")
+                                  f"(first: {missing[0]}); the extraction was interrupted, redo it")
         first = np.load(os.path.join(features_dir, self.names[0]))
         self.sample_shape = tuple(first.shape[-3:])
         self._num_classes = None
@@ -320,7 +320,7 @@ def open_feature_dataset(path, flip_prob=0.5, seed=0, verify_checksums=True):
         return FeatureDataset(_StoreSource(path, manifest, verify_checksums), metadata, flip_prob, seed)
     if os.path.isfile(os.path.join(path, PLAN_FILE)):
         raise TinyFusionError(f"the extraction in {path} is unfinished (no {MANIFEST_FILE}); rerun extract_features.py "
-                         f"--features-path {path} with the same flags and --resume")
+                              f"--features-path {path} with the same flags and --resume")
     dirs = _original_layout_dirs(path) if os.path.isdir(path) else None
     if dirs is None:
         raise TinyFusionError(f"no features found in {path}; run extract_features.py --features-path {path} first")

@@ -32,15 +32,16 @@ def load_vae(vae_name="ema", vae_path=None, device="cpu"):
     source = vae_source(vae_name, vae_path)
     if source not in HUB_IDS.values() and not os.path.isdir(source):
         raise TinyFusionError(f"VAE folder {source} does not exist; pass --vae-path with a diffusers AutoencoderKL "
-                         f"folder (config.json + weights), e.g. a local copy of {HUB_IDS['ema']}")
+                              f"folder (config.json + weights), e.g. a local copy of {HUB_IDS['ema']}")
     from diffusers.models import AutoencoderKL
     try:
         vae = AutoencoderKL.from_pretrained(source)
     except Exception as error:  # offline hub, missing files, wrong format: all the same fix
         hub_id = HUB_IDS.get(vae_name, HUB_IDS["ema"])
         raise TinyFusionError(f"could not load the VAE from {source} ({type(error).__name__}); on a machine with "
-                         f"internet run `huggingface-cli download {hub_id} --local-dir pretrained/{hub_id.split('/')[1]}` "
-                         f"and pass --vae-path pretrained/{hub_id.split('/')[1]}") from None
+                              f"internet run `huggingface-cli download {hub_id} --local-dir "
+                              f"pretrained/{hub_id.split('/')[1]}` and pass --vae-path pretrained/{hub_id.split('/')[1]}"
+                              ) from None
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -69,7 +70,7 @@ def latent_geometry_from_flags(vae_name, image_size, vae_path=None):
         factor = 2 ** (len(config.get("block_out_channels", [0, 0, 0, 0])) - 1)
     if image_size % factor != 0:
         raise TinyFusionError(f"--image-size {image_size} is not divisible by the VAE downsampling factor {factor}; "
-                         f"use a multiple of {factor} (or --vae none for pixel space)")
+                              f"use a multiple of {factor} (or --vae none for pixel space)")
     return channels, image_size // factor
 
 
