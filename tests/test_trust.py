@@ -11,9 +11,12 @@ from PIL import Image
 
 import evaluator
 import extract_features
+import prune_by_learning
 import prune_by_score
 import sample
 import sample_ddp
+import train
+import train_masked_kd
 from models import DiT_models
 from tinyfusion import cli, feature_store
 from tinyfusion.checkpoints import (CorruptCheckpointError, build_model, load_checkpoint_file,
@@ -246,6 +249,14 @@ def test_evaluator_accepts_only_uint8_rgb_and_checks_both_files_first(tmp_path, 
     (prune_by_score.parse_args, ["--batch-size", "0"], "--batch-size"),
     (extract_features.parse_args, ["--data-path", "x", "--batch-size", "0"], "--batch-size"),
     (extract_features.parse_args, ["--data-path", "x", "--shard-size", "-1"], "--shard-size"),
+    # the training flags (train.py, train_masked_kd.py and prune_by_learning.py share them)
+    (lambda argv: train.build_parser().parse_args(["--data-path", "x", *argv]), ["--ckpt-every", "0"], "--ckpt-every"),
+    (lambda argv: train.build_parser().parse_args(["--data-path", "x", *argv]), ["--log-every", "0"], "--log-every"),
+    (lambda argv: train.build_parser().parse_args(["--data-path", "x", *argv]), ["--ema-decay", "1.5"], "--ema-decay"),
+    (lambda argv: train.build_parser().parse_args(["--data-path", "x", *argv]), ["--lr", "0"], "--lr"),
+    (lambda argv: train_masked_kd.build_parser().parse_args(["--data-path", "x", *argv]), ["--global-batch-size", "0"],
+     "--global-batch-size"),
+    (lambda argv: prune_by_learning.parse_args(["--data-path", "x", *argv]), ["--max-steps", "-1"], "--max-steps"),
 ])
 def test_bad_numeric_flags_stop_at_parsing(parse, argv, flag, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -6,7 +6,9 @@ once (by rank 0) and leaves no run folder behind.
 import os
 from dataclasses import dataclass
 
-from tinyfusion.checkpoints import build_model, extract_state_dict, load_into_model, read_metadata
+from tinyfusion.checkpoints import (build_model, check_finite_weights, extract_state_dict, load_into_model,
+                                    newest_loadable_checkpoint, read_metadata)
+from tinyfusion.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
 from tinyfusion.distributed import broadcast_object, check_global_batch, distributed_context
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.resume import (check_resume_compatible, load_training_checkpoint, resolve_resume, saved_args,
@@ -29,28 +31,31 @@ def add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4, min_lr
     parser.add_argument("--results-dir", type=str, default=results_dir)
     parser.add_argument("--prefix", type=str, default="run",
                         help="run folder is {results-dir}/{prefix}-{model with / as -}")
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--max-steps", type=int, default=None,
+    parser.add_argument("--epochs", type=positive_int, default=epochs)
+    parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="stop after this many optimizer steps (also the length of the LR schedule)")
-    parser.add_argument("--global-batch-size", type=int, default=global_batch_size)
-    parser.add_argument("--global-seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--log-every", type=int, default=log_every)
-    parser.add_argument("--ckpt-every", type=int, default=ckpt_every)
+    parser.add_argument("--global-batch-size", type=positive_int, default=global_batch_size)
+    parser.add_argument("--global-seed", type=nonnegative_int, default=0)
+    parser.add_argument("--num-workers", type=nonnegative_int, default=4)
+    parser.add_argument("--log-every", type=positive_int, default=log_every)
+    parser.add_argument("--ckpt-every", type=positive_int, default=ckpt_every)
     parser.add_argument("--resume", type=str, default=None,
                         help="a training checkpoint to continue from, or 'auto' for the latest one in the run folder")
+    parser.add_argument("--resume-fallback", action="store_true",
+                        help="with --resume auto: if the newest checkpoint is corrupt, continue from the newest one "
+                             "that loads intact (without it such a run stops and names that checkpoint)")
     parser.add_argument("--load-weight", type=str, default=None,
                         help="initial weights (e.g. a pruned model); ignored when resuming")
-    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--lr", type=positive_float, default=lr)
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=lr_schedule,
                         help="cosine: torch's CosineAnnealingLR from --lr to --min-lr over all steps, stepped "
                              "every iteration; constant: --lr throughout")
-    parser.add_argument("--min-lr", *min_lr_aliases, dest="min_lr", type=float, default=min_lr,
+    parser.add_argument("--min-lr", *min_lr_aliases, dest="min_lr", type=nonnegative_float, default=min_lr,
                         help="where the cosine schedule ends (its eta_min)")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0 disables clipping)")
-    parser.add_argument("--ema-decay", type=float, default=ema_decay)
-    parser.add_argument("--max-skipped-in-a-row", type=int, default=20,
+    parser.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
+    parser.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="max global grad norm (0 disables clipping)")
+    parser.add_argument("--ema-decay", type=unit_interval, default=ema_decay)
+    parser.add_argument("--max-skipped-in-a-row", type=positive_int, default=20,
                         help="end the run after this many consecutive non-finite losses")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
@@ -124,12 +129,17 @@ def resolve_run(args, ctx):
     """(run_dir, resume path or None, loaded resume checkpoint or None), checked against the
     flags; a folder that already holds checkpoints is only reused with --resume."""
     run_dir = run_folder_name(args.results_dir, args.prefix, args.model)
-    resume_path = resolve_resume(args.resume, run_dir)
-    if resume_path is None and latest_checkpoint(run_dir) is not None:
-        raise TinyFusionError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
-                              f"or choose another --prefix/--results-dir")
-    resume = load_training_checkpoint(resume_path) if resume_path else None
+    if args.resume == "auto":  # the newest checkpoint that loads intact (checksum verified)
+        resume_path, resume = newest_loadable_checkpoint(run_dir, fall_back=getattr(args, "resume_fallback", False),
+                                                         load=load_training_checkpoint)
+    else:
+        resume_path = resolve_resume(args.resume, run_dir)
+        if resume_path is None and latest_checkpoint(run_dir) is not None:
+            raise TinyFusionError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
+                                  f"or choose another --prefix/--results-dir")
+        resume = load_training_checkpoint(resume_path) if resume_path else None
     if resume is not None:
+        check_finite_weights(resume["ema"], resume_path)  # a diverged EMA is no state to go on from
         check_resume_compatible(resume, resume_path, model=args.model, global_batch_size=args.global_batch_size,
                                 image_size=args.image_size, num_classes=args.num_classes,
                                 global_seed=args.global_seed)  # the seed orders the data
