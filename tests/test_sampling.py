@@ -250,7 +250,7 @@ def test_guide_all_channels_flag_reaches_generation_and_is_part_of_the_sample_id
             sample.main(sample.parse_args(["--model", "DiT-XS/2", "--image-size", "32", "--vae", "ema",
                                            "--vae-path", vae_dir, "--num-classes", "10", "--ckpt", ckpt,
                                            "--num-sampling-steps", str(STEPS), "--class-labels", "1",
-                                           "--out", str(tmp_path / "grid.png"), *extra]))
+                                           "--out", str(tmp_path / "grid.png"), "--per-sample-seeds", *extra]))
         assert seen["guide_all_channels"] is expected
     assert "guide_all_channels" in sample_ddp.IDENTITY_KEYS  # other images: a resume must not mix them
 
