@@ -16,6 +16,7 @@ from torchvision.utils import save_image
 from tinyfusion.atomic_files import atomic_path
 from tinyfusion.checkpoints import build_model
 from tinyfusion.cli import add_model_args, add_precision_arg, resolve_precision
+from tinyfusion.precision import cast_weights_once, low_precision_warning
 from diffusion import create_diffusion
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, sample_generator
 from tinyfusion.vae import load_vae
@@ -38,14 +39,17 @@ def main(args):
     ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
     model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
                            use_ema=not args.no_ema, groups=args.groups)
-    model = model.to(device).eval().requires_grad_(False)
+    amp_dtype = resolve_precision(args.precision, device)
+    model = cast_weights_once(model.to(device).eval().requires_grad_(False), amp_dtype)  # bf16/fp16: cast once
+    if low_precision_warning(amp_dtype, device):
+        print(low_precision_warning(amp_dtype, device))
     vae = load_vae(args.vae, args.vae_path, device)
     diffusion = create_diffusion(str(args.num_sampling_steps))
 
     start = time.time()
     generators = [sample_generator(args.seed, i) for i in range(len(args.class_labels))]
     images = generate(model, diffusion, args.class_labels, generators, args.cfg_scale, args.sampler, args.ddim_eta,
-                      vae, amp_dtype=resolve_precision(args.precision, device), progress=True)
+                      vae, amp_dtype=amp_dtype, progress=True)
     # normalize to [-1, 1] then *255 + 0.5: the same uint8 values as sample_ddp.py's clamp(127.5 x + 128)
     with atomic_path(args.out) as tmp:
         save_image(images.float().cpu(), tmp, nrow=4, normalize=True, value_range=(-1, 1))

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from tinyfusion.atomic_files import atomic_path, atomic_write_json
 from tinyfusion.checkpoints import build_model
 from tinyfusion.cli import add_model_args, add_precision_arg, resolve_precision
+from tinyfusion.precision import cast_weights_once, low_precision_warning
 from diffusion import create_diffusion
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
 from tinyfusion.runlog import MetricsLog, create_logger
@@ -201,6 +202,9 @@ def main(args):
     model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
                            use_ema=not args.no_ema, groups=args.groups)
     model = model.to(ctx.device).eval().requires_grad_(False)
+    model = cast_weights_once(model, amp_dtype)  # bf16/fp16: weights cast once, not on every call
+    if low_precision_warning(amp_dtype, ctx.device):
+        logger.info(low_precision_warning(amp_dtype, ctx.device))
     vae = load_vae(args.vae, args.vae_path, ctx.device)
     diffusion = create_diffusion(str(args.num_sampling_steps))
 

@@ -18,6 +18,7 @@ from diffusion import create_diffusion
 from diffusion.distillation import default_layer_map, feature_beta, masked_kd_losses, parse_layer_map, validate_layer_map
 from tinyfusion.distributed import cleanup_distributed
 from tinyfusion.errors import run_main
+from tinyfusion.precision import FrozenForward, add_teacher_precision_arg, resolve_teacher_precision
 
 
 def build_teacher(args, device):
@@ -67,8 +68,10 @@ def main(args):
     if args.strong_aug:
         logger.info("--strong-aug is accepted for compatibility but has no effect: training reads pre-extracted "
                     "features (image and flip only)")
-    teacher_forward = training.AutocastForward(teacher, training.resolve_precision(args.precision, ctx.device),
-                                               ctx.device)
+    teacher_dtype = resolve_teacher_precision(args.teacher_precision, training.resolve_precision(args.precision,
+                                                                                               ctx.device), ctx.device)
+    teacher_forward = FrozenForward(teacher, teacher_dtype, ctx.device)  # inference mode, weights cast once
+    logger.info(f"teacher precision {str(teacher_dtype).replace('torch.', '')}")
 
     def compute_losses(student_forward, x, y, epoch):
         return masked_kd_losses(student_forward, teacher_forward, diffusion, x, y, alpha=args.alpha_kd,
@@ -85,6 +88,7 @@ def build_parser():
     add_model_args(parser, default_model="DiT-D14/2")
     training.add_training_args(parser, lr=2e-4)
     add_precision_arg(parser)
+    add_teacher_precision_arg(parser)
     parser.add_argument("--final-lr", type=float, default=1e-4, help="the cosine schedule ends at this lr")
     parser.add_argument("--teacher", type=str, default="DiT-XL/2")
     parser.add_argument("--load-teacher", type=str, default=None, help="teacher weights (e.g. DiT-XL-2-256x256.pt)")
