@@ -53,6 +53,8 @@ def build(args):
     with torch.device("meta"):
         model = models.DiT_models[args.model](input_size=args.input_size)
     model = fill_random(model.to_empty(device="cpu")).eval().requires_grad_(False)  # meta + fill: no slow init
+    grid = args.input_size // model.patch_size  # pos_embed is not trainable, so fill_random skips it
+    model.pos_embed.data.copy_(torch.from_numpy(models.get_2d_sincos_pos_embed(model.hidden_size, grid)).unsqueeze(0))
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 4, args.input_size, args.input_size, generator=generator)
     t = torch.randint(0, 1000, (args.batch_size,), generator=generator)
