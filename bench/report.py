@@ -36,8 +36,8 @@ def rows_of(name, result):
         rows = []
         for label, record in result["comparisons"].items():
             if label.endswith("vs plain"):
-                teacher = label.split()[0].replace("kd-", "")
-                rows.append((f"Masked KD step / plain fine-tuning step, teacher {teacher.replace('before', 'as before (no_grad, autocast)')}",
+                teacher = label.split()[0].replace("kd-", "").replace("before", "as before (no_grad, autocast)")
+                rows.append((f"Masked KD step / plain fine-tuning step, teacher {teacher}",
                              _x(record["ratio_median"]), "<= 1.3x"))
         terms = result["loss_terms"]
         for teacher, values in terms.items():
@@ -66,6 +66,9 @@ def rows_of(name, result):
                 ("files written ours (original)", f"{result['files_ours']} ({result['files_original']})",
                  "<= 2 + shards"),
                 ("feature read speed-up", _x(result["read_speedup"]), "> 1x")]
+    if name == "compile":
+        return [("sampling forward, torch.compile / eager (after compiling)", _x(result["comparison"]["ratio_median"]),
+                 f"report (compiled {result['graphs_compiled']} graph(s) in {result['compile_seconds']:.0f} s)")]
     if name == "lora":
         return [("LoRA forward+backward time, ours / peft", _x(result["ratio_ours_over_peft"]), "~1x")]
     return []

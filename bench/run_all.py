@@ -35,7 +35,9 @@ BENCHES = {
     "eval": ("bench.bench_eval", ["--num", "2000", "--threads", "1", "--repeats", "2"], ["--threads", "1"]),
     "features": ("bench.bench_features", ["--num-images", "200"], []),
     "lora": ("bench.bench_lora", ["--pairs", "4"], []),
+    "compile": ("bench.bench_compile", ["--quick", "--threads", "1"], ["--threads", "1"]),  # minutes of compiling
 }
+DEFAULT = [name for name in BENCHES if name != "compile"]  # --only compile to include it
 
 
 class Tee(io.TextIOBase):
@@ -77,7 +79,7 @@ def run_bench(name, quick):
 
 
 def main(args):
-    names = args.only or list(BENCHES)
+    names = args.only or DEFAULT
     unknown = [name for name in names if name not in BENCHES]
     if unknown:
         raise SystemExit(f"error: unknown benchmark(s) {unknown}; choose from {', '.join(BENCHES)}")
