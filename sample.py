@@ -24,6 +24,7 @@ from tinyfusion.atomic_files import atomic_path
 from tinyfusion.checkpoints import build_model
 from tinyfusion.cli import (add_guidance_args, add_model_args, add_precision_arg, autocast, resolve_precision,
                             sampling_steps)
+from tinyfusion.precision import cast_weights_once, low_precision_warning
 from diffusion import create_diffusion
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, sample_generator
 from tinyfusion.vae import decode, load_vae
@@ -80,20 +81,17 @@ def main(args):
     model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
                            use_ema=not args.no_ema, groups=args.groups,
                            families=("DiT", "SiT"))
-    model = model.to(device).eval().requires_grad_(False)
+    amp_dtype = resolve_precision(args.precision, device)
+    model = cast_weights_once(model.to(device).eval().requires_grad_(False), amp_dtype)  # bf16/fp16: cast once
+    if low_precision_warning(amp_dtype, device):
+        print(low_precision_warning(amp_dtype, device))
     vae = load_vae(args.vae, args.vae_path, device)
     # "leading": diffusers' timesteps 0, s, 2s, ... (s = 1000 // steps), as DiTPipeline samples
     spacing = "leading" if args.timestep_spacing == "leading" else ""
     diffusion = transport_from_args(args) if is_sit else create_diffusion(spacing + str(args.num_sampling_steps))
-    amp_dtype = resolve_precision(args.precision, device)
 
     start = time.time()
-    if args.per_sample_seeds:
-        generators = [sample_generator(args.seed, i) for i in range(len(args.class_labels))]
-        images = generate(model, diffusion, args.class_labels, generators, args.cfg_scale, args.sampler,
-                          args.ddim_eta, vae, amp_dtype=amp_dtype, progress=True,
-                          guide_all_channels=args.guide_all_channels, flow_options=options)
-    elif is_sit:  # SiT has no original grid procedure here: its samplers draw per-sample noise
+    if args.per_sample_seeds or is_sit:  # a SiT has no original grid procedure here: per-sample noise
         generators = [sample_generator(args.seed, i) for i in range(len(args.class_labels))]
         images = generate(model, diffusion, args.class_labels, generators, args.cfg_scale, args.sampler,
                           args.ddim_eta, vae, amp_dtype=amp_dtype, progress=True,

@@ -33,6 +33,7 @@ from tinyfusion.checkpoints import build_model, check_finite_weights, load_state
 from tinyfusion.cli import (add_guidance_args, add_model_args, add_precision_arg, nonnegative_float, nonnegative_int,
                             positive_int,
                             resolve_precision, sampling_steps)
+from tinyfusion.precision import cast_weights_once, low_precision_warning
 from diffusion import create_diffusion
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
 from tinyfusion.runlog import MetricsLog, create_logger
@@ -257,6 +258,9 @@ def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_
                            use_ema=not args.no_ema, groups=args.groups,
                            families=("DiT", "SiT"))
     model = model.to(ctx.device).eval().requires_grad_(False)
+    model = cast_weights_once(model, amp_dtype)  # bf16/fp16: weights cast once, not on every call
+    if low_precision_warning(amp_dtype, ctx.device):
+        logger.info(low_precision_warning(amp_dtype, ctx.device))
     vae = load_vae(args.vae, args.vae_path, ctx.device)
     diffusion = transport_from_args(args) if options else create_diffusion(str(args.num_sampling_steps))
 

@@ -19,9 +19,10 @@ from tinyfusion.cli import (ArgumentParser, add_compatibility_flags, add_model_a
                             resolve_precision)
 from tinyfusion.distributed import cleanup_distributed, start_process_group
 from tinyfusion.errors import TinyFusionError, run_main
-from tinyfusion.loop import AutocastForward, full_weights, train_loop
+from tinyfusion.loop import full_weights, train_loop
 from tinyfusion.pruning import kept_indices_in_frame
 from tinyfusion.run_setup import add_training_args, loop_keywords, prepare_training
+from tinyfusion.precision import FrozenForward, add_teacher_precision_arg, resolve_teacher_precision
 
 
 def build_teacher(args, device):
@@ -71,7 +72,9 @@ def main(args):
     layer_pairs, map_source = resolve_layer_map(args, student, run.metadata, teacher)
     start_process_group(run.ctx)
     diffusion = create_diffusion(timestep_respacing="")
-    teacher_forward = AutocastForward(teacher, resolve_precision(args.precision, run.ctx.device), run.ctx.device)
+    teacher_dtype = resolve_teacher_precision(args.teacher_precision,
+                                              resolve_precision(args.precision, run.ctx.device), run.ctx.device)
+    teacher_forward = FrozenForward(teacher, teacher_dtype, run.ctx.device)  # inference mode, weights cast once
 
     def compute_losses(student_forward, x, y, epoch):
         return masked_kd_losses(student_forward, teacher_forward, diffusion, x, y, alpha=args.alpha_kd,
@@ -80,7 +83,8 @@ def main(args):
 
     intro = [f"run folder {run.run_dir}; student {args.model} (depth {student.depth}), teacher {args.teacher} "
              f"(depth {teacher.depth}) from {args.load_teacher}",
-             f"layer map ({map_source}): " + ", ".join(f"{s}:{t}" for s, t in layer_pairs)]
+             f"layer map ({map_source}): " + ", ".join(f"{s}:{t}" for s, t in layer_pairs),
+             f"teacher precision {str(teacher_dtype).replace('torch.', '')}"]
     train_loop(model=student, dataset=run.dataset, ctx=run.ctx, run_dir=run.run_dir, intro=intro,
                compute_losses=compute_losses, checkpoint_weights=full_weights(run.metadata),
                hooks=run.trackers, resume_checkpoint=run.resume, resume_path=run.resume_path, **loop_keywords(args))
@@ -92,6 +96,7 @@ def build_parser():
     add_model_args(parser, default_model="DiT-D14/2")
     add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4, min_lr_aliases=("--final-lr",))
     add_precision_arg(parser)
+    add_teacher_precision_arg(parser)
     parser.add_argument("--teacher", type=str, default="DiT-XL/2")
     parser.add_argument("--load-teacher", type=str, default=None, help="teacher weights (e.g. DiT-XL-2-256x256.pt)")
     parser.add_argument("--alpha-kd", type=float, default=0.9, help="weight of the output KD term (gt gets 1 - alpha)")

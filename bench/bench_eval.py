@@ -19,6 +19,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tinyfusion import metrics  # noqa: E402
+from bench.harness import alternate, summary  # noqa: E402
 
 
 # ---------------------------------------------------------------- straightforward baseline
@@ -112,17 +113,19 @@ def main(args):
     rows = []
 
     def compare(name, ours_fn, base_fn, diff_fn):
-        # Alternate the two sides and keep each one's best time: a shared machine's load
-        # swings more than the differences being measured.
-        ours_time = base_time = float("inf")
-        for _ in range(args.repeats):
-            ours, elapsed = timed(ours_fn)
-            ours_time = min(ours_time, elapsed)
-            base, elapsed = timed(base_fn)
-            base_time = min(base_time, elapsed)
-        rows.append((name, base_time, ours_time, diff_fn(ours, base)))
+        # the two sides alternate ABBA (bench/harness.py); medians and every pair are printed
+        results = {}
+        calls = {"ours": lambda: results.__setitem__("ours", ours_fn()),
+                 "numpy f64": lambda: results.__setitem__("base", base_fn())}
+        record = summary(alternate(calls, rounds=args.repeats, warmup=0), "numpy f64", "ours")
+        ours, base = results["ours"], results["base"]
+        ours_time, base_time = record["baseline_median_s"], record["variant_median_s"]
+        rows.append((name, base_time, ours_time, diff_fn(ours, base), record))
         print(f"{name:<28} numpy f64 {base_time:8.2f}s  ours {ours_time:8.2f}s  "
-              f"speed-up {base_time / ours_time:6.2f}x  max diff {diff_fn(ours, base):.3g}", flush=True)
+              f"speed-up {record['ratio_median']:6.2f}x (median of pairs)  max diff {diff_fn(ours, base):.3g}",
+              flush=True)
+        print("    pairs numpy/ours (s): " + ", ".join(f"{b:.2f}/{o:.2f}" for b, o in
+                                                       zip(record["variant_s"], record["baseline_s"])))
         return ours, base
 
     stats, base_stats = compare(
@@ -152,15 +155,21 @@ def main(args):
     ours_total = sum(r[2] for r in rows)
     print(f"{'total':<28} numpy f64 {base_total:8.2f}s  ours {ours_total:8.2f}s  "
           f"speed-up {base_total / ours_total:6.2f}x")
+    return {name: dict(numpy_s=base_s, ours_s=ours_s, max_diff=float(diff), speedup=record["ratio_median"],
+                       pairs=record["ratios"]) for name, base_s, ours_s, diff, record in rows}
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = argparse.ArgumentParser(description="tinyfusion.metrics vs a straightforward NumPy float64 ADM implementation.")
     parser.add_argument("--num", type=int, default=10000, help="feature vectors per batch (reference and samples)")
     parser.add_argument("--dim", type=int, default=2048, help="feature dimension (Inception pool_3: 2048)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="limit torch and BLAS threads (e.g. 1 on a busy shared machine)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per side (best kept)")
+    parser.add_argument("--repeats", type=int, default=2, help="alternated (ABBA) rounds per side")
     parser.add_argument("--exact", action="store_true", help="also time the float64 precision/recall option")
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

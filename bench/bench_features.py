@@ -24,6 +24,7 @@ from tinyfusion import feature_store  # noqa: E402
 from tinyfusion.image_folder import image_folder  # noqa: E402
 from make_digits import write_digits_folder  # noqa: E402
 from tinyfusion.vae import LATENT_SCALE, load_vae  # noqa: E402
+from bench.harness import alternate, summary  # noqa: E402
 
 
 def baseline_extract(data_path, out, image_size, vae_path, num_workers):
@@ -65,35 +66,44 @@ def main(args):
         from tiny_vae import make_tiny_vae
         vae_path = make_tiny_vae(os.path.join(work, "tiny-vae"))
 
-    start = time.perf_counter()
-    count = baseline_extract(data_path, os.path.join(work, "baseline"), args.image_size, vae_path, args.num_workers)
-    baseline_seconds = time.perf_counter() - start
+    runs = iter(range(10 ** 6))  # every run writes a fresh folder
+    outputs, counts = {}, {}
 
-    ours_path = os.path.join(work, "ours")
-    argv = ["--data-path", data_path, "--features-path", ours_path, "--image-size", str(args.image_size),
-            "--vae-path", vae_path, "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
-    start = time.perf_counter()
-    extract_features.main(extract_features.parse_args(argv))
-    ours_seconds = time.perf_counter() - start
+    def original():
+        outputs["baseline"] = os.path.join(work, f"baseline-{next(runs)}")
+        counts["images"] = baseline_extract(data_path, outputs["baseline"], args.image_size, vae_path, args.num_workers)
+
+    def ours():
+        outputs["ours"] = os.path.join(work, f"ours-{next(runs)}")
+        argv = ["--data-path", data_path, "--features-path", outputs["ours"], "--image-size", str(args.image_size),
+                "--vae-path", vae_path, "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
+        extract_features.main(extract_features.parse_args(argv))
+    # alternated ABBA (bench/harness.py), no untimed warm-up: the times include loading the VAE
+    record = summary(alternate({"original": original, "ours": ours}, rounds=args.rounds, warmup=0), "original", "ours")
+    baseline_seconds, ours_seconds, count = record["variant_median_s"], record["baseline_median_s"], counts["images"]
+    ours_path = outputs["ours"]
     shards = feature_store.read_manifest(ours_path)["num_shards"]
 
-    baseline_files, ours_files = count_files(os.path.join(work, "baseline")), count_files(ours_path)
-    baseline_read, ours_read = read_speed(os.path.join(work, "baseline")), read_speed(ours_path)
+    baseline_files, ours_files = count_files(outputs["baseline"]), count_files(ours_path)
+    baseline_read, ours_read = read_speed(outputs["baseline"]), read_speed(ours_path)
     print(f"\n{count} images of {args.image_size}x{args.image_size}, VAE {vae_path}, torch threads {args.threads}, "
           f"DataLoader workers {args.num_workers}; times include loading the VAE")
     print(f"{'':28s}{'images/s':>10s}{'files written':>15s}{'read samples/s':>16s}")
     print(f"{'original (batch 1, 2 files)':28s}{count / baseline_seconds:10.1f}{baseline_files:15d}{baseline_read:16.0f}")
     print(f"{'extract_features.py':28s}{count / ours_seconds:10.1f}{ours_files:15d}{ours_read:16.0f}")
-    print(f"extraction speed-up: {baseline_seconds / ours_seconds:.2f}x (goal >= 3x)")
+    print(f"extraction speed-up: {record['ratio_median']:.2f}x (median of per-round original/ours; goal >= 3x); "
+          f"pairs (s): " + ", ".join(f"{b:.1f}/{o:.1f}" for b, o in zip(record["variant_s"], record["baseline_s"])))
     print(f"files written for {count} images: {ours_files} = 2 + {shards} shard(s) (goal <= 2 + shards) "
           f"vs {baseline_files}")
     print(f"read speed-up: {ours_read / baseline_read:.1f}x")
     if not args.keep:
         import shutil
         shutil.rmtree(work)
+    return dict(extraction_speedup=record["ratio_median"], pairs=record["ratios"], files_ours=ours_files,
+                files_original=baseline_files, shards=shards, read_speedup=ours_read / baseline_read)
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--image-size", type=int, default=32, help="digits are upscaled to this size")
@@ -102,4 +112,9 @@ if __name__ == "__main__":
     parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers, for both")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, for both (1 = stable on a shared CPU)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    main(parser.parse_args())
+    parser.add_argument("--rounds", type=int, default=2, help="alternated (ABBA) rounds of each extractor")
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

@@ -18,7 +18,7 @@ from models import DiT_models  # noqa: E402
 from tinyfusion.lora import apply_lora  # noqa: E402
 
 
-def main():
+def main(args=None):
     from peft import LoraConfig, inject_adapter_in_model
     torch.manual_seed(0)
     base = DiT_models["DiT-S/2"](input_size=8, depth=4, num_classes=10)
@@ -37,7 +37,7 @@ def main():
 
     timed(ours), timed(theirs)  # warm-up
     pairs = []
-    for index in range(16):  # ABBA: ours first on even pairs, peft first on odd ones
+    for index in range(args.pairs if args else 16):  # ABBA: ours first on even pairs, peft first on odd ones
         if index % 2 == 0:
             a, b = timed(ours), timed(theirs)
         else:
@@ -50,7 +50,15 @@ def main():
           f"peft {statistics.median(b for _, b in pairs) * 1e3:.1f} ms)")
     print("peft keys:", [k for k in theirs.state_dict() if k.startswith("blocks.0.attn.qkv")])
     print("our keys: ", [k for k in ours.state_dict() if k.startswith("blocks.0.attn.qkv")])
+    return dict(ratio_ours_over_peft=statistics.median(a / b for a, b in pairs), pairs=[list(p) for p in pairs])
+
+
+def build_parser():
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=16, help="timed (ours, peft) pairs, in ABBA order")
+    return parser
 
 
 if __name__ == "__main__":
-    main()
+    main(build_parser().parse_args())

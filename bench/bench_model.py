@@ -16,15 +16,14 @@ import argparse
 import ctypes
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import DiT_models, prune_to_kept_blocks  # noqa: E402
+from bench.harness import alternate, print_comparison, summary  # noqa: E402
 
 GATED_CONFIG = dict(hidden_size=384, num_heads=6, depth=28, input_size=16, num_classes=1000,
                     groups=[[1, 2]] * 14)
@@ -41,16 +40,6 @@ def fill_random(model, seed=0):
     return model
 
 
-def timed(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def bench_depth(repeats, device):
     with torch.device("meta"):
         xl = DiT_models["DiT-XL/2"]()
@@ -65,8 +54,11 @@ def bench_depth(repeats, device):
             model(x, t, y)
         if device == "cuda":
             torch.cuda.synchronize()
-    xl_time, d14_time = timed(lambda: forward(xl), repeats), timed(lambda: forward(d14), repeats)
-    return dict(xl_forward_s=xl_time, d14_forward_s=d14_time, d14_speedup=xl_time / d14_time)
+    times = alternate({"DiT-XL/2": lambda: forward(xl), "DiT-D14/2": lambda: forward(d14)}, rounds=repeats,
+                      device=device)
+    record = summary(times, "DiT-XL/2", "DiT-D14/2")  # ratio XL/D14 time = D14's speed-up
+    return dict(xl_forward_s=record["variant_median_s"], d14_forward_s=record["baseline_median_s"],
+                d14_speedup=record["ratio_median"], record=record)
 
 
 def gated_model(weights_train, mode):
@@ -147,15 +139,17 @@ def bench_gated(repeats):
     batch = make_batch()
     for weights_train in (True, False):
         label = "all weights train" if weights_train else "only gate logits train"
-        times, peaks, saved = {}, {}, {}
+        peaks, saved, steps = {}, {}, {}
         for mode in ("dense", "sparse"):
             model = gated_model(weights_train, mode)
             draws = iter(range(10 ** 6))
-            times[mode] = timed(lambda: gated_step(model, batch, next(draws)), repeats)
+            steps[mode] = lambda model=model, draws=draws: gated_step(model, batch, next(draws))
             peaks[mode] = peak_step_mib(model, batch)
             saved[mode] = saved_activation_bytes(model, batch)
+        record = summary(alternate(steps, rounds=repeats), "sparse", "dense")
         rows[label] = dict(
-            dense_step_s=times["dense"], sparse_step_s=times["sparse"], time_ratio=times["sparse"] / times["dense"],
+            dense_step_s=record["baseline_median_s"], sparse_step_s=record["variant_median_s"],
+            time_ratio=record["ratio_median"], record=record,
             dense_peak_mib=peaks["dense"], sparse_peak_mib=peaks["sparse"], peak_ratio=peaks["sparse"] / peaks["dense"],
             activation_ratio=saved["sparse"] / saved["dense"])
     return rows
@@ -165,14 +159,17 @@ def main(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.quick:
+        args.repeats = 2
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     depth = bench_depth(args.repeats, device) if args.only in (None, "depth") else {}
     if depth:
         print(f"\n[1] forward, batch 2, 4x32x32 latents: DiT-XL/2 {depth['xl_forward_s'] * 1000:.0f} ms, "
-              f"DiT-D14/2 {depth['d14_forward_s'] * 1000:.0f} ms -> D14 is {depth['d14_speedup']:.2f}x faster "
-              f"(goal >= 1.95x)")
+              f"DiT-D14/2 {depth['d14_forward_s'] * 1000:.0f} ms (medians) -> D14 is {depth['d14_speedup']:.2f}x "
+              f"faster (median of per-round XL/D14 ratios; goal >= 1.95x)")
+        print_comparison(depth["record"], "    XL/D14 time")
     if args.only == "depth":
-        return
+        return dict(depth=depth)
     print("\n[2] gated training step (fwd+bwd), hidden 384, depth 28, 1:2 groups, batch 16 at 4x16x16:")
     gated = bench_gated(args.repeats)
     for label, row in gated.items():
@@ -180,14 +177,21 @@ def main(args):
               f"sparse {row['sparse_step_s'] * 1000:.0f} ms / {row['sparse_peak_mib']:.0f} MiB peak -> "
               f"time {row['time_ratio']:.2f}x (goal <= 0.75x), peak memory {row['peak_ratio']:.2f}x "
               f"(goal <= 0.7x), saved activations {row['activation_ratio']:.2f}x")
+        print_comparison(row["record"], "    sparse/dense step time")
     if args.json:
         print(json.dumps(dict(depth=depth, gated=gated)))
+    return dict(depth=depth, gated=gated)
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4, help="alternated (ABBA) rounds of each variant")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--only", choices=["depth", "gated"], default=None, help="run one part")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
-    main(parser.parse_args())
+    parser.add_argument("--quick", action="store_true", help="2 rounds")
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

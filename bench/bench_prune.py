@@ -7,8 +7,8 @@ same optimizer, same loss. Goals: time <= 0.75x, memory <= 0.6x.
     python bench/bench_prune.py --threads 1           # DiT-S/2 width, 28 blocks, 1:2 groups, batch 8, 32x32x4
     python bench/bench_prune.py --latent-size 16 --train weights   # --delta-w without --lora
 
-Time: the two steps alternate in one process (a busy machine slows both alike), median over
---steps after a warm-up step each. Memory: each variant runs alone in a fresh subprocess, and
+Time: the two steps alternate ABBA in one process (a busy machine slows both alike), median of
+the per-round ratios over --steps rounds after a warm-up step each; every pair is printed. Memory: each variant runs alone in a fresh subprocess, and
 its peak resident set (getrusage ru_maxrss, the kernel's high-water mark, which sees every
 allocation torch makes) minus the resident set after imports is reported: model, EMA,
 optimizer state and the step's activations.
@@ -18,15 +18,14 @@ import copy
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from bench.harness import alternate, print_comparison, summary  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from tinyfusion.ema import ParameterEMA  # noqa: E402
 from tinyfusion.lora import apply_lora  # noqa: E402
@@ -169,25 +168,22 @@ def main(args):
         print(f"  peak memory {variant:8s}: {memory[variant]:8.1f} MB")
 
     steps = {variant: cls(args) for variant, cls in VARIANTS.items()}
-    times = {variant: [] for variant in VARIANTS}
-    for index in range(args.steps + 1):
-        x, y = batch(args, index)
-        for variant, step in steps.items():
-            start = time.perf_counter()
-            step(x, y)
-            if index > 0:  # the first step of each is a warm-up
-                times[variant].append(time.perf_counter() - start)
-    medians = {variant: statistics.median(values) for variant, values in times.items()}
-    for variant in VARIANTS:
-        print(f"  time per step {variant:8s}: {medians[variant] * 1e3:8.1f} ms (median of {args.steps})")
-    time_ratio = medians["ours"] / medians["original"]
+    batches = {variant: iter(range(10 ** 6)) for variant in VARIANTS}  # each variant sees batch 0, 1, 2, ...
+    calls = {variant: (lambda variant=variant: steps[variant](*batch(args, next(batches[variant]))))
+             for variant in VARIANTS}
+    record = summary(alternate(calls, rounds=args.steps), "ours", "original")  # ABBA after one warm-up each
+    medians = {"ours": record["variant_median_s"], "original": record["baseline_median_s"]}
+    print_comparison(record, "  time per step")
+    time_ratio = record["ratio_median"]
     memory_ratio = memory["ours"] / memory["original"]
     print(f"ours / original: time {time_ratio:.3f}x (goal <= 0.75x), memory {memory_ratio:.3f}x (goal <= 0.6x)")
+    result = {"time_ratio": time_ratio, "memory_ratio": memory_ratio, "ms": medians, "peak_mb": memory, "time": record}
     if args.json:
-        print(json.dumps({"time_ratio": time_ratio, "memory_ratio": memory_ratio, "ms": medians, "peak_mb": memory}))
+        print(json.dumps(result))
+    return result
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="DiT-S/2", help="width/heads/patch of this DiT config")
     parser.add_argument("--depth", type=int, default=28)
@@ -199,4 +195,8 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--memory-only", choices=list(VARIANTS), default=None, help=argparse.SUPPRESS)
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

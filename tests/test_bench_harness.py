@@ -1,0 +1,28 @@
+"""bench/harness.py alternates variants ABBA and quotes the median of per-round ratios;
+bench/report.py renders a run_all JSON into the README table."""
+import bench.report as report
+from bench import harness
+
+
+def test_alternation_is_abba_and_ratios_are_per_round():
+    calls = []
+    variants = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = harness.alternate(variants, rounds=4, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert len(times["a"]) == len(times["b"]) == 4
+    record = harness.summary({"a": [2.0, 3.0, 9.0], "b": [1.0, 2.0, 3.0]}, "a", "b")
+    assert record["ratios"] == [2.0, 1.5, 3.0] and record["ratio_median"] == 2.0
+    assert record["variant_median_s"] == 3.0 and record["baseline_median_s"] == 2.0
+
+
+def test_report_renders_each_goal_row():
+    forward = dict(config=dict(threads=1, model="DiT-B/2", batch_size=2),
+                   efficiency=dict(current=dict(median=0.86), legacy=dict(median=0.74)),
+                   current_vs_legacy=dict(ratio_median=0.84))
+    data = dict(machine=dict(cpu="cpu", cores=2, cpu_capability="AVX2", native_bf16_cpu=False, torch="2"),
+                started="now", quick=True, load_before=[1.0, 2.0, 3.0], load_after=None,
+                benches=dict(forward=dict(command="python bench/bench_forward.py", result=forward),
+                             lora=dict(command="python bench/bench_lora.py", error="Traceback")))
+    table = report.render(data)
+    assert "| 86% (74%) | >= 70% |" in table and "| 0.84x |" in table
+    assert "| lora | failed (see the JSON) |" in table
