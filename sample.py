@@ -18,7 +18,8 @@ from tinyfusion.checkpoints import build_model
 from tinyfusion.cli import add_model_args, add_precision_arg, resolve_precision
 from diffusion import create_diffusion
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, sample_generator
-from tinyfusion.vae import load_vae
+from tinyfusion.vae import load_vae, to_uint8_nhwc
+from tinyfusion.grids import save_labeled_grid
 from tinyfusion.errors import run_main
 
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -47,8 +48,11 @@ def main(args):
     images = generate(model, diffusion, args.class_labels, generators, args.cfg_scale, args.sampler, args.ddim_eta,
                       vae, amp_dtype=resolve_precision(args.precision, device), progress=True)
     # normalize to [-1, 1] then *255 + 0.5: the same uint8 values as sample_ddp.py's clamp(127.5 x + 128)
-    with atomic_path(args.out) as tmp:
-        save_image(images.float().cpu(), tmp, nrow=4, normalize=True, value_range=(-1, 1))
+    if args.grid == "labeled":  # one row per class, labelled, gaps, tiny images upscaled
+        save_labeled_grid(args.out, to_uint8_nhwc(images.float()).numpy(), args.class_labels)
+    else:
+        with atomic_path(args.out) as tmp:
+            save_image(images.float().cpu(), tmp, nrow=4, normalize=True, value_range=(-1, 1))
     print(f"saved {len(images)} samples to {args.out} in {time.time() - start:.1f}s")
 
 
@@ -65,6 +69,9 @@ def parse_args(argv=None):
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     parser.add_argument("--ddim-eta", type=float, default=0.0)
     parser.add_argument("--out", type=str, default="sample.png", help="grid PNG to write (replaced if it exists)")
+    parser.add_argument("--grid", choices=["plain", "labeled"], default="plain",
+                        help="plain: the original 4-column grid; labeled: one row per class with its label, "
+                             "gaps between tiles, small images upscaled (nearest-neighbour) to >= 64 px")
     add_precision_arg(parser)
     return parser.parse_args(argv)
 

@@ -167,7 +167,7 @@ def calibration_latents(nsamples, seed, features_path=None, data_path=None, imag
     """(latents (N, C, H, W) float32 on the CPU, labels (N,)): `nsamples` random samples
     (seeded) of a feature store, or of an ImageFolder center-cropped and encoded with `vae`
     (None = pixel space) in batches."""
-    import vae as vae_io
+    from tinyfusion import vae as vae_io
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if features_path:
         from tinyfusion.feature_store import open_feature_dataset
