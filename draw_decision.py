@@ -76,6 +76,8 @@ def main(args):
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} does not exist; pass the metrics.jsonl of a prune_by_learning.py run (or its folder)")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "decision.png")
+    if os.path.exists(out) and not args.overwrite:  # checked before reading the log
+        raise SystemExit(f"error: {out} already exists; pass --overwrite to replace it or --out to write elsewhere")
     try:
         draw(read_metrics(path), out, args.title, overwrite=args.overwrite)
     except (ValueError, FileExistsError) as error:

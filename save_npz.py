@@ -1,8 +1,10 @@
 """
 Pack a folder of sample images (PNG / JPEG) into the .npz batch that evaluator.py reads:
 `arr_0` is an (N, H, W, 3) uint8 NHWC array in sorted file-name order, as DiT's
-sample_ddp.py writes it. The output defaults to `{image_dir}.npz`, is written atomically
-and never replaces an existing file unless --overwrite is given.
+sample_ddp.py writes it; grayscale (L) images become RGB by repeating the channel, as sample_ddp.py
+does for one-channel samples. The output defaults to `{image_dir}-packed.npz` (not
+`{image_dir}.npz`, which is where sample_ddp.py writes the batch of its `--save-png` folder), is
+written atomically and never replaces an existing file unless --overwrite is given.
 
     python save_npz.py --image_dir samples/DiT-XL-2-pretrained-size-256-cfg-1.5-seed-0 --num 50000
 """
@@ -29,8 +31,9 @@ def list_image_files(image_dir):
 def load_image_folder(image_dir, num=None):
     """(N, H, W, 3) uint8 array of the first `num` images (all when None) in sorted order.
 
-    Every image must be RGB and of one size: nothing is converted or resized silently,
-    because a grey or resized image would quietly change FID.
+    Every image must be RGB or grayscale (repeated to RGB: the same pixels, as sample_ddp.py
+    stores one-channel samples) and of one size: nothing else is converted or resized silently,
+    because a resized image or a dropped alpha channel would quietly change FID.
     """
     paths = list_image_files(image_dir)
     if not paths:
@@ -45,9 +48,11 @@ def load_image_folder(image_dir, num=None):
     images = None
     for index, path in enumerate(tqdm(paths, desc="Building .npz file from samples")):
         with Image.open(path) as image:
+            if image.mode == "L":
+                image = image.convert("RGB")
             if image.mode != "RGB":
                 raise ValueError(f"{path} is a {image.mode} image, not RGB; convert the folder to "
-                                 f"RGB (e.g. Image.open(p).convert('RGB').save(p)) first")
+                                 f"RGB or grayscale (e.g. Image.open(p).convert('RGB').save(p)) first")
             pixels = np.asarray(image, dtype=np.uint8)
         if images is None:
             images = np.empty((len(paths), *pixels.shape), dtype=np.uint8)
@@ -58,9 +63,14 @@ def load_image_folder(image_dir, num=None):
     return images
 
 
+def default_output(image_dir):
+    """`{image_dir}-packed.npz`: never sample_ddp.py's `{sample-dir}/{run}.npz` next to its PNG folder."""
+    return f"{image_dir}-packed.npz"
+
+
 def main(args):
     image_dir = args.image_dir.rstrip("/\\") or args.image_dir
-    out_path = args.out if args.out is not None else f"{image_dir}.npz"
+    out_path = args.out if args.out is not None else default_output(image_dir)
     # Check the destination before reading 50k images, not after.
     if os.path.exists(out_path) and not args.overwrite:
         raise SystemExit(f"error: {out_path} already exists; pass --overwrite to replace it or choose another --out")
@@ -79,6 +89,6 @@ if __name__ == "__main__":
     parser.add_argument("--image_dir", "--image-dir", dest="image_dir", type=str, required=True,
                         help="folder of .png/.jpg/.jpeg samples (read in sorted file-name order)")
     parser.add_argument("--num", type=int, default=None, help="use only the first NUM images (default: all)")
-    parser.add_argument("--out", type=str, default=None, help="output .npz path (default: {image_dir}.npz)")
+    parser.add_argument("--out", type=str, default=None, help="output .npz path (default: {image_dir}-packed.npz)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     main(parser.parse_args())
