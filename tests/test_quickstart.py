@@ -19,8 +19,12 @@ import quickstart  # noqa: E402
 
 
 def run_quickstart(out, *extra):
+    # one intra-op thread per process, as everywhere in the suite: torchrun sets it only for 2+ ranks, and
+    # OpenMP's spinning threads make these tiny models 10x slower on a shared CPU
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, "quickstart.py"), "--out", str(out),
-                           "--schedule", "tiny", *extra], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+                           "--schedule", "tiny", *extra], cwd=ROOT, capture_output=True, text=True, timeout=3600,
+                          env=env)
 
 
 def check_run_folder(out, result, names, models):

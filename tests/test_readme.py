@@ -299,15 +299,18 @@ def test_readme_commands_run_in_order_on_stand_ins(tmp_path):
     os.makedirs(work)
     make_standins(work)
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    failures = []  # every failing command is reported, not only the first
     for command in readme_commands():
         if not_run_reason(command):
             continue
         argv = tiny_command(command, work)
         done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, f"README command failed: {command}\nran: {shlex.join(argv)}\n" \
-                                     f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        if done.returncode != 0:
+            failures.append(f"README command failed: {command}\nran: {shlex.join(argv)}\n{done.stderr[-1500:]}")
     for snippet in python_snippets():
         done = subprocess.run([sys.executable, "-c", snippet], cwd=work, env=env, capture_output=True, text=True,
                               timeout=900)
-        assert done.returncode == 0, f"README python snippet failed:\n{snippet}\n{done.stderr[-3000:]}"
+        if done.returncode != 0:
+            failures.append(f"README python snippet failed:\n{snippet}\n{done.stderr[-1500:]}")
+    assert not failures, "\n\n".join(failures)
     shutil.rmtree(work)
