@@ -71,3 +71,25 @@ def test_class_names_and_bad_input():
     assert grid.size[0] > 4 + 68  # the text column takes room
     with pytest.raises(TinyFusionError):
         labeled_grid(solid_images(2).astype(np.float32), [0, 1])
+
+
+def test_sample_py_labeled_grid(tmp_path, one_torch_thread):
+    """sample.py --grid labeled: one row per class in ascending order (labels 3 1 3 -> rows 1, 3), the
+    8x8 pixel-space samples upscaled x8 into 64 px tiles (constant 8x8 blocks) with 4 px gaps."""
+    import sample
+    from tests.prune_helpers import save_plain, xs_model
+    ckpt = save_plain(xs_model(depth=12, patch=4), tmp_path / "xs.pt")  # DiT-XS/4 has 12 blocks
+    out = tmp_path / "grid.png"
+    sample.main(sample.parse_args(["--model", "DiT-XS/4", "--image-size", "8", "--vae", "none", "--num-classes", "10",
+                                   "--ckpt", ckpt, "--num-sampling-steps", "2", "--class-labels", "3", "1", "3",
+                                   "--grid", "labeled", "--out", str(out)]))
+    from PIL import Image
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    assert grid.shape[0] == 4 + 2 * 68
+    width = grid.shape[1]
+    label_width = width - 4 - 2 * 68  # two columns (class 3 has two samples)
+    assert 0 < label_width < 40
+    tile = grid[4:68, label_width + 4:label_width + 68]
+    blocks = tile.reshape(8, 8, 8, 8, 3)
+    assert (blocks == blocks[:, :1, :, :1]).all()  # every 8x8 block is one source pixel
+    assert (grid[4:68, label_width + 72:label_width + 136] == WHITE).all()  # class 1 has one sample
