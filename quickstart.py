@@ -28,12 +28,13 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL = "DiT-XS/4"  # 12 blocks, hidden 128, 4 tokens of 4x4 pixels: trains in minutes on 2 cores
-ORACLE_KEPT = [0, 2, 4, 7, 9, 11]
-CFG_SCALE = 4.0  # sample.py's default guidance; the digits classifier reads guided samples far better  # BK-SDM's pattern (even blocks, then odd ones up to the last), at 12 -> 6
+ORACLE_KEPT = [0, 2, 4, 7, 9, 11]  # BK-SDM's pattern (even blocks, then odd ones up to the last), at 12 -> 6
+CFG_SCALE = 4.0  # sample.py's default guidance; the digits classifier reads guided samples far better
 
-# (teacher steps, pruning steps, recovery steps, samples per model, sampling steps)
-SCHEDULES = {"quick": (1500, 300, 250, 1000, 50), "full": (2500, 400, 400, 1000, 50),
-             "tiny": (30, 10, 10, 64, 5)}
+# (teacher steps, pruning steps, recovery steps, samples per model, sampling steps, classifier epochs);
+# "tiny" is for the tests: every stage runs, as briefly as possible
+SCHEDULES = {"quick": (1500, 300, 250, 1000, 50, 15), "full": (2500, 400, 400, 1000, 50, 15),
+             "tiny": (30, 10, 10, 64, 5, 1)}
 
 
 TQDM_STATUS = re.compile(r"(?:([A-Za-z][\w .-]*):\s*)?(\d+)%\|[^|]*\|\s*(\d+)/(\d+) \[([\d:]+)<([\d:?]+)")
@@ -117,8 +118,8 @@ class Pipeline:
     def __init__(self, args, out, seed, teacher_runs=None):
         self.args, self.out, self.seed = args, out, seed
         self.teacher_runs = teacher_runs
-        self.teacher_steps, self.prune_steps, self.recover_steps, self.num_samples, self.sampling_steps = \
-            SCHEDULES[args.schedule]
+        (self.teacher_steps, self.prune_steps, self.recover_steps, self.num_samples, self.sampling_steps,
+         self.classifier_epochs) = SCHEDULES[args.schedule]
         self.logs = os.path.join(out, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.timings = {}
@@ -146,7 +147,8 @@ class Pipeline:
         classifier, reference = os.path.join(shared, "digits_classifier.pt"), os.path.join(shared, "reference.npz")
         self.stage("classifier", [classifier, reference],
                    python("tools/train_digits_classifier.py") +
-                   ["--out", classifier, "--ref-out", reference, "--image-size", "8", "--overwrite"])
+                   ["--out", classifier, "--ref-out", reference, "--image-size", "8", "--overwrite",
+                    "--epochs", str(self.classifier_epochs)])
         self.features, self.classifier, self.reference = features, classifier, reference
 
     def train_run(self, name, script, steps, extra, results=None):
