@@ -59,7 +59,8 @@ PLACEHOLDERS = {
     "YOUR_IMAGE_FOLDER": "imagenet-train/3",
 }
 
-TRAINING = ["--max-steps", "2", "--ckpt-every", "2", "--log-every", "1", "--num-workers", "0"]
+TRAINING = ["--max-steps", "2", "--ckpt-every", "2", "--log-every", "1", "--num-workers", "0",
+            "--global-batch-size", "8"]  # the stand-in data set has 40 images (80 with flips)
 EXTRA_ARGS = {
     "extract_features.py": ["--num-workers", "0"],
     "prune_by_learning.py": TRAINING,
@@ -306,7 +307,9 @@ def test_readme_commands_run_in_order_on_stand_ins(tmp_path):
         argv = tiny_command(command, work)
         done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
-            failures.append(f"README command failed: {command}\nran: {shlex.join(argv)}\n{done.stderr[-1500:]}")
+            errors = [line for line in done.stderr.splitlines() if line.startswith("error:") or "Error:" in line]
+            failures.append(f"README command failed: {command}\nran: {shlex.join(argv)}\n" +
+                            "\n".join(errors[:5]) + f"\n{done.stderr[-1000:]}")
     for snippet in python_snippets():
         done = subprocess.run([sys.executable, "-c", snippet], cwd=work, env=env, capture_output=True, text=True,
                               timeout=900)
