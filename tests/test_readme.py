@@ -21,7 +21,9 @@ How a README command becomes a tiny run (the only rewriting; edit these tables w
   - EXTRA_ARGS: flags appended per script when the command does not give them (step caps, few
     sampling steps, few samples), so the run takes seconds;
   - PATH_ALIASES: inputs the README names by the file a full-size run would have made (its name
-    encodes sizes) -> the file the tiny run made.
+    encodes sizes) -> the file the tiny run made; PATHS: absolute README paths -> the run folder.
+A script without an EXTRA_ARGS entry runs with the README's own arguments. A command that needs
+the network (a download) goes in NOT_RUN with its reason; it is still parsed if it is a script.
 """
 import ast
 import glob
@@ -282,7 +284,7 @@ def tiny_command(command, work):
     launcher, launcher_args, script, args = script_call(with_placeholders(command, work))
     args = [PATHS.get(arg, PATH_ALIASES[arg](work) if arg in PATH_ALIASES else arg) for arg in args]
     args = substitute_values(args)
-    extra = list(EXTRA_ARGS[script])
+    extra = list(EXTRA_ARGS.get(script, []))  # a new script runs with the README's own arguments
     if script in MODEL_SCRIPTS:  # the tiny VAE at 32 px unless the command names its own
         extra += ["--image-size", "32", "--vae-path", "pretrained/sd-vae-ft-ema"]
     for index in range(0, len(extra), 2):
