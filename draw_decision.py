@@ -156,6 +156,8 @@ def draw_jsonl_log(log, out, title, overwrite):
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist; pass the metrics.jsonl of a prune_by_learning.py run (or its folder)")
     out = out or os.path.join(os.path.dirname(os.path.abspath(path)), "decision.png")
+    if os.path.exists(out) and not overwrite:  # checked before reading the log
+        raise ValueError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere")
     return draw(read_metrics(path), out, title, overwrite=overwrite)
 
 

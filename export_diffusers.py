@@ -44,14 +44,11 @@ import os
 import shutil
 import tempfile
 
-import torch
-
-from tinyfusion.checkpoints import build_model
-from tinyfusion.downloads import resolve_released
 from tinyfusion.cli import add_model_args
-from models import get_2d_sincos_pos_embed, prune_to_kept_blocks
-from tinyfusion.vae import LATENT_SCALE, is_pixel_space, load_vae
 from tinyfusion.errors import TinyFusionError, run_main
+
+# torch, diffusers and the model code are imported inside the functions that use them, so that
+# `--help` and a bad flag answer without loading them
 
 DIFFUSERS_NULL_CLASS = 1000  # the label DiTPipeline feeds as "unconditional" (hard-coded there)
 POS_EMBED_TOLERANCE = 1e-4   # diffusers recomputes the fixed sin-cos table; ours must be that table
@@ -60,6 +57,7 @@ POS_EMBED_TOLERANCE = 1e-4   # diffusers recomputes the fixed sin-cos table; our
 def label_table_for_diffusers(model):
     """Our label table laid out for diffusers: (num_embeds_ada_norm, table). diffusers' label
     embedding always has a null row at index num_embeds_ada_norm; DiTPipeline asks for index 1000."""
+    import torch
     table = model.y_embedder.embedding_table.weight.detach().float()
     num_classes = model.num_classes
     if table.shape[0] == num_classes:  # trained without label dropout: no null row to guide with
@@ -117,6 +115,8 @@ def convert_state_dict(model, label_table):
 
 def check_exportable(model):
     """One-line errors for what DiTTransformer2DModel cannot represent."""
+    import torch
+    from models import get_2d_sincos_pos_embed
     if model.mlp_ratio != 4.0:
         raise TinyFusionError(f"the model has mlp_ratio {model.mlp_ratio}; DiTTransformer2DModel only has "
                               f"MLP ratio 4, so it cannot be exported")
@@ -144,6 +144,7 @@ def check_gates_trained(model):
 def to_diffusers_transformer(model):
     """A DiTTransformer2DModel (fp32, eval) holding `model`'s weights; gated models are first
     pruned to the blocks their (trained) gates keep."""
+    from models import prune_to_kept_blocks
     from diffusers import DiTTransformer2DModel
     if getattr(model, "groups", None) is not None:
         check_gates_trained(model)
@@ -167,6 +168,7 @@ def match_original_timestep_embedding(transformer):
 @functools.lru_cache(maxsize=None)
 def checked_pipeline_class():
     """DiTPipeline whose __call__ refuses class labels outside the model's own classes."""
+    import torch
     from diffusers import DiTPipeline
 
     class TinyFusionDiTPipeline(DiTPipeline):
@@ -259,6 +261,9 @@ def write_folder_atomically(out, overwrite, write):
 
 
 def main(args):
+    from tinyfusion.vae import LATENT_SCALE, is_pixel_space, load_vae
+    from tinyfusion.checkpoints import build_model
+    from tinyfusion.downloads import resolve_released
     if os.path.exists(args.out) and not args.overwrite:
         raise TinyFusionError(f"{args.out} already exists; choose another --out or pass --overwrite")
     ckpt = resolve_released(args.ckpt)  # a released name is found in pretrained/ or downloaded

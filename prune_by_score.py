@@ -26,11 +26,10 @@ from tinyfusion.errors import TinyFusionError, run_main
 
 
 def save_sample_grid(model, vae, path, args, device):
-    """An 8-image class-conditional grid from the pruned model (DiT's sample.py recipe)."""
-    from torchvision.utils import save_image
-
-    from tinyfusion.atomic_files import atomic_path
-    from tinyfusion.vae import decode
+    """An 8-image class-conditional grid from the pruned model (DiT's sample.py recipe), laid out
+    readably: one row per class with its label, gaps, small images upscaled to >= 64 px."""
+    from tinyfusion.grids import save_labeled_grid
+    from tinyfusion.vae import decode, to_uint8_nhwc
     torch.manual_seed(args.seed)
     diffusion = create_diffusion(str(args.num_sampling_steps))
     labels = torch.tensor([c % model.num_classes for c in (207, 360, 387, 974, 88, 979, 417, 279)], device=device)
@@ -41,8 +40,7 @@ def save_sample_grid(model, vae, path, args, device):
     samples = diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, clip_denoised=False,
                                       model_kwargs=dict(y=y, cfg_scale=args.cfg_scale), device=device)
     images = decode(vae, samples.chunk(2)[0])
-    with atomic_path(path, overwrite=args.overwrite) as tmp:
-        save_image(images, tmp, nrow=4, normalize=True, value_range=(-1, 1))
+    save_labeled_grid(path, to_uint8_nhwc(images.float()).numpy(), labels.tolist(), overwrite=args.overwrite)
 
 
 def scores_path(save_model):

@@ -17,6 +17,8 @@ and sampling), reported as mean +/- std.
 import argparse
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,29 +28,81 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL = "DiT-XS/4"  # 12 blocks, hidden 128, 4 tokens of 4x4 pixels: trains in minutes on 2 cores
-ORACLE_KEPT = [0, 2, 4, 7, 9, 11]
-CFG_SCALE = 4.0  # sample.py's default guidance; the digits classifier reads guided samples far better  # BK-SDM's pattern (even blocks, then odd ones up to the last), at 12 -> 6
+ORACLE_KEPT = [0, 2, 4, 7, 9, 11]  # BK-SDM's pattern (even blocks, then odd ones up to the last), at 12 -> 6
+CFG_SCALE = 4.0  # sample.py's default guidance; the digits classifier reads guided samples far better
 
-# (teacher steps, pruning steps, recovery steps, samples per model, sampling steps)
-SCHEDULES = {"quick": (1500, 300, 250, 1000, 50), "full": (2500, 400, 400, 1000, 50),
-             "tiny": (30, 10, 10, 64, 5)}
+# (teacher steps, pruning steps, recovery steps, samples per model, sampling steps, classifier epochs);
+# "tiny" is for the tests: every stage runs, as briefly as possible
+SCHEDULES = {"quick": (1500, 300, 250, 1000, 50, 15), "full": (2500, 400, 400, 1000, 50, 15),
+             "tiny": (30, 10, 10, 64, 5, 1)}
 
 
-def run(command, log_path, threads=None):
-    """Run one stage as a user would; its output goes to a log file, failures stop the pipeline."""
+TQDM_STATUS = re.compile(r"(?:([A-Za-z][\w .-]*):\s*)?(\d+)%\|[^|]*\|\s*(\d+)/(\d+) \[([\d:]+)<([\d:?]+)")
+
+
+def stage_status(log_path):
+    """The newest tqdm line of a stage's log as 'desc 450/1500 (30%), ETA 03:12', or ''."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(max(os.path.getsize(log_path) - 8192, 0))
+            tail = log.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    for segment in reversed(re.split(r"[\r\n]", tail)):
+        match = TQDM_STATUS.search(segment)
+        if match:
+            desc, percent, done, total, _, eta = match.groups()
+            return f"{desc + ' ' if desc else ''}{done}/{total} ({percent}%), ETA {eta}"
+    return ""
+
+
+def show(text, final=False):
+    """One console line per stage: redrawn in place on a terminal; elsewhere (a pipe, a file) the
+    final line and a heartbeat line every minute."""
+    if sys.stdout.isatty():
+        width = shutil.get_terminal_size().columns - 1
+        sys.stdout.write("\r" + text[:width] + "\033[K" + ("\n" if final else ""))
+    else:
+        sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def run(name, command, log_path, threads=None):
+    """Run one stage as a user would; its output goes to a log file while the console shows the
+    stage's progress bar (parsed from the log) and ETA. A failure stops the pipeline."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    started = time.time()
+    started = last_heartbeat = time.time()
     with open(log_path, "a") as log:
-        log.write(f"$ {' '.join(command)}\n")
+        log.write(f"$ {shlex.join(command)}\n")  # shell-quoted: the line can be pasted to rerun the stage
         log.flush()
-        result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while True:
+            try:
+                process.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            status = stage_status(log_path)
+            line = f"  [{name}] {format_seconds(time.time() - started)} {status}".rstrip()
+            if sys.stdout.isatty():
+                show(line)
+            elif time.time() - last_heartbeat >= 60:
+                show(line)
+                last_heartbeat = time.time()
+    if process.returncode != 0:
+        if sys.stdout.isatty():
+            show(f"  [{name}] failed", final=True)
         with open(log_path) as log:
             tail = "".join(log.readlines()[-15:])
-        raise SystemExit(f"error: stage failed ({' '.join(command[:4])} ...); last lines of {log_path}:\n{tail}")
+        raise SystemExit(f"error: stage {name} failed; its command and full output are in {log_path}, "
+                         f"whose last lines are:\n{tail}")
     return time.time() - started
+
+
+def format_seconds(seconds):
+    return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
 
 
 def torchrun(script, nproc):
@@ -64,8 +118,8 @@ class Pipeline:
     def __init__(self, args, out, seed, teacher_runs=None):
         self.args, self.out, self.seed = args, out, seed
         self.teacher_runs = teacher_runs
-        self.teacher_steps, self.prune_steps, self.recover_steps, self.num_samples, self.sampling_steps = \
-            SCHEDULES[args.schedule]
+        (self.teacher_steps, self.prune_steps, self.recover_steps, self.num_samples, self.sampling_steps,
+         self.classifier_epochs) = SCHEDULES[args.schedule]
         self.logs = os.path.join(out, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.timings = {}
@@ -76,9 +130,10 @@ class Pipeline:
         if all(os.path.exists(path) for path in outputs):
             print(f"  [{name}] done already")
             return
-        print(f"  [{name}] running ...", flush=True)
-        self.timings[name] = run(command, os.path.join(self.logs, f"{name}.log"))
-        print(f"  [{name}] {self.timings[name]:.0f}s")
+        if not sys.stdout.isatty():  # a terminal gets the live progress line instead
+            print(f"  [{name}] running ...", flush=True)
+        self.timings[name] = run(name, command, os.path.join(self.logs, f"{name}.log"))
+        show(f"  [{name}] done in {format_seconds(self.timings[name])}", final=True)
 
     def path(self, *parts):
         return os.path.join(self.out, *parts)
@@ -92,7 +147,8 @@ class Pipeline:
         classifier, reference = os.path.join(shared, "digits_classifier.pt"), os.path.join(shared, "reference.npz")
         self.stage("classifier", [classifier, reference],
                    python("tools/train_digits_classifier.py") +
-                   ["--out", classifier, "--ref-out", reference, "--image-size", "8", "--overwrite"])
+                   ["--out", classifier, "--ref-out", reference, "--image-size", "8", "--overwrite",
+                    "--epochs", str(self.classifier_epochs)])
         self.features, self.classifier, self.reference = features, classifier, reference
 
     def train_run(self, name, script, steps, extra, results=None):
@@ -104,7 +160,18 @@ class Pipeline:
             "--data-path", self.features, "--results-dir", results, "--prefix", name, "--max-steps", str(steps),
             "--global-batch-size", "128", "--global-seed", str(self.seed), "--log-every", "50",
             "--ckpt-every", str(max(steps // 4, 1)), "--num-workers", "0"] + resume + extra)
+        self.drop_intermediate_checkpoints(os.path.dirname(final), keep=final)
         return final
+
+    def drop_intermediate_checkpoints(self, folder, keep=None):
+        """Once a run has finished, its intermediate checkpoints (written so that an interrupted
+        stage resumes) are not read by any later stage: delete them unless --keep-checkpoints."""
+        if self.args.keep_checkpoints or not os.path.isdir(folder):
+            return
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if name.endswith(".pt") and (keep is None or not os.path.samefile(path, keep)):
+                os.remove(path)
 
     def run_all(self):
         # with several seeds the teacher is trained once (seed 0) and the seeds vary what the paper
@@ -112,8 +179,22 @@ class Pipeline:
         teacher = self.train_run("teacher", "train.py", self.teacher_steps, ["--lr", "1e-3", "--ema-decay", "0.995",
                                                                                 "--lr-schedule", "constant"],
                                  results=self.teacher_runs)
-        pruned = self.path("pruned")
-        os.makedirs(pruned, exist_ok=True)
+        students = self.prune(teacher)
+        kd = ["--teacher", MODEL, "--load-teacher", teacher, "--lr", "5e-4", "--final-lr", "2.5e-4",
+              "--ema-decay", "0.99"]
+        models = {"teacher": teacher}
+        for method, checkpoint in students.items():
+            models[f"{method} + masked KD"] = self.train_run(f"kd-{method}", "train_masked_kd.py",
+                                                             self.recover_steps, ["--load-weight", checkpoint] + kd)
+        if "finetune" in self.args.methods:
+            models["learned + fine-tuning"] = self.train_run("finetune-learned", "train.py", self.recover_steps,
+                                                             ["--load-weight", students["learned"], "--lr", "5e-4",
+                                                              "--lr-schedule", "constant", "--ema-decay", "0.99"])
+        return [self.evaluate(name, checkpoint) for name, checkpoint in models.items()]
+
+    def prune(self, teacher):
+        """The teacher pruned to 6 blocks by each method of --methods; returns {method: checkpoint}."""
+        os.makedirs(self.path("pruned"), exist_ok=True)
         students = {}
         prune_run = self.path("runs", f"prune-{MODEL.replace('/', '-')}")
         students["learned"] = self.path("pruned", "learned.pt")
@@ -125,29 +206,20 @@ class Pipeline:
                                   "--ckpt-every", str(max(self.prune_steps // 2, 1)), "--delta-w", "--lora",
                                   "--save-model", students["learned"]] +
                    (["--resume", "auto"] if os.path.isdir(prune_run) else []))
+        self.drop_intermediate_checkpoints(os.path.join(prune_run, "checkpoints"))  # learned.pt holds the result
         self.stage("decision-plot", [self.path("decision.png")], python("draw_decision.py") +
                    ["--log", prune_run, "--out", self.path("decision.png"), "--overwrite"])
-        students["bi-score"] = self.path("pruned", "bi-score.pt")
-        self.stage("prune-bi-score", [students["bi-score"]], python("prune_by_score.py") + self.common +
-                   ["--ckpt", teacher, "--features-path", self.features, "--n-pruned", "6",
-                    "--seed", str(self.seed), "--save-model", students["bi-score"]])
-        students["oracle"] = self.path("pruned", "oracle.pt")
-        self.stage("prune-oracle", [students["oracle"]], python("prune_by_index.py") + self.common +
-                   ["--ckpt", teacher, "--kept-indices", json.dumps(ORACLE_KEPT), "--save-model", students["oracle"]])
-
-        kd = ["--teacher", MODEL, "--load-teacher", teacher, "--lr", "5e-4", "--final-lr", "2.5e-4",
-              "--ema-decay", "0.99"]
-        models = {"teacher": teacher}
-        for method, checkpoint in students.items():
-            models[f"{method} + masked KD"] = self.train_run(f"kd-{method}", "train_masked_kd.py",
-                                                             self.recover_steps, ["--load-weight", checkpoint] + kd)
-        models["learned + fine-tuning"] = self.train_run("finetune-learned", "train.py", self.recover_steps,
-                                                         ["--load-weight", students["learned"], "--lr", "5e-4",
-                                                          "--lr-schedule", "constant", "--ema-decay", "0.99"])
-        rows = []
-        for name, checkpoint in models.items():
-            rows.append(self.evaluate(name, checkpoint))
-        return rows
+        if "bi-score" in self.args.methods:
+            students["bi-score"] = self.path("pruned", "bi-score.pt")
+            self.stage("prune-bi-score", [students["bi-score"]], python("prune_by_score.py") + self.common +
+                       ["--ckpt", teacher, "--features-path", self.features, "--n-pruned", "6",
+                        "--seed", str(self.seed), "--save-model", students["bi-score"]])
+        if "oracle" in self.args.methods:
+            students["oracle"] = self.path("pruned", "oracle.pt")
+            self.stage("prune-oracle", [students["oracle"]], python("prune_by_index.py") + self.common +
+                       ["--ckpt", teacher, "--kept-indices", json.dumps(ORACLE_KEPT),
+                        "--save-model", students["oracle"]])
+        return students
 
     def evaluate(self, name, checkpoint):
         slug = name.replace(" + ", "-").replace(" ", "-")
@@ -193,18 +265,13 @@ def sampling_rate(sample_dir):
     return float("nan")
 
 
-def write_grid(npz_path, png_path, rows=10, cols=10):
-    """The first rows*cols samples as one PNG, ordered by label when the batch has labels."""
-    from PIL import Image
+def write_grid(npz_path, png_path, per_class=10):
+    """Up to `per_class` samples of each class, one labelled row per class (tinyfusion/grids.py)."""
+    sys.path.insert(0, ROOT)
+    from tinyfusion.grids import save_labeled_grid
     with np.load(npz_path) as batch:
-        images, labels = batch["arr_0"], batch["labels"] if "labels" in batch else None
-    order = np.argsort(labels, kind="stable") if labels is not None else np.arange(len(images))
-    chosen = images[order][:: max(len(images) // (rows * cols), 1)][: rows * cols]
-    height, width = chosen.shape[1:3]
-    grid = np.zeros((rows * height, cols * width, 3), dtype=np.uint8)
-    for k, image in enumerate(chosen):
-        grid[(k // cols) * height:(k // cols + 1) * height, (k % cols) * width:(k % cols + 1) * width] = image
-    Image.fromarray(grid).resize((cols * width * 4, rows * height * 4), Image.NEAREST).save(png_path)
+        images, labels = batch["arr_0"], batch["labels"] if "labels" in batch else np.zeros(len(batch["arr_0"]), int)
+    save_labeled_grid(png_path, images, labels, columns=per_class)
 
 
 COLUMNS = [("model", "{}"), ("depth", "{}"), ("params", "{:,}"), ("kept", "{}"), ("images_per_sec", "{:.1f}"),
@@ -247,6 +314,7 @@ def main(args):
     for seed in seeds:
         folder = os.path.join(out, f"seed-{seed}") if len(seeds) > 1 else out
         print(f"seed {seed}: {folder}")
+        print(f"  each stage's command and full output: {os.path.join(folder, 'logs', '<stage>.log')}", flush=True)
         pipeline = Pipeline(args, folder, seed, os.path.join(out, "shared", "runs") if len(seeds) > 1 else None)
         pipeline.data(os.path.join(out, "shared"))
         per_seed.append(pipeline.run_all())
@@ -273,4 +341,11 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", type=int, default=3, help="seeds for --full")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="quick", help=argparse.SUPPRESS)
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per stage")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep every intermediate training checkpoint (by default only each run's final one, "
+                             "the one later stages read, is kept)")
+    # a subset of the pruning methods (learned is always run: fine-tuning and the decision plot use it);
+    # the default suite's test uses it to stay short
+    parser.add_argument("--methods", type=lambda text: text.split(","), default=["learned", "bi-score", "oracle", "finetune"],
+                        help=argparse.SUPPRESS)
     main(parser.parse_args())

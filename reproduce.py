@@ -66,9 +66,7 @@ class Study:
         """Run `command` unless every path in `outputs` exists; a failure raises StageFailed."""
         if all(os.path.exists(path) for path in outputs):
             return True
-        print(f"  [{name}] running ...", flush=True)
-        seconds = quickstart.run(command, os.path.join(self.logs, f"{name}.log"))
-        print(f"  [{name}] {seconds:.0f}s", flush=True)
+        quickstart.run(name, command, os.path.join(self.logs, f"{name}.log"))  # progress and ETA on the console
         return True
 
     # ------------------------------------------------------------------ shared inputs

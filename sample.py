@@ -27,7 +27,8 @@ from tinyfusion.cli import (add_guidance_args, add_model_args, add_precision_arg
 from tinyfusion.precision import cast_weights_once, low_precision_warning
 from diffusion import create_diffusion
 from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, sample_generator
-from tinyfusion.vae import decode, load_vae
+from tinyfusion.vae import decode, load_vae, to_uint8_nhwc
+from tinyfusion.grids import save_labeled_grid
 from tinyfusion.errors import TinyFusionError, run_main
 from transport.cli import FLOW_SAMPLERS, add_transport_args, check_sampler_family, flow_options, transport_from_args
 
@@ -99,8 +100,11 @@ def main(args):
     else:
         images = original_grid(model, diffusion, args.class_labels, args, vae, amp_dtype, device)
     # normalize to [-1, 1] then *255 + 0.5: the same uint8 values as sample_ddp.py's clamp(127.5 x + 128)
-    with atomic_path(args.out) as tmp:
-        save_image(images.float().cpu(), tmp, nrow=4, normalize=True, value_range=(-1, 1))
+    if args.grid == "labeled":  # one row per class, labelled, gaps, tiny images upscaled
+        save_labeled_grid(args.out, to_uint8_nhwc(images.float()).numpy(), args.class_labels)
+    else:
+        with atomic_path(args.out) as tmp:
+            save_image(images.float().cpu(), tmp, nrow=4, normalize=True, value_range=(-1, 1))
     print(f"saved {len(images)} samples to {args.out} in {time.time() - start:.1f}s")
 
 
@@ -123,6 +127,9 @@ def parse_args(argv=None):
     parser.add_argument("--timestep-spacing", choices=["dit", "leading"], default="dit",
                         help="dit: steps spread evenly over [0, 999] (DiT); leading: 0, s, 2s, ... (diffusers' DiTPipeline)")
     parser.add_argument("--out", type=str, default="sample.png", help="grid PNG to write (replaced if it exists)")
+    parser.add_argument("--grid", choices=["plain", "labeled"], default="plain",
+                        help="plain: the original 4-column grid; labeled: one row per class with its label, "
+                             "gaps between tiles, small images upscaled (nearest-neighbour) to >= 64 px")
     add_precision_arg(parser)
     parser.set_defaults(precision="fp32")  # the original samples in fp32; bf16 is opt-in on every device
     add_transport_args(parser)

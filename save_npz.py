@@ -1,8 +1,10 @@
 """
 Pack a folder of sample images (PNG / JPEG) into the .npz batch that evaluator.py reads:
 `arr_0` is an (N, H, W, 3) uint8 NHWC array in sorted file-name order, as DiT's
-sample_ddp.py writes it. The output defaults to `{image_dir}.npz`, is written atomically
-and never replaces an existing file unless --overwrite is given.
+sample_ddp.py writes it; grayscale (L) images become RGB by repeating the channel, as sample_ddp.py
+does for one-channel samples. The output defaults to `{image_dir}-packed.npz` (not
+`{image_dir}.npz`, which is where sample_ddp.py writes the batch of its `--save-png` folder), is
+written atomically and never replaces an existing file unless --overwrite is given.
 
     python save_npz.py --image_dir samples/DiT-XL-2-pretrained-size-256-cfg-1.5-seed-0 --num 50000
 """
@@ -28,14 +30,16 @@ def list_image_files(image_dir):
 
 
 def read_rgb_pixels(path):
-    """(H, W, 3) uint8 pixels of one RGB image file; a ValueError naming the file if it is not
-    a readable image (truncated, not an image at all) or not RGB."""
+    """(H, W, 3) uint8 pixels of one RGB (or grayscale, made RGB) image file; a ValueError naming
+    the file if it is not a readable image (truncated, not an image at all) or another mode."""
     try:
         with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, not as a half-black image
+            if image.mode == "L":  # grayscale: three equal channels, as the ADM reference batches hold
+                image = image.convert("RGB")
             if image.mode != "RGB":
                 raise ValueError(f"{path} is a {image.mode} image, not RGB; convert the folder to "
-                                 f"RGB (e.g. Image.open(p).convert('RGB').save(p)) first")
-            image.load()  # decode now: a truncated file fails here, not as a half-black image
+                                 f"RGB or grayscale (e.g. Image.open(p).convert('RGB').save(p)) first")
             return np.asarray(image, dtype=np.uint8)
     except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's errors for broken files
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -45,8 +49,9 @@ def read_rgb_pixels(path):
 def load_image_folder(image_dir, num=None):
     """(N, H, W, 3) uint8 array of the first `num` images (all when None) in sorted order.
 
-    Every image must be RGB and of one size: nothing is converted or resized silently,
-    because a grey or resized image would quietly change FID.
+    Every image must be RGB or grayscale (repeated to RGB: the same pixels, as sample_ddp.py
+    stores one-channel samples) and of one size: nothing else is converted or resized silently,
+    because a resized image or a dropped alpha channel would quietly change FID.
     """
     paths = list_image_files(image_dir)
     if not paths:
@@ -70,9 +75,14 @@ def load_image_folder(image_dir, num=None):
     return images
 
 
+def default_output(image_dir):
+    """`{image_dir}-packed.npz`: never sample_ddp.py's `{sample-dir}/{run}.npz` next to its PNG folder."""
+    return f"{image_dir}-packed.npz"
+
+
 def main(args):
     image_dir = args.image_dir.rstrip("/\\") or args.image_dir
-    out_path = args.out if args.out is not None else f"{image_dir}.npz"
+    out_path = args.out if args.out is not None else default_output(image_dir)
     # Check the destination before reading 50k images, not after.
     if os.path.exists(out_path) and not args.overwrite:
         raise TinyFusionError(f"{out_path} already exists; pass --overwrite to replace it or choose another --out")
@@ -91,6 +101,6 @@ if __name__ == "__main__":
     parser.add_argument("--image_dir", "--image-dir", dest="image_dir", type=str, required=True,
                         help="folder of .png/.jpg/.jpeg samples (read in sorted file-name order)")
     parser.add_argument("--num", type=int, default=None, help="use only the first NUM images (default: all)")
-    parser.add_argument("--out", type=str, default=None, help="output .npz path (default: {image_dir}.npz)")
+    parser.add_argument("--out", type=str, default=None, help="output .npz path (default: {image_dir}-packed.npz)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     run_main(main, parser.parse_args())

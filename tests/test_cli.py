@@ -61,3 +61,36 @@ def test_parse_index_list():
     assert parse_index_list("0,2, 5") == [0, 2, 5]
     with pytest.raises(argparse.ArgumentTypeError):
         parse_index_list("[0, 'a']")
+
+
+def test_model_names_of_the_help_are_the_models():
+    """cli.MODEL_NAMES (the --model help, listed so that --help needs no torch) is models.DiT_models."""
+    from models import DiT_models
+    from tinyfusion.cli import MODEL_NAMES
+    assert MODEL_NAMES == list(DiT_models)
+
+
+def test_precision_flags_resolve_to_torch_dtypes():
+    import torch
+    from tinyfusion.cli import resolve_precision
+    assert resolve_precision("auto", "cpu") is torch.float32
+    assert [resolve_precision(p, "cpu") for p in ("fp32", "bf16", "fp16")] == [torch.float32, torch.bfloat16,
+                                                                                torch.float16]
+
+
+@pytest.mark.parametrize("script", ["prune_by_index.py", "export_diffusers.py", "save_npz.py", "draw_decision.py",
+                                    "quickstart.py", "tools/make_digits.py"])
+def test_help_loads_no_heavy_library(script):
+    """`--help` of these scripts answers without importing torch, diffusers or TensorFlow (whose
+    import alone takes seconds); bench/bench_help.py times every script."""
+    probe = ("import runpy, sys\n"
+             f"sys.argv = [{script!r}, '--help']\n"
+             f"sys.path.insert(0, {ROOT!r})\n"
+             "try:\n"
+             f"    runpy.run_path({os.path.join(ROOT, script)!r}, run_name='__main__')\n"
+             "except SystemExit:\n"
+             "    pass\n"
+             "print(sorted(m for m in ('torch', 'diffusers', 'tensorflow') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]

@@ -83,3 +83,24 @@ def test_original_command_line_writes_png_and_pdf(tmp_path):
     assert both.returncode == 2 and "either --log RUN" in both.stderr
     deep = run("0.5", "prune_log.txt", "--depth", "6", "--out", "d.png", cwd=tmp_path)
     assert deep.returncode == 2 and "keeps block 7, beyond --depth 6" in deep.stderr
+
+
+def test_existing_png_is_refused_naming_overwrite(tmp_path):
+    import argparse
+    import json
+
+    import draw_decision
+    from tinyfusion.errors import TinyFusionError
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(json.dumps({"step": 10, "kept_indices": [0, 3], "confidences": [0.6, 0.9],
+                               "groups": [[1, 2], [1, 2]]}) + "\n")
+    out = tmp_path / "decision.png"
+    out.write_bytes(b"an earlier plot")
+    args = argparse.Namespace(original=[], log=str(tmp_path), out=None, title=None, overwrite=False)
+    with pytest.raises(TinyFusionError) as refused:
+        draw_decision.main(args)
+    message = str(refused.value)
+    assert "\n" not in message and "--overwrite" in message and str(out) in message
+    assert out.read_bytes() == b"an earlier plot"
+    draw_decision.main(argparse.Namespace(original=[], log=str(log), out=None, title=None, overwrite=True))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -276,7 +276,8 @@ def test_bad_inputs_are_one_line_errors_and_overwrite_nothing(tmp_path, images, 
 
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    fails("huggingface-cli download stabilityai/sd-vae-ft-mse.*--vae-path", images, tmp_path / "out",
+    fails("`hf download stabilityai/sd-vae-ft-mse --local-dir pretrained/sd-vae-ft-mse`.*--vae-path", images,
+          tmp_path / "out",
           "--vae", "mse", vae_path=None)
     assert not (tmp_path / "out").exists()
 

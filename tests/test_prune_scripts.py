@@ -201,6 +201,11 @@ def test_prune_by_score_through_the_vae_on_an_image_folder_with_a_sample_grid(fo
     assert read_metadata(load_checkpoint_file(out))["kept_indices"] == [0, 2, 4, 5]
     with open(grid, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # the readable layout: labels 207 360 387 974 88 979 417 279 mod 10 are classes 0 4 7 8 9 (5 rows, class 7
+    # three times -> 3 columns), 16 px upscaled x4 to 64 px tiles with 4 px gaps: 4 + 5 * 68 px high
+    from PIL import Image
+    with Image.open(grid) as image:
+        assert image.size[1] == 4 + 5 * 68 and image.size[0] > 4 + 3 * 68
 
 
 def test_prune_by_score_errors(folder, capsys):

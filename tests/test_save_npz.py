@@ -32,14 +32,39 @@ def test_round_trip_sorted_order_and_default_output(tmp_path):
     folder = tmp_path / "samples"
     images = write_pngs(folder, 12)
     (folder / "notes.txt").write_text("ignored")
-    done = run_cli("--image_dir", str(folder) + "/")  # trailing slash: still samples.npz
+    done = run_cli("--image_dir", str(folder) + "/")  # trailing slash: still samples-packed.npz
     assert done.returncode == 0, done.stderr
-    out = tmp_path / "samples.npz"
+    out = tmp_path / "samples-packed.npz"
     with np.load(out) as data:
         assert data.files == ["arr_0"]
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (12, 5, 6, 3)
         np.testing.assert_array_equal(data["arr_0"], images)
-    assert sorted(os.listdir(tmp_path)) == ["samples", "samples.npz"]  # no temp files left
+    assert sorted(os.listdir(tmp_path)) == ["samples", "samples-packed.npz"]  # no temp files left
+
+
+def test_default_output_never_touches_a_sample_ddp_batch(tmp_path):
+    """sample_ddp.py --save-png writes {run}.npz next to the PNG folder {run}/: packing that folder
+    with the default output must neither collide with nor replace it."""
+    folder = tmp_path / "DiT-XS-4-0000030-size-8-vae-none-cfg-4.0-seed-0"
+    write_pngs(folder, 2)
+    sample_ddp_batch = tmp_path / f"{folder.name}.npz"
+    sample_ddp_batch.write_bytes(b"sample_ddp result")
+    assert run_cli("--image_dir", str(folder)).returncode == 0
+    assert sample_ddp_batch.read_bytes() == b"sample_ddp result"
+    again = run_cli("--image_dir", str(folder))  # the packed file exists now: refused, named flag
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+def test_grayscale_images_become_rgb_by_repeating_the_channel(tmp_path):
+    folder = tmp_path / "gray"
+    folder.mkdir()
+    gray = np.random.default_rng(0).integers(0, 256, (2, 5, 6), dtype=np.uint8)
+    for index, image in enumerate(gray):
+        Image.fromarray(image, mode="L").save(folder / f"{index:06d}.png")
+    packed = save_npz.load_image_folder(str(folder))
+    assert packed.shape == (2, 5, 6, 3) and packed.dtype == np.uint8
+    for channel in range(3):
+        np.testing.assert_array_equal(packed[..., channel], gray)
 
 
 def test_num_takes_the_first_files_in_sorted_order(tmp_path):
@@ -78,7 +103,7 @@ def one_line_error(folder, *extra):
     assert "Traceback" not in done.stderr, done.stderr
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith("error:"), message
-    assert not os.path.exists(f"{folder}.npz")
+    assert not os.path.exists(save_npz.default_output(str(folder)))
     return message
 
 
@@ -93,7 +118,7 @@ def test_bad_folders_are_one_line_errors(tmp_path):
     Image.fromarray(np.zeros((7, 6, 3), np.uint8)).save(mixed / "000009.png")
     assert "mixed image sizes" in one_line_error(mixed)
 
-    for mode, shape in (("L", (5, 6)), ("RGBA", (5, 6, 4))):
+    for mode, shape in (("RGBA", (5, 6, 4)), ("LA", (5, 6, 2))):
         folder = tmp_path / f"mode_{mode}"
         write_pngs(folder, 2)
         Image.fromarray(np.zeros(shape, np.uint8), mode=mode).save(folder / "000001.png")

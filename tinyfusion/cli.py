@@ -6,7 +6,11 @@ import os
 import re
 import sys
 
-import torch
+# every name of models.DiT_models, listed here so that `--help` needs neither models.py nor torch
+# (tests/test_cli.py checks the two lists agree)
+MODEL_NAMES = ["DiT-XL/2", "DiT-XL/4", "DiT-XL/8", "DiT-L/2", "DiT-L/4", "DiT-L/8", "DiT-B/2", "DiT-B/4", "DiT-B/8",
+               "DiT-S/2", "DiT-S/4", "DiT-S/8", "DiT-D19/2", "DiT-D14/2", "DiT-D7/2", "DiT-XS/1", "DiT-XS/2",
+               "DiT-XS/4", "DiT-XL-1-2", "DiT-XL-2-4", "DiT-XL-7-14", "DiT-XL-1-4", "DiT-D14-1-2", "DiT-D14-2-4"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -113,9 +117,8 @@ def parse_index_list(text):
 
 def add_model_args(parser, default_model="DiT-XL/2"):
     """--model, --image-size, --num-classes, --vae, --vae-path, --groups."""
-    from models import DiT_models  # imported late so `--help` stays fast
     parser.add_argument("--model", type=str, default=default_model,
-                        help=f"one of: {', '.join(DiT_models)}")
+                        help=f"one of: {', '.join(MODEL_NAMES)}")
     parser.add_argument("--image-size", type=int, default=256,
                         help="256 or 512 for the SD-VAE; any size with --vae none (pixel space)")
     parser.add_argument("--num-classes", type=int, default=1000)
@@ -128,7 +131,7 @@ def add_model_args(parser, default_model="DiT-XL/2"):
     return parser
 
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # flag -> torch dtype name
 
 
 def add_precision_arg(parser):
@@ -139,13 +142,15 @@ def add_precision_arg(parser):
 
 def resolve_precision(precision, device):
     """The autocast dtype for a run: bf16 on GPU and fp32 on CPU unless asked otherwise."""
+    import torch
     if precision == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return PRECISIONS[precision]
+    return getattr(torch, PRECISIONS[precision])
 
 
 def autocast(dtype, device):
     """An autocast context (a no-op for fp32)."""
+    import torch
     device_type = torch.device(device).type
     return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
 

@@ -26,7 +26,8 @@ def vae_source(vae_name, vae_path=None):
 
 def load_vae(vae_name="ema", vae_path=None, device="cpu"):
     """Load the AutoencoderKL in eval mode, or None for pixel space. A VAE that cannot be
-    loaded (offline, wrong folder) is one clear error saying what to download and where."""
+    loaded (offline, wrong folder) is one clear error saying what to download and where; an
+    unreachable hub fails at once (the hub client would otherwise retry for about a minute)."""
     if is_pixel_space(vae_name) and not vae_path:
         return None
     source = vae_source(vae_name, vae_path)
@@ -35,14 +36,52 @@ def load_vae(vae_name="ema", vae_path=None, device="cpu"):
                               f"folder (config.json + weights), e.g. a local copy of {HUB_IDS['ema']}")
     from diffusers.models import AutoencoderKL
     try:
-        vae = AutoencoderKL.from_pretrained(source)
+        if source in HUB_IDS.values():
+            vae = load_from_hub(AutoencoderKL, source)
+        else:
+            vae = AutoencoderKL.from_pretrained(source)
     except Exception as error:  # offline hub, missing files, wrong format: all the same fix
         hub_id = HUB_IDS.get(vae_name, HUB_IDS["ema"])
-        raise TinyFusionError(f"could not load the VAE from {source} ({type(error).__name__}); on a machine with "
-                              f"internet run `huggingface-cli download {hub_id} --local-dir "
-                              f"pretrained/{hub_id.split('/')[1]}` and pass --vae-path pretrained/{hub_id.split('/')[1]}"
-                              ) from None
+        raise TinyFusionError(f"could not load the VAE from {source} ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:120] if str(error) else ''}); on a machine with internet "
+                              f"run `{download_command(hub_id)}` and pass --vae-path {local_folder(hub_id)}") from None
     return vae.to(device).eval().requires_grad_(False)
+
+
+def local_folder(hub_id):
+    return f"pretrained/{hub_id.split('/')[1]}"
+
+
+def download_command(hub_id):
+    """The download recipe of the hub client's command line (`hf`, shipped with huggingface_hub)."""
+    return f"hf download {hub_id} --local-dir {local_folder(hub_id)}"
+
+
+def load_from_hub(model_class, hub_id):
+    """The hub cache first (no network); the hub only if it is reachable within a few seconds."""
+    import huggingface_hub.constants
+    try:
+        return model_class.from_pretrained(hub_id, local_files_only=True)
+    except Exception:
+        if huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true"):
+            raise OSError(f"{hub_id} is not in the hub cache and HF_HUB_OFFLINE is set") from None
+    endpoint = os.environ.get("HF_ENDPOINT") or huggingface_hub.constants.ENDPOINT
+    if not hub_reachable(endpoint):
+        raise OSError(f"{hub_id} is not in the hub cache and {endpoint} cannot be reached")
+    return model_class.from_pretrained(hub_id)
+
+
+def hub_reachable(endpoint, timeout=5.0):
+    """Whether a TCP connection to the hub's host opens within `timeout` seconds."""
+    import socket
+    from urllib.parse import urlparse
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def latent_geometry(vae, image_size):
