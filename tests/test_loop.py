@@ -228,20 +228,20 @@ def test_wandb_run_id_is_kept_in_the_run_folder_so_a_resume_continues_the_same_r
 
     from tinyfusion.trackers import WandbWriter
     calls = []
-    fake = types.SimpleNamespace(util=types.SimpleNamespace(generate_id=lambda: f"id{len(calls)}"),
-                                 init=lambda **kwargs: calls.append(kwargs) or types.SimpleNamespace(
-                                     log=lambda values, step: None, finish=lambda: None))
+    fake = types.SimpleNamespace(init=lambda **kwargs: calls.append(kwargs) or types.SimpleNamespace(
+        log=lambda values, step: None, finish=lambda: None))
     monkeypatch.setitem(sys.modules, "wandb", fake)
     WandbWriter(str(tmp_path), project="p", run_name=None, config={"lr": 1.0})
     WandbWriter(str(tmp_path), project="p", run_name=None, config={"lr": 1.0})  # the resumed run
-    assert [c["id"] for c in calls] == ["id0", "id0"] and all(c["resume"] == "allow" for c in calls)
+    assert calls[0]["id"] == calls[1]["id"] and len(calls[0]["id"]) == 8 and all(c["resume"] == "allow" for c in calls)
+    os.makedirs(tmp_path / "other")
+    WandbWriter(str(tmp_path / "other"), project="p", run_name=None, config={})  # another run folder: a new id
+    assert calls[2]["id"] != calls[0]["id"]
     assert calls[0]["name"] == os.path.basename(str(tmp_path)) and calls[0]["dir"] == str(tmp_path)
 
 
-def test_wandb_without_the_package_is_one_line_before_anything_is_written(workspace, tmp_path):
-    import importlib.util
-    if importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed")
+def test_wandb_without_the_package_is_one_line_before_anything_is_written(workspace, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
     with pytest.raises(TinyFusionError, match=r"--wandb needs the wandb package \(pip install wandb\)"):
         run_train(workspace, tmp_path / "r", "--max-steps", "2", "--wandb")
     assert not (tmp_path / "r").exists()

@@ -1,4 +1,4 @@
-"""pyproject.toml: the wheel holds the library (tinyfusion, diffusion, models, download,
+"""pyproject.toml: the wheel holds the library (tinyfusion, diffusion, transport, models, download,
 export_diffusers) and nothing else, and the README's imports work from another folder with only
 that wheel on the path; every declared dependency is imported by the code."""
 import ast
@@ -13,7 +13,7 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBRARY = ["tinyfusion", "diffusion", "models.py", "download.py", "export_diffusers.py", "pyproject.toml", "README.md"]
+LIBRARY = ["tinyfusion", "diffusion", "transport", "models.py", "download.py", "export_diffusers.py", "pyproject.toml", "README.md"]
 IMPORT_NAMES = {"pillow": "PIL", "scikit-learn": "sklearn", "tensorflow-cpu": "tensorflow"}
 
 
@@ -73,7 +73,7 @@ def test_wheel_holds_the_library_and_readme_imports_work_elsewhere(tmp_path):
         names = archive.namelist()
         archive.extractall(tmp_path / "site")
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
-    assert top == {"tinyfusion", "diffusion", "models.py", "download.py", "export_diffusers.py"}
+    assert top == {"tinyfusion", "diffusion", "transport", "models.py", "download.py", "export_diffusers.py"}
     assert "tinyfusion/downloads.py" in names and "diffusion/gaussian_diffusion.py" in names
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

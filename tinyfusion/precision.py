@@ -21,7 +21,7 @@ from tinyfusion.cli import PRECISIONS, autocast
 from tinyfusion.errors import TinyFusionError
 
 CAST_ONCE_MODULES = (nn.Linear, nn.Conv2d)  # what autocast runs in low precision in a DiT
-DTYPE_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}
+DTYPE_NAMES = {getattr(torch, dtype): name for name, dtype in PRECISIONS.items()}  # torch dtype -> flag
 
 
 def native_low_precision(dtype, device):
@@ -90,7 +90,7 @@ def resolve_teacher_precision(choice, training_dtype, device):
         return training_dtype if torch.device(device).type == "cuda" else torch.float32
     if choice not in PRECISIONS:
         raise TinyFusionError(f"--teacher-precision must be one of auto, {', '.join(PRECISIONS)}; got {choice!r}")
-    return PRECISIONS[choice]
+    return getattr(torch, PRECISIONS[choice])
 
 
 def add_teacher_precision_arg(parser):

@@ -8,6 +8,7 @@ run folder (`wandb_run_id.txt`), so `--resume` continues the same wandb run.
 """
 import numbers
 import os
+import uuid
 
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.loop import LoopHooks
@@ -41,7 +42,7 @@ class WandbWriter:
     def __init__(self, run_dir, *, project, run_name, config):
         import wandb
         id_path = os.path.join(run_dir, WANDB_ID_FILE)
-        run_id = open(id_path).read().strip() if os.path.isfile(id_path) else wandb.util.generate_id()
+        run_id = open(id_path).read().strip() if os.path.isfile(id_path) else uuid.uuid4().hex[:8]
         with open(id_path, "w") as f:
             f.write(run_id + "\n")
         self.wandb = wandb
@@ -57,6 +58,10 @@ class WandbWriter:
 
 class TensorBoardWriter:
     def __init__(self, run_dir):
+        # torch.utils.tensorboard imports TensorFlow when it is installed (the evaluator's extra), and
+        # TensorFlow loaded before torch._dynamo (which the optimizer imports) makes triton's import
+        # crash the process: load dynamo first
+        import torch._dynamo  # noqa: F401
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
@@ -104,10 +109,9 @@ def tracker_hooks(args):
         hooks.append(TrackerHook(lambda run_dir: WandbWriter(run_dir, project=args.wandb_project,
                                                              run_name=args.wandb_run_name, config=config)))
     if args.tensorboard:
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError:
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None:  # not imported here: see TensorBoardWriter
             raise TinyFusionError("--tensorboard needs the tensorboard package (pip install tensorboard); drop "
-                                  "--tensorboard to run without it") from None
+                                  "--tensorboard to run without it")
         hooks.append(TrackerHook(TensorBoardWriter))
     return hooks
