@@ -6,7 +6,6 @@ compiled over the timed steps (it must be once: the shapes never change while sa
     python bench/bench_compile.py [--quick] [--json out.json]
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -15,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_model import fill_random  # noqa: E402
-from bench.harness import alternate, machine_info, print_comparison, summary  # noqa: E402
+from bench.harness import alternate, machine_info, print_comparison, summary, write_json  # noqa: E402
 from models import DiT_models  # noqa: E402
 
 
@@ -53,10 +52,7 @@ def main(args):
     print_comparison(record, "sampling forward")
     result = dict(compile_seconds=compile_seconds, graphs_compiled=compiles, max_abs_difference=difference,
                   comparison=record)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
-    return result
+    return write_json(args.json, result)
 
 
 def build_parser():

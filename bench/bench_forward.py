@@ -14,7 +14,6 @@ forward, i.e. where the non-GEMM time goes.
 """
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 from bench.bench_model import fill_random  # noqa: E402
-from bench.harness import alternate, machine_info, print_comparison, summary  # noqa: E402
+from bench.harness import alternate, machine_info, print_comparison, summary, write_json  # noqa: E402
 
 
 def _legacy_block_forward(self, x, c):
@@ -126,10 +125,7 @@ def main(args):
           f"(outputs up to {result['max_abs_output']:.1f})")
     if args.profile:
         print(profile_table(args))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
-    return result
+    return write_json(args.json, result)
 
 
 def build_parser():

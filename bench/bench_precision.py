@@ -12,14 +12,13 @@ report states whether this machine has it (an AVX2-only CPU emulates bf16 and is
 """
 import argparse
 import copy
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import alternate, machine_info, print_comparison, summary  # noqa: E402
+from bench.harness import alternate, machine_info, print_comparison, summary, write_json  # noqa: E402
 from bench.bench_model import fill_random  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from models import DiT_models  # noqa: E402
@@ -73,10 +72,7 @@ def main(args):
     print("relative deviation of the latents from fp32: " +
           ", ".join(f"{k} {v:.1e}" for k, v in result["relative_deviation_from_fp32"].items()) +
           f"; cast-once identical to autocast: {result['identical_to_autocast']}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
-    return result
+    return write_json(args.json, result)
 
 
 def build_parser():

@@ -90,3 +90,12 @@ def load_average():
         return list(os.getloadavg())
     except OSError:
         return None
+
+
+def write_json(path, result):
+    """A benchmark's result as JSON at `path` (nothing without a path); returns the result."""
+    if path:
+        import json
+        with open(path, "w") as handle:
+            json.dump(result, handle, indent=1)
+    return result
