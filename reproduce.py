@@ -209,7 +209,7 @@ def calibration_vs_recovery(study):
                                 probe_flags(study.prune_index(method.replace(" ", "-"), kept)), nproc=1)
             value = study.loss_of(tuned, use_ema=False)["loss"]
         placed[method] = {"kept": kept, "recovered": value, "rank": rank_among(value, recovered),
-                          "in_pattern_space": bool(match)}
+                          "probed": bool(match)}
     low, high = bootstrap_interval(calibration, recovered)
     return {"rows": rows, "spearman": spearman(calibration, recovered), "spearman_ci": [low, high],
             "choices": placed, "random_median_rank": (len(rows) + 1) / 2, "population": len(rows)}

@@ -97,7 +97,7 @@ def test_report_has_every_table_figure_and_verdict(tmp_path):
         "calibration": {"rows": rows, "spearman": 0.5, "spearman_ci": [-0.5, 1.0], "population": 3,
                         "random_median_rank": 2.0,
                         "choices": {"oracle": {"kept": [0, 2, 4, 7, 9, 11], "recovered": 0.4, "rank": 1,
-                                               "in_pattern_space": True}}},
+                                               "probed": True}}},
         "strategies": {"per_method": strategy, "teacher": {"fid": 9.0, "accuracy": 0.95}},
         "recovery": {"per_method": {"masked KD k=2": strategy["learned"],
                                     "RepKD k=0 (no mask)": [{"seed": 0, "diverged": True, "message": "NaN"}]}},
@@ -108,7 +108,7 @@ def test_report_has_every_table_figure_and_verdict(tmp_path):
     assert "**0.500** (95% bootstrap interval [-0.500, 1.000]): no reliable relation" in report
     assert "| oracle | 0 2 4 7 9 11 | 0.4000 | 1 of 3 |" in report
     # paired differences of learned minus random: fid -2, -2.1, -2.4 -> the interval excludes 0
-    assert "| random | fid | -2.1667 |" in report and "learned is better (95% interval excludes 0)" in report
+    assert "| random | fid | -2.167 |" in report and "learned is better (95% interval excludes 0)" in report
     assert "RepKD k=0 (no mask) (1 diverged) | 0 |" in report
     assert json.loads((tmp_path / "results.json").read_text())["schedule"] == "quick"
 

@@ -9,7 +9,7 @@ from tinyfusion.stats import mean_and_std, paired_difference
 
 
 def fmt_interval(low, high):
-    return f"[{low:+.3f}, {high:+.3f}]"
+    return f"[{low:+.3g}, {high:+.3g}]"
 
 
 def verdict(result, lower_is_better=True, names=("A", "B")):
@@ -52,7 +52,7 @@ def paired_lines(groups, reference, metrics=(("fid", True), ("loss", True), ("ac
                 continue
             result = paired_difference([a for a, _ in usable], [b for _, b in usable])
             interval = fmt_interval(result["low"], result["high"]) if result["n"] > 1 else "-"
-            lines.append(f"| {name} | {metric} | {result['mean']:+.4f} | {interval} | "
+            lines.append(f"| {name} | {metric} | {result['mean']:+.4g} | {interval} | "
                          f"{verdict(result, lower_is_better, (reference, name))} |")
     return lines
 
@@ -69,7 +69,7 @@ def calibration_section(result, out_dir):
              "| method | kept blocks | loss after fine-tuning | rank among the sub-networks (1 = best) |",
              "|---|---|---|---|"]
     for method, choice in result["choices"].items():
-        note = "" if choice["in_pattern_space"] else " (outside the 1:2 space, probed the same way)"
+        note = "" if choice["probed"] else " (not among the probed sub-networks: probed the same way)"
         lines.append(f"| {method} | {' '.join(map(str, choice['kept']))} | {choice['recovered']:.4f} | "
                      f"{choice['rank']} of {result['population']}{note} |")
     lines.append(f"| random | - | - | {result['random_median_rank']:.1f} expected (uniform over the space) |")
