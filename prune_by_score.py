@@ -19,8 +19,8 @@ import torch
 
 from tinyfusion.cli import add_model_args, nonnegative_float, positive_int, sampling_steps
 from diffusion import create_diffusion
-from tinyfusion.pruning import (CALIBRATIONS, bi_scores, calibration_latents, check_output_path, load_source_model,
-                                plain_name, save_pruned, select_by_bi_score, source_lineage)
+from tinyfusion.pruning import (CALIBRATIONS, bi_scores, calibration_latents, check_latents_fit, check_output_path,
+                                load_source_model, plain_name, save_pruned, select_by_bi_score, source_lineage)
 from tinyfusion.atomic_files import atomic_write_json
 from tinyfusion.errors import TinyFusionError, run_main
 
@@ -70,13 +70,7 @@ def load_calibration(args, model, device):
     latents, labels = calibration_latents(args.nsamples, args.seed, args.features_path, args.data_path,
                                           args.image_size, vae, args.batch_size, device,
                                           random_flip=args.calibration == "clean")
-    expected = (model.in_channels, model.input_size, model.input_size)
-    if tuple(latents.shape[1:]) != expected:
-        raise TinyFusionError(f"the calibration latents are {tuple(latents.shape[1:])} but the model expects "
-                              f"{expected}; pass the --vae/--image-size the data was made with")
-    if int(labels.max()) >= model.num_classes:
-        raise TinyFusionError(f"the calibration data has labels up to {int(labels.max())} but the model has "
-                              f"{model.num_classes} classes; pass --num-classes {int(labels.max()) + 1}")
+    check_latents_fit(latents, labels, model)
     return latents, labels, vae
 
 

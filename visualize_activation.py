@@ -156,8 +156,7 @@ def main(args):
     import matplotlib
     matplotlib.use("Agg")
     from tinyfusion.atomic_files import atomic_write_json
-    from tinyfusion.errors import TinyFusionError
-    from tinyfusion.pruning import calibration_latents, load_source_model
+    from tinyfusion.pruning import calibration_latents, check_latents_fit, load_source_model
     from tinyfusion.sampling import resolve_checkpoint
     from tinyfusion.vae import load_vae
     args.out = args.out or os.path.join("activations", args.model.replace("/", "-") + (
@@ -172,13 +171,7 @@ def main(args):
     vae = load_vae(args.vae, args.vae_path, device) if args.data_path and not args.features_path else None
     latents, labels = calibration_latents(args.nsamples, args.seed, args.features_path, args.data_path,
                                           args.image_size, vae, args.batch_size, device)
-    expected = (model.in_channels, model.input_size, model.input_size)
-    if tuple(latents.shape[1:]) != expected:
-        raise TinyFusionError(f"the data's latents are {tuple(latents.shape[1:])} but the model expects {expected}; "
-                              f"pass the --vae/--image-size the data was made with")
-    if int(labels.max()) >= model.num_classes:
-        raise TinyFusionError(f"the data has labels up to {int(labels.max())} but the model has {model.num_classes} "
-                              f"classes; pass --num-classes {int(labels.max()) + 1}")
+    check_latents_fit(latents, labels, model)
     x_t, t, y = model_inputs(latents, labels, args.seed, args.timestep)
     stats = collect(model, x_t, t, y, args.batch_size, args.topk, args.mask_sigma, device)
     summaries = [block.summary(index) for index, block in enumerate(stats)]

@@ -223,6 +223,17 @@ def calibration_latents(nsamples, seed, features_path=None, data_path=None, imag
     return torch.cat(latents), torch.cat(labels)
 
 
+def check_latents_fit(latents, labels, model):
+    """One-line TinyFusionError when calibration latents/labels cannot feed `model` (geometry, classes)."""
+    expected = (model.in_channels, model.input_size, model.input_size)
+    if tuple(latents.shape[1:]) != expected:
+        raise TinyFusionError(f"the calibration latents are {tuple(latents.shape[1:])} but the model expects "
+                              f"{expected}; pass the --vae/--image-size the data was made with")
+    if int(labels.max()) >= model.num_classes:
+        raise TinyFusionError(f"the calibration data has labels up to {int(labels.max())} but the model has "
+                              f"{model.num_classes} classes; pass --num-classes {int(labels.max()) + 1}")
+
+
 def _calibration_dataset(features_path, data_path, image_size, seed):
     """(data set, its flipped twin or None): a feature store read as stored and as its flips, or
     an ImageFolder; a one-line TinyFusionError when there is none."""
