@@ -43,7 +43,7 @@ RECOVERY_METHODS = {  # name -> (script, extra flags)
 # fine-tune steps, pruning steps, recovery steps, seeds for
 # questions 2 / patterns / 3, samples per FID, sampling steps, held-out triples
 SCHEDULES = {
-    "full": dict(subsets=64, teacher=4000, probe=100, prune=300, recover=300, seeds=5, pattern_seeds=3, method_seeds=3,
+    "full": dict(subsets=64, teacher=4000, probe=50, prune=200, recover=200, seeds=5, pattern_seeds=3, method_seeds=3,
                  samples=500, sampling_steps=50, heldout=1024),
     "quick": dict(subsets=6, teacher=40, probe=5, prune=10, recover=10, seeds=2, pattern_seeds=2, method_seeds=2,
                   samples=64, sampling_steps=5, heldout=128),
@@ -159,7 +159,7 @@ class Study:
         return list(read_metadata(load_checkpoint_file(checkpoint))["kept_indices"])
 
     # ------------------------------------------------------------------ evaluation
-    def fid(self, name, checkpoint, seed):
+    def fid(self, name, checkpoint, seed, use_ema=True):
         """FID, accuracy, ... of `checkpoint` with the digits feature network (sample_ddp + evaluator)."""
         from tinyfusion.sampling import run_name
         sample_dir = self.path("samples", name)
@@ -169,7 +169,7 @@ class Study:
         self.stage(f"sample-{name}", [npz], self.launch("sample_ddp.py") + self.common + [
             "--ckpt", checkpoint, "--sample-dir", sample_dir, "--num-fid-samples", str(samples),
             "--num-sampling-steps", str(steps), "--per-proc-batch-size", "64", "--cfg-scale", str(quickstart.CFG_SCALE),
-            "--global-seed", str(seed), "--resume"])
+            "--global-seed", str(seed), "--resume"] + ([] if use_ema else ["--no-ema"]))
         result = self.path("samples", f"{name}.json")
         self.stage(f"evaluate-{name}", [result], python("evaluator.py") + [
             self.reference, npz, "--feature-net", self.classifier, "--json", result, "--overwrite"])
@@ -192,10 +192,20 @@ def calibration_vs_recovery(study):
         name = f"subset{number:02d}"
         pruned = study.prune_index(name, kept)
         tuned = study.train(f"probe-{name}", "train.py", study.budget["probe"], 0, probe_flags(pruned), nproc=1)
-        rows.append({"kept": kept, "calibration": study.loss_of(pruned)["loss"],
-                     "recovered": study.loss_of(tuned, use_ema=False)["loss"]})
+        rows.append({"kept": kept, "subset": int(number), "calibration": study.loss_of(pruned)["loss"],
+                     "recovered": study.loss_of(tuned, use_ema=False)["loss"], "tuned": tuned})
     calibration = [row["calibration"] for row in rows]
     recovered = [row["recovered"] for row in rows]
+    # FID of a few fine-tuned sub-networks (best, median and worst by held-out loss, and the
+    # min-calibration one): does the cheap held-out loss order them as FID does?
+    order = np.argsort(recovered)
+    for position in sorted({int(order[0]), int(order[len(order) // 2]), int(order[-1]), int(np.argmin(calibration))}):
+        row = rows[position]
+        # the probes' raw weights, as their held-out loss (an EMA of 0.99 over a short probe still
+        # holds much of the pruned start)
+        row.update(study.fid(f"probe-subset{row['subset']:02d}", row["tuned"], 0, use_ema=False))
+    for row in rows:
+        del row["tuned"]
     choices = {"oracle": ORACLE_KEPT, "min calibration loss": rows[int(np.argmin(calibration))]["kept"],
                "learned": study.kept_of(study.prune_learned("1:2", 0)[0]),
                "BI": study.kept_of(study.prune_bi(0))}
@@ -251,9 +261,10 @@ def patterns(study):
     for seed in range(study.budget["pattern_seeds"]):
         for pattern in PATTERNS:
             student, _ = study.prune_learned(pattern, seed)
-            tag = pattern.replace(":", "of")
-            tuned = recover(study, f"recover-learned-{tag}-seed{seed}", student, seed)
-            row = study.fid(f"learned-{tag}-seed{seed}", tuned, seed)
+            # 1:2 is question 2's "learned" run (same student, recovery and seed): reuse it
+            name = "learned" if pattern == "1:2" else f"learned-{pattern.replace(':', 'of')}"
+            tuned = recover(study, f"recover-{name}-seed{seed}", student, seed)
+            row = study.fid(f"{name}-seed{seed}", tuned, seed)
             row.update(loss=study.loss_of(tuned)["loss"], kept=study.kept_of(student), seed=seed)
             per_pattern.setdefault(pattern, []).append(row)
     return {"per_pattern": per_pattern}
@@ -265,14 +276,15 @@ def recovery_methods(study):
     per_method = {}
     for seed in range(study.budget["method_seeds"]):
         for method in RECOVERY_METHODS:
-            tag = method.split(" (")[0].replace(" ", "-").replace("=", "")
+            # fine-tuning the oracle's student is question 2's "oracle" run (same seed): reuse it
+            tag = "oracle" if method == "fine-tuning" else "method-" + method.split(" (")[0].replace(" ", "-").replace("=", "")
             try:
-                tuned = recover(study, f"method-{tag}-seed{seed}", student, seed, method)
+                tuned = recover(study, f"recover-{tag}-seed{seed}", student, seed, method)
             except SystemExit as failure:  # a diverged run (NaN guard) is a result, not a crash
                 per_method.setdefault(method, []).append({"seed": seed, "diverged": True,
                                                           "message": str(failure).splitlines()[0]})
                 continue
-            row = study.fid(f"method-{tag}-seed{seed}", tuned, seed)
+            row = study.fid(f"{tag}-seed{seed}", tuned, seed)
             row.update(loss=study.loss_of(tuned)["loss"], seed=seed, diverged=False)
             per_method.setdefault(method, []).append(row)
     return {"per_method": per_method}

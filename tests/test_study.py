@@ -87,7 +87,7 @@ class FakeStudy:
 def test_report_has_every_table_figure_and_verdict(tmp_path):
     rows = [{"kept": [0, 2, 4, 6, 8, 10], "calibration": 1.0, "recovered": 0.5},
             {"kept": [0, 2, 4, 7, 9, 11], "calibration": 2.0, "recovered": 0.4},
-            {"kept": [1, 3, 5, 7, 9, 11], "calibration": 3.0, "recovered": 0.6}]
+            {"kept": [1, 3, 5, 7, 9, 11], "calibration": 3.0, "recovered": 0.6, "fid": 12.5, "accuracy": 0.75}]
     strategy = {"learned": [{"seed": s, "fid": 10.0 + s, "loss": 0.1, "accuracy": 0.9} for s in range(3)],
                 "random": [{"seed": s, "fid": 12.0 + s + 0.1 * s * s, "loss": 0.2, "accuracy": 0.8} for s in range(3)]}
     results = {
@@ -110,6 +110,8 @@ def test_report_has_every_table_figure_and_verdict(tmp_path):
     # paired differences of learned minus random: fid -2, -2.1, -2.4 -> the interval excludes 0
     assert "| random | fid | -2.167 |" in report and "learned is better (95% interval excludes 0)" in report
     assert "RepKD k=0 (no mask) (1 diverged) | 0 |" in report
+    assert "better than every recovered student (best: learned, mean FID 11.000)" in report
+    assert "| 1 3 5 7 9 11 | 3.0000 | 0.6000 | 12.500 | 0.750 |" in report  # the one sampled probe
     assert json.loads((tmp_path / "results.json").read_text())["schedule"] == "quick"
 
 

@@ -57,6 +57,17 @@ def paired_lines(groups, reference, metrics=(("fid", True), ("loss", True), ("ac
     return lines
 
 
+def teacher_check(teacher, groups):
+    """Is the teacher better than every recovered student? If not, the students' recovery, not
+    the pruning, could explain a ranking."""
+    best_name, best = min(((name, mean_and_std([row["fid"] for row in rows])[0]) for name, rows in groups.items()),
+                          key=lambda item: item[1])
+    if teacher["fid"] < best:
+        return f"It is better than every recovered student (best: {best_name}, mean FID {best:.3f})."
+    return (f"It is NOT better than the best recovered student ({best_name}, mean FID {best:.3f}): the students'"
+            f" extra training, not the pruning, may drive the ranking.")
+
+
 def calibration_section(result, out_dir):
     figure = scatter_figure(result, os.path.join(out_dir, "calibration-vs-recovery.png"))
     low, high = result["spearman_ci"]
@@ -73,6 +84,21 @@ def calibration_section(result, out_dir):
         lines.append(f"| {method} | {' '.join(map(str, choice['kept']))} | {choice['recovered']:.4f} | "
                      f"{choice['rank']} of {result['population']}{note} |")
     lines.append(f"| random | - | - | {result['random_median_rank']:.1f} expected (uniform over the space) |")
+    return lines + [""] + probe_fid_lines(result["rows"])
+
+
+def probe_fid_lines(rows):
+    """The few fine-tuned sub-networks that were also sampled: does the held-out loss order them as FID does?"""
+    sampled = sorted((row for row in rows if row.get("fid") is not None), key=lambda row: row["recovered"])
+    if not sampled:
+        return []
+    lines = ["FID of a few fine-tuned sub-networks (best, median and worst by held-out loss after fine-tuning, "
+             "and the min-calibration one; seed 0, raw weights):", "",
+             "| kept blocks | loss right after pruning | loss after fine-tuning | FID | classifier accuracy |",
+             "|---|---|---|---|---|"]
+    for row in sampled:
+        lines.append(f"| {' '.join(map(str, row['kept']))} | {row['calibration']:.4f} | {row['recovered']:.4f} | "
+                     f"{row['fid']:.3f} | {row['accuracy']:.3f} |")
     return lines
 
 
@@ -122,7 +148,8 @@ def write_report(study, results):
         strategy = results["strategies"]
         teacher = strategy["teacher"]
         lines += ["## 2. Pruning strategies, the same recovery, paired seeds", "",
-                  f"Teacher: FID {teacher['fid']:.3f}, classifier accuracy {teacher['accuracy']:.3f}.", ""]
+                  f"Teacher: FID {teacher['fid']:.3f}, classifier accuracy {teacher['accuracy']:.3f}. "
+                  + teacher_check(teacher, strategy["per_method"]), ""]
         lines += summary_table(strategy["per_method"]) + [""] + paired_lines(strategy["per_method"], "learned") + [""]
     if "patterns" in results:
         lines += ["## 2b. Patterns of learned pruning", ""]
