@@ -13,6 +13,7 @@ report states whether this machine has it (an AVX2-only CPU emulates bf16 and is
 import argparse
 import copy
 import os
+import statistics
 import sys
 
 import torch
@@ -29,7 +30,7 @@ from tinyfusion.sampling import generate, sample_generator  # noqa: E402
 
 def run(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = PRECISIONS[args.dtype]
+    dtype = getattr(torch, PRECISIONS[args.dtype])
     torch.manual_seed(0)
     model = fill_random(DiT_models[args.model](input_size=args.input_size)).to(device).eval().requires_grad_(False)
     low = cast_weights_once(copy.deepcopy(model), dtype)
@@ -50,11 +51,27 @@ def run(args):
     deviation = {name: float((out.float() - reference).norm() / reference.norm()) for name, out in outputs.items()}
     records = {"cast-once vs fp32": summary(times, "cast-once", "fp32"),
                "cast-once vs autocast": summary(times, "cast-once", "autocast")}
-    return dict(config=dict(model=args.model, input_size=args.input_size, images=args.images, steps=args.steps,
+    tokens = args.images * 2 * (args.input_size // model.patch_size) ** 2  # cfg doubles the batch
+    rates = matmul_rates(model.hidden_size, tokens, dtype, args.rounds, device)
+    return dict(matmul_gflops={"fp32": rates["fp32"], args.dtype: rates["low"]},
+                config=dict(model=args.model, input_size=args.input_size, images=args.images, steps=args.steps,
                             dtype=args.dtype, cfg_scale=4.0, device=device,
                             native_low_precision=native_low_precision(dtype, device)),
                 comparisons=records, relative_deviation_from_fp32=deviation,
                 identical_to_autocast=bool(torch.equal(outputs["cast-once"], outputs["autocast"])))
+
+
+def matmul_rates(hidden, tokens, dtype, rounds, device):
+    """GFLOP/s of the model's MLP GEMM (tokens x hidden @ hidden x 4 hidden) in fp32 and in `dtype`,
+    alternated: the hardware ceiling that decides whether low precision can pay off here."""
+    a32, b32 = torch.randn(tokens, hidden, device=device), torch.randn(hidden, 4 * hidden, device=device)
+    a_low, b_low = a32.to(dtype), b32.to(dtype)
+    repeats = 5
+    variants = {"fp32": lambda: [a32 @ b32 for _ in range(repeats)],
+                "low": lambda: [a_low @ b_low for _ in range(repeats)]}
+    times = alternate(variants, rounds=rounds, device=device)
+    flops = 2.0 * tokens * hidden * 4 * hidden * repeats
+    return {name: flops / statistics.median(seconds) / 1e9 for name, seconds in times.items()}
 
 
 def main(args):
@@ -67,6 +84,10 @@ def main(args):
           f"{config['dtype']} matmul: {config['native_low_precision']})")
     for label, record in result["comparisons"].items():
         print_comparison(record, label, goal=">= 2.5x images/s = <= 0.40x time" if label.endswith("fp32") else None)
+    rates = result["matmul_gflops"]
+    print("the model's MLP GEMM on this machine: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in rates.items()) +
+          f" ({config['dtype']} / fp32 = {rates[config['dtype']] / rates['fp32']:.2f}x: low precision can only pay off"
+          " where this is well above 1)")
     print(f"images/s of cast-once {config['dtype']} / fp32: "
           f"{1 / result['comparisons']['cast-once vs fp32']['ratio_median']:.2f}x")
     print("relative deviation of the latents from fp32: " +
