@@ -166,7 +166,8 @@ class Study:
         os.makedirs(sample_dir, exist_ok=True)
         steps, samples = self.budget["sampling_steps"], self.budget["samples"]
         npz = os.path.join(sample_dir, run_name(MODEL, checkpoint, 8, "none", quickstart.CFG_SCALE, seed, steps) + ".npz")
-        self.stage(f"sample-{name}", [npz], self.launch("sample_ddp.py") + self.common + [
+        # one process: a few hundred tiny images take less time than a second rank's start-up
+        self.stage(f"sample-{name}", [npz], self.launch("sample_ddp.py", nproc=1) + self.common + [
             "--ckpt", checkpoint, "--sample-dir", sample_dir, "--num-fid-samples", str(samples),
             "--num-sampling-steps", str(steps), "--per-proc-batch-size", "64", "--cfg-scale", str(quickstart.CFG_SCALE),
             "--global-seed", str(seed), "--resume"] + ([] if use_ema else ["--no-ema"]))
