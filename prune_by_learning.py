@@ -13,6 +13,9 @@ frozen model is not wrapped in DDP: their gradients are all-reduced by hand. The
 runs a block's backward pass only for the samples that keep it (models.DiT.gate_forward
 "sparse"), and the EMA covers only what trains. The loop is tinyfusion/loop.py's, with the tau /
 scaling annealing and the gate decisions added as hooks.
+
+A gated SiT (`--model SiT-XL-1-2`, or a SiT with --groups) searches on SiT's transport loss, with
+train.py's SiT flags (--path-type, --prediction, --loss-weight, --train-eps, --sample-eps).
 """
 import os
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from diffusion import create_diffusion
-from models import DiT_models, gate_decision
+from models import DiT_models, SiT_models, gate_decision
 from tinyfusion.cli import ArgumentParser, add_model_args, add_precision_arg
 from tinyfusion.distributed import check_global_batch, cleanup_distributed, distributed_context, start_process_group
 from tinyfusion.errors import TinyFusionError, run_main
@@ -31,15 +34,20 @@ from tinyfusion.pruning import (check_output_path, linear_schedule, load_source_
                                 source_lineage)
 from tinyfusion.resume import seed_everything
 from tinyfusion.trackers import tracker_hooks
+from tinyfusion.checkpoints import MODEL_FAMILIES
 from tinyfusion.run_setup import (PreparedRun, add_training_args, check_dataset_fits, device_flag, loop_keywords,
                                   open_training_data, resolve_run, resumed_flag)
+from transport.cli import add_transport_training_args, check_transport_flags, check_transport_record, transport_record
+from transport.loss import training_losses
 
 
 def gated_groups(args):
     """The gating pattern: --groups, else the gated --model's own."""
-    if args.model not in DiT_models:
-        raise TinyFusionError(f"unknown --model {args.model}; choose one of {', '.join(DiT_models)}")
-    groups = args.groups or DiT_models[args.model].default_groups
+    registry = {**DiT_models, **SiT_models}
+    if args.model not in registry:
+        raise TinyFusionError(f"unknown --model {args.model}; choose one of {', '.join(DiT_models)} (or their SiT- "
+                              f"twins)")
+    groups = args.groups or registry[args.model].default_groups
     if groups is None:
         raise TinyFusionError(f"--model {args.model} has no gates; use a gated model (DiT-XL-1-2, DiT-XL-2-4, "
                               f"DiT-XL-7-14, DiT-XL-1-4, DiT-D14-1-2, DiT-D14-2-4) or pass --groups \"[[1,2]]*14\"")
@@ -50,7 +58,7 @@ def build_gated_model(args, groups):
     """The gated model on the original weights with what trains marked requires_grad:
     gate logits always; with --delta-w also LoRA factors (--lora) or all weights."""
     model, source_metadata = load_source_model(args.model, args.load_weight, args.image_size, args.num_classes,
-                                               args.vae, args.vae_path, groups=groups)
+                                               args.vae, args.vae_path, groups=groups, families=MODEL_FAMILIES)
     if args.delta_w and args.lora:
         apply_lora(model, rank=args.lora_rank, seed=args.global_seed)  # freezes everything else
     else:
@@ -99,6 +107,11 @@ def pruning_loss(forward, diffusion, x, y):
     return diffusion.training_losses(forward, x, t, dict(y=y))["loss"].mean()
 
 
+def transport_pruning_loss(forward, transport, x, y):
+    """A gated SiT's search loss: SiT's transport loss (t and noise from the global generator)."""
+    return training_losses(forward, x, transport, dict(y=y))["loss"].mean()
+
+
 class GateSearch(LoopHooks):
     """The loop hooks of the search: tau and scaling annealed linearly over the run, and the
     decision of the EMA logits (kept blocks, confidences) in the log and in every checkpoint."""
@@ -136,6 +149,7 @@ def prepare_search(args):
     if args.compile:
         raise TinyFusionError("--compile does not work with prune_by_learning.py: the gated forward runs sub-batches "
                               "whose shapes change every step (each would recompile); drop --compile")
+    transport = check_transport_flags(args)  # a SiT's transport; a DiT refuses SiT flags
     ctx = distributed_context(device_flag(args))
     groups = gated_groups(args)
     check_global_batch(args.global_batch_size, ctx)
@@ -147,13 +161,14 @@ def prepare_search(args):
     check_output_path(save_path, args.overwrite)
     seed_everything(args.global_seed, ctx)
     model, source_metadata = build_gated_model(args, groups)
+    check_transport_record(source_metadata, transport, args.load_weight)
     if resume is not None:
         restore_trained_parameters(model, resume, resume_path)
     dataset = open_training_data(args.data_path, args.global_seed)
     check_dataset_fits(dataset, model, data_path=args.data_path, model_name=args.model, vae=args.vae,
                        image_size=args.image_size)
     return PreparedSearch(ctx, dataset, run_dir, resume_path, resume, model, source_metadata, tracker_hooks(args),
-                          groups=groups, save_path=save_path)
+                          transport=transport, groups=groups, save_path=save_path)
 
 
 def describe_search(args, groups, model):
@@ -170,18 +185,20 @@ def describe_search(args, groups, model):
 
 
 def save_decision(args, groups, kept, choices, confidences, final_logits, result, run_dir, save_path,
-                  source_metadata):
+                  source_metadata, transport=None):
     """Apply the decision to the ORIGINAL weights (the LoRA / weight update only estimated how well
     each choice recovers and is discarded) and save the shallow model with its metadata."""
     source_name = plain_name(args.model)
     original, _ = load_source_model(source_name, args.load_weight, args.image_size, args.num_classes, args.vae,
-                                    args.vae_path)
+                                    args.vae_path, families=MODEL_FAMILIES)
     metadata = dict(method="learnable", source_model=source_name, source_checkpoint=args.load_weight,
                     source_depth=original.depth, groups=groups, choices=choices, confidences=confidences,
                     scores=final_logits, steps=result.train_steps, skipped_steps=result.skipped_steps,
                     delta_w=bool(args.delta_w), lora=bool(args.delta_w and args.lora), lora_rank=args.lora_rank,
                     tau_range=list(args.tau_range), scaling_range=list(args.scaling_range),
                     run_dir=run_dir, **source_lineage(source_metadata, kept))
+    if transport is not None:
+        metadata["transport"] = transport_record(transport)
     save_pruned(original, kept, save_path, metadata, overwrite=args.overwrite)
     result.logger.info(f"saved the {len(kept)}-block model to {save_path}")
 
@@ -189,14 +206,21 @@ def save_decision(args, groups, kept, choices, confidences, final_logits, result
 def main(args):
     run = prepare_search(args)
     start_process_group(run.ctx)
-    diffusion = create_diffusion("")
+    if run.transport is not None:
+        def search_loss(forward, x, y, epoch):
+            return {"loss": transport_pruning_loss(forward, run.transport, x, y)}
+    else:
+        diffusion = create_diffusion("")
+
+        def search_loss(forward, x, y, epoch):
+            return {"loss": pruning_loss(forward, diffusion, x, y)}
     search = GateSearch(run.groups, args.tau_range, args.scaling_range)
     weights, logits = trainable_groups(run.model)
     param_groups = ([([p for _, p in weights], 1.0)] if weights else []) + \
         [([p for _, p in logits], args.logits_lr_scale)]
     result = train_loop(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run.run_dir,
                         intro=describe_search(args, run.groups, run.model), progress_label="prune",
-                        compute_losses=lambda forward, x, y, epoch: {"loss": pruning_loss(forward, diffusion, x, y)},
+                        compute_losses=search_loss,
                         param_groups=param_groups, gradient_sync="all_reduce", checkpoint_weights=trained_weights,
                         hooks=[search, *run.trackers], resume_checkpoint=run.resume, resume_path=run.resume_path,
                         **loop_keywords(args))
@@ -209,7 +233,7 @@ def main(args):
     if run.ctx.is_main:
         final_logits = [[float(v) for v in group_logits] for group_logits in ema_logits(result.ema, len(run.groups))]
         save_decision(args, run.groups, kept, choices, confidences, final_logits, result, run.run_dir, run.save_path,
-                      run.metadata)
+                      run.metadata, run.transport)
     if run.ctx.is_distributed:
         dist.barrier()
     cleanup_distributed()
@@ -222,6 +246,7 @@ def parse_args(argv=None):
     add_training_args(parser, lr=1e-4, lr_schedule="constant", min_lr=0.0, epochs=1, global_batch_size=128,
                       log_every=50, ckpt_every=1000, ema_decay=0.999)
     add_precision_arg(parser)
+    add_transport_training_args(parser)
     parser.add_argument("--delta-w", action="store_true",
                         help="also update the weights during the search (recoverability); without it only the logits train")
     parser.add_argument("--lora", action="store_true", help="with --delta-w: update the weights through LoRA adapters")

@@ -11,6 +11,11 @@ horizontal flip, SD-VAE latent), clean, in batches of `--batch-size`, with t ~ U
 N = `--num-sampling-steps` passed directly to the model with the true labels. `--features-path`
 reads the latents (and stored flips) of a feature store instead (no VAE needed);
 `--calibration noised` is our variant (q_sample-noised latents, t ~ U{0..999}).
+
+A SiT (`--model SiT-...`) is calibrated on its own transport (the only calibration that gives it
+inputs it was trained on, so `noised` is its default and `clean` is refused): x_t = alpha_t x +
+sigma_t noise with t uniform on SiT's training interval (--path-type, --prediction, --train-eps),
+the model called with t in [0, 1]. Its --sample-grid uses SiT's default SDE sampler.
 """
 import argparse
 import os
@@ -22,21 +27,32 @@ from diffusion import create_diffusion
 from tinyfusion.pruning import (CALIBRATIONS, bi_scores, calibration_latents, check_latents_fit, check_output_path,
                                 load_source_model, plain_name, save_pruned, select_by_bi_score, source_lineage)
 from tinyfusion.atomic_files import atomic_write_json
+from tinyfusion.checkpoints import MODEL_FAMILIES
 from tinyfusion.errors import TinyFusionError, run_main
+from transport.cli import (add_interpolant_args, check_transport_flags, check_transport_record, is_sit_name,
+                           transport_record)
+from transport.settings import time_interval
 
 
-def save_sample_grid(model, vae, path, args, device):
-    """An 8-image class-conditional grid from the pruned model (DiT's sample.py recipe), laid out
-    readably: one row per class with its label, gaps, small images upscaled to >= 64 px."""
+def save_sample_grid(model, vae, path, args, device, transport=None):
+    """An 8-image class-conditional grid from the pruned model (DiT's sample.py recipe; a SiT:
+    SiT's default SDE from per-sample noise), laid out readably: one row per class with its
+    label, gaps, small images upscaled to >= 64 px."""
     from tinyfusion.grids import save_labeled_grid
     from tinyfusion.vae import decode, to_uint8_nhwc
+    labels = torch.tensor([c % model.num_classes for c in (207, 360, 387, 974, 88, 979, 417, 279)], device=device)
+    model.eval()
+    if transport is not None:
+        from tinyfusion.sampling import generate, sample_generator
+        images = generate(model, transport, labels.tolist(), [sample_generator(args.seed, i) for i in range(len(labels))],
+                          args.cfg_scale, "sde", vae=vae, flow_options=dict(num_steps=args.num_sampling_steps))
+        save_labeled_grid(path, to_uint8_nhwc(images.float()).numpy(), labels.tolist(), overwrite=args.overwrite)
+        return
     torch.manual_seed(args.seed)
     diffusion = create_diffusion(str(args.num_sampling_steps))
-    labels = torch.tensor([c % model.num_classes for c in (207, 360, 387, 974, 88, 979, 417, 279)], device=device)
     z = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size, device=device)
     z = torch.cat([z, z], 0)
     y = torch.cat([labels, torch.full_like(labels, model.num_classes)], 0)
-    model.eval()
     samples = diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, clip_denoised=False,
                                       model_kwargs=dict(y=y, cfg_scale=args.cfg_scale), device=device)
     images = decode(vae, samples.chunk(2)[0])
@@ -49,7 +65,14 @@ def scores_path(save_model):
 
 
 def check_inputs(args):
-    """Every one-line refusal that needs no model or data, before any work."""
+    """Every one-line refusal that needs no model or data, before any work; returns a SiT's
+    transport (None for a DiT)."""
+    transport = check_transport_flags(args)
+    if transport is not None and args.calibration == "clean":
+        raise TinyFusionError("--calibration clean gives the model DiT timesteps 0..N-1; a SiT is calibrated on its "
+                              "transport's noised inputs (--calibration noised, its default)")
+    if transport is not None and args.sample_grid and args.num_sampling_steps < 2:
+        raise TinyFusionError("--num-sampling-steps must be >= 2 for a SiT's --sample-grid (SiT's SDE)")
     if not args.ckpt:
         raise TinyFusionError("--ckpt is required: the checkpoint to prune, e.g. pretrained/DiT-XL-2-256x256.pt")
     if not args.data_path and not args.features_path:
@@ -59,6 +82,17 @@ def check_inputs(args):
         raise TinyFusionError("--nsamples, --batch-size and --num-sampling-steps must be >= 1")
     for path in (args.save_model, scores_path(args.save_model), args.sample_grid):
         check_output_path(path, args.overwrite)
+    return transport
+
+
+def calibration_record(args, nsamples, transport):
+    """How the scores were calibrated (the metadata and the .scores.json record it)."""
+    record = dict(calibration=args.calibration, nsamples=nsamples, batch_size=args.batch_size,
+                  timesteps=args.num_sampling_steps if args.calibration == "clean" else 1000, seed=args.seed)
+    if transport is not None:
+        record.update(timesteps=None, time_interval=list(time_interval(transport, sampling=False)),
+                      transport=transport_record(transport))
+    return record
 
 
 def load_calibration(args, model, device):
@@ -75,30 +109,33 @@ def load_calibration(args, model, device):
 
 
 def main(args):
-    check_inputs(args)
+    transport = check_inputs(args)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)  # the VAE posterior samples
     model_name = plain_name(args.model)
     model, source_metadata = load_source_model(model_name, args.ckpt, args.image_size, args.num_classes, args.vae,
-                                               args.vae_path, use_ema=not args.no_ema)
+                                               args.vae_path, use_ema=not args.no_ema, families=MODEL_FAMILIES)
+    check_transport_record(source_metadata, transport, args.ckpt)
     model.to(device).eval()
     latents, labels, vae = load_calibration(args, model, device)
     similarities = bi_scores(model, latents, labels, calibration=args.calibration,
                              num_timesteps=args.num_sampling_steps, batch_size=args.batch_size, seed=args.seed,
-                             progress=True)
+                             progress=True, transport=transport)
     try:
         kept = select_by_bi_score(similarities, args.n_pruned)
     except ValueError as error:
         raise TinyFusionError(str(error)) from None
-    t_range = f"t in [0, {args.num_sampling_steps})" if args.calibration == "clean" else "t in [0, 1000)"
+    calibration = calibration_record(args, len(latents), transport)
+    if transport is not None:
+        t_range = "t in [{}, {}] of the transport".format(*calibration["time_interval"])
+    else:
+        t_range = f"t in [0, {args.num_sampling_steps})" if args.calibration == "clean" else "t in [0, 1000)"
     print(f"input/output cosine similarity of each block over {len(latents)} {args.calibration} calibration samples, "
           f"{t_range} (BI score = 1 - similarity; the most similar blocks are removed):")
     for index, similarity in enumerate(similarities):
         print(f"  block {index:2d}: similarity {similarity:.6f}  BI {1 - similarity:.6f}  "
               f"{'kept' if index in kept else 'removed'}")
     print(f"kept indices: {kept}")
-    calibration = dict(calibration=args.calibration, nsamples=len(latents), batch_size=args.batch_size,
-                       timesteps=args.num_sampling_steps if args.calibration == "clean" else 1000, seed=args.seed)
     metadata = dict(method="bi-score", source_model=model_name, source_checkpoint=args.ckpt, source_depth=model.depth,
                     groups=None, confidences=None, scores=[float(s) for s in similarities],
                     score_definition="mean input/output cosine similarity per block (BI = 1 - score)",
@@ -111,7 +148,7 @@ def main(args):
         score_definition=metadata["score_definition"]), overwrite=args.overwrite)
     print(f"saved the {pruned.depth}-block model to {args.save_model} and the scores to {scores_path(args.save_model)}")
     if args.sample_grid:
-        save_sample_grid(pruned, vae, args.sample_grid, args, device)
+        save_sample_grid(pruned, vae, args.sample_grid, args, device, transport)
         print(f"saved a sample grid to {args.sample_grid}")
 
 
@@ -123,9 +160,9 @@ def parse_args(argv=None):
     parser.add_argument("--data-path", type=str, default=None, help="calibration ImageFolder (encoded with --vae)")
     parser.add_argument("--features-path", type=str, default=None,
                         help="calibrate on a feature store from extract_features.py instead (no VAE needed)")
-    parser.add_argument("--calibration", choices=CALIBRATIONS, default="clean",
-                        help="clean: the original's (clean latents, t < --num-sampling-steps); noised: ours "
-                             "(q_sample-noised latents, t < 1000)")
+    parser.add_argument("--calibration", choices=CALIBRATIONS, default=None,
+                        help="clean (a DiT's default): the original's (clean latents, t < --num-sampling-steps); "
+                             "noised: ours (q_sample-noised latents, t < 1000; a SiT: its transport's x_t, the default)")
     parser.add_argument("--nsamples", type=positive_int, default=128, help="calibration images")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--n-pruned", type=int, default=14, help="number of blocks to remove")
@@ -139,7 +176,11 @@ def parse_args(argv=None):
                         help="clean calibration draws t in [0, N) (the original's respaced step count); also the "
                              "sampling steps of the sample grid")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    return parser.parse_args(argv)
+    add_interpolant_args(parser.add_argument_group("SiT (--model SiT-...): the transport it was trained with"))
+    args = parser.parse_args(argv)
+    if args.calibration is None:
+        args.calibration = "noised" if is_sit_name(args.model) else "clean"
+    return args
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, sample_g
 from tinyfusion.vae import decode, load_vae, to_uint8_nhwc
 from tinyfusion.grids import save_labeled_grid
 from tinyfusion.errors import TinyFusionError, run_main
-from transport.cli import FLOW_SAMPLERS, add_transport_args, check_sampler_family, flow_options, transport_from_args
+from transport.cli import (FLOW_SAMPLERS, add_transport_args, check_sampler_family, check_transport_flags,
+                           check_transport_record, flow_options)
 
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
@@ -69,6 +70,7 @@ def main(args):
     is_sit = args.model.startswith("SiT-")
     args.sampler = args.sampler or ("ddpm" if not is_sit else None)
     check_sampler_family(args.sampler, args.model, is_sit)
+    transport = check_transport_flags(args)  # a SiT's interpolant; a DiT refuses SiT flags
     options = flow_options(args) if is_sit else None
     if args.sampler != "ddim" and args.ddim_eta != 0.0:
         raise TinyFusionError("--ddim-eta is for --sampler ddim")
@@ -79,9 +81,9 @@ def main(args):
         raise TinyFusionError(f"--class-labels {bad_labels} outside [0, {args.num_classes}); pass labels of the "
                               f"model's classes (or the right --num-classes)")
     ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
-    model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
-                           use_ema=not args.no_ema, groups=args.groups,
-                           families=("DiT", "SiT"))
+    model, metadata = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
+                                  use_ema=not args.no_ema, groups=args.groups, families=("DiT", "SiT"))
+    check_transport_record(metadata, transport, ckpt)
     amp_dtype = resolve_precision(args.precision, device)
     model = cast_weights_once(model.to(device).eval().requires_grad_(False), amp_dtype)  # bf16/fp16: cast once
     if low_precision_warning(amp_dtype, device):
@@ -89,7 +91,7 @@ def main(args):
     vae = load_vae(args.vae, args.vae_path, device)
     # "leading": diffusers' timesteps 0, s, 2s, ... (s = 1000 // steps), as DiTPipeline samples
     spacing = "leading" if args.timestep_spacing == "leading" else ""
-    diffusion = transport_from_args(args) if is_sit else create_diffusion(spacing + str(args.num_sampling_steps))
+    diffusion = transport if is_sit else create_diffusion(spacing + str(args.num_sampling_steps))
 
     start = time.time()
     if args.per_sample_seeds or is_sit:  # a SiT has no original grid procedure here: per-sample noise

@@ -41,8 +41,8 @@ from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, run_name
 from tinyfusion.vae import load_vae, to_uint8_nhwc
 from tinyfusion.errors import TinyFusionError, run_main
 from tinyfusion.run_lock import lock_folder, release_folder
-from transport.cli import (FLOW_SAMPLERS, add_transport_args, check_sampler_family, flow_identity, flow_options,
-                           flow_run_suffix, transport_from_args)
+from transport.cli import (FLOW_SAMPLERS, add_transport_args, check_sampler_family, check_transport_flags,
+                           check_transport_record, flow_identity, flow_options, flow_run_suffix, transport_from_args)
 
 # settings that change the images: a run may only be resumed (or reported complete) with the same
 # values (--num-fid-samples, --per-proc-batch-size and the world size may change). The checkpoint
@@ -52,11 +52,13 @@ IDENTITY_KEYS = ("model", "weights_sha256", "no_ema", "image_size", "num_classes
                  "guide_all_channels")
 
 
-def weights_sha256(ckpt, use_ema=True):
+def weights_sha256(ckpt, use_ema=True, transport=None):
     """sha256 of the weights a run samples from (names, dtypes, shapes, bytes; about 1.5 s per GB
-    on one core): the file's bytes would not do, since torch.save records the file name it wrote."""
-    state_dict, _ = load_state_dict(ckpt, use_ema=use_ema)
+    on one core): the file's bytes would not do, since torch.save records the file name it wrote.
+    Refuses a SiT checkpoint recording another interpolant than `transport`."""
+    state_dict, metadata = load_state_dict(ckpt, use_ema=use_ema)
     check_finite_weights(state_dict, ckpt)  # before any folder is made
+    check_transport_record(metadata, transport, ckpt)
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name].contiguous()
@@ -194,9 +196,16 @@ def check_args(args):
                          "--global-seed >= 0")
     args.sampler = args.sampler or ("ddpm" if not args.model.startswith("SiT-") else None)
     check_sampler_family(args.sampler, args.model, args.model.startswith("SiT-"))
+    check_transport_flags(args)
     if args.sampler != "ddim" and args.ddim_eta != 0.0:
         raise TinyFusionError("--ddim-eta is for --sampler ddim")
     return flow_options(args) if args.model.startswith("SiT-") else None
+
+
+def output_name(args, options, precision="fp32"):
+    """The run folder / .npz name of these settings (after check_args; `options` what it returned)."""
+    return run_name(args.model, args.ckpt, args.image_size, args.vae, args.cfg_scale, args.global_seed,
+                    args.num_sampling_steps, args.sampler, precision) + (flow_run_suffix(args) if options else "")
 
 
 def main(args):
@@ -211,9 +220,7 @@ def main(args):
         torch.set_num_threads(args.cpu_threads)
     amp_dtype = resolve_precision(args.precision, ctx.device)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-    name = run_name(args.model, args.ckpt, args.image_size, args.vae, args.cfg_scale, args.global_seed,
-                    args.num_sampling_steps, args.sampler, precision) + (flow_run_suffix(args) if options else "")
-    run_dir = os.path.join(args.sample_dir, name)
+    run_dir = os.path.join(args.sample_dir, output_name(args, options, precision))
     final_path = f"{run_dir}.npz"
     image_shape = (args.image_size, args.image_size, 3)
     settings = {key: getattr(args, key) for key in IDENTITY_KEYS if hasattr(args, key)}
@@ -225,7 +232,8 @@ def main(args):
     plan = None
     if ctx.is_main:
         try:
-            settings["weights_sha256"] = weights_sha256(ckpt, use_ema=not args.no_ema)
+            settings["weights_sha256"] = weights_sha256(ckpt, use_ema=not args.no_ema,
+                                                        transport=transport_from_args(args) if options else None)
             plan = plan_run(args, run_dir, final_path, settings, image_shape)
         except (TinyFusionError, OSError) as error:
             plan = ("error", str(error))

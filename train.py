@@ -1,4 +1,4 @@
-"""Train a DiT with DDP: from scratch, or fine-tune a pruned model (`--load-weight`) to recover it.
+"""Train a DiT or a SiT with DDP: from scratch, or fine-tune a pruned model (`--load-weight`) to recover it.
 
     torchrun --nnodes=1 --nproc_per_node=8 train.py --model DiT-D14/2 \
         --load-weight outputs/pruned/DiT-D14-Learned.pt --data-path data/imagenet_encoded \
@@ -11,6 +11,10 @@ clip 1.0, EMA 0.9999, bf16 autocast on GPU with fp32 losses. The run folder
 `{results-dir}/{prefix}-{model}` holds args.json, log.txt, metrics.jsonl and
 checkpoints/{step:07d}.pt ({model, ema, opt, sched, train_steps, args, ...}, readable by
 sample.py); `--resume auto` continues the latest one bit-exactly.
+
+A SiT (`--model SiT-...`) trains on SiT's transport loss (transport/loss.py) with SiT's flags and
+defaults: `--path-type Linear`, `--prediction velocity`, `--loss-weight None`, `--train-eps` /
+`--sample-eps` SiT's for the path; its checkpoints record that transport.
 """
 
 import torch
@@ -20,7 +24,9 @@ from tinyfusion.cli import ArgumentParser, add_compatibility_flags, add_model_ar
 from tinyfusion.distributed import cleanup_distributed, start_process_group
 from tinyfusion.errors import run_main
 from tinyfusion.loop import full_weights, train_loop
-from tinyfusion.run_setup import add_training_args, loop_keywords, prepare_training
+from tinyfusion.run_setup import add_training_args, loop_keywords, prepare_training, training_metadata
+from transport.cli import add_transport_training_args
+from transport.loss import training_losses
 
 
 def diffusion_losses(model, diffusion, x, y):
@@ -31,15 +37,32 @@ def diffusion_losses(model, diffusion, x, y):
             "vb": terms["vb"].mean().detach()}
 
 
+def transport_losses(model, transport, x, y):
+    """SiT's training loss of a batch (t and noise drawn from the global generator), fp32 scalars."""
+    loss = training_losses(model, x, transport, dict(y=y))["loss"].mean()
+    return {"loss": loss, "gt": loss.detach()}
+
+
 def main(args):
     run = prepare_training(args)  # every check before the process group starts and before any file is written
     start_process_group(run.ctx)
-    diffusion = create_diffusion(timestep_respacing="")  # default: 1000 steps, linear, learned sigma
     intro = (f"run folder {run.run_dir}; model {args.model} (depth {run.model.depth})"
              + (f" from {args.load_weight}" if args.load_weight and run.resume is None else ""))
+    if run.transport is not None:
+        transport = run.transport
+        intro += f"; transport {transport}"
+
+        def compute_losses(student, x, y, epoch):
+            return transport_losses(student, transport, x, y)
+    else:
+        diffusion = create_diffusion(timestep_respacing="")  # default: 1000 steps, linear, learned sigma
+
+        def compute_losses(student, x, y, epoch):
+            return diffusion_losses(student, diffusion, x, y)
     train_loop(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run.run_dir, intro=[intro],
-               compute_losses=lambda student, x, y, epoch: diffusion_losses(student, diffusion, x, y),
-               checkpoint_weights=full_weights(run.metadata), hooks=run.trackers, resume_checkpoint=run.resume,
+               compute_losses=compute_losses,
+               checkpoint_weights=full_weights(training_metadata(run.metadata, run.model, run.transport)),
+               hooks=run.trackers, resume_checkpoint=run.resume,
                resume_path=run.resume_path, **loop_keywords(args))
     cleanup_distributed()
 
@@ -49,6 +72,7 @@ def build_parser():
     add_model_args(parser, default_model="DiT-XL/2")
     add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4)
     add_precision_arg(parser)
+    add_transport_training_args(parser)
     add_compatibility_flags(parser, [("--strict", dict(action="store_true",
                                                        help="weights are always loaded strictly"))])
     return parser

@@ -1,4 +1,4 @@
-"""Recover a pruned DiT by Masked Knowledge Distillation from its dense teacher (TinyFusion).
+"""Recover a pruned DiT or SiT by Masked Knowledge Distillation from its dense teacher (TinyFusion).
 
     torchrun --nnodes=1 --nproc_per_node=8 train_masked_kd.py --model DiT-D14/2 \
         --load-weight outputs/pruned/DiT-D14-Learned.pt --data-path data/imagenet_encoded \
@@ -9,35 +9,46 @@ teacher: loss = alpha * kd + (1 - alpha) * gt + beta * feat (diffusion/distillat
 formulas and the student/teacher block alignment rule). AdamW lr 2e-4 with CosineAnnealingLR to
 1e-4 over all steps, stepped every iteration. `--mask-sigma 0` is plain RepKD (no outlier
 masks); `--beta-feat 0` drops the feature term.
+
+A SiT student (`--model SiT-...`) distils from a SiT teacher (the two must be of one family) on
+SiT's transport: kd on the model outputs (velocities by default), gt the transport loss, the same
+masked features (transport/distillation.py), with train.py's SiT flags.
 """
 
 from diffusion import create_diffusion
 from diffusion.distillation import (LAYER_MAP_RULES, feature_beta, masked_kd_losses, parse_layer_map, rule_layer_map,
                                     validate_layer_map)
-from tinyfusion.checkpoints import build_model
+from tinyfusion.checkpoints import MODEL_FAMILIES, build_model
 from tinyfusion.cli import (ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg,
                             resolve_precision)
 from tinyfusion.distributed import cleanup_distributed, start_process_group
 from tinyfusion.errors import TinyFusionError, run_main
 from tinyfusion.loop import full_weights, train_loop
 from tinyfusion.pruning import kept_indices_in_frame
-from tinyfusion.run_setup import add_training_args, loop_keywords, prepare_training
+from tinyfusion.run_setup import add_training_args, loop_keywords, prepare_training, training_metadata
 from tinyfusion.precision import FrozenForward, add_teacher_precision_arg, resolve_teacher_precision
+from transport.cli import add_transport_training_args, check_transport_record
+from transport.distillation import transport_kd_losses
 
 
-def build_teacher(args, device):
-    """The frozen teacher: --teacher with --load-teacher weights, eval mode, no grad, no DDP."""
+def build_teacher(args, device, transport=None):
+    """The frozen teacher: --teacher with --load-teacher weights, eval mode, no grad, no DDP (a
+    SiT teacher's recorded transport must be the student's)."""
     if not args.load_teacher:
         raise TinyFusionError("--load-teacher is required (the dense teacher's weights, e.g. "
                               "pretrained/DiT-XL-2-256x256.pt)")
-    teacher, _ = build_model(args.teacher, args.image_size, args.num_classes, args.vae, args.vae_path,
-                             ckpt=args.load_teacher, flag="--teacher")
+    teacher, metadata = build_model(args.teacher, args.image_size, args.num_classes, args.vae, args.vae_path,
+                                    ckpt=args.load_teacher, flag="--teacher", families=MODEL_FAMILIES)
+    check_transport_record(metadata, transport, args.load_teacher)
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
 
 
 def check_teacher_fits(args, student, teacher):
     """One-line errors when the teacher cannot teach this student."""
+    if student.model_family != teacher.model_family:
+        raise TinyFusionError(f"--teacher {args.teacher} is a {teacher.model_family} but the student --model "
+                              f"{args.model} a {student.model_family}; distil from a teacher of the same family")
     if student.depth > teacher.depth:
         raise TinyFusionError(f"the student has {student.depth} blocks but the teacher --teacher {args.teacher} only "
                               f"{teacher.depth}; distil a pruned (shallower) student from its dense source model")
@@ -67,26 +78,30 @@ def resolve_layer_map(args, student, metadata, teacher):
 def main(args):
     run = prepare_training(args)  # every check before the process group starts and before any file is written
     student = run.model
-    teacher = build_teacher(args, run.ctx.device)
+    teacher = build_teacher(args, run.ctx.device, run.transport)
     check_teacher_fits(args, student, teacher)
     layer_pairs, map_source = resolve_layer_map(args, student, run.metadata, teacher)
     start_process_group(run.ctx)
-    diffusion = create_diffusion(timestep_respacing="")
+    diffusion = create_diffusion(timestep_respacing="") if run.transport is None else None
     teacher_dtype = resolve_teacher_precision(args.teacher_precision,
                                               resolve_precision(args.precision, run.ctx.device), run.ctx.device)
     teacher_forward = FrozenForward(teacher, teacher_dtype, run.ctx.device)  # inference mode, weights cast once
 
     def compute_losses(student_forward, x, y, epoch):
-        return masked_kd_losses(student_forward, teacher_forward, diffusion, x, y, alpha=args.alpha_kd,
-                                beta=feature_beta(epoch, args.epochs, args.beta_feat), mask_sigma=args.mask_sigma,
-                                layer_pairs=layer_pairs, class_dropout_prob=student.class_dropout_prob)
+        settings = dict(alpha=args.alpha_kd, beta=feature_beta(epoch, args.epochs, args.beta_feat),
+                        mask_sigma=args.mask_sigma, layer_pairs=layer_pairs,
+                        class_dropout_prob=student.class_dropout_prob)
+        if run.transport is not None:
+            return transport_kd_losses(student_forward, teacher_forward, run.transport, x, y, **settings)
+        return masked_kd_losses(student_forward, teacher_forward, diffusion, x, y, **settings)
 
     intro = [f"run folder {run.run_dir}; student {args.model} (depth {student.depth}), teacher {args.teacher} "
              f"(depth {teacher.depth}) from {args.load_teacher}",
              f"layer map ({map_source}): " + ", ".join(f"{s}:{t}" for s, t in layer_pairs),
              f"teacher precision {str(teacher_dtype).replace('torch.', '')}"]
     train_loop(model=student, dataset=run.dataset, ctx=run.ctx, run_dir=run.run_dir, intro=intro,
-               compute_losses=compute_losses, checkpoint_weights=full_weights(run.metadata),
+               compute_losses=compute_losses,
+               checkpoint_weights=full_weights(training_metadata(run.metadata, student, run.transport)),
                hooks=run.trackers, resume_checkpoint=run.resume, resume_path=run.resume_path, **loop_keywords(args))
     cleanup_distributed()
 
@@ -97,6 +112,7 @@ def build_parser():
     add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4, min_lr_aliases=("--final-lr",))
     add_precision_arg(parser)
     add_teacher_precision_arg(parser)
+    add_transport_training_args(parser)
     parser.add_argument("--teacher", type=str, default="DiT-XL/2")
     parser.add_argument("--load-teacher", type=str, default=None, help="teacher weights (e.g. DiT-XL-2-256x256.pt)")
     parser.add_argument("--alpha-kd", type=float, default=0.9, help="weight of the output KD term (gt gets 1 - alpha)")

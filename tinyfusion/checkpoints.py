@@ -32,6 +32,7 @@ from tinyfusion.errors import TinyFusionError
 
 METADATA_KEY = "__tinyfusion__"
 CHECKSUM_KEY = "__tinyfusion_checksum__"
+MODEL_FAMILIES = ("DiT", "SiT")  # every family of models.py (build_model's `families` of scripts that take both)
 CHECKSUM_ALGORITHM = "crc32-v1"  # zlib.crc32 chained over (key path, dtype, shape, raw bytes) in storage order
 torch.serialization.add_safe_globals([argparse.Namespace])
 
@@ -158,7 +159,8 @@ def checkpoint_model_family(obj, metadata, path):
     (DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt); None when nothing says."""
     if metadata and metadata.get("model_family"):
         return metadata["model_family"]
-    name = getattr(obj.get("args"), "model", None) if isinstance(obj, dict) else None
+    args = obj.get("args") if isinstance(obj, dict) else None
+    name = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)  # ours: dict; original: Namespace
     if isinstance(name, str) and name[:4] in ("DiT-", "SiT-"):
         return name[:3]
     base = os.path.basename(os.fspath(path))
@@ -254,8 +256,8 @@ def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_pat
         raise TinyFusionError(f"unknown {flag} {model_name}; choose one of {', '.join(DiT_models)} "
                               f"(or their SiT- twins)")
     if model_name in SiT_models and "SiT" not in families:
-        raise TinyFusionError(f"{flag} {model_name} is a SiT; this script supports DiT models only for now "
-                              f"(SiT: sample.py and sample_ddp.py)")
+        raise TinyFusionError(f"{flag} {model_name} is a SiT; this script supports DiT models only (SiT: the "
+                              f"training, pruning and sampling scripts)")
     channels, latent_size = latent_geometry_from_flags(vae, image_size, vae_path)
     kwargs = dict(input_size=latent_size, num_classes=num_classes, in_channels=channels, **model_kwargs)
     if groups is not None:
@@ -264,7 +266,7 @@ def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_pat
     if ckpt:
         obj = load_checkpoint_file(ckpt)
         state_dict, metadata = extract_state_dict(obj, use_ema=use_ema), read_metadata(obj)
-        kwargs.update(_family_checked_kwargs(obj, metadata, state_dict, ckpt, model_name, flag))
+        kwargs.update(family_checked_kwargs(obj, metadata, state_dict, ckpt, model_name, flag))
         if metadata and metadata.get("kept_indices") is not None:
             kwargs["depth"] = len(metadata["kept_indices"])
             kwargs.pop("groups", None)
@@ -277,7 +279,7 @@ def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_pat
     return model, metadata
 
 
-def _family_checked_kwargs(obj, metadata, state_dict, ckpt, model_name, flag):
+def family_checked_kwargs(obj, metadata, state_dict, ckpt, model_name, flag):
     """Refuses a DiT checkpoint for a SiT model and the reverse; a SiT state dict without the
     unused sigma half (p*p*C outputs) gets learn_sigma=False. Returns extra model kwargs."""
     from models import SiT_models

@@ -13,8 +13,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from tinyfusion.checkpoints import build_model, infer_architecture, load_into_model, load_state_dict, save_pruned_model
-from models import DiT_models, plain_model_name, prune_to_kept_blocks, validate_kept_indices  # noqa: F401 (re-exported)
+from tinyfusion.checkpoints import (build_model, extract_state_dict, family_checked_kwargs, infer_architecture,
+                                    load_checkpoint_file, load_into_model, read_metadata, save_pruned_model)
+from models import DiT_models, SiT_models, plain_model_name, prune_to_kept_blocks, validate_kept_indices  # noqa: F401
 from tinyfusion.errors import TinyFusionError
 
 
@@ -28,21 +29,27 @@ def check_output_path(path, overwrite=False):
 
 # ----------------------------------------------------------------------- models
 def plain_name(model_name):
-    """The ungated architecture name of --model (DiT-XL-1-2 -> DiT-XL/2); one line if unknown."""
-    if model_name not in DiT_models:
-        raise TinyFusionError(f"unknown --model {model_name}; choose one of {', '.join(DiT_models)}")
+    """The ungated architecture name of --model (DiT-XL-1-2 -> DiT-XL/2, SiT-XL-1-2 -> SiT-XL/2);
+    one line if unknown."""
+    if model_name not in DiT_models and model_name not in SiT_models:
+        raise TinyFusionError(f"unknown --model {model_name}; choose one of {', '.join(DiT_models)} (or their SiT- "
+                              f"twins)")
     return plain_model_name(model_name)
 
 
 def load_source_model(model_name, checkpoint, image_size=256, num_classes=1000, vae="ema", vae_path=None,
-                      groups=None, use_ema=True):
+                      groups=None, use_ema=True, families=("DiT",)):
     """(model, metadata): `model_name`'s architecture at the depth of the DiT in `checkpoint`
     (so DiT-XL/2 also reads a 14-block file and a gated config takes a custom --groups), with the
-    checkpoint's weights; a gated model keeps its freshly initialised gate logits."""
-    state_dict, metadata = load_state_dict(checkpoint, use_ema=use_ema)
+    checkpoint's weights; a gated model keeps its freshly initialised gate logits. `families`:
+    those the calling script supports; a checkpoint of the other family than --model is refused."""
+    obj = load_checkpoint_file(checkpoint)
+    state_dict, metadata = extract_state_dict(obj, use_ema=use_ema), read_metadata(obj)
     arch = infer_architecture(state_dict)
     kwargs = {"depth": arch["depth"]} if arch and arch["depth"] else {}
-    model, _ = build_model(model_name, image_size, num_classes, vae, vae_path, groups=groups, **kwargs)
+    kwargs.update(family_checked_kwargs(obj, metadata, state_dict, checkpoint, model_name, "--model"))
+    model, _ = build_model(model_name, image_size, num_classes, vae, vae_path, groups=groups, families=families,
+                           **kwargs)
     load_into_model(model, state_dict, model_name, checkpoint)
     return model, metadata
 
@@ -140,7 +147,7 @@ CALIBRATIONS = ("clean", "noised")
 
 @torch.no_grad()
 def bi_scores(model, latents, labels, *, calibration="clean", num_timesteps=250, batch_size=16, seed=0,
-              progress=False):
+              progress=False, transport=None):
     """Per-block mean input/output cosine similarity (ShortGPT's Block Influence is 1 minus it)
     over calibration `latents` (N, C, H, W) with their true `labels`, in eval mode.
 
@@ -152,12 +159,18 @@ def bi_scores(model, latents, labels, *, calibration="clean", num_timesteps=250,
 
     Per batch of `batch_size`: similarity over channels, averaged over tokens and samples; the
     result is the mean over batches. t (and, noised, then the noise) of each batch are drawn
-    in that order from a CPU generator seeded with `seed`."""
+    in that order from a CPU generator seeded with `seed`.
+
+    A SiT (`transport` given) is calibrated only "noised", on its own interpolant: per batch
+    (t, x0) = transport.sample_time_and_noise(generator) (t uniform on the training interval),
+    x_t = alpha_t x1 + sigma_t x0, the model called with that t in [0, 1]."""
     from tqdm import tqdm
     if calibration not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {calibration!r}; use one of {', '.join(CALIBRATIONS)}")
+    if transport is not None and calibration != "noised":
+        raise ValueError("a SiT is calibrated on its transport's noised inputs (calibration 'noised')")
     diffusion = None
-    if calibration == "noised":
+    if calibration == "noised" and transport is None:
         from diffusion import create_diffusion
         diffusion = create_diffusion("")
         num_timesteps = diffusion.num_timesteps
@@ -168,7 +181,10 @@ def bi_scores(model, latents, labels, *, calibration="clean", num_timesteps=250,
     batch_means = []
     for start in tqdm(range(0, len(latents), batch_size), disable=not progress, desc="BI score"):
         x = latents[start:start + batch_size].float()
-        t = torch.randint(0, num_timesteps, (len(x),), generator=generator)
+        if transport is not None:
+            x, t = transport_noised(transport, x, generator)
+        else:
+            t = torch.randint(0, num_timesteps, (len(x),), generator=generator)
         if diffusion is not None:
             x = diffusion.q_sample(x, t, noise=torch.randn(x.shape, generator=generator))
         sums = block_input_output_similarity(model, x.to(device), t.to(device),
@@ -176,6 +192,14 @@ def bi_scores(model, latents, labels, *, calibration="clean", num_timesteps=250,
         batch_means.append(sums / len(x))
     model.train(was_training)
     return torch.stack(batch_means).mean(dim=0).tolist()
+
+
+def transport_noised(transport, x1, generator):
+    """(x_t, t) of a SiT's transport for data x1: t and the noise from `generator`."""
+    from transport.loss import sample_time_and_noise
+    from transport.paths import interpolate
+    t, noise = sample_time_and_noise(transport, x1, generator)
+    return interpolate(transport.path, t, noise, x1)[0], t
 
 
 def select_by_bi_score(similarities, n_pruned):

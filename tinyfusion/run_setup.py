@@ -6,8 +6,8 @@ once (by rank 0) and leaves no run folder behind.
 import os
 from dataclasses import dataclass
 
-from tinyfusion.checkpoints import (build_model, check_finite_weights, extract_state_dict, load_into_model,
-                                    newest_loadable_checkpoint, read_metadata)
+from tinyfusion.checkpoints import (MODEL_FAMILIES, build_model, check_finite_weights, extract_state_dict,
+                                    load_into_model, newest_loadable_checkpoint, read_metadata)
 from tinyfusion.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
 from tinyfusion.distributed import broadcast_object, check_global_batch, distributed_context
 from tinyfusion.errors import TinyFusionError
@@ -15,6 +15,7 @@ from tinyfusion.resume import (check_resume_compatible, load_training_checkpoint
                                seed_everything)
 from tinyfusion.runlog import MetricsLog, create_logger, latest_checkpoint, prepare_run_folder, run_folder_name
 from tinyfusion.schedules import LR_SCHEDULES
+from transport.cli import check_transport_flags, check_transport_record, is_sit_name, transport_record
 from tinyfusion.trackers import add_tracker_args, tracker_hooks
 
 
@@ -103,12 +104,13 @@ def build_training_model(args, resume_checkpoint=None, resume_path=None):
     else --load-weight (a pruned checkpoint's metadata sets the depth), else a fresh init."""
     if resume_checkpoint is None:
         return build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path,
-                           ckpt=args.load_weight)
+                           ckpt=args.load_weight, families=MODEL_FAMILIES)
     metadata = read_metadata(resume_checkpoint)
     kwargs = {}
     if metadata and metadata.get("kept_indices") is not None:
         kwargs["depth"] = len(metadata["kept_indices"])
-    model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, **kwargs)
+    model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path,
+                           families=MODEL_FAMILIES, **kwargs)
     load_into_model(model, extract_state_dict(resume_checkpoint, use_ema=False), args.model, resume_path)
     return model, metadata
 
@@ -123,6 +125,7 @@ class PreparedRun:
     model: object = None
     metadata: dict = None
     trackers: list = None      # TrackerHooks of --wandb / --tensorboard
+    transport: object = None   # a SiT's transport.Transport (None for a DiT)
 
 
 def resolve_run(args, ctx):
@@ -140,9 +143,10 @@ def resolve_run(args, ctx):
         resume = load_training_checkpoint(resume_path) if resume_path else None
     if resume is not None:
         check_finite_weights(resume["ema"], resume_path)  # a diverged EMA is no state to go on from
+        interpolant = {key: getattr(args, key) for key in ("path_type", "prediction")} if is_sit_name(args.model) else {}
         check_resume_compatible(resume, resume_path, model=args.model, global_batch_size=args.global_batch_size,
                                 image_size=args.image_size, num_classes=args.num_classes,
-                                global_seed=args.global_seed)  # the seed orders the data
+                                global_seed=args.global_seed, **interpolant)  # the seed orders the data
     return run_dir, resume_path, resume
 
 
@@ -150,15 +154,28 @@ def prepare_training(args, build_model_fn=build_training_model):
     """Everything train.py and train_masked_kd.py check and load before the process group starts:
     flags, the global batch, seeds, data, run folder name, `--resume`, and the model (resumed,
     from --load-weight, or fresh) checked against the data. Returns a PreparedRun."""
+    transport = check_transport_flags(args)  # a SiT's transport; a DiT refuses SiT flags
     ctx = distributed_context(device_flag(args))
     check_global_batch(args.global_batch_size, ctx)
     seed_everything(args.global_seed, ctx)
     dataset = open_training_data(args.data_path, args.global_seed)
     run_dir, resume_path, resume = resolve_run(args, ctx)
     model, metadata = build_model_fn(args, resume, resume_path)
+    check_transport_record(metadata, transport, resume_path or args.load_weight)
     check_dataset_fits(dataset, model, data_path=args.data_path, model_name=args.model, vae=args.vae,
                        image_size=args.image_size)
-    return PreparedRun(ctx, dataset, run_dir, resume_path, resume, model, metadata, tracker_hooks(args))
+    return PreparedRun(ctx, dataset, run_dir, resume_path, resume, model, metadata, tracker_hooks(args),
+                       transport=transport)
+
+
+def training_metadata(metadata, model, transport):
+    """What every checkpoint of a training run records besides the weights: the loaded weights'
+    metadata (e.g. a pruned student's kept indices), the model family (so that later scripts
+    build the right class and refuse the other family), and a SiT's training transport."""
+    record = dict(metadata or {}, model_family=model.model_family)
+    if transport is not None:
+        record["transport"] = transport_record(transport)
+    return record
 
 
 def resumed_flag(resume, name):

@@ -1,13 +1,19 @@
-"""SiT's sampling flags (the names and defaults of SiT's sample.py), shared by the sampling
-scripts. SiT's mode argument (ODE / SDE) is our `--sampler ode|sde`; --sampling-method is the
-solver of that mode (ODE: euler, heun2, or a torchdiffeq method, default dopri5; SDE: Euler
-(Maruyama) or Heun, default Euler)."""
+"""SiT's command-line flags, with the names and defaults of SiT's scripts: the interpolant
+(--path-type, --prediction, --train-eps, --sample-eps; its train.py adds --loss-weight), shared
+by the training, pruning and sampling scripts, and the sampling flags of SiT's sample.py. SiT's
+mode argument (ODE / SDE) is our `--sampler ode|sde`; --sampling-method is the solver of that
+mode (ODE: euler, heun2, or a torchdiffeq method, default dopri5; SDE: Euler (Maruyama) or Heun,
+default Euler).
+
+A SiT checkpoint we write records the interpolant it was trained with (`transport` in its
+metadata): a later script given other --path-type / --prediction stops with one line, since the
+model's output would be read as another quantity. A DiT command given a SiT flag also stops."""
 import importlib.util
 
 from tinyfusion.errors import TinyFusionError
 from transport.paths import PATHS, PREDICTIONS
 from transport.samplers import DIFFUSION_FORMS, FIXED_ODE_METHODS, SDE_METHODS
-from transport.settings import create_transport
+from transport.settings import LOSS_WEIGHTS, create_transport
 
 FLOW_SAMPLERS = ("ode", "sde")
 
@@ -16,12 +22,25 @@ def none_or_str(value):
     return None if value == "None" else value
 
 
+def add_interpolant_args(group):
+    """The interpolant flags of SiT's train.py and sample.py (defaults: Linear, velocity, SiT's eps)."""
+    group.add_argument("--path-type", default="Linear", choices=PATHS, help="the interpolant the SiT is trained on")
+    group.add_argument("--prediction", default="velocity", choices=PREDICTIONS, help="what the SiT outputs")
+    group.add_argument("--sample-eps", type=float, default=None, help="default: SiT's for the path and prediction")
+    group.add_argument("--train-eps", type=float, default=None, help="default: SiT's for the path and prediction")
+
+
+def add_transport_training_args(parser):
+    """The transport flags of the training and pruning scripts (for --model SiT-...)."""
+    group = parser.add_argument_group("SiT (--model SiT-...): the transport, as SiT's train.py")
+    add_interpolant_args(group)
+    group.add_argument("--loss-weight", type=none_or_str, default=None, choices=LOSS_WEIGHTS,
+                       help="score / noise losses: none (default), velocity or likelihood weighting")
+
+
 def add_transport_args(parser):
     group = parser.add_argument_group("SiT (--sampler ode | sde)")
-    group.add_argument("--path-type", default="Linear", choices=PATHS, help="the interpolant the SiT was trained on")
-    group.add_argument("--prediction", default="velocity", choices=PREDICTIONS)
-    group.add_argument("--sample-eps", type=float, default=None, help="default: SiT's for the path and prediction")
-    group.add_argument("--train-eps", type=float, default=None)
+    add_interpolant_args(group)
     group.add_argument("--sampling-method", default=None,
                        help="ODE: dopri5 (default; needs torchdiffeq), euler, heun2; SDE: Euler (default), Heun")
     group.add_argument("--atol", type=float, default=1e-6, help="ODE absolute tolerance (adaptive solvers)")
@@ -33,7 +52,45 @@ def add_transport_args(parser):
 
 
 def transport_from_args(args):
-    return create_transport(args.path_type, args.prediction, None, args.train_eps, args.sample_eps)
+    return create_transport(args.path_type, args.prediction, getattr(args, "loss_weight", None), args.train_eps,
+                            args.sample_eps)
+
+
+TRANSPORT_FLAG_DEFAULTS = {"path_type": "Linear", "prediction": "velocity", "loss_weight": None, "train_eps": None,
+                           "sample_eps": None}
+
+
+def is_sit_name(model_name):
+    return model_name.startswith("SiT-")
+
+
+def check_transport_flags(args):
+    """A DiT command given a SiT flag with another value than its default stops (one line):
+    the flag would be silently ignored. Returns the Transport of a SiT --model, None for a DiT."""
+    if is_sit_name(args.model):
+        return transport_from_args(args)
+    for key, default in TRANSPORT_FLAG_DEFAULTS.items():
+        if getattr(args, key, default) != default:
+            raise TinyFusionError(f"--{key.replace('_', '-')} is a SiT flag; --model {args.model} is a DiT "
+                                  f"(drop the flag or use the model's SiT- twin)")
+    return None
+
+
+def transport_record(transport):
+    """What a SiT checkpoint records of its training transport (its metadata's `transport`)."""
+    return dict(path_type=transport.path, prediction=transport.prediction, loss_weight=transport.loss_weight,
+                train_eps=transport.train_eps, sample_eps=transport.sample_eps)
+
+
+def check_transport_record(metadata, transport, source):
+    """One line when a checkpoint records another interpolant or prediction than `transport`."""
+    recorded = (metadata or {}).get("transport")
+    if not recorded or transport is None:
+        return
+    for key, ours in (("path_type", transport.path), ("prediction", transport.prediction)):
+        if recorded.get(key) is not None and recorded[key] != ours:
+            raise TinyFusionError(f"{source} is a SiT trained with --{key.replace('_', '-')} {recorded[key]}, not "
+                                  f"{ours}; pass --{key.replace('_', '-')} {recorded[key]}")
 
 
 def flow_options(args):

@@ -44,16 +44,22 @@ def training_losses(model, x1, transport, model_kwargs=None, t=None, noise=None,
         t, noise = sample_time_and_noise(transport, x1, generator)
     xt, ut = interpolate(transport.path, t, noise, x1)
     output = model(xt, t, **(model_kwargs or {}))
+    return {"loss": losses_from_output(transport, output, xt=xt, ut=ut, t=t, noise=noise), "pred": output}
+
+
+def losses_from_output(transport, output, *, xt, ut, t, noise):
+    """(N,) per-sample losses of a model `output` at x_t = interpolate(path, t, noise, x1), whose
+    velocity is ut (the module docstring's targets and weights)."""
     if output.shape != xt.shape:
         raise ValueError(f"the model returned shape {tuple(output.shape)} for inputs of shape {tuple(xt.shape)}; "
                          f"a SiT outputs exactly its input channels")
-    dims = list(range(1, x1.dim()))
+    dims = list(range(1, xt.dim()))
     if transport.prediction == "velocity":
-        return {"loss": torch.mean((output - ut) ** 2, dim=dims), "pred": output}
+        return torch.mean((output - ut) ** 2, dim=dims)
     weight = loss_weight(transport, xt, t)
     if transport.prediction == "noise":
         error = output - noise
     else:
         _, _, sigma, _ = alpha_sigma(transport.path, expand_like(t, xt))
         error = output * sigma + noise
-    return {"loss": torch.mean(weight * error ** 2, dim=dims), "pred": output}
+    return torch.mean(weight * error ** 2, dim=dims)
