@@ -98,7 +98,7 @@ def test_report_has_every_table_figure_and_verdict(tmp_path):
                         "random_median_rank": 2.0,
                         "choices": {"oracle": {"kept": [0, 2, 4, 7, 9, 11], "recovered": 0.4, "rank": 1,
                                                "probed": True}}},
-        "strategies": {"per_method": strategy, "teacher": {"fid": 9.0, "accuracy": 0.95}},
+        "strategies": {"per_method": strategy, "teacher": [{"seed": s, "fid": 9.0 + s, "loss": 0.05, "accuracy": 0.95} for s in range(3)]},
         "recovery": {"per_method": {"masked KD k=2": strategy["learned"],
                                     "RepKD k=0 (no mask)": [{"seed": 0, "diverged": True, "message": "NaN"}]}},
     }
@@ -110,7 +110,8 @@ def test_report_has_every_table_figure_and_verdict(tmp_path):
     # paired differences of learned minus random: fid -2, -2.1, -2.4 -> the interval excludes 0
     assert "| random | fid | -2.167 |" in report and "learned is better (95% interval excludes 0)" in report
     assert "RepKD k=0 (no mask) (1 diverged) | 0 |" in report
-    assert "better than every recovered student (best: learned, mean FID 11.000)" in report
+    assert "The teacher (mean FID 10.000) is better than every recovered student (best: learned, 11.000)" in report
+    assert "| teacher | fid | +1 | [+1, +1] | teacher is better (95% interval excludes 0) |" in report
     assert "| 1 3 5 7 9 11 | 3.0000 | 0.6000 | 12.500 | 0.750 |" in report  # the one sampled probe
     assert json.loads((tmp_path / "results.json").read_text())["schedule"] == "quick"
 
