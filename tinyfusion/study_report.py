@@ -140,7 +140,8 @@ def write_report(study, results):
     out_dir = study.out
     lines = ["# TinyFusion on the digits: the paper's questions", "",
              f"Schedule `{results['schedule']}`: {json.dumps(results['budget'])}. "
-             f"{results['wall_minutes']:.1f} min wall, {results['cpu_minutes']:.1f} min CPU.", ""]
+             f"This invocation: {results['wall_minutes']:.1f} min wall, {results['cpu_minutes']:.1f} min CPU "
+             "(a rerun reuses every finished stage and times only what it ran).", ""]
     if "activations" in results:
         lines += activation_lines(results["activations"]) + [""]
     if "calibration" in results:
