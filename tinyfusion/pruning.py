@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from tinyfusion.checkpoints import build_model, infer_architecture, load_into_model, load_state_dict, save_pruned_model
 from models import DiT_models, plain_model_name, prune_to_kept_blocks, validate_kept_indices  # noqa: F401 (re-exported)
+from tinyfusion.cli import CALIBRATIONS  # the --calibration choices, listed there so that --help needs no torch
 from tinyfusion.errors import TinyFusionError
 
 
@@ -133,9 +134,6 @@ def block_input_output_similarity(model, x_t, t, y):
         for handle in handles:
             handle.remove()
     return sums
-
-
-CALIBRATIONS = ("clean", "noised")
 
 
 @torch.no_grad()

@@ -1,35 +1,13 @@
-"""SiT's sampling flags (the names and defaults of SiT's sample.py), shared by the sampling
-scripts. SiT's mode argument (ODE / SDE) is our `--sampler ode|sde`; --sampling-method is the
-solver of that mode (ODE: euler, heun2, or a torchdiffeq method, default dopri5; SDE: Euler
-(Maruyama) or Heun, default Euler)."""
+"""What the sampling scripts do with SiT's sampling flags (defined, with the names and defaults
+of SiT's sample.py, by tinyfusion/cli.py add_transport_args). SiT's mode argument (ODE / SDE)
+is our `--sampler ode|sde`; --sampling-method is the solver of that mode (ODE: euler, heun2, or
+a torchdiffeq method, default dopri5; SDE: Euler (Maruyama) or Heun, default Euler)."""
 import importlib.util
 
+from tinyfusion.cli import FLOW_SAMPLERS
 from tinyfusion.errors import TinyFusionError
-from transport.paths import PATHS, PREDICTIONS
-from transport.samplers import DIFFUSION_FORMS, FIXED_ODE_METHODS, SDE_METHODS
+from transport.samplers import FIXED_ODE_METHODS, SDE_METHODS
 from transport.settings import create_transport
-
-FLOW_SAMPLERS = ("ode", "sde")
-
-
-def none_or_str(value):
-    return None if value == "None" else value
-
-
-def add_transport_args(parser):
-    group = parser.add_argument_group("SiT (--sampler ode | sde)")
-    group.add_argument("--path-type", default="Linear", choices=PATHS, help="the interpolant the SiT was trained on")
-    group.add_argument("--prediction", default="velocity", choices=PREDICTIONS)
-    group.add_argument("--sample-eps", type=float, default=None, help="default: SiT's for the path and prediction")
-    group.add_argument("--train-eps", type=float, default=None)
-    group.add_argument("--sampling-method", default=None,
-                       help="ODE: dopri5 (default; needs torchdiffeq), euler, heun2; SDE: Euler (default), Heun")
-    group.add_argument("--atol", type=float, default=1e-6, help="ODE absolute tolerance (adaptive solvers)")
-    group.add_argument("--rtol", type=float, default=1e-3, help="ODE relative tolerance (adaptive solvers)")
-    group.add_argument("--diffusion-form", default="sigma", choices=DIFFUSION_FORMS, help="SDE diffusion D(t)")
-    group.add_argument("--diffusion-norm", type=float, default=1.0)
-    group.add_argument("--last-step", type=none_or_str, default="Mean", choices=["Mean", "Tweedie", "Euler", None])
-    group.add_argument("--last-step-size", type=float, default=0.04)
 
 
 def transport_from_args(args):
