@@ -31,12 +31,6 @@ import warnings
 import zipfile
 from contextlib import contextmanager
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from tinyfusion import metrics
-from tinyfusion.atomic_files import atomic_path, atomic_write_json
 from tinyfusion.errors import TinyFusionError, run_main
 
 INCEPTION_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb"
@@ -48,6 +42,40 @@ SOFTMAX_MATMUL = "softmax/logits/MatMul"  # its second input is the 2048 x 1008 
 SFID_CHANNELS = 7
 STATISTICS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 REF_CACHE_VERSION = 1
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="IS / FID / sFID / precision / recall of a sample batch (ADM evaluator).")
+    parser.add_argument("ref_batch", help="reference batch .npz (arr_0 images; optional mu, sigma, mu_s, sigma_s)")
+    parser.add_argument("sample_batch", help="sample batch .npz (arr_0 images; optional labels)")
+    parser.add_argument("--inception-path", type=str, default=None,
+                        help=f"classify_image_graph_def.pb (default: ${INCEPTION_ENV} or ./{INCEPTION_FILENAME})")
+    parser.add_argument("--feature-net", type=str, default=None,
+                        help="TorchScript feature network .pt instead of Inception (NHWC [0,255] in; pool, spatial, logits out)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per feature-network batch")
+    parser.add_argument("--cache-ref-stats", action="store_true",
+                        help="store/reuse reference activations and statistics in a sidecar .npz next to ref_batch")
+    parser.add_argument("--exact-distances", action="store_true",
+                        help="float64 k-NN distances for precision/recall (default float32)")
+    parser.add_argument("--fid-method", choices=["fast", "sqrtm"], default="fast",
+                        help="tr sqrtm(s1 s2) via Cholesky + symmetric eigenvalues (fast) or scipy sqrtm (ADM's algorithm)")
+    parser.add_argument("--device", type=str, default=None, help="torch device for distances / feature net (default: cuda if available)")
+    parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    # the flags are parsed before the imports below: torch alone takes seconds to import, and
+    # --help or a bad flag should answer at once (TensorFlow is imported only for the Inception graph)
+    ARGS = parse_args()
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tinyfusion import metrics
+from tinyfusion.atomic_files import atomic_path, atomic_write_json
 
 
 # ----------------------------------------------------------------------------------------
@@ -442,21 +470,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="IS / FID / sFID / precision / recall of a sample batch (ADM evaluator).")
-    parser.add_argument("ref_batch", help="reference batch .npz (arr_0 images; optional mu, sigma, mu_s, sigma_s)")
-    parser.add_argument("sample_batch", help="sample batch .npz (arr_0 images; optional labels)")
-    parser.add_argument("--inception-path", type=str, default=None,
-                        help=f"classify_image_graph_def.pb (default: ${INCEPTION_ENV} or ./{INCEPTION_FILENAME})")
-    parser.add_argument("--feature-net", type=str, default=None,
-                        help="TorchScript feature network .pt instead of Inception (NHWC [0,255] in; pool, spatial, logits out)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per feature-network batch")
-    parser.add_argument("--cache-ref-stats", action="store_true",
-                        help="store/reuse reference activations and statistics in a sidecar .npz next to ref_batch")
-    parser.add_argument("--exact-distances", action="store_true",
-                        help="float64 k-NN distances for precision/recall (default float32)")
-    parser.add_argument("--fid-method", choices=["fast", "sqrtm"], default="fast",
-                        help="tr sqrtm(s1 s2) via Cholesky + symmetric eigenvalues (fast) or scipy sqrtm (ADM's algorithm)")
-    parser.add_argument("--device", type=str, default=None, help="torch device for distances / feature net (default: cuda if available)")
-    parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    run_main(main, parser.parse_args())
+    run_main(main, ARGS)

@@ -18,6 +18,37 @@ import json
 import os
 import time
 
+from tinyfusion.cli import STORE_DTYPE_NAMES, add_model_args, nonnegative_int, positive_int
+from tinyfusion.errors import TinyFusionError, run_main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser)  # --model (ignored here), --image-size, --num-classes, --vae, --vae-path, --groups (ignored)
+    parser.add_argument("--data-path", type=str, required=True, help="ImageFolder: one sub-folder of images per class")
+    parser.add_argument("--features-path", type=str, default="features", help="folder of the feature store to write")
+    parser.add_argument("--global-seed", type=nonnegative_int, default=0, help="seed of the VAE posterior noise (per image)")
+    parser.add_argument("--num-workers", type=nonnegative_int, default=4, help="image-decoding DataLoader workers per rank")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE call per rank (x2 with the flips)")
+    parser.add_argument("--shard-size", type=positive_int, default=4096, help="images per shard file")
+    parser.add_argument("--store-dtype", choices=STORE_DTYPE_NAMES, default="fp32",
+                        help="fp32 keeps the original values; fp16 halves the disk and page-cache footprint")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the shards of an interrupted run that validate and redo the rest")
+    ignored = "accepted for compatibility with the original command line; ignored by extraction"
+    parser.add_argument("--results-dir", type=str, default="results", help=ignored)
+    parser.add_argument("--epochs", type=int, default=1400, help=ignored)
+    parser.add_argument("--global-batch-size", type=int, default=256, help=ignored + " (see --batch-size)")
+    parser.add_argument("--log-every", type=int, default=100, help=ignored)
+    parser.add_argument("--ckpt-every", type=int, default=50_000, help=ignored)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    # the flags are parsed before the imports below: torch alone takes seconds to import, and
+    # --help or a bad flag should answer at once
+    ARGS = parse_args()
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -26,13 +57,11 @@ from tqdm import tqdm
 
 from tinyfusion import feature_store as store
 from tinyfusion.atomic_files import atomic_write_json
-from tinyfusion.cli import add_model_args, nonnegative_int, positive_int
 from tinyfusion.distributed import all_reduce_mean, barrier, cleanup_distributed, setup_distributed
 from tinyfusion.image_folder import list_image_folder, load_image_uint8, to_unit_range
+from tinyfusion.run_lock import LOCK_FILE, lock_folder, release_folder
 from tinyfusion.runlog import create_logger
 from tinyfusion.vae import LATENT_SCALE, latent_geometry, latent_geometry_from_flags, load_vae, vae_source
-from tinyfusion.errors import TinyFusionError, run_main
-from tinyfusion.run_lock import LOCK_FILE, lock_folder, release_folder
 
 # what makes two extractions the same (and a store resumable); other plan fields are informational
 IDENTITY_KEYS = ("format", "version", "images_sha256", "num_images", "classes", "image_size", "vae",
@@ -371,27 +400,5 @@ def extract(args):
     cleanup_distributed()
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_args(parser)  # --model (ignored here), --image-size, --num-classes, --vae, --vae-path, --groups (ignored)
-    parser.add_argument("--data-path", type=str, required=True, help="ImageFolder: one sub-folder of images per class")
-    parser.add_argument("--features-path", type=str, default="features", help="folder of the feature store to write")
-    parser.add_argument("--global-seed", type=nonnegative_int, default=0, help="seed of the VAE posterior noise (per image)")
-    parser.add_argument("--num-workers", type=nonnegative_int, default=4, help="image-decoding DataLoader workers per rank")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE call per rank (x2 with the flips)")
-    parser.add_argument("--shard-size", type=positive_int, default=4096, help="images per shard file")
-    parser.add_argument("--store-dtype", choices=sorted(store.STORE_DTYPES), default="fp32",
-                        help="fp32 keeps the original values; fp16 halves the disk and page-cache footprint")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the shards of an interrupted run that validate and redo the rest")
-    ignored = "accepted for compatibility with the original command line; ignored by extraction"
-    parser.add_argument("--results-dir", type=str, default="results", help=ignored)
-    parser.add_argument("--epochs", type=int, default=1400, help=ignored)
-    parser.add_argument("--global-batch-size", type=int, default=256, help=ignored + " (see --batch-size)")
-    parser.add_argument("--log-every", type=int, default=100, help=ignored)
-    parser.add_argument("--ckpt-every", type=int, default=50_000, help=ignored)
-    return parser.parse_args(argv)
-
-
 if __name__ == "__main__":
-    run_main(main, parse_args())
+    run_main(main, ARGS)

@@ -20,14 +20,47 @@ train.py's SiT flags (--path-type, --prediction, --loss-weight, --train-eps, --s
 import os
 from dataclasses import dataclass
 
+from tinyfusion.cli import (ArgumentParser, add_model_args, add_precision_arg, add_training_args,
+                            add_transport_training_args)
+from tinyfusion.errors import TinyFusionError, run_main
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser, default_model="DiT-XL-1-2")
+    add_training_args(parser, lr=1e-4, lr_schedule="constant", min_lr=0.0, epochs=1, global_batch_size=128,
+                      log_every=50, ckpt_every=1000, ema_decay=0.999)
+    add_precision_arg(parser)
+    add_transport_training_args(parser)
+    parser.add_argument("--delta-w", action="store_true",
+                        help="also update the weights during the search (recoverability); without it only the logits train")
+    parser.add_argument("--lora", action="store_true", help="with --delta-w: update the weights through LoRA adapters")
+    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (alpha = 2 x rank)")
+    parser.add_argument("--tau-range", type=float, nargs=2, default=[4.0, 0.1], metavar=("START", "END"),
+                        help="Gumbel temperature, linear from START to END over the run")
+    parser.add_argument("--scaling-range", type=float, nargs=2, default=[100.0, 100.0], metavar=("START", "END"),
+                        help="logit scale, linear from START to END over the run")
+    parser.add_argument("--logits-lr-scale", type=float, default=10.0, help="gate-logit lr = this x --lr")
+    parser.add_argument("--save-model", type=str, default=None,
+                        help="where to save the pruned model (default: pruned.pt in the run folder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --save-model file")
+    args = parser.parse_args(argv)
+    if args.lora_rank < 1:
+        parser.error("--lora-rank must be at least 1")
+    return args
+
+
+if __name__ == "__main__":
+    # the flags are parsed before the imports below: torch alone takes seconds to import, and
+    # --help or a bad flag should answer at once
+    ARGS = parse_args()
+
 import torch
 import torch.distributed as dist
 
 from diffusion import create_diffusion
 from models import DiT_models, SiT_models, gate_decision
-from tinyfusion.cli import ArgumentParser, add_model_args, add_precision_arg
 from tinyfusion.distributed import check_global_batch, cleanup_distributed, distributed_context, start_process_group
-from tinyfusion.errors import TinyFusionError, run_main
 from tinyfusion.lora import apply_lora
 from tinyfusion.loop import LoopHooks, train_loop
 from tinyfusion.pruning import (check_output_path, linear_schedule, load_source_model, plain_name, save_pruned,
@@ -35,9 +68,9 @@ from tinyfusion.pruning import (check_output_path, linear_schedule, load_source_
 from tinyfusion.resume import seed_everything
 from tinyfusion.trackers import tracker_hooks
 from tinyfusion.checkpoints import MODEL_FAMILIES
-from tinyfusion.run_setup import (PreparedRun, add_training_args, check_dataset_fits, device_flag, loop_keywords,
-                                  open_training_data, resolve_run, resumed_flag)
-from transport.cli import add_transport_training_args, check_transport_flags, check_transport_record, transport_record
+from tinyfusion.run_setup import (PreparedRun, check_dataset_fits, device_flag, loop_keywords, open_training_data,
+                                  resolve_run, resumed_flag)
+from transport.cli import check_transport_flags, check_transport_record, transport_record
 from transport.loss import training_losses
 
 
@@ -240,30 +273,5 @@ def main(args):
     return kept
 
 
-def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_args(parser, default_model="DiT-XL-1-2")
-    add_training_args(parser, lr=1e-4, lr_schedule="constant", min_lr=0.0, epochs=1, global_batch_size=128,
-                      log_every=50, ckpt_every=1000, ema_decay=0.999)
-    add_precision_arg(parser)
-    add_transport_training_args(parser)
-    parser.add_argument("--delta-w", action="store_true",
-                        help="also update the weights during the search (recoverability); without it only the logits train")
-    parser.add_argument("--lora", action="store_true", help="with --delta-w: update the weights through LoRA adapters")
-    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (alpha = 2 x rank)")
-    parser.add_argument("--tau-range", type=float, nargs=2, default=[4.0, 0.1], metavar=("START", "END"),
-                        help="Gumbel temperature, linear from START to END over the run")
-    parser.add_argument("--scaling-range", type=float, nargs=2, default=[100.0, 100.0], metavar=("START", "END"),
-                        help="logit scale, linear from START to END over the run")
-    parser.add_argument("--logits-lr-scale", type=float, default=10.0, help="gate-logit lr = this x --lr")
-    parser.add_argument("--save-model", type=str, default=None,
-                        help="where to save the pruned model (default: pruned.pt in the run folder)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --save-model file")
-    args = parser.parse_args(argv)
-    if args.lora_rank < 1:
-        parser.error("--lora-rank must be at least 1")
-    return args
-
-
 if __name__ == "__main__":
-    run_main(main, parse_args())
+    run_main(main, ARGS)

@@ -20,17 +20,57 @@ the model called with t in [0, 1]. Its --sample-grid uses SiT's default SDE samp
 import argparse
 import os
 
+from tinyfusion.cli import (CALIBRATIONS, add_interpolant_args, add_model_args, is_sit_name, nonnegative_float,
+                            positive_int, sampling_steps)
+from tinyfusion.errors import TinyFusionError, run_main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser, default_model="DiT-XL/2")
+    parser.add_argument("--ckpt", type=str, default=None, help="checkpoint to prune (plain, training or pruned)")
+    parser.add_argument("--no-ema", action="store_true", help="prune a training checkpoint's 'model', not its 'ema'")
+    parser.add_argument("--data-path", type=str, default=None, help="calibration ImageFolder (encoded with --vae)")
+    parser.add_argument("--features-path", type=str, default=None,
+                        help="calibrate on a feature store from extract_features.py instead (no VAE needed)")
+    parser.add_argument("--calibration", choices=CALIBRATIONS, default=None,
+                        help="clean (a DiT's default): the original's (clean latents, t < --num-sampling-steps); "
+                             "noised: ours (q_sample-noised latents, t < 1000; a SiT: its transport's x_t, the default)")
+    parser.add_argument("--nsamples", type=positive_int, default=128, help="calibration images")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--n-pruned", type=int, default=14, help="number of blocks to remove")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration subset, flips, timesteps, samples")
+    parser.add_argument("--save-model", type=str, default="outputs/pruned/pruned-by-score.pt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --save-model (and its .scores.json) / --sample-grid")
+    parser.add_argument("--sample-grid", type=str, default=None, help="also sample 8 images from the pruned model to this PNG")
+    parser.add_argument("--cfg-scale", type=nonnegative_float, default=4.0, help="guidance scale of the sample grid")
+    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250,
+                        help="clean calibration draws t in [0, N) (the original's respaced step count); also the "
+                             "sampling steps of the sample grid")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_interpolant_args(parser.add_argument_group("SiT (--model SiT-...): the transport it was trained with"))
+    args = parser.parse_args(argv)
+    if args.calibration is None:
+        args.calibration = "noised" if is_sit_name(args.model) else "clean"
+    return args
+
+
+if __name__ == "__main__":
+    # the flags are parsed before the imports below: torch alone takes seconds to import, and
+    # --help or a bad flag should answer at once
+    ARGS = parse_args()
+
 import torch
 
-from tinyfusion.cli import add_model_args, nonnegative_float, positive_int, sampling_steps
 from diffusion import create_diffusion
-from tinyfusion.pruning import (CALIBRATIONS, bi_scores, calibration_latents, check_latents_fit, check_output_path,
-                                load_source_model, plain_name, save_pruned, select_by_bi_score, source_lineage)
 from tinyfusion.atomic_files import atomic_write_json
 from tinyfusion.checkpoints import MODEL_FAMILIES
-from tinyfusion.errors import TinyFusionError, run_main
-from transport.cli import (add_interpolant_args, check_transport_flags, check_transport_record, is_sit_name,
-                           transport_record)
+from tinyfusion.grids import save_labeled_grid
+from tinyfusion.pruning import (bi_scores, calibration_latents, check_latents_fit, check_output_path, load_source_model,
+                                plain_name, save_pruned, select_by_bi_score, source_lineage)
+from tinyfusion.vae import decode, load_vae, to_uint8_nhwc
+from transport.cli import check_transport_flags, check_transport_record, transport_record
 from transport.settings import time_interval
 
 
@@ -38,8 +78,6 @@ def save_sample_grid(model, vae, path, args, device, transport=None):
     """An 8-image class-conditional grid from the pruned model (DiT's sample.py recipe; a SiT:
     SiT's default SDE from per-sample noise), laid out readably: one row per class with its
     label, gaps, small images upscaled to >= 64 px."""
-    from tinyfusion.grids import save_labeled_grid
-    from tinyfusion.vae import decode, to_uint8_nhwc
     labels = torch.tensor([c % model.num_classes for c in (207, 360, 387, 974, 88, 979, 417, 279)], device=device)
     model.eval()
     if transport is not None:
@@ -99,7 +137,6 @@ def load_calibration(args, model, device):
     """(latents, labels, vae) of the calibration set, checked against the model."""
     vae = None
     if args.data_path and not args.features_path or args.sample_grid:
-        from tinyfusion.vae import load_vae
         vae = load_vae(args.vae, args.vae_path, device)
     latents, labels = calibration_latents(args.nsamples, args.seed, args.features_path, args.data_path,
                                           args.image_size, vae, args.batch_size, device,
@@ -152,36 +189,5 @@ def main(args):
         print(f"saved a sample grid to {args.sample_grid}")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_args(parser, default_model="DiT-XL/2")
-    parser.add_argument("--ckpt", type=str, default=None, help="checkpoint to prune (plain, training or pruned)")
-    parser.add_argument("--no-ema", action="store_true", help="prune a training checkpoint's 'model', not its 'ema'")
-    parser.add_argument("--data-path", type=str, default=None, help="calibration ImageFolder (encoded with --vae)")
-    parser.add_argument("--features-path", type=str, default=None,
-                        help="calibrate on a feature store from extract_features.py instead (no VAE needed)")
-    parser.add_argument("--calibration", choices=CALIBRATIONS, default=None,
-                        help="clean (a DiT's default): the original's (clean latents, t < --num-sampling-steps); "
-                             "noised: ours (q_sample-noised latents, t < 1000; a SiT: its transport's x_t, the default)")
-    parser.add_argument("--nsamples", type=positive_int, default=128, help="calibration images")
-    parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--n-pruned", type=int, default=14, help="number of blocks to remove")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration subset, flips, timesteps, samples")
-    parser.add_argument("--save-model", type=str, default="outputs/pruned/pruned-by-score.pt")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --save-model (and its .scores.json) / --sample-grid")
-    parser.add_argument("--sample-grid", type=str, default=None, help="also sample 8 images from the pruned model to this PNG")
-    parser.add_argument("--cfg-scale", type=nonnegative_float, default=4.0, help="guidance scale of the sample grid")
-    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250,
-                        help="clean calibration draws t in [0, N) (the original's respaced step count); also the "
-                             "sampling steps of the sample grid")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    add_interpolant_args(parser.add_argument_group("SiT (--model SiT-...): the transport it was trained with"))
-    args = parser.parse_args(argv)
-    if args.calibration is None:
-        args.calibration = "noised" if is_sit_name(args.model) else "clean"
-    return args
-
-
 if __name__ == "__main__":
-    run_main(main, parse_args())
+    run_main(main, ARGS)

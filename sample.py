@@ -17,23 +17,57 @@ A SiT (--model SiT-...) samples with --sampler ode or sde (SiT's ODE / SDE modes
 import argparse
 import time
 
+from tinyfusion.cli import (FLOW_SAMPLERS, SAMPLER_NAMES, add_guidance_args, add_model_args, add_precision_arg,
+                            add_transport_args, autocast, resolve_precision, sampling_steps)
+from tinyfusion.errors import TinyFusionError, run_main
+
+DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    add_model_args(parser)
+    add_guidance_args(parser, cfg_scale=4.0)
+    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
+    parser.add_argument("--class-labels", type=int, nargs="+", default=DEFAULT_CLASS_LABELS)
+    parser.add_argument("--per-sample-seeds", action="store_true",
+                        help="image i gets its own noise from (--seed, i), as sample i of sample_ddp.py, instead of "
+                             "the original's one global seed for the whole grid")
+    parser.add_argument("--sampler", choices=[*SAMPLER_NAMES, *FLOW_SAMPLERS], default=None,
+                        help="DiT: ddpm (default) or ddim; SiT: ode or sde (required)")
+    parser.add_argument("--ddim-eta", type=float, default=0.0)
+    parser.add_argument("--timestep-spacing", choices=["dit", "leading"], default="dit",
+                        help="dit: steps spread evenly over [0, 999] (DiT); leading: 0, s, 2s, ... (diffusers' DiTPipeline)")
+    parser.add_argument("--out", type=str, default="sample.png", help="grid PNG to write (replaced if it exists)")
+    parser.add_argument("--grid", choices=["plain", "labeled"], default="plain",
+                        help="plain: the original 4-column grid; labeled: one row per class with its label, "
+                             "gaps between tiles, small images upscaled (nearest-neighbour) to >= 64 px")
+    add_precision_arg(parser)
+    parser.set_defaults(precision="fp32")  # the original samples in fp32; bf16 is opt-in on every device
+    add_transport_args(parser)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    # the flags are parsed before the imports below: torch alone takes seconds to import, and
+    # --help or a bad flag should answer at once
+    ARGS = parse_args()
+
 import torch
 from torchvision.utils import save_image
 
+from diffusion import create_diffusion
 from tinyfusion.atomic_files import atomic_path
 from tinyfusion.checkpoints import build_model
-from tinyfusion.cli import (add_guidance_args, add_model_args, add_precision_arg, autocast, resolve_precision,
-                            sampling_steps)
-from tinyfusion.precision import cast_weights_once, low_precision_warning
-from diffusion import create_diffusion
-from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, sample_generator
-from tinyfusion.vae import decode, load_vae, to_uint8_nhwc
 from tinyfusion.grids import save_labeled_grid
-from tinyfusion.errors import TinyFusionError, run_main
-from transport.cli import (FLOW_SAMPLERS, add_transport_args, check_sampler_family, check_transport_flags,
-                           check_transport_record, flow_options)
-
-DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
+from tinyfusion.precision import cast_weights_once, low_precision_warning
+from tinyfusion.sampling import generate, resolve_checkpoint, sample_generator
+from tinyfusion.vae import decode, load_vae, to_uint8_nhwc
+from transport.cli import check_sampler_family, check_transport_flags, check_transport_record, flow_options
 
 
 @torch.no_grad()
@@ -110,33 +144,5 @@ def main(args):
     print(f"saved {len(images)} samples to {args.out} in {time.time() - start:.1f}s")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    add_model_args(parser)
-    add_guidance_args(parser, cfg_scale=4.0)
-    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ckpt", type=str, default=None,
-                        help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
-    parser.add_argument("--class-labels", type=int, nargs="+", default=DEFAULT_CLASS_LABELS)
-    parser.add_argument("--per-sample-seeds", action="store_true",
-                        help="image i gets its own noise from (--seed, i), as sample i of sample_ddp.py, instead of "
-                             "the original's one global seed for the whole grid")
-    parser.add_argument("--sampler", choices=[*SAMPLERS, *FLOW_SAMPLERS], default=None,
-                        help="DiT: ddpm (default) or ddim; SiT: ode or sde (required)")
-    parser.add_argument("--ddim-eta", type=float, default=0.0)
-    parser.add_argument("--timestep-spacing", choices=["dit", "leading"], default="dit",
-                        help="dit: steps spread evenly over [0, 999] (DiT); leading: 0, s, 2s, ... (diffusers' DiTPipeline)")
-    parser.add_argument("--out", type=str, default="sample.png", help="grid PNG to write (replaced if it exists)")
-    parser.add_argument("--grid", choices=["plain", "labeled"], default="plain",
-                        help="plain: the original 4-column grid; labeled: one row per class with its label, "
-                             "gaps between tiles, small images upscaled (nearest-neighbour) to >= 64 px")
-    add_precision_arg(parser)
-    parser.set_defaults(precision="fp32")  # the original samples in fp32; bf16 is opt-in on every device
-    add_transport_args(parser)
-    return parser.parse_args(argv)
-
-
 if __name__ == "__main__":
-    run_main(main, parse_args())
+    run_main(main, ARGS)

@@ -23,26 +23,62 @@ import shutil
 import time
 import zipfile
 
+from tinyfusion.cli import (FLOW_SAMPLERS, SAMPLER_NAMES, add_guidance_args, add_model_args, add_precision_arg,
+                            add_transport_args, nonnegative_float, nonnegative_int, positive_int, resolve_precision,
+                            sampling_steps)
+from tinyfusion.errors import TinyFusionError, run_main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    add_model_args(parser)
+    parser.add_argument("--sample-dir", type=str, default="samples")
+    parser.add_argument("--per-proc-batch-size", type=positive_int, default=32)
+    parser.add_argument("--num-fid-samples", type=positive_int, default=50_000)
+    add_guidance_args(parser, cfg_scale=1.5)
+    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
+    parser.add_argument("--global-seed", type=nonnegative_int, default=0, help="sample i uses seeds derived from (this, i)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matmuls on Ampere+ GPUs: faster, as the original; --no-tf32 for full fp32")
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
+    parser.add_argument("--sampler", choices=[*SAMPLER_NAMES, *FLOW_SAMPLERS], default=None,
+                        help="DiT: ddpm (default) or ddim; SiT: ode or sde (required)")
+    parser.add_argument("--ddim-eta", type=nonnegative_float, default=0.0)
+    add_precision_arg(parser)
+    parser.set_defaults(precision="fp32")  # FID numbers are comparable to the original's fp32 sampling
+    parser.add_argument("--save-png", action="store_true", help="also write {index:06d}.png into the run folder")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run (keep its finished parts)")
+    parser.add_argument("--cpu-threads", type=positive_int, default=1,
+                        help="intra-op threads per rank on CPU (use one rank per core instead: images are bit-identical "
+                             "for any world size only at a fixed thread count)")
+    parser.add_argument("--keep-parts", action="store_true", help="keep the part files after the .npz is written")
+    add_transport_args(parser)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    # the flags are parsed before the imports below: torch alone takes seconds to import, and
+    # --help or a bad flag should answer at once
+    ARGS = parse_args()
+
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from diffusion import create_diffusion
 from tinyfusion.atomic_files import atomic_path, atomic_write_json
 from tinyfusion.checkpoints import build_model, check_finite_weights, load_state_dict
-from tinyfusion.cli import (add_guidance_args, add_model_args, add_precision_arg, nonnegative_float, nonnegative_int,
-                            positive_int,
-                            resolve_precision, sampling_steps)
-from tinyfusion.precision import cast_weights_once, low_precision_warning
-from diffusion import create_diffusion
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
-from tinyfusion.runlog import MetricsLog, create_logger
-from tinyfusion.sampling import SAMPLERS, generate, resolve_checkpoint, run_name, sample_generator, sample_labels
-from tinyfusion.vae import load_vae, to_uint8_nhwc
-from tinyfusion.errors import TinyFusionError, run_main
+from tinyfusion.precision import cast_weights_once, low_precision_warning
 from tinyfusion.run_lock import lock_folder, release_folder
-from transport.cli import (FLOW_SAMPLERS, add_transport_args, check_sampler_family, check_transport_flags,
-                           check_transport_record, flow_identity, flow_options, flow_run_suffix, transport_from_args)
+from tinyfusion.runlog import MetricsLog, create_logger
+from tinyfusion.sampling import generate, resolve_checkpoint, run_name, sample_generator, sample_labels
+from tinyfusion.vae import load_vae, to_uint8_nhwc
+from transport.cli import (check_sampler_family, check_transport_flags, check_transport_record, flow_identity,
+                           flow_options, flow_run_suffix, transport_from_args)
 
 # settings that change the images: a run may only be resumed (or reported complete) with the same
 # values (--num-fid-samples, --per-proc-batch-size and the world size may change). The checkpoint
@@ -317,34 +353,5 @@ def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_
         raise TinyFusionError(error)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    add_model_args(parser)
-    parser.add_argument("--sample-dir", type=str, default="samples")
-    parser.add_argument("--per-proc-batch-size", type=positive_int, default=32)
-    parser.add_argument("--num-fid-samples", type=positive_int, default=50_000)
-    add_guidance_args(parser, cfg_scale=1.5)
-    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
-    parser.add_argument("--global-seed", type=nonnegative_int, default=0, help="sample i uses seeds derived from (this, i)")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                        help="TF32 matmuls on Ampere+ GPUs: faster, as the original; --no-tf32 for full fp32")
-    parser.add_argument("--ckpt", type=str, default=None,
-                        help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
-    parser.add_argument("--sampler", choices=[*SAMPLERS, *FLOW_SAMPLERS], default=None,
-                        help="DiT: ddpm (default) or ddim; SiT: ode or sde (required)")
-    parser.add_argument("--ddim-eta", type=nonnegative_float, default=0.0)
-    add_precision_arg(parser)
-    parser.set_defaults(precision="fp32")  # FID numbers are comparable to the original's fp32 sampling
-    parser.add_argument("--save-png", action="store_true", help="also write {index:06d}.png into the run folder")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run (keep its finished parts)")
-    parser.add_argument("--cpu-threads", type=positive_int, default=1,
-                        help="intra-op threads per rank on CPU (use one rank per core instead: images are bit-identical "
-                             "for any world size only at a fixed thread count)")
-    parser.add_argument("--keep-parts", action="store_true", help="keep the part files after the .npz is written")
-    add_transport_args(parser)
-    return parser.parse_args(argv)
-
-
 if __name__ == "__main__":
-    run_main(main, parse_args())
+    run_main(main, ARGS)

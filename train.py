@@ -16,16 +16,33 @@ A SiT (`--model SiT-...`) trains on SiT's transport loss (transport/loss.py) wit
 defaults: `--path-type Linear`, `--prediction velocity`, `--loss-weight None`, `--train-eps` /
 `--sample-eps` SiT's for the path; its checkpoints record that transport.
 """
+from tinyfusion.cli import (ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg,
+                            add_training_args, add_transport_training_args)
+from tinyfusion.errors import run_main
+
+
+def build_parser():
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(parser, default_model="DiT-XL/2")
+    add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4)
+    add_precision_arg(parser)
+    add_transport_training_args(parser)
+    add_compatibility_flags(parser, [("--strict", dict(action="store_true",
+                                                       help="weights are always loaded strictly"))])
+    return parser
+
+
+if __name__ == "__main__":
+    # the flags are parsed before the imports below: torch alone takes seconds to import, and
+    # --help or a bad flag should answer at once
+    ARGS = build_parser().parse_args()
 
 import torch
 
 from diffusion import create_diffusion
-from tinyfusion.cli import ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg
 from tinyfusion.distributed import cleanup_distributed, start_process_group
-from tinyfusion.errors import run_main
 from tinyfusion.loop import full_weights, train_loop
-from tinyfusion.run_setup import add_training_args, loop_keywords, prepare_training, training_metadata
-from transport.cli import add_transport_training_args
+from tinyfusion.run_setup import loop_keywords, prepare_training, training_metadata
 from transport.loss import training_losses
 
 
@@ -67,16 +84,5 @@ def main(args):
     cleanup_distributed()
 
 
-def build_parser():
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
-    add_model_args(parser, default_model="DiT-XL/2")
-    add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4)
-    add_precision_arg(parser)
-    add_transport_training_args(parser)
-    add_compatibility_flags(parser, [("--strict", dict(action="store_true",
-                                                       help="weights are always loaded strictly"))])
-    return parser
-
-
 if __name__ == "__main__":
-    run_main(main, build_parser().parse_args())
+    run_main(main, ARGS)

@@ -14,20 +14,51 @@ A SiT student (`--model SiT-...`) distils from a SiT teacher (the two must be of
 SiT's transport: kd on the model outputs (velocities by default), gt the transport loss, the same
 masked features (transport/distillation.py), with train.py's SiT flags.
 """
+from tinyfusion.cli import (ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg,
+                            add_teacher_precision_arg, add_training_args, add_transport_training_args,
+                            resolve_precision)
+from tinyfusion.errors import TinyFusionError, run_main
+
+
+def build_parser():
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(parser, default_model="DiT-D14/2")
+    add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4, min_lr_aliases=("--final-lr",))
+    add_precision_arg(parser)
+    add_teacher_precision_arg(parser)
+    add_transport_training_args(parser)
+    parser.add_argument("--teacher", type=str, default="DiT-XL/2")
+    parser.add_argument("--load-teacher", type=str, default=None, help="teacher weights (e.g. DiT-XL-2-256x256.pt)")
+    parser.add_argument("--alpha-kd", type=float, default=0.9, help="weight of the output KD term (gt gets 1 - alpha)")
+    parser.add_argument("--beta-feat", type=float, default=1e-2,
+                        help="weight of the masked feature loss at epoch 0 (linearly to 0 at the last epoch)")
+    parser.add_argument("--mask-sigma", type=float, default=2.0,
+                        help="keep hidden entries within k std of their mean; 0 disables masking (plain RepKD)")
+    parser.add_argument("--kd-layer-map", type=str, default="original",
+                        help="original: the original's fixed maps (2i+1 for D14 from 28 and D7 from 14, fixed D19 "
+                             "pairs; span ends for other depths); span-end: the last teacher block of the span each "
+                             "student block replaces; or explicit student:teacher pairs, e.g. \"0:1,1:3,2:5\"")
+    add_compatibility_flags(parser, [
+        ("--strong-aug", dict(action="store_true", help="training reads pre-extracted features (image and flip only)")),
+        ("--strict", dict(action="store_true", help="weights are always loaded strictly"))])
+    return parser
+
+
+if __name__ == "__main__":
+    # the flags are parsed before the imports below: torch alone takes seconds to import, and
+    # --help or a bad flag should answer at once
+    ARGS = build_parser().parse_args()
 
 from diffusion import create_diffusion
 from diffusion.distillation import (LAYER_MAP_RULES, feature_beta, masked_kd_losses, parse_layer_map, rule_layer_map,
                                     validate_layer_map)
 from tinyfusion.checkpoints import MODEL_FAMILIES, build_model
-from tinyfusion.cli import (ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg,
-                            resolve_precision)
 from tinyfusion.distributed import cleanup_distributed, start_process_group
-from tinyfusion.errors import TinyFusionError, run_main
 from tinyfusion.loop import full_weights, train_loop
+from tinyfusion.precision import FrozenForward, resolve_teacher_precision
 from tinyfusion.pruning import kept_indices_in_frame
-from tinyfusion.run_setup import add_training_args, loop_keywords, prepare_training, training_metadata
-from tinyfusion.precision import FrozenForward, add_teacher_precision_arg, resolve_teacher_precision
-from transport.cli import add_transport_training_args, check_transport_record
+from tinyfusion.run_setup import loop_keywords, prepare_training, training_metadata
+from transport.cli import check_transport_record
 from transport.distillation import transport_kd_losses
 
 
@@ -106,29 +137,5 @@ def main(args):
     cleanup_distributed()
 
 
-def build_parser():
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
-    add_model_args(parser, default_model="DiT-D14/2")
-    add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4, min_lr_aliases=("--final-lr",))
-    add_precision_arg(parser)
-    add_teacher_precision_arg(parser)
-    add_transport_training_args(parser)
-    parser.add_argument("--teacher", type=str, default="DiT-XL/2")
-    parser.add_argument("--load-teacher", type=str, default=None, help="teacher weights (e.g. DiT-XL-2-256x256.pt)")
-    parser.add_argument("--alpha-kd", type=float, default=0.9, help="weight of the output KD term (gt gets 1 - alpha)")
-    parser.add_argument("--beta-feat", type=float, default=1e-2,
-                        help="weight of the masked feature loss at epoch 0 (linearly to 0 at the last epoch)")
-    parser.add_argument("--mask-sigma", type=float, default=2.0,
-                        help="keep hidden entries within k std of their mean; 0 disables masking (plain RepKD)")
-    parser.add_argument("--kd-layer-map", type=str, default="original",
-                        help="original: the original's fixed maps (2i+1 for D14 from 28 and D7 from 14, fixed D19 "
-                             "pairs; span ends for other depths); span-end: the last teacher block of the span each "
-                             "student block replaces; or explicit student:teacher pairs, e.g. \"0:1,1:3,2:5\"")
-    add_compatibility_flags(parser, [
-        ("--strong-aug", dict(action="store_true", help="training reads pre-extracted features (image and flip only)")),
-        ("--strict", dict(action="store_true", help="weights are always loaded strictly"))])
-    return parser
-
-
 if __name__ == "__main__":
-    run_main(main, build_parser().parse_args())
+    run_main(main, ARGS)

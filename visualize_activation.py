@@ -20,8 +20,49 @@ their true labels, all seeded by `--seed`. Written to `--out`:
 import argparse
 import os
 
+from tinyfusion.cli import add_model_args
+from tinyfusion.errors import TinyFusionError, run_main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser, default_model="DiT-XL/2")
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="checkpoint (a path, or a released name such as DiT-XL-2-256x256.pt); "
+                             "omitted: the released DiT-XL/2 of --image-size")
+    parser.add_argument("--no-ema", action="store_true", help="a training checkpoint's 'model', not its 'ema'")
+    parser.add_argument("--data-path", type=str, default=None, help="ImageFolder of real images (encoded with --vae)")
+    parser.add_argument("--features-path", type=str, default=None, help="or a feature store from extract_features.py")
+    parser.add_argument("--nsamples", type=int, default=128, help="real samples to run")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample subset, timesteps and noise")
+    parser.add_argument("--timestep", type=int, default=None, help="one timestep for all samples (default: uniform)")
+    parser.add_argument("--mask-sigma", type=float, default=2.0, help="k of the Masked KD mask |h - mu| >= k std")
+    parser.add_argument("--topk", type=int, default=10, help="largest |activations| shown per block")
+    parser.add_argument("--out", type=str, default=None, help="output folder (default: activations/<model>-<ckpt>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the figures of an earlier run in --out")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    # the flags are parsed before the imports below: torch alone takes seconds to import, and
+    # --help or a bad flag should answer at once
+    ARGS = parse_args()
+
+import matplotlib
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from diffusion import create_diffusion
+from tinyfusion.atomic_files import atomic_path, atomic_write_json
+from tinyfusion.pruning import calibration_latents, check_latents_fit, load_source_model
+from tinyfusion.sampling import resolve_checkpoint
+from tinyfusion.vae import load_vae
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # after choosing the backend
 
 EDGE_DECADES, BINS_PER_DECADE = 7, 12  # histogram bins: linear in [-1, 1], logarithmic out to 1e7
 
@@ -36,7 +77,6 @@ def histogram_edges():
 def model_inputs(latents, labels, seed, timestep=None, num_timesteps=1000):
     """(x_t, t, y) for all samples: t uniform in [0, num_timesteps) (or fixed), x_t = q_sample
     with seeded noise, so the same flags give the same inputs on any device or batch size."""
-    from diffusion import create_diffusion
     generator = torch.Generator().manual_seed(seed)
     if timestep is None:
         t = torch.randint(0, num_timesteps, (len(latents),), generator=generator)
@@ -79,7 +119,6 @@ class BlockStatistics:
 @torch.no_grad()
 def collect(model, x_t, t, y, batch_size, topk, mask_sigma, device):
     """One BlockStatistics per block of `model` over all samples, in batches of batch_size."""
-    from tqdm import tqdm
     edges = histogram_edges()
     stats = [BlockStatistics(edges, topk, mask_sigma) for _ in range(model.depth)]
     for start in tqdm(range(0, len(x_t), batch_size), desc="activations", unit="batch"):
@@ -92,7 +131,6 @@ def collect(model, x_t, t, y, batch_size, topk, mask_sigma, device):
 
 
 def plot_block(stats, summary, path, title):
-    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 3.2))
     edges = stats.edges.numpy()
     counts = stats.counts.numpy()[1:-1]  # the two open-ended bins beyond the edges are not drawn
@@ -113,7 +151,6 @@ def plot_block(stats, summary, path, title):
 
 
 def plot_summary(summaries, mask_sigma, path, title):
-    import matplotlib.pyplot as plt
     blocks = [s["block"] for s in summaries]
     fig, (top_ax, mask_ax) = plt.subplots(2, 1, figsize=(max(6, 0.35 * len(blocks) + 2), 6), sharex=True)
     for s in summaries:
@@ -131,9 +168,6 @@ def plot_summary(summaries, mask_sigma, path, title):
 
 
 def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-
-    from tinyfusion.atomic_files import atomic_path
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
@@ -141,7 +175,6 @@ def save_figure(fig, path):
 
 
 def check_args(args):
-    from tinyfusion.errors import TinyFusionError
     if not args.data_path and not args.features_path:
         raise TinyFusionError("pass --data-path (an ImageFolder, encoded with --vae) or --features-path (a feature store)")
     if min(args.nsamples, args.batch_size, args.topk) <= 0 or args.mask_sigma <= 0 or args.seed < 0:
@@ -153,12 +186,6 @@ def check_args(args):
 
 
 def main(args):
-    import matplotlib
-    matplotlib.use("Agg")
-    from tinyfusion.atomic_files import atomic_write_json
-    from tinyfusion.pruning import calibration_latents, check_latents_fit, load_source_model
-    from tinyfusion.sampling import resolve_checkpoint
-    from tinyfusion.vae import load_vae
     args.out = args.out or os.path.join("activations", args.model.replace("/", "-") + (
         "-" + os.path.splitext(os.path.basename(args.ckpt))[0] if args.ckpt else ""))
     check_args(args)
@@ -192,28 +219,5 @@ def main(args):
     print(f"saved {args.out}/summary.png, {args.out}/blocks/ and {args.out}/activations.json")
 
 
-def parse_args(argv=None):
-    from tinyfusion.cli import add_model_args
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_args(parser, default_model="DiT-XL/2")
-    parser.add_argument("--ckpt", type=str, default=None,
-                        help="checkpoint (a path, or a released name such as DiT-XL-2-256x256.pt); "
-                             "omitted: the released DiT-XL/2 of --image-size")
-    parser.add_argument("--no-ema", action="store_true", help="a training checkpoint's 'model', not its 'ema'")
-    parser.add_argument("--data-path", type=str, default=None, help="ImageFolder of real images (encoded with --vae)")
-    parser.add_argument("--features-path", type=str, default=None, help="or a feature store from extract_features.py")
-    parser.add_argument("--nsamples", type=int, default=128, help="real samples to run")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample subset, timesteps and noise")
-    parser.add_argument("--timestep", type=int, default=None, help="one timestep for all samples (default: uniform)")
-    parser.add_argument("--mask-sigma", type=float, default=2.0, help="k of the Masked KD mask |h - mu| >= k std")
-    parser.add_argument("--topk", type=int, default=10, help="largest |activations| shown per block")
-    parser.add_argument("--out", type=str, default=None, help="output folder (default: activations/<model>-<ckpt>)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the figures of an earlier run in --out")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    return parser.parse_args(argv)
-
-
 if __name__ == "__main__":
-    from tinyfusion.errors import run_main
-    run_main(main, parse_args())
+    run_main(main, ARGS)

@@ -1,6 +1,8 @@
 """The shared flags: every flag of the original scripts is accepted by our script
 of the same name, and the pattern parsers give the documented values and one-line errors."""
 import argparse
+import glob
+import json
 import os
 import subprocess
 import sys
@@ -63,11 +65,21 @@ def test_parse_index_list():
         parse_index_list("[0, 'a']")
 
 
-def test_model_names_of_the_help_are_the_models():
-    """cli.MODEL_NAMES (the --model help, listed so that --help needs no torch) is models.DiT_models."""
+def test_choice_lists_of_the_help_are_the_code_s():
+    """The choice lists tinyfusion/cli.py repeats so that --help needs no torch are the registries
+    the code runs (the model zoo, the samplers, the feature store's dtypes, SiT's interpolants)."""
     from models import DiT_models
-    from tinyfusion.cli import MODEL_NAMES
-    assert MODEL_NAMES == list(DiT_models)
+    from tinyfusion import cli, feature_store, sampling
+    from transport import paths, samplers, settings
+    assert cli.MODEL_NAMES == list(DiT_models)
+    assert cli.SAMPLER_NAMES == tuple(sampling.SAMPLERS)
+    assert cli.STORE_DTYPE_NAMES == tuple(sorted(feature_store.STORE_DTYPES))
+    # SiT's names have one definition (here): transport/ runs the very tuples the flags offer
+    assert (paths.PATHS, paths.PREDICTIONS) == (cli.SIT_PATHS, cli.SIT_PREDICTIONS) == (
+        ("Linear", "GVP", "VP"), ("velocity", "score", "noise"))
+    assert paths.PATHS is cli.SIT_PATHS and paths.PREDICTIONS is cli.SIT_PREDICTIONS
+    assert samplers.DIFFUSION_FORMS is cli.SIT_DIFFUSION_FORMS and samplers.LAST_STEPS is cli.SIT_LAST_STEPS
+    assert settings.LOSS_WEIGHTS is cli.SIT_LOSS_WEIGHTS
 
 
 def test_precision_flags_resolve_to_torch_dtypes():
@@ -78,19 +90,56 @@ def test_precision_flags_resolve_to_torch_dtypes():
                                                                                 torch.float16]
 
 
-@pytest.mark.parametrize("script", ["prune_by_index.py", "export_diffusers.py", "save_npz.py", "draw_decision.py",
-                                    "quickstart.py", "tools/make_digits.py"])
-def test_help_loads_no_heavy_library(script):
-    """`--help` of these scripts answers without importing torch, diffusers or TensorFlow (whose
-    import alone takes seconds); bench/bench_help.py times every script."""
-    probe = ("import runpy, sys\n"
-             f"sys.argv = [{script!r}, '--help']\n"
-             f"sys.path.insert(0, {ROOT!r})\n"
-             "try:\n"
-             f"    runpy.run_path({os.path.join(ROOT, script)!r}, run_name='__main__')\n"
-             "except SystemExit:\n"
-             "    pass\n"
-             "print(sorted(m for m in ('torch', 'diffusers', 'tensorflow') if m in sys.modules))\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
+HEAVY_MODULES = ("torch", "diffusers", "tensorflow")  # each takes seconds to import
+# Runs `SCRIPT --help` for every script given, in one Python (as `python SCRIPT --help` would: the
+# script's folder first on sys.path), and prints per script its exit code, whether the usage was
+# printed (the code is an exception's repr if one escaped), and which HEAVY_MODULES were imported while it ran.
+HELP_PROBE = """
+import contextlib, io, json, os, runpy, sys
+heavy = {heavy!r}
+for path in sys.argv[1:]:
+    before = {{name for name in heavy if name in sys.modules}}
+    sys.argv, out, code = [path, "--help"], io.StringIO(), None
+    sys.path.insert(0, os.path.dirname(path))
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(path, run_name="__main__")
+    except SystemExit as exit:
+        code = exit.code
+    except Exception as error:
+        code = repr(error)
+    sys.path.pop(0)
+    loaded = sorted(name for name in heavy if name in sys.modules and name not in before)
+    print(json.dumps(dict(script=path, code=code, usage="usage:" in out.getvalue(), loaded=loaded)))
+"""
+
+
+def scripts():
+    """Every script a user runs: the .py files of the root and of tools/ with a __main__ block."""
+    paths = sorted(glob.glob(os.path.join(ROOT, "*.py"))) + sorted(glob.glob(os.path.join(ROOT, "tools", "*.py")))
+    return [path for path in paths if 'if __name__ == "__main__":' in open(path).read()]
+
+
+def help_probe(paths):
+    done = subprocess.run([sys.executable, "-c", HELP_PROBE.format(heavy=HEAVY_MODULES), *paths],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {json.loads(line)["script"]: json.loads(line) for line in done.stdout.splitlines()}
+
+
+def test_help_of_every_script_loads_no_heavy_library(tmp_path):
+    """`SCRIPT --help` prints the usage and exits 0 without importing torch, diffusers or
+    TensorFlow, for every script (bench/bench_help.py times it). The control, a script that
+    imports a stand-in `torch` package before parsing, shows that the probe sees such an import."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("")
+    control = tmp_path / "control.py"
+    control.write_text('import argparse\nimport torch\nif __name__ == "__main__":\n'
+                       '    argparse.ArgumentParser().parse_args()\n')
+    found = scripts()
+    assert len(found) >= 18 and os.path.join(ROOT, "train.py") in found  # the scripts were found
+    results = help_probe(found + [str(control)])
+    assert results.pop(str(control))["loaded"] == ["torch"]
+    assert sorted(results) == sorted(found)
+    for path, result in results.items():
+        assert (result["code"], result["usage"], result["loaded"]) == (0, True, []), result

@@ -1,5 +1,9 @@
 """Command-line flags that several scripts share, defined once so that every script
-accepts the original flags with the same meaning."""
+accepts the original flags with the same meaning.
+
+Nothing here imports torch at module level: every script builds its parser from this module
+alone and parses the flags before importing torch, the models or the samplers, so that `--help`
+and a bad flag answer in a fraction of a second (tests/test_cli.py checks every script)."""
 import argparse
 import ast
 import os
@@ -11,6 +15,21 @@ import sys
 MODEL_NAMES = ["DiT-XL/2", "DiT-XL/4", "DiT-XL/8", "DiT-L/2", "DiT-L/4", "DiT-L/8", "DiT-B/2", "DiT-B/4", "DiT-B/8",
                "DiT-S/2", "DiT-S/4", "DiT-S/8", "DiT-D19/2", "DiT-D14/2", "DiT-D7/2", "DiT-XS/1", "DiT-XS/2",
                "DiT-XS/4", "DiT-XL-1-2", "DiT-XL-2-4", "DiT-XL-7-14", "DiT-XL-1-4", "DiT-D14-1-2", "DiT-D14-2-4"]
+
+
+# choice lists of flags whose values are names defined by torch code: listed here so that `--help`
+# needs no torch. Those the code reads from here are the only copy (SiT's names: transport/ imports
+# them); the others repeat a registry (tests/test_cli.py checks each against it).
+LR_SCHEDULES = ("cosine", "constant")           # tinyfusion/schedules.py
+CALIBRATIONS = ("clean", "noised")              # tinyfusion/pruning.bi_scores
+FLOW_SAMPLERS = ("ode", "sde")                  # SiT's samplers (transport/), tinyfusion/sampling.py
+SAMPLER_NAMES = ("ddpm", "ddim")                # the keys of tinyfusion.sampling.SAMPLERS
+STORE_DTYPE_NAMES = ("fp16", "fp32")            # the keys of tinyfusion.feature_store.STORE_DTYPES
+SIT_PATHS = ("Linear", "GVP", "VP")             # transport.paths.PATHS
+SIT_PREDICTIONS = ("velocity", "score", "noise")  # transport.paths.PREDICTIONS
+SIT_LOSS_WEIGHTS = (None, "velocity", "likelihood")  # transport.settings.LOSS_WEIGHTS
+SIT_DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")  # transport.samplers
+SIT_LAST_STEPS = ("Mean", "Tweedie", "Euler", None)  # transport.samplers.LAST_STEPS
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -171,3 +190,108 @@ def add_guidance_args(parser, cfg_scale):
                         help="apply classifier-free guidance to every noise channel (the original, the default, "
                              "guides only the first 3 of the SD-VAE's 4)")
     return parser
+
+
+# ------------------------------------------------------------------ training
+def add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4, min_lr_aliases=(), epochs=1400,
+                      global_batch_size=256, log_every=100, ckpt_every=50_000, results_dir="results",
+                      ema_decay=0.9999):
+    """The flags every training / pruning script shares (the original's plus ours). Defaults are
+    the original TinyFusion train.py / train_masked_kd.py ones (AdamW lr 2e-4, CosineAnnealingLR
+    to 1e-4 over all steps); scripts pass their own where the original differs."""
+    parser.add_argument("--data-path", type=str, required=True,
+                        help="feature store written by extract_features.py (or the original "
+                             "imagenet256_features/ + imagenet256_labels/ layout)")
+    parser.add_argument("--results-dir", type=str, default=results_dir)
+    parser.add_argument("--prefix", type=str, default="run",
+                        help="run folder is {results-dir}/{prefix}-{model with / as -}")
+    parser.add_argument("--epochs", type=positive_int, default=epochs)
+    parser.add_argument("--max-steps", type=positive_int, default=None,
+                        help="stop after this many optimizer steps (also the length of the LR schedule)")
+    parser.add_argument("--global-batch-size", type=positive_int, default=global_batch_size)
+    parser.add_argument("--global-seed", type=nonnegative_int, default=0)
+    parser.add_argument("--num-workers", type=nonnegative_int, default=4)
+    parser.add_argument("--log-every", type=positive_int, default=log_every)
+    parser.add_argument("--ckpt-every", type=positive_int, default=ckpt_every)
+    parser.add_argument("--resume", type=str, default=None,
+                        help="a training checkpoint to continue from, or 'auto' for the latest one in the run folder")
+    parser.add_argument("--resume-fallback", action="store_true",
+                        help="with --resume auto: if the newest checkpoint is corrupt, continue from the newest one "
+                             "that loads intact (without it such a run stops and names that checkpoint)")
+    parser.add_argument("--load-weight", type=str, default=None,
+                        help="initial weights (e.g. a pruned model); ignored when resuming")
+    parser.add_argument("--lr", type=positive_float, default=lr)
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=lr_schedule,
+                        help="cosine: torch's CosineAnnealingLR from --lr to --min-lr over all steps, stepped "
+                             "every iteration; constant: --lr throughout")
+    parser.add_argument("--min-lr", *min_lr_aliases, dest="min_lr", type=nonnegative_float, default=min_lr,
+                        help="where the cosine schedule ends (its eta_min)")
+    parser.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
+    parser.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="max global grad norm (0 disables clipping)")
+    parser.add_argument("--ema-decay", type=unit_interval, default=ema_decay)
+    parser.add_argument("--max-skipped-in-a-row", type=positive_int, default=20,
+                        help="end the run after this many consecutive non-finite losses")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_tracker_args(parser)
+    return parser
+
+
+def add_tracker_args(parser):
+    """--wandb / --tensorboard (tinyfusion/trackers.py)."""
+    parser.add_argument("--wandb", action="store_true", help="also log every metrics record to Weights & Biases")
+    parser.add_argument("--wandb-project", type=str, default="tinyfusion")
+    parser.add_argument("--wandb-run-name", type=str, default=None, help="default: the run folder's name")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write the metrics as TensorBoard scalars (run folder/tensorboard)")
+    return parser
+
+
+def add_teacher_precision_arg(parser):
+    parser.add_argument("--teacher-precision", choices=["auto", *PRECISIONS], default="auto",
+                        help="precision of the frozen teacher's forward (weights cast once, LayerNorm and the "
+                             "residual stream fp32); auto = the training precision on GPU, fp32 on CPU")
+    return parser
+
+
+# ------------------------------------------------------------------ SiT (transport/)
+def none_or_str(value):
+    """SiT's `--last-step None` / `--loss-weight None`."""
+    return None if value == "None" else value
+
+
+def is_sit_name(model_name):
+    return model_name.startswith("SiT-")
+
+
+def add_interpolant_args(group):
+    """The interpolant flags of SiT's train.py and sample.py (defaults: Linear, velocity, SiT's eps)."""
+    group.add_argument("--path-type", default="Linear", choices=SIT_PATHS, help="the interpolant the SiT is trained on")
+    group.add_argument("--prediction", default="velocity", choices=SIT_PREDICTIONS, help="what the SiT outputs")
+    group.add_argument("--sample-eps", type=float, default=None, help="default: SiT's for the path and prediction")
+    group.add_argument("--train-eps", type=float, default=None, help="default: SiT's for the path and prediction")
+
+
+def add_transport_training_args(parser):
+    """The transport flags of the training and pruning scripts (for --model SiT-...), as SiT's
+    train.py (transport/cli.py turns them into a transport)."""
+    group = parser.add_argument_group("SiT (--model SiT-...): the transport, as SiT's train.py")
+    add_interpolant_args(group)
+    group.add_argument("--loss-weight", type=none_or_str, default=None, choices=SIT_LOSS_WEIGHTS,
+                       help="score / noise losses: none (default), velocity or likelihood weighting")
+
+
+def add_transport_args(parser):
+    """SiT's sampling flags, with the names and defaults of SiT's sample.py (transport/cli.py
+    turns them into a transport and the solver's keywords)."""
+    group = parser.add_argument_group("SiT (--sampler ode | sde)")
+    add_interpolant_args(group)
+    group.add_argument("--sampling-method", default=None,
+                       help="ODE: dopri5 (default; needs torchdiffeq), euler, heun2; SDE: Euler (default), Heun")
+    group.add_argument("--atol", type=float, default=1e-6, help="ODE absolute tolerance (adaptive solvers)")
+    group.add_argument("--rtol", type=float, default=1e-3, help="ODE relative tolerance (adaptive solvers)")
+    group.add_argument("--diffusion-form", default="sigma", choices=SIT_DIFFUSION_FORMS, help="SDE diffusion D(t)")
+    group.add_argument("--diffusion-norm", type=float, default=1.0)
+    group.add_argument("--last-step", type=none_or_str, default="Mean", choices=SIT_LAST_STEPS)
+    group.add_argument("--last-step-size", type=float, default=0.04)

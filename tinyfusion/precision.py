@@ -91,10 +91,3 @@ def resolve_teacher_precision(choice, training_dtype, device):
     if choice not in PRECISIONS:
         raise TinyFusionError(f"--teacher-precision must be one of auto, {', '.join(PRECISIONS)}; got {choice!r}")
     return getattr(torch, PRECISIONS[choice])
-
-
-def add_teacher_precision_arg(parser):
-    parser.add_argument("--teacher-precision", choices=["auto", *PRECISIONS], default="auto",
-                        help="precision of the frozen teacher's forward (weights cast once, LayerNorm and the "
-                             "residual stream fp32); auto = the training precision on GPU, fp32 on CPU")
-    return parser

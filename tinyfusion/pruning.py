@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tinyfusion.checkpoints import (build_model, extract_state_dict, family_checked_kwargs, infer_architecture,
                                     load_checkpoint_file, load_into_model, read_metadata, save_pruned_model)
 from models import DiT_models, SiT_models, plain_model_name, prune_to_kept_blocks, validate_kept_indices  # noqa: F401
+from tinyfusion.cli import CALIBRATIONS  # the --calibration choices, listed there so that --help needs no torch
 from tinyfusion.errors import TinyFusionError
 
 
@@ -140,9 +141,6 @@ def block_input_output_similarity(model, x_t, t, y):
         for handle in handles:
             handle.remove()
     return sums
-
-
-CALIBRATIONS = ("clean", "noised")
 
 
 @torch.no_grad()

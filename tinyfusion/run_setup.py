@@ -1,5 +1,5 @@
-"""What the training and pruning scripts do before their loop starts: the shared flags (and
-their translation into the loop's keywords), and the checks and loading that happen before the
+"""What the training and pruning scripts do before their loop starts: the translation of the
+shared flags (tinyfusion/cli.py add_training_args) into the loop's keywords, and the checks and loading that happen before the
 process group starts and before anything is written, so that bad input is one line printed
 once (by rank 0) and leaves no run folder behind.
 """
@@ -8,61 +8,14 @@ from dataclasses import dataclass
 
 from tinyfusion.checkpoints import (MODEL_FAMILIES, build_model, check_finite_weights, extract_state_dict,
                                     load_into_model, newest_loadable_checkpoint, read_metadata)
-from tinyfusion.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
+from tinyfusion.cli import is_sit_name
 from tinyfusion.distributed import broadcast_object, check_global_batch, distributed_context
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.resume import (check_resume_compatible, load_training_checkpoint, resolve_resume, saved_args,
                                seed_everything)
 from tinyfusion.runlog import MetricsLog, create_logger, latest_checkpoint, prepare_run_folder, run_folder_name
-from tinyfusion.schedules import LR_SCHEDULES
-from transport.cli import check_transport_flags, check_transport_record, is_sit_name, transport_record
-from tinyfusion.trackers import add_tracker_args, tracker_hooks
-
-
-# ------------------------------------------------------------------------------ flags
-def add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4, min_lr_aliases=(), epochs=1400,
-                      global_batch_size=256, log_every=100, ckpt_every=50_000, results_dir="results",
-                      ema_decay=0.9999):
-    """The flags every training / pruning script shares (the original's plus ours). Defaults are
-    the original TinyFusion train.py / train_masked_kd.py ones (AdamW lr 2e-4, CosineAnnealingLR
-    to 1e-4 over all steps); scripts pass their own where the original differs."""
-    parser.add_argument("--data-path", type=str, required=True,
-                        help="feature store written by extract_features.py (or the original "
-                             "imagenet256_features/ + imagenet256_labels/ layout)")
-    parser.add_argument("--results-dir", type=str, default=results_dir)
-    parser.add_argument("--prefix", type=str, default="run",
-                        help="run folder is {results-dir}/{prefix}-{model with / as -}")
-    parser.add_argument("--epochs", type=positive_int, default=epochs)
-    parser.add_argument("--max-steps", type=positive_int, default=None,
-                        help="stop after this many optimizer steps (also the length of the LR schedule)")
-    parser.add_argument("--global-batch-size", type=positive_int, default=global_batch_size)
-    parser.add_argument("--global-seed", type=nonnegative_int, default=0)
-    parser.add_argument("--num-workers", type=nonnegative_int, default=4)
-    parser.add_argument("--log-every", type=positive_int, default=log_every)
-    parser.add_argument("--ckpt-every", type=positive_int, default=ckpt_every)
-    parser.add_argument("--resume", type=str, default=None,
-                        help="a training checkpoint to continue from, or 'auto' for the latest one in the run folder")
-    parser.add_argument("--resume-fallback", action="store_true",
-                        help="with --resume auto: if the newest checkpoint is corrupt, continue from the newest one "
-                             "that loads intact (without it such a run stops and names that checkpoint)")
-    parser.add_argument("--load-weight", type=str, default=None,
-                        help="initial weights (e.g. a pruned model); ignored when resuming")
-    parser.add_argument("--lr", type=positive_float, default=lr)
-    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=lr_schedule,
-                        help="cosine: torch's CosineAnnealingLR from --lr to --min-lr over all steps, stepped "
-                             "every iteration; constant: --lr throughout")
-    parser.add_argument("--min-lr", *min_lr_aliases, dest="min_lr", type=nonnegative_float, default=min_lr,
-                        help="where the cosine schedule ends (its eta_min)")
-    parser.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
-    parser.add_argument("--grad-clip", type=nonnegative_float, default=1.0, help="max global grad norm (0 disables clipping)")
-    parser.add_argument("--ema-decay", type=unit_interval, default=ema_decay)
-    parser.add_argument("--max-skipped-in-a-row", type=positive_int, default=20,
-                        help="end the run after this many consecutive non-finite losses")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    add_tracker_args(parser)
-    return parser
+from transport.cli import check_transport_flags, check_transport_record, transport_record
+from tinyfusion.trackers import tracker_hooks
 
 
 def loop_keywords(args):

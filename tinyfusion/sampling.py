@@ -18,7 +18,7 @@ import os
 import numpy as np
 import torch
 
-from tinyfusion.cli import autocast
+from tinyfusion.cli import FLOW_SAMPLERS, autocast  # FLOW_SAMPLERS: SiT's (transport/), run by flow_sample
 from tinyfusion.downloads import resolve_released
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.vae import decode
@@ -26,13 +26,13 @@ from tinyfusion.vae import decode
 ROW_MULTIPLE = 4
 NOISE_STREAM, LABEL_STREAM = 0, 1  # independent random streams of one sample
 # the sampler registry: name -> fn(diffusion, model_fn, shape, eta, loop keywords) -> final latents.
-# A new sampler is one entry here (its --sampler choice follows); unknown names are refused.
+# A new sampler is one entry here and its name in tinyfusion.cli.SAMPLER_NAMES (the --sampler choices,
+# listed there so that --help needs no torch); unknown names are refused.
 SAMPLERS = {
     "ddpm": lambda diffusion, model_fn, shape, eta, kwargs: diffusion.p_sample_loop(model_fn, shape, **kwargs),
     "ddim": lambda diffusion, model_fn, shape, eta, kwargs: diffusion.ddim_sample_loop(model_fn, shape, eta=eta,
                                                                                        **kwargs),
 }
-FLOW_SAMPLERS = ("ode", "sde")  # SiT (transport/): flow_sample
 SIT_CHECKPOINT_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
                       "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0")
 

@@ -16,15 +16,6 @@ from tinyfusion.loop import LoopHooks
 WANDB_ID_FILE = "wandb_run_id.txt"
 
 
-def add_tracker_args(parser):
-    parser.add_argument("--wandb", action="store_true", help="also log every metrics record to Weights & Biases")
-    parser.add_argument("--wandb-project", type=str, default="tinyfusion")
-    parser.add_argument("--wandb-run-name", type=str, default=None, help="default: the run folder's name")
-    parser.add_argument("--tensorboard", action="store_true",
-                        help="also write the metrics as TensorBoard scalars (run folder/tensorboard)")
-    return parser
-
-
 def scalars(record):
     """The numeric entries of a metrics record; a list of numbers becomes name/0, name/1, ..."""
     values = {}

@@ -20,6 +20,30 @@ import sys
 import time
 import warnings
 
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train a digits classifier and export it as a TorchScript feature network.")
+    parser.add_argument("--out", type=str, required=True, help="output TorchScript .pt path")
+    parser.add_argument("--image-size", type=int, default=32, help="image size the digits are rendered at (e.g. 16 or 32)")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for training (default: torch's; 1 helps on a busy shared machine)")
+    parser.add_argument("--ref-out", type=str, default=None,
+                        help="also write all digits as an evaluator reference batch .npz (arr_0 + labels)")
+    parser.add_argument("--ref-resample", choices=["bicubic", "nearest"], default="bicubic",
+                        help="upscaling filter of the reference batch (match tools/make_digits.py --resample)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --out / --ref-out files")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    # the flags are parsed before the imports below: torch alone takes seconds to import, and
+    # --help or a bad flag should answer at once
+    ARGS = parse_args()
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -172,18 +196,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Train a digits classifier and export it as a TorchScript feature network.")
-    parser.add_argument("--out", type=str, required=True, help="output TorchScript .pt path")
-    parser.add_argument("--image-size", type=int, default=32, help="image size the digits are rendered at (e.g. 16 or 32)")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for training (default: torch's; 1 helps on a busy shared machine)")
-    parser.add_argument("--ref-out", type=str, default=None,
-                        help="also write all digits as an evaluator reference batch .npz (arr_0 + labels)")
-    parser.add_argument("--ref-resample", choices=["bicubic", "nearest"], default="bicubic",
-                        help="upscaling filter of the reference batch (match tools/make_digits.py --resample)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing --out / --ref-out files")
-    main(parser.parse_args())
+    main(ARGS)

@@ -1,54 +1,20 @@
-"""SiT's command-line flags, with the names and defaults of SiT's scripts: the interpolant
-(--path-type, --prediction, --train-eps, --sample-eps; its train.py adds --loss-weight), shared
-by the training, pruning and sampling scripts, and the sampling flags of SiT's sample.py. SiT's
-mode argument (ODE / SDE) is our `--sampler ode|sde`; --sampling-method is the solver of that
-mode (ODE: euler, heun2, or a torchdiffeq method, default dopri5; SDE: Euler (Maruyama) or Heun,
-default Euler).
+"""What the scripts do with SiT's command-line flags (defined, with the names and defaults of
+SiT's scripts, by tinyfusion/cli.py add_interpolant_args / add_transport_training_args /
+add_transport_args, so that --help needs no torch): the interpolant (--path-type, --prediction,
+--train-eps, --sample-eps; SiT's train.py adds --loss-weight), shared by the training, pruning
+and sampling scripts, and the sampling flags of SiT's sample.py. SiT's mode argument (ODE / SDE)
+is our `--sampler ode|sde`; --sampling-method is the solver of that mode (ODE: euler, heun2, or
+a torchdiffeq method, default dopri5; SDE: Euler (Maruyama) or Heun, default Euler).
 
 A SiT checkpoint we write records the interpolant it was trained with (`transport` in its
 metadata): a later script given other --path-type / --prediction stops with one line, since the
 model's output would be read as another quantity. A DiT command given a SiT flag also stops."""
 import importlib.util
 
+from tinyfusion.cli import FLOW_SAMPLERS, is_sit_name
 from tinyfusion.errors import TinyFusionError
-from transport.paths import PATHS, PREDICTIONS
-from transport.samplers import DIFFUSION_FORMS, FIXED_ODE_METHODS, SDE_METHODS
-from transport.settings import LOSS_WEIGHTS, create_transport
-
-FLOW_SAMPLERS = ("ode", "sde")
-
-
-def none_or_str(value):
-    return None if value == "None" else value
-
-
-def add_interpolant_args(group):
-    """The interpolant flags of SiT's train.py and sample.py (defaults: Linear, velocity, SiT's eps)."""
-    group.add_argument("--path-type", default="Linear", choices=PATHS, help="the interpolant the SiT is trained on")
-    group.add_argument("--prediction", default="velocity", choices=PREDICTIONS, help="what the SiT outputs")
-    group.add_argument("--sample-eps", type=float, default=None, help="default: SiT's for the path and prediction")
-    group.add_argument("--train-eps", type=float, default=None, help="default: SiT's for the path and prediction")
-
-
-def add_transport_training_args(parser):
-    """The transport flags of the training and pruning scripts (for --model SiT-...)."""
-    group = parser.add_argument_group("SiT (--model SiT-...): the transport, as SiT's train.py")
-    add_interpolant_args(group)
-    group.add_argument("--loss-weight", type=none_or_str, default=None, choices=LOSS_WEIGHTS,
-                       help="score / noise losses: none (default), velocity or likelihood weighting")
-
-
-def add_transport_args(parser):
-    group = parser.add_argument_group("SiT (--sampler ode | sde)")
-    add_interpolant_args(group)
-    group.add_argument("--sampling-method", default=None,
-                       help="ODE: dopri5 (default; needs torchdiffeq), euler, heun2; SDE: Euler (default), Heun")
-    group.add_argument("--atol", type=float, default=1e-6, help="ODE absolute tolerance (adaptive solvers)")
-    group.add_argument("--rtol", type=float, default=1e-3, help="ODE relative tolerance (adaptive solvers)")
-    group.add_argument("--diffusion-form", default="sigma", choices=DIFFUSION_FORMS, help="SDE diffusion D(t)")
-    group.add_argument("--diffusion-norm", type=float, default=1.0)
-    group.add_argument("--last-step", type=none_or_str, default="Mean", choices=["Mean", "Tweedie", "Euler", None])
-    group.add_argument("--last-step-size", type=float, default=0.04)
+from transport.samplers import FIXED_ODE_METHODS, SDE_METHODS
+from transport.settings import create_transport
 
 
 def transport_from_args(args):
@@ -58,10 +24,6 @@ def transport_from_args(args):
 
 TRANSPORT_FLAG_DEFAULTS = {"path_type": "Linear", "prediction": "velocity", "loss_weight": None, "train_eps": None,
                            "sample_eps": None}
-
-
-def is_sit_name(model_name):
-    return model_name.startswith("SiT-")
 
 
 def check_transport_flags(args):

@@ -18,8 +18,8 @@ import math
 
 import torch
 
-PATHS = ("Linear", "GVP", "VP")
-PREDICTIONS = ("velocity", "score", "noise")
+from tinyfusion.cli import SIT_PATHS as PATHS, SIT_PREDICTIONS as PREDICTIONS  # torch-free, for --help
+
 VP_BETA_MIN, VP_BETA_MAX = 0.1, 20.0
 
 

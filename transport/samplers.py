@@ -21,14 +21,14 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from tinyfusion.cli import SIT_DIFFUSION_FORMS, SIT_LAST_STEPS
 from tinyfusion.errors import TinyFusionError
 from transport.paths import alpha_sigma, expand_like, score_coefficients, velocity_and_score
 from transport.settings import time_interval
 
 FIXED_ODE_METHODS = ("euler", "heun2")
 SDE_METHODS = ("Euler", "Heun")
-DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
-LAST_STEPS = ("Mean", "Tweedie", "Euler", None)
+DIFFUSION_FORMS, LAST_STEPS = SIT_DIFFUSION_FORMS, SIT_LAST_STEPS  # defined torch-free, for --help
 
 
 def velocity_and_score_fn(model_fn, transport):

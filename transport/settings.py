@@ -12,9 +12,8 @@ sample_eps given without a train_eps, and both eps for velocity on Linear / GVP)
 from dataclasses import dataclass
 
 from tinyfusion.errors import TinyFusionError
+from tinyfusion.cli import SIT_LOSS_WEIGHTS as LOSS_WEIGHTS  # torch-free, for --help
 from transport.paths import PATHS, PREDICTIONS
-
-LOSS_WEIGHTS = (None, "velocity", "likelihood")
 
 
 @dataclass(frozen=True)
