@@ -50,6 +50,7 @@ NOT_RUN = [
     (r"^wget ", "a download (no network in tests); a stand-in is created under the same file name"),
     (r"^hf download ", "a download (no network in tests); the tiny VAE stands in under the same folder name"),
     (r"^python quickstart\.py\b", "run by tests/test_quickstart.py with tiny schedules (the real run takes minutes)"),
+    (r"^bench/gpu_check\.sh\b", "needs a GPU; its --cpu-dry-run is run by tests/test_gpu_check.py (slow)"),
 ]
 
 FLAG_VALUES = {"--nproc_per_node": "1", "--image-size": "32", "--global-batch-size": "8", "--epochs": "1",
