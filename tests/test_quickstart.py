@@ -27,7 +27,7 @@ def run_quickstart(out, *extra):
                           env=env)
 
 
-def check_run_folder(out, result, names, models):
+def check_run_folder(out, result, names, models, model_slug="DiT-XS-4"):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert os.path.join(str(out), "logs", "<stage>.log") in result.stdout  # where the logs are is printed
     assert "[teacher] done in" in result.stdout
@@ -35,8 +35,8 @@ def check_run_folder(out, result, names, models):
                      "pruned/learned.pt", "decision.png", "results.md", "results.json"]:
         assert (out / artefact).exists(), artefact
     # later stages read only each run's final checkpoint: the intermediate ones are gone
-    assert os.listdir(out / "runs" / "teacher-DiT-XS-4" / "checkpoints") == ["0000030.pt"]
-    assert not [name for name in os.listdir(out / "runs" / "prune-DiT-XS-4" / "checkpoints") if name.endswith(".pt")]
+    assert os.listdir(out / "runs" / f"teacher-{model_slug}" / "checkpoints") == ["0000030.pt"]
+    assert not [name for name in os.listdir(out / "runs" / f"prune-{model_slug}" / "checkpoints") if name.endswith(".pt")]
     for name in names:
         assert (out / "samples" / f"{name}.png").exists() and (out / "samples" / f"{name}.json").exists(), name
 
@@ -95,6 +95,25 @@ def test_quickstart_tiny_end_to_end_every_method(tmp_path):
     assert check_rerun_does_no_work(out) >= 15
 
 
+@pytest.mark.slow
+def test_quickstart_sit_family_has_the_stages_and_rows_of_the_dit_one(tmp_path):
+    """--family sit: a SiT-XS/4 teacher through every stage (one process each, tiny schedules), the
+    DiT table's rows, samples from SiT's ODE, and every checkpoint a SiT."""
+    from tinyfusion.checkpoints import load_checkpoint_file, read_metadata
+    out = tmp_path / "run"
+    result = run_quickstart(out, "--family", "sit", "--nproc", "1")
+    names = ["teacher", "learned-masked-KD", "bi-score-masked-KD", "oracle-masked-KD", "learned-fine-tuning"]
+    check_run_folder(out, result, names, ["teacher", "learned + masked KD", "bi-score + masked KD",
+                                          "oracle + masked KD", "learned + fine-tuning"], model_slug="SiT-XS-4")
+    teacher = load_checkpoint_file(str(out / "runs" / "teacher-SiT-XS-4" / "checkpoints" / "0000030.pt"))
+    assert read_metadata(teacher)["model_family"] == "SiT" and teacher["args"]["model"] == "SiT-XS/4"
+    for pruned in ("learned", "bi-score", "oracle"):
+        assert read_metadata(load_checkpoint_file(str(out / "pruned" / f"{pruned}.pt")))["model_family"] == "SiT"
+    npz = [os.path.basename(path) for path in (out / "samples").rglob("*.npz")]
+    assert len(npz) == 5 and all(name.startswith("SiT-XS-4-") and "-ode-heun2" in name for name in npz), npz
+    assert check_rerun_does_no_work(out, "--family", "sit", "--nproc", "1") >= 15
+
+
 def test_stage_status_reads_the_newest_progress_bar(tmp_path):
     log = tmp_path / "teacher.log"
     log.write_text("$ python train.py\nrun folder x\n"
@@ -106,3 +125,16 @@ def test_stage_status_reads_the_newest_progress_bar(tmp_path):
     log.write_text("starting\n")
     assert quickstart.stage_status(str(log)) == ""
     assert quickstart.stage_status(str(tmp_path / "absent.log")) == ""
+
+
+def test_sample_file_names_are_the_ones_sample_ddp_writes():
+    """The quick start finds a finished sampling stage by sample_ddp.py's own naming: the DiT's is
+    the original folder name, the SiT's adds its sampler and solver."""
+    from tinyfusion.sampling import run_name
+    common = ["--image-size", "8", "--vae", "none", "--num-classes", "10", "--ckpt", "runs/x/0001500.pt",
+              "--num-sampling-steps", "50", "--cfg-scale", "4.0", "--global-seed", "0"]
+    assert quickstart.sample_file_name(["--model", "DiT-XS/4", *common]) == \
+        run_name("DiT-XS/4", "runs/x/0001500.pt", 8, "none", 4.0, 0, 50)
+    sit = quickstart.FAMILIES["sit"]
+    assert quickstart.sample_file_name(["--model", sit["model"], *common, *sit["sampler"]]) == \
+        "SiT-XS-4-0001500-size-8-vae-none-cfg-4.0-seed-0-steps-50-ode-heun2"
