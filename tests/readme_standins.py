@@ -2,9 +2,10 @@
 
     python tests/readme_standins.py SCRIPT.py ARGS...      (also as the torchrun entry point)
 
-Every published DiT config keeps its name, depth and gating pattern (DiT-XL/2 still has 28
-blocks, DiT-D14/2 14, DiT-XL-1-2 its 14 [1, 2] gates) but gets hidden size 64 and 2 heads, so the
-README's commands run verbatim on a CPU in seconds. Nothing else of the script changes.
+Every published DiT config and its SiT twin keeps its name, depth and gating pattern (DiT-XL/2
+still has 28 blocks, DiT-D14/2 14, DiT-XL-1-2 its 14 [1, 2] gates) but gets hidden size 64 and 2
+heads, so the README's commands run verbatim on a CPU in seconds. Nothing else of the script
+changes.
 """
 import os
 import runpy
@@ -22,6 +23,8 @@ def install_standins():
             models.FAMILIES[family] = (depth, *STANDIN_WIDTH)
     for name, build in list(models.DiT_models.items()):
         models.DiT_models[name] = models._config(build.family, build.patch_size, build.default_groups)
+    for name, build in list(models.SiT_models.items()):
+        models.SiT_models[name] = models._config(build.family, build.patch_size, build.default_groups, models.SiT)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ NOT_RUN = [
     (r"^hf download ", "a download (no network in tests); the tiny VAE stands in under the same folder name"),
     (r"^python quickstart\.py\b", "run by tests/test_quickstart.py with tiny schedules (the real run takes minutes)"),
     (r"^bench/gpu_check\.sh\b", "needs a GPU; its --cpu-dry-run is run by tests/test_gpu_check.py (slow)"),
+    (r"^python visualize_activation\.py .*quickstart-run/", "reads the run folder of `python quickstart.py`; "
+     "tests/test_visualize_activation.py runs the script on a tiny teacher's feature store"),
 ]
 
 FLAG_VALUES = {"--nproc_per_node": "1", "--image-size": "32", "--global-batch-size": "8", "--epochs": "1",
@@ -77,12 +79,16 @@ EXTRA_ARGS = {
     "evaluator.py": [],
     "save_npz.py": [],
     "draw_decision.py": [],
+    "visualize_activation.py": ["--batch-size", "16"],
 }
 MODEL_SCRIPTS = {"extract_features.py", "prune_by_learning.py", "train.py", "train_masked_kd.py", "prune_by_score.py",
-                 "prune_by_index.py", "sample.py", "sample_ddp.py", "export_diffusers.py"}  # take --image-size/--vae-path
+                 "prune_by_index.py", "sample.py", "sample_ddp.py", "export_diffusers.py",
+                 "visualize_activation.py"}  # take --image-size/--vae-path
 
 PATH_ALIASES = {
     "samples/DiT-D14-2-0500000-size-256-vae-ema-cfg-1.5-seed-0.npz": lambda work: newest(work, "samples/*.npz"),
+    "results/SiT-D14-Learned-RepKD-SiT-D14-2/checkpoints/0500000.pt":
+        lambda work: newest(work, "results/SiT-D14-Learned-RepKD-SiT-D14-2/checkpoints/*.pt"),
 }
 
 PATHS = {"/data/imagenet/train": "imagenet-train"}  # absolute README paths -> inside the run folder
@@ -249,7 +255,7 @@ def make_standins(work):
     from tiny_vae import make_tiny_vae
     from tools.make_digits import write_digits_folder
     install_standins()
-    from models import DiT_models
+    from models import DiT_models, SiT_models
     os.makedirs(os.path.join(work, "pretrained"))
     os.makedirs(os.path.join(work, "data"))
     with torch.random.fork_rng(devices=[]):
@@ -257,10 +263,16 @@ def make_standins(work):
         teacher = DiT_models["DiT-XL/2"](input_size=4, in_channels=4, num_classes=1000)
         torch.save(teacher.state_dict(), os.path.join(work, "pretrained/DiT-XL-2-256x256.pt"))
         student = DiT_models["DiT-D14/2"](input_size=4, in_channels=4, num_classes=1000)
+        sit = SiT_models["SiT-XL/2"](input_size=4, in_channels=4, num_classes=1000)  # its file name says SiT
+        torch.save(sit.state_dict(), os.path.join(work, "pretrained/SiT-XL-2-256x256.pt"))
+        # `python download.py` (every released file) finds them all and fetches nothing
+        torch.save(DiT_models["DiT-XL/2"](input_size=8, in_channels=4, num_classes=1000).state_dict(),
+                   os.path.join(work, "pretrained/DiT-XL-2-512x512.pt"))
     torch.save(student.state_dict(), os.path.join(work, "pretrained/TinyDiT-D14-MaskedKD-500K.pt"))
     os.makedirs(os.path.join(work, "outputs/D14-Learned-Finetuning/checkpoints"))
     torch.save(student.state_dict(), os.path.join(work, "outputs/D14-Learned-Finetuning/checkpoints/0500000.pt"))
     make_tiny_vae(os.path.join(work, "pretrained/sd-vae-ft-ema"))
+    make_tiny_vae(os.path.join(work, "pretrained/sd-vae-ft-mse"))
     build_tiny_inception_graph(os.path.join(work, "pretrained/classify_image_graph_def.pb"), np.random.default_rng(0))
     np.savez(os.path.join(work, "data/VIRTUAL_imagenet256_labeled.npz"),
              arr_0=np.random.default_rng(1).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8))
