@@ -1,15 +1,19 @@
-"""Extreme activations of a DiT, block by block (the paper's "massive activations" figure): the
-distribution of the hidden states each block outputs on real data, and how many entries Masked
-KD's outlier mask removes.
+"""Extreme activations of a DiT or SiT, block by block (the paper's "massive activations"
+figure): the distribution of the hidden states each block outputs on real data, and how many
+entries Masked KD's outlier mask removes.
 
     python visualize_activation.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --data-path /data/imagenet/train
     python visualize_activation.py --model DiT-XS/4 --ckpt teacher.pt --features-path features \
         --vae none --image-size 8 --num-classes 10
+    python visualize_activation.py --model SiT-XL/2 --ckpt pretrained/SiT-XL-2-256x256.pt --data-path /data/imagenet/train
 
 Inputs are what training and distillation see: `--nsamples` real latents (an ImageFolder
 encoded with `--vae`, or a feature store from extract_features.py via `--features-path`),
 noised with q_sample at timesteps drawn uniformly from [0, 1000) (or `--timestep T`), with
-their true labels, all seeded by `--seed`. Written to `--out`:
+their true labels, all seeded by `--seed`. A SiT (`--model SiT-...`, with the interpolant it
+was trained on: --path-type / --prediction / --train-eps) sees its transport's
+x_t = alpha_t x1 + sigma_t x0 instead, t uniform on its training interval (or `--time T` in
+[0, 1], t = 1 the data). Written to `--out`:
   blocks/block_NN.png  a symlog histogram of every hidden-state value of block NN, with its
                        min, max and mean +/- std marked;
   summary.png          per block, the top-k absolute activations and the share of entries the
@@ -20,7 +24,7 @@ their true labels, all seeded by `--seed`. Written to `--out`:
 import argparse
 import os
 
-from tinyfusion.cli import add_model_args
+from tinyfusion.cli import add_model_args, add_transport_training_args
 from tinyfusion.errors import TinyFusionError, run_main
 
 
@@ -35,13 +39,18 @@ def parse_args(argv=None):
     parser.add_argument("--features-path", type=str, default=None, help="or a feature store from extract_features.py")
     parser.add_argument("--nsamples", type=int, default=128, help="real samples to run")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample subset, timesteps and noise")
-    parser.add_argument("--timestep", type=int, default=None, help="one timestep for all samples (default: uniform)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample subset, timesteps (a SiT: times) and noise")
+    parser.add_argument("--timestep", type=int, default=None,
+                        help="a DiT: one timestep in [0, 1000) for all samples (default: uniform)")
+    parser.add_argument("--time", type=float, default=None,
+                        help="a SiT: one time in [0, 1] for all samples (1 = data; default: uniform on the "
+                             "transport's training interval)")
     parser.add_argument("--mask-sigma", type=float, default=2.0, help="k of the Masked KD mask |h - mu| >= k std")
     parser.add_argument("--topk", type=int, default=10, help="largest |activations| shown per block")
     parser.add_argument("--out", type=str, default=None, help="output folder (default: activations/<model>-<ckpt>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the figures of an earlier run in --out")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_transport_training_args(parser)
     return parser.parse_args(argv)
 
 
@@ -57,9 +66,13 @@ from tqdm import tqdm
 
 from diffusion import create_diffusion
 from tinyfusion.atomic_files import atomic_path, atomic_write_json
-from tinyfusion.pruning import calibration_latents, check_latents_fit, load_source_model
+from tinyfusion.checkpoints import MODEL_FAMILIES
+from tinyfusion.pruning import calibration_latents, check_latents_fit, load_source_model, transport_noised
 from tinyfusion.sampling import resolve_checkpoint
 from tinyfusion.vae import load_vae
+from transport.cli import check_transport_flags, check_transport_record, transport_record
+from transport.paths import interpolate
+from transport.settings import time_interval
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # after choosing the backend
@@ -85,6 +98,28 @@ def model_inputs(latents, labels, seed, timestep=None, num_timesteps=1000):
     noise = torch.randn(latents.shape, generator=generator)
     x_t = create_diffusion("").q_sample(latents, t, noise=noise)
     return x_t, t, labels
+
+
+def sit_model_inputs(latents, labels, seed, transport, time=None):
+    """(x_t, t, y) of a SiT: its transport's x_t = alpha_t x1 + sigma_t x0, t uniform on the
+    training interval then x0 (as training draws them), or t = `time` for all samples and x0,
+    from a CPU generator seeded with `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    if time is None:
+        x_t, t = transport_noised(transport, latents, generator)
+        return x_t, t, labels
+    t = torch.full((len(latents),), time, dtype=latents.dtype)
+    noise = torch.randn(latents.shape, generator=generator)
+    return interpolate(transport.path, t, noise, latents)[0], t, labels
+
+
+def noising_record(args, transport):
+    """What the JSON says of the noising: a DiT's timesteps, a SiT's times and transport."""
+    if transport is None:
+        return dict(timesteps="uniform [0, 1000)" if args.timestep is None else args.timestep)
+    times = args.time if args.time is not None else "uniform on [{}, {}]".format(
+        *time_interval(transport, sampling=False))
+    return dict(times=times, transport=transport_record(transport))
 
 
 class BlockStatistics:
@@ -175,31 +210,44 @@ def save_figure(fig, path):
 
 
 def check_args(args):
+    """Every one-line refusal that needs no model or data; returns a SiT's transport (None: a DiT)."""
+    transport = check_transport_flags(args)  # a DiT given a SiT flag stops here
+    if transport is not None and args.timestep is not None:
+        raise TinyFusionError(f"--timestep is a DiT timestep; {args.model} is a SiT: pass --time in [0, 1] (1 = data)")
+    if transport is None and args.time is not None:
+        raise TinyFusionError(f"--time is a SiT time; {args.model} is a DiT: pass --timestep in [0, 1000)")
     if not args.data_path and not args.features_path:
         raise TinyFusionError("pass --data-path (an ImageFolder, encoded with --vae) or --features-path (a feature store)")
     if min(args.nsamples, args.batch_size, args.topk) <= 0 or args.mask_sigma <= 0 or args.seed < 0:
         raise TinyFusionError("--nsamples, --batch-size, --topk and --mask-sigma must be positive, --seed >= 0")
     if args.timestep is not None and not 0 <= args.timestep < 1000:
         raise TinyFusionError(f"--timestep must lie in [0, 1000), got {args.timestep}")
+    if args.time is not None and not 0 <= args.time <= 1:
+        raise TinyFusionError(f"--time must lie in [0, 1], got {args.time}")
     if os.path.exists(os.path.join(args.out, "activations.json")) and not args.overwrite:
         raise TinyFusionError(f"{args.out} already holds activations.json; pass --overwrite or another --out")
+    return transport
 
 
 def main(args):
     args.out = args.out or os.path.join("activations", args.model.replace("/", "-") + (
         "-" + os.path.splitext(os.path.basename(args.ckpt))[0] if args.ckpt else ""))
-    check_args(args)
+    transport = check_args(args)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
     # the depth comes from the checkpoint, so a pruned file without metadata loads under its family's name
-    model, _ = load_source_model(args.model, ckpt, args.image_size, args.num_classes, args.vae, args.vae_path,
-                                 groups=args.groups, use_ema=not args.no_ema)
+    model, metadata = load_source_model(args.model, ckpt, args.image_size, args.num_classes, args.vae, args.vae_path,
+                                        groups=args.groups, use_ema=not args.no_ema, families=MODEL_FAMILIES)
+    check_transport_record(metadata, transport, ckpt)
     model = model.to(device).eval()
     vae = load_vae(args.vae, args.vae_path, device) if args.data_path and not args.features_path else None
     latents, labels = calibration_latents(args.nsamples, args.seed, args.features_path, args.data_path,
                                           args.image_size, vae, args.batch_size, device)
     check_latents_fit(latents, labels, model)
-    x_t, t, y = model_inputs(latents, labels, args.seed, args.timestep)
+    if transport is None:
+        x_t, t, y = model_inputs(latents, labels, args.seed, args.timestep)
+    else:
+        x_t, t, y = sit_model_inputs(latents, labels, args.seed, transport, args.time)
     stats = collect(model, x_t, t, y, args.batch_size, args.topk, args.mask_sigma, device)
     summaries = [block.summary(index) for index, block in enumerate(stats)]
     name = f"{args.model} {os.path.basename(ckpt)}"
@@ -209,8 +257,7 @@ def main(args):
     plot_summary(summaries, args.mask_sigma, os.path.join(args.out, "summary.png"),
                  f"{name}: extreme activations per block ({len(latents)} samples)")
     record = dict(model=args.model, ckpt=ckpt, nsamples=len(latents), seed=args.seed, mask_sigma=args.mask_sigma,
-                  timesteps=("uniform [0, 1000)" if args.timestep is None else args.timestep), topk=args.topk,
-                  blocks=summaries)
+                  **noising_record(args, transport), topk=args.topk, blocks=summaries)
     atomic_write_json(os.path.join(args.out, "activations.json"), record)
     for summary in summaries:
         print(f"block {summary['block']:2d}: min {summary['min']:10.3f} max {summary['max']:10.3f} "
