@@ -51,6 +51,7 @@ NOT_RUN = [
     (r"^hf download ", "a download (no network in tests); the tiny VAE stands in under the same folder name"),
     (r"^python quickstart\.py\b", "run by tests/test_quickstart.py with tiny schedules (the real run takes minutes)"),
     (r"^bench/gpu_check\.sh\b", "needs a GPU; its --cpu-dry-run is run by tests/test_gpu_check.py (slow)"),
+    (r"^python reproduce\.py --quick\b", "run end to end by tests/test_study.py (slow; about 10 minutes)"),
     (r"^python visualize_activation\.py .*quickstart-run/", "reads the run folder of `python quickstart.py`; "
      "tests/test_visualize_activation.py runs the script on a tiny teacher's feature store"),
 ]
