@@ -235,8 +235,12 @@ def _selective_recompute_context():
 
 
 # Below this many token rows of dropped samples, a gated block runs one autograd pass over the
-# whole batch instead of a second, small call for the dropped samples (placeholder: measured below)
-DEFAULT_SPLIT_MIN_DROPPED_ROWS = 0
+# whole batch instead of a second, small call for the dropped samples: the split saves the dropped
+# samples' backward but its small matmuls run slowly. Measured per block (`python
+# bench/bench_prune.py --crossover`, DiT-S width, LoRA, batch 8, 1 thread): the split costs 1.01-1.02x
+# one pass at 16-32 dropped rows, 0.95x at 48, 0.89x at 64, 0.71x at 112. DiT at 256 px has 256
+# tokens per sample, so there every dropped sample is split off; tiny latents run one pass.
+DEFAULT_SPLIT_MIN_DROPPED_ROWS = 48
 
 
 # an upper bound on the graphs a compiled block needs in the gated forward (2 autograd modes x 2
@@ -321,8 +325,11 @@ class DiT(nn.Module):
             # the sparse forward runs a block's dropped samples in a call of their own only when
             # they hold at least this many token rows (fewer: one autograd pass over the batch)
             self.gate_split_min_dropped_rows = DEFAULT_SPLIT_MIN_DROPPED_ROWS
-            # the sparse forward's autograd passes keep matmul/attention outputs and recompute the rest
-            self.gate_recompute_elementwise = True
+            # with True, the sparse forward's autograd passes keep only matmul/attention outputs and
+            # recompute the elementwise ops in backward (`prune_by_learning.py --recompute-elementwise`):
+            # measured on the DiT-S-width bench at 256 tokens, LoRA, batch 8, peak memory 0.44x the
+            # original's step instead of 0.54x, but about 20% more time on CPU, so it is off by default
+            self.gate_recompute_elementwise = False
             self.gate_logits = nn.ParameterList()
             for index, (keep, group_size) in enumerate(self.groups):
                 masks = candidate_masks(keep, group_size)

@@ -1,6 +1,6 @@
 """Time and peak memory of one learnable-pruning step: ours (prune_by_learning.py's step: the
-sparse gated forward, LoRA, EMA of the trainable parameters only) against the original
-algorithm written out here (every block run with autograd on every sample and mixed as
+sparse gated forward, LoRA, EMA of the trainable parameters only) (and with
+--recompute-elementwise) against the original algorithm written out here (every block run with autograd on every sample and mixed as
 m*block(x) + (1-m)*x, LoRA, EMA of the full model updated by a per-tensor loop), same config,
 same optimizer, same loss. Goals: time <= 0.70x, memory <= 0.5x, at batch 8 and 16, with 1 and
 2 threads, LoRA and all-weights training.
@@ -8,6 +8,8 @@ same optimizer, same loss. Goals: time <= 0.70x, memory <= 0.5x, at batch 8 and 
     python bench/bench_prune.py                       # the goal's matrix: batch 8 16 x threads 1 2 x lora weights
     python bench/bench_prune.py --batch-size 8 --threads 1 --train lora   # one configuration
     python bench/bench_prune.py --latent-size 16 --train logits           # smaller tokens, only the gates train
+    python bench/bench_prune.py --crossover --batch-size 8 --threads 1 --train lora   # one block: split or not
+    python bench/bench_prune.py --compile-gain --batch-size 8 --threads 1 --train lora  # --compile vs eager
 
 The model is DiT-S/2's width with 28 blocks in [[1,2]]*14 groups, on 32x32x4 latents (256 tokens
 per sample, as DiT-XL/2 at 256 px), fp32 on CPU. Time: the two steps alternate ABBA in one process
@@ -138,7 +140,15 @@ class OriginalStep:
         return loss.item()
 
 
-VARIANTS = {"ours": OursStep, "original": OriginalStep}
+class OursRecomputeStep(OursStep):
+    """Our step with --recompute-elementwise (selective recomputation in the gated blocks)."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.model.gate_recompute_elementwise = True
+
+
+VARIANTS = {"ours": OursStep, "ours-recompute": OursRecomputeStep, "original": OriginalStep}
 TIME_GOAL, MEMORY_GOAL = 0.70, 0.5
 
 
@@ -172,7 +182,7 @@ def measure_memory(config):
 
 
 def measure_config(config):
-    """One configuration: peak memory of each variant, then the two steps alternated ABBA."""
+    """One configuration: peak memory of each variant, then the steps alternated ABBA (ABC CBA)."""
     torch.set_num_threads(config.threads)
     load_before = load_average()
     trains = {"lora": "LoRA rank 8 + logits", "weights": "all weights + logits", "logits": "logits only"}[config.train]
@@ -185,18 +195,21 @@ def measure_config(config):
     calls = {variant: (lambda variant=variant: steps[variant](*batch(config, next(batches[variant]))))
              for variant in VARIANTS}
     cpu_times = {}
-    record = summary(alternate(calls, rounds=config.steps, cpu_times=cpu_times), "ours", "original")  # ABBA
-    cpu_record = summary(cpu_times, "ours", "original")
-    print_comparison(record, "  wall time per step")
-    print_comparison(cpu_record, "  CPU time per step")
-    load_after = load_average()
-    result = dict(batch_size=config.batch_size, threads=config.threads, train=config.train,
-                  time_ratio=record["ratio_median"], cpu_time_ratio=cpu_record["ratio_median"],
-                  memory_ratio=memory["ours"] / memory["original"], peak_mb=memory, time=record, cpu_time=cpu_record,
-                  load_before=load_before, load_after=load_after)
-    print(f"  ours / original: wall time {result['time_ratio']:.3f}x (goal <= {TIME_GOAL}x), CPU time "
-          f"{result['cpu_time_ratio']:.3f}x, memory {result['memory_ratio']:.3f}x (goal <= {MEMORY_GOAL}x); "
-          f"load average after {_load(load_after)}")
+    times = alternate(calls, rounds=config.steps, cpu_times=cpu_times)
+    result = dict(batch_size=config.batch_size, threads=config.threads, train=config.train, peak_mb=memory,
+                  load_before=load_before)
+    for variant, key in (("ours", ""), ("ours-recompute", "recompute_")):
+        record, cpu_record = summary(times, variant, "original"), summary(cpu_times, variant, "original")
+        print_comparison(record, f"  wall time per step, {variant}")
+        print_comparison(cpu_record, f"  CPU time per step, {variant}")
+        result.update({f"{key}time_ratio": record["ratio_median"], f"{key}cpu_time_ratio": cpu_record["ratio_median"],
+                       f"{key}memory_ratio": memory[variant] / memory["original"], f"{key}time": record,
+                       f"{key}cpu_time": cpu_record})
+        print(f"  {variant} / original: wall time {record['ratio_median']:.3f}x (goal <= {TIME_GOAL}x), CPU time "
+              f"{cpu_record['ratio_median']:.3f}x, memory {memory[variant] / memory['original']:.3f}x "
+              f"(goal <= {MEMORY_GOAL}x)")
+    result["load_after"] = load_average()
+    print(f"  load average after {_load(result['load_after'])}")
     return result
 
 
@@ -205,13 +218,14 @@ def _load(values):
 
 
 def print_table(results):
-    print("\n| batch | threads | trains | wall time ours/original (median; every pair) | CPU time (median) "
-          "| peak memory ours/original | load before -> after |\n|---|---|---|---|---|---|---|")
+    print("\n| batch | threads | trains | time ours/original (median; every pair) | peak memory ours/original "
+          "| with --recompute-elementwise: time, memory | load before -> after |\n|---|---|---|---|---|---|---|")
     for row in results:
         pairs = ", ".join(f"{ratio:.2f}" for ratio in row["time"]["ratios"])
         print(f"| {row['batch_size']} | {row['threads']} | {row['train']} | {row['time_ratio']:.3f}x ({pairs}) | "
-              f"{row['cpu_time_ratio']:.3f}x | {row['memory_ratio']:.3f}x ({row['peak_mb']['ours']:.0f}/"
-              f"{row['peak_mb']['original']:.0f} MB) | {_load(row['load_before'])} -> {_load(row['load_after'])} |")
+              f"{row['memory_ratio']:.3f}x ({row['peak_mb']['ours']:.0f}/{row['peak_mb']['original']:.0f} MB) | "
+              f"{row['recompute_time_ratio']:.3f}x, {row['recompute_memory_ratio']:.3f}x | "
+              f"{_load(row['load_before'])} -> {_load(row['load_after'])} |")
 
 
 def one_block_step(model, block, x, c, on, min_dropped_rows):
@@ -250,9 +264,45 @@ def measure_crossover(args):
     return write_json(args.json, dict(crossover=rows, machine=machine_info()))
 
 
+def measure_compile_gain(args):
+    """prune_by_learning.py --compile: our step with every block compiled (inductor) against the
+    eager step, alternated ABBA after --compile-warmup untimed steps each (they compile every
+    variant the random masks bring); the graphs compiled during the timed steps are counted."""
+    import time
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch.set_num_threads(args.threads[0])
+    config = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size[0], "train": args.train[0]})
+    steps = {"compiled": OursStep(config), "eager": OursStep(config)}
+    steps["compiled"].model.compile_gated_blocks()
+    batches = {variant: iter(range(10 ** 6)) for variant in steps}
+    calls = {variant: (lambda variant=variant: steps[variant](*batch(config, next(batches[variant]))))
+             for variant in steps}
+    print(f"{machine_info()}\nour pruning step, {config.model} width, depth {config.depth}, batch {config.batch_size}, "
+          f"4x{config.latent_size}x{config.latent_size} latents, {config.train} trains, {torch.get_num_threads()} "
+          f"thread(s); load average {_load(load_average())}")
+    start = time.perf_counter()
+    for _ in range(args.compile_warmup):
+        calls["compiled"]()
+    warmup_seconds, graphs_before = time.perf_counter() - start, counters["stats"]["unique_graphs"]
+    record = summary(alternate(calls, rounds=args.steps), "compiled", "eager")
+    graphs_after = counters["stats"]["unique_graphs"]
+    print(f"  {args.compile_warmup} warm-up steps (compiling) {warmup_seconds:.0f} s, {graphs_before} graphs; "
+          f"graphs compiled during the timed steps: {graphs_after - graphs_before}")
+    print_comparison(record, "  step time")
+    print(f"  compiled / eager: {record['ratio_median']:.3f}x (load average {_load(load_average())})")
+    return write_json(args.json, dict(compile=dict(time=record, ratio=record["ratio_median"],
+                                                   warmup_seconds=warmup_seconds, graphs=graphs_before,
+                                                   graphs_during_timed_steps=graphs_after - graphs_before),
+                                      machine=machine_info()))
+
+
 def main(args):
     if args.crossover:
         return measure_crossover(args)
+    if args.compile_gain:
+        return measure_compile_gain(args)
     if args.memory_only:
         torch.set_num_threads(args.threads[0])
         config = argparse.Namespace(**{**vars(args), "threads": args.threads[0], "batch_size": args.batch_size[0],
@@ -269,10 +319,11 @@ def main(args):
                                                "train": train})
                 results.append(measure_config(config))
     print_table(results)
-    worst = dict(time_ratio=max(row["time_ratio"] for row in results),
-                 memory_ratio=max(row["memory_ratio"] for row in results))
-    print(f"worst over the {len(results)} configuration(s): time {worst['time_ratio']:.3f}x, "
-          f"memory {worst['memory_ratio']:.3f}x")
+    worst = {key: max(row[key] for row in results)
+             for key in ("time_ratio", "memory_ratio", "recompute_time_ratio", "recompute_memory_ratio")}
+    print(f"worst over the {len(results)} configuration(s): time {worst['time_ratio']:.3f}x, memory "
+          f"{worst['memory_ratio']:.3f}x; with --recompute-elementwise time {worst['recompute_time_ratio']:.3f}x, "
+          f"memory {worst['recompute_memory_ratio']:.3f}x")
     return write_json(args.json, dict(configs=results, **worst, machine=machine_info()))
 
 
@@ -289,6 +340,9 @@ def build_parser():
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     parser.add_argument("--crossover", action="store_true",
                         help="time one block's split against one autograd pass for every number of dropped samples")
+    parser.add_argument("--compile-gain", action="store_true",
+                        help="time our step with compiled blocks (prune_by_learning.py --compile) against eager")
+    parser.add_argument("--compile-warmup", type=int, default=4, help="untimed compiled steps before timing")
     parser.add_argument("--memory-only", choices=list(VARIANTS), default=None, help=argparse.SUPPRESS)
     return parser
 
