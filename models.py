@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 
 def modulate(x, shift, scale):
@@ -209,6 +209,71 @@ def straight_through_gumbel_onehot(logits, tau, batch_size, generator=None):
     return hard + (soft - soft.detach())  # value == hard exactly (soft - soft.detach() is exactly 0)
 
 
+_aten = torch.ops.aten
+# outputs a block keeps for backward under selective recomputation: matmuls and attention, the
+# costly ones to recompute (the attention kernels' names differ per device)
+_KEPT_OUTPUT_OPS = {_aten.mm.default, _aten.bmm.default} | {
+    getattr(_aten, name).default for name in (
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    if hasattr(_aten, name)}
+
+
+def _keep_matmul_outputs(ctx, op, *args, **kwargs):
+    """Selective-recomputation policy of the gated blocks' autograd pass: keep what matmuls and
+    attention output, recompute the rest in backward (layer norms, modulation, GELU, the gated
+    residual adds, layout copies: elementwise passes, cheap next to the matmuls). A linear's addmm
+    (1-D bias) is kept; an addmm onto a full-size tensor (LoRA's rank-r update) is recomputed from
+    the kept base output and the kept rank-r intermediate."""
+    if op in _KEPT_OUTPUT_OPS or (op is _aten.addmm.default and args[0].dim() <= 1):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_recompute_context():
+    return create_selective_checkpoint_contexts(_keep_matmul_outputs)
+
+
+# Below this many token rows of dropped samples, a gated block runs one autograd pass over the
+# whole batch instead of a second, small call for the dropped samples: the split saves the dropped
+# samples' backward but its small matmuls run slowly. Measured per block (`python
+# bench/bench_prune.py --crossover`, DiT-S width, LoRA, batch 8, 1 thread): the split costs 1.01-1.02x
+# one pass at 16-32 dropped rows, 0.95x at 48, 0.89x at 64, 0.71x at 112. DiT at 256 px has 256
+# tokens per sample, so there every dropped sample is split off; tiny latents run one pass.
+DEFAULT_SPLIT_MIN_DROPPED_ROWS = 48
+
+
+# an upper bound on the graphs a compiled block needs in the gated forward (2 autograd modes x 2
+# requires-grad states of the input x 2 batch kinds (one sample, more) x 2 LoRA forms), with room
+COMPILED_BLOCK_VARIANTS = 32
+
+
+class StraightThroughGate(torch.autograd.Function):
+    """The gated block's output m*block(x) + (1-m)*x for a 0/1 mask m, given as
+    `kept` = block(x) where m = 1 and x where m = 0 (computed with autograd through the kept
+    samples only) and `delta` = block(x) - x for every sample (without autograd).
+
+    Forward: `kept` (in the dtype m*block(x) would have). Backward: `kept` gets the incoming
+    gradient g unchanged, and each sample's mask gets <g, delta>, which is what the dense formula
+    gives (d/dm = <g, block(x) - x>, d/dblock(x) = m g, d/dx = (1 - m) g: `kept`'s own
+    gradient). `delta` is the only tensor kept for the backward pass, and the per-sample dot
+    products are one batched matmul."""
+
+    @staticmethod
+    def forward(ctx, kept, mask, delta):
+        ctx.save_for_backward(delta)
+        ctx.kept_dtype, ctx.mask_dtype = kept.dtype, mask.dtype
+        out_dtype = torch.result_type(kept, mask)
+        return kept.to(out_dtype) if out_dtype != kept.dtype else kept.view_as(kept)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (delta,) = ctx.saved_tensors
+        dtype = torch.promote_types(torch.promote_types(grad.dtype, delta.dtype), torch.float32)
+        per_sample = torch.bmm(grad.reshape(len(grad), 1, -1).to(dtype), delta.reshape(len(delta), -1, 1).to(dtype))
+        return grad.to(ctx.kept_dtype), per_sample.view(-1).to(ctx.mask_dtype), None
+
+
 #################################################################################
 #                                 Core DiT Model                                #
 #################################################################################
@@ -257,6 +322,14 @@ class DiT(nn.Module):
             self.tau = 1.0
             self.scaling = 1.0
             self.gate_forward = "sparse"
+            # the sparse forward runs a block's dropped samples in a call of their own only when
+            # they hold at least this many token rows (fewer: one autograd pass over the batch)
+            self.gate_split_min_dropped_rows = DEFAULT_SPLIT_MIN_DROPPED_ROWS
+            # with True, the sparse forward's autograd passes keep only matmul/attention outputs and
+            # recompute the elementwise ops in backward (`prune_by_learning.py --recompute-elementwise`):
+            # measured on the DiT-S-width bench at 256 tokens, LoRA, batch 8, peak memory 0.44x the
+            # original's step instead of 0.54x, but about 20% more time on CPU, so it is off by default
+            self.gate_recompute_elementwise = False
             self.gate_logits = nn.ParameterList()
             for index, (keep, group_size) in enumerate(self.groups):
                 masks = candidate_masks(keep, group_size)
@@ -347,40 +420,88 @@ class DiT(nn.Module):
         the block with autograd only on the samples that keep it, and without autograd (no
         activations kept, no backward pass) on the others; the result, and every gradient, is
         the dense formula's."""
-        scale = mask.view(-1, 1, 1)
         on = mask.detach() != 0
         if not mask.requires_grad:  # no gate gradient wanted: skipped blocks cost nothing
-            if bool(on.all()):
-                return self._run_block(block, x, c)
-            out = x.clone()
-            if bool(on.any()):
-                on_index = on.nonzero().squeeze(1)
-                out = out.index_copy(0, on_index, self._run_block(block, x[on_index], c[on_index]).to(x.dtype))
-            return out
+            return self._kept_samples_only(block, x, c, on)
         if self.gate_forward == "dense":
-            block_out = self._run_block(block, x, c)
-            return scale * block_out + (1 - scale) * x
+            scale = mask.view(-1, 1, 1)
+            return scale * self._run_block(block, x, c) + (1 - scale) * x
+        kept, delta = self._kept_and_delta(block, x, c, on)
+        return StraightThroughGate.apply(kept, mask, delta)
+
+    def _kept_samples_only(self, block, x, c, on):
+        """block(x) where `on`, x elsewhere; the block runs on the kept samples only."""
         if bool(on.all()):
-            block_out = self._run_block(block, x, c)
-        elif not bool(on.any()):
+            return self._run_block(block, x, c)
+        out = x.clone()
+        if bool(on.any()):
+            on_index = on.nonzero().squeeze(1)
+            out = out.index_copy(0, on_index, self._run_block(block, x[on_index], c[on_index]).to(x.dtype))
+        return out
+
+    def _kept_and_delta(self, block, x, c, on):
+        """(kept, delta) of one gated block: kept = block(x) where `on` and x elsewhere, with
+        autograd through the kept samples only; delta = block(x) - x for every sample, without
+        autograd (the straight-through gradient of the mask needs it).
+
+        The batch is split into the samples that keep the block (run with autograd) and those
+        that drop it (run without), unless the dropped samples are too few for the split to pay:
+        then one autograd pass over the whole batch is cheaper than a second, small block call
+        (see `gate_split_min_dropped_rows`). Both give the same values and gradients."""
+        num_kept, batch = int(on.sum()), len(on)
+        dropped_rows = (batch - num_kept) * x.shape[1]  # token rows of the dropped samples
+        if num_kept == 0:
             with torch.no_grad():
-                block_out = block(x, c)
-        else:
-            on_index, off_index = on.nonzero().squeeze(1), (~on).nonzero().squeeze(1)
-            on_out = self._run_block(block, x[on_index], c[on_index])
-            with torch.no_grad():
-                off_out = block(x[off_index], c[off_index])
-            block_out = on_out.new_zeros(x.shape).index_copy(0, on_index, on_out).index_copy(0, off_index, off_out)
-        # Same value and gradients as the dense formula for a 0/1 mask, but autograd keeps one
-        # tensor (block(x) - x) instead of two: d/dm = <g, block(x) - x>, d/dblock(x) = m g,
-        # d/dx = (1 - m) g; the straight-through term is exactly 0 in value.
-        kept = torch.where(on.view(-1, 1, 1), block_out, x)
-        return kept + (scale - scale.detach()) * (block_out - x).detach()
+                return x, self._run_block(block, x.detach(), c.detach()).sub_(x)
+        if num_kept == batch or dropped_rows < self.gate_split_min_dropped_rows:
+            block_out = self._run_gated_block(block, x, c)
+            kept = block_out if num_kept == batch else torch.where(on.view(-1, 1, 1), block_out, x)
+            return kept, block_out.detach() - x.detach()
+        on_index, off_index = on.nonzero().squeeze(1), (~on).nonzero().squeeze(1)
+        on_x = x.index_select(0, on_index)
+        on_out = self._run_gated_block(block, on_x, c.index_select(0, on_index))
+        with torch.no_grad():
+            off_x = x.detach().index_select(0, off_index)
+            off_delta = self._run_block(block, off_x, c.detach().index_select(0, off_index)).sub_(off_x)
+            delta = torch.empty_like(x, memory_format=torch.contiguous_format)
+            delta.index_copy_(0, off_index, off_delta.to(delta.dtype))
+            delta.index_copy_(0, on_index, (on_out.detach() - on_x.detach()).to(delta.dtype))
+        return x.index_copy(0, on_index, on_out.to(x.dtype)), delta
 
     def _run_block(self, block, x, c):
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, c, use_reentrant=False)
         return block(x, c)
+
+    def _run_gated_block(self, block, x, c):
+        """A block's autograd pass in the gated forward: with `gate_recompute_elementwise`, it keeps
+        only the matmul and attention outputs for backward and recomputes the elementwise ops
+        (same values and gradients, about half the activation memory)."""
+        if self.gate_recompute_elementwise and not self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, c, use_reentrant=False, context_fn=_selective_recompute_context)
+        return self._run_block(block, x, c)
+
+    def compile_gated_blocks(self, backend="inductor"):
+        """torch.compile every block, for the gated forward (`prune_by_learning.py --compile`).
+
+        The blocks, not the whole model: the sparse forward chooses sub-batches and paths from the
+        drawn masks' values, which a whole-model graph would have to re-trace on every new draw.
+        A block's batch dimension turns dynamic at its first change of size (torch's automatic
+        dynamic shapes; marking every dimension dynamic up front made guards re-evaluate for
+        seconds per step), so every later sub-batch size shares that graph. What remains are a
+        few variants, each compiled once, on first sight: autograd on or off,
+        an input that requires grad or not (the first block's, when the embedders are frozen),
+        a batch of one sample (torch specialises size 1) and, without autograd, LoRA's folded
+        weight or not. The recompile limit is raised above their count (8 would be hit), so no
+        variant falls back to eager and no step compiles once all have been seen. The
+        selective recomputation is off: the compiler's own partitioner already recomputes
+        elementwise ops in backward."""
+        import torch._dynamo  # only a compiled run pays for importing the compiler
+
+        self.gate_recompute_elementwise = False
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_BLOCK_VARIANTS)
+        for block in self.blocks:
+            block.compile(backend=backend)
 
     # --------------------------------------------------------------- forward
     def forward(self, x, t, y, force_drop_ids=None, hidden_indices=None, gate_onehots=None):

@@ -18,7 +18,7 @@ import argparse
 import time
 
 from tinyfusion.cli import (FLOW_SAMPLERS, SAMPLER_NAMES, add_guidance_args, add_model_args, add_precision_arg,
-                            add_transport_args, autocast, resolve_precision, sampling_steps)
+                            add_sampling_compile_arg, add_transport_args, autocast, resolve_precision, sampling_steps)
 from tinyfusion.errors import TinyFusionError, run_main
 
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -47,6 +47,7 @@ def parse_args(argv=None):
                         help="plain: the original 4-column grid; labeled: one row per class with its label, "
                              "gaps between tiles, small images upscaled (nearest-neighbour) to >= 64 px")
     add_precision_arg(parser)
+    add_sampling_compile_arg(parser)
     parser.set_defaults(precision="fp32")  # the original samples in fp32; bf16 is opt-in on every device
     add_transport_args(parser)
     return parser.parse_args(argv)
@@ -65,7 +66,7 @@ from tinyfusion.atomic_files import atomic_path
 from tinyfusion.checkpoints import build_model
 from tinyfusion.grids import save_labeled_grid
 from tinyfusion.precision import cast_weights_once, low_precision_warning
-from tinyfusion.sampling import generate, resolve_checkpoint, sample_generator
+from tinyfusion.sampling import compile_forward, generate, resolve_checkpoint, sample_generator
 from tinyfusion.vae import decode, load_vae, to_uint8_nhwc
 from transport.cli import check_sampler_family, check_transport_flags, check_transport_record, flow_options
 
@@ -120,6 +121,8 @@ def main(args):
     check_transport_record(metadata, transport, ckpt)
     amp_dtype = resolve_precision(args.precision, device)
     model = cast_weights_once(model.to(device).eval().requires_grad_(False), amp_dtype)  # bf16/fp16: cast once
+    if args.compile:
+        model = compile_forward(model)
     if low_precision_warning(amp_dtype, device):
         print(low_precision_warning(amp_dtype, device))
     vae = load_vae(args.vae, args.vae_path, device)

@@ -24,8 +24,8 @@ import time
 import zipfile
 
 from tinyfusion.cli import (FLOW_SAMPLERS, SAMPLER_NAMES, add_guidance_args, add_model_args, add_precision_arg,
-                            add_transport_args, nonnegative_float, nonnegative_int, positive_int, resolve_precision,
-                            sampling_steps)
+                            add_sampling_compile_arg, add_transport_args, nonnegative_float, nonnegative_int,
+                            positive_int, resolve_precision, sampling_steps)
 from tinyfusion.errors import TinyFusionError, run_main
 
 
@@ -47,6 +47,7 @@ def parse_args(argv=None):
                         help="DiT: ddpm (default) or ddim; SiT: ode or sde (required)")
     parser.add_argument("--ddim-eta", type=nonnegative_float, default=0.0)
     add_precision_arg(parser)
+    add_sampling_compile_arg(parser)
     parser.set_defaults(precision="fp32")  # FID numbers are comparable to the original's fp32 sampling
     parser.add_argument("--save-png", action="store_true", help="also write {index:06d}.png into the run folder")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run (keep its finished parts)")
@@ -75,7 +76,8 @@ from tinyfusion.distributed import barrier, broadcast_object, cleanup_distribute
 from tinyfusion.precision import cast_weights_once, low_precision_warning
 from tinyfusion.run_lock import lock_folder, release_folder
 from tinyfusion.runlog import MetricsLog, create_logger
-from tinyfusion.sampling import generate, resolve_checkpoint, run_name, sample_generator, sample_labels
+from tinyfusion.sampling import (compile_forward, generate, resolve_checkpoint, run_name, sample_generator,
+                                 sample_labels)
 from tinyfusion.vae import load_vae, to_uint8_nhwc
 from transport.cli import (check_sampler_family, check_transport_flags, check_transport_record, flow_identity,
                            flow_options, flow_run_suffix, transport_from_args)
@@ -85,7 +87,9 @@ from transport.cli import (check_sampler_family, check_transport_flags, check_tr
 # counts by the weights it holds, not its name: two different checkpoints/0000010.pt never share samples.
 IDENTITY_KEYS = ("model", "weights_sha256", "no_ema", "image_size", "num_classes", "vae", "vae_path", "groups",
                  "cfg_scale", "num_sampling_steps", "sampler", "ddim_eta", "global_seed", "precision", "tf32",
-                 "guide_all_channels")
+                 "compile", "guide_all_channels")
+# identity keys added after runs were first recorded: a settings.json without one was made with this value
+ADDED_IDENTITY_DEFAULTS = {"compile": False}
 
 
 def weights_sha256(ckpt, use_ema=True, transport=None):
@@ -186,6 +190,7 @@ def settings_mismatch(run_dir, settings):
         return f"{settings_path} is missing, so its settings are unknown"
     with open(settings_path) as f:
         previous = json.load(f)
+    previous = {**ADDED_IDENTITY_DEFAULTS, **previous}
     changed = [key for key in IDENTITY_KEYS if previous.get(key) != settings[key]]
     if not changed:
         return None
@@ -260,7 +265,8 @@ def main(args):
     final_path = f"{run_dir}.npz"
     image_shape = (args.image_size, args.image_size, 3)
     settings = {key: getattr(args, key) for key in IDENTITY_KEYS if hasattr(args, key)}
-    settings.update(ckpt=os.path.abspath(ckpt), precision=precision, tf32=bool(args.tf32))
+    settings.update(ckpt=os.path.abspath(ckpt), precision=precision, tf32=bool(args.tf32),
+                    compile=bool(args.compile))
     settings.update(flow_identity(args) if options else {})
 
     # rank 0 locks the run folder and decides (and creates folders); every rank gets the same
@@ -303,6 +309,8 @@ def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_
                            families=("DiT", "SiT"))
     model = model.to(ctx.device).eval().requires_grad_(False)
     model = cast_weights_once(model, amp_dtype)  # bf16/fp16: weights cast once, not on every call
+    if args.compile:
+        model = compile_forward(model)
     if low_precision_warning(amp_dtype, ctx.device):
         logger.info(low_precision_warning(amp_dtype, ctx.device))
     vae = load_vae(args.vae, args.vae_path, ctx.device)

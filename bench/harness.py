@@ -24,17 +24,24 @@ def timed_call(fn, device="cpu"):
     return time.perf_counter() - start
 
 
-def alternate(variants, rounds, warmup=1, device="cpu"):
+def alternate(variants, rounds, warmup=1, device="cpu", cpu_times=None):
     """{name: [seconds per round]} for {name: fn}, variants alternated ABBA, after `warmup`
-    untimed calls of each."""
+    untimed calls of each. A dict passed as `cpu_times` receives {name: [process CPU seconds per
+    round]} (user + system over all threads): on one thread this is the work done, which other
+    jobs' load does not stretch the way it stretches wall time."""
     names = list(variants)
     for _ in range(warmup):
         for name in names:
             variants[name]()
     times = {name: [] for name in names}
+    for name in names if cpu_times is not None else ():
+        cpu_times[name] = []
     for round_index in range(rounds):
         for name in (names if round_index % 2 == 0 else names[::-1]):
+            cpu_start = time.process_time()
             times[name].append(timed_call(variants[name], device))
+            if cpu_times is not None:
+                cpu_times[name].append(time.process_time() - cpu_start)
     return times
 
 

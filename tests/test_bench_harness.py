@@ -22,7 +22,12 @@ def test_report_renders_each_goal_row():
     data = dict(machine=dict(cpu="cpu", cores=2, cpu_capability="AVX2", native_bf16_cpu=False, torch="2"),
                 started="now", quick=True, load_before=[1.0, 2.0, 3.0], load_after=None,
                 benches=dict(forward=dict(command="python bench/bench_forward.py", result=forward),
-                             lora=dict(command="python bench/bench_lora.py", error="Traceback")))
+                             lora=dict(command="python bench/bench_lora.py", error="Traceback"),
+                             prune=dict(command="python bench/bench_prune.py", result=dict(configs=[dict(
+                                 batch_size=16, threads=2, train="lora", time_ratio=0.72, memory_ratio=0.54,
+                                 recompute_time_ratio=0.86, recompute_memory_ratio=0.44)]))))
     table = report.render(data)
+    assert ("| learnable-pruning step ours / original, batch 16, 2 thread(s), lora: time, peak memory (with "
+            "--recompute-elementwise) | 0.72x, 0.54x (0.86x, 0.44x) | <= 0.70x, <= 0.5x |") in table
     assert "| 86% (74%) | >= 70% |" in table and "| 0.84x |" in table
     assert "| lora | failed (see the JSON) |" in table

@@ -290,7 +290,15 @@ def gated_pair(groups, depth, seed=0):
     return model
 
 
-def run_gated_step(model, mode, x, t, y, draw_seed, weights_train=True):
+def forced_onehots(model, choices, draw_seed):
+    """Straight-through one-hots whose values are the given candidates (per group, one per
+    sample) and whose gradient is that of a seeded Gumbel-softmax draw."""
+    drawn = model.sample_gate_onehots(len(choices[0]), generator=torch.Generator().manual_seed(draw_seed))
+    return [F.one_hot(torch.tensor(group_choices), onehot.shape[1]).to(onehot.dtype) + (onehot - onehot.detach())
+            for group_choices, onehot in zip(choices, drawn)]
+
+
+def run_gated_step(model, mode, x, t, y, draw_seed, weights_train=True, choices=None):
     model.gate_forward = mode
     model.train()
     for name, param in model.named_parameters():
@@ -298,7 +306,10 @@ def run_gated_step(model, mode, x, t, y, draw_seed, weights_train=True):
             param.requires_grad_(weights_train)
     model.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
-    onehots = model.sample_gate_onehots(len(x), generator=torch.Generator().manual_seed(draw_seed))
+    if choices is None:
+        onehots = model.sample_gate_onehots(len(x), generator=torch.Generator().manual_seed(draw_seed))
+    else:
+        onehots = forced_onehots(model, choices, draw_seed)
     out = model(x, t, y, force_drop_ids=torch.zeros_like(y), gate_onehots=onehots)
     (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
     grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
@@ -324,8 +335,129 @@ def test_sparse_gated_forward_matches_the_dense_formula_in_every_gradient(weight
     torch.testing.assert_close(sparse[2], dense[2], rtol=0, atol=1e-6)
 
 
+# groups [[1,2]]*3 + [[2,4]] over 10 blocks, 7 samples: block 0 is kept by every sample and
+# block 1 by none; block 2 by 6 (one sample of 16 tokens dropped) and block 3 by 1; blocks 4/5
+# by 3/4; the [2,4] group's candidates (0,1) (0,2) (0,3) (1,2) (1,3) (2,3) keep blocks 6-9 by 4, 4, 3, 3
+FORCED_CHOICES = [[0] * 7, [0, 0, 0, 0, 0, 0, 1], [0, 1, 0, 1, 0, 1, 1], [0, 0, 1, 2, 3, 4, 5]]
+
+
+def expected_block_calls(masks, tokens, min_dropped_rows):
+    """The block calls the sparse forward should make, as (batch, autograd on): the whole batch with
+    autograd when every sample keeps the block or the dropped samples hold fewer than
+    `min_dropped_rows` token rows, without autograd when none keeps it; otherwise the kept
+    samples with autograd, then the dropped ones without."""
+    calls = []
+    for kept in masks.sum(0).long().tolist():
+        batch, dropped = len(masks), len(masks) - kept
+        if kept == 0:
+            calls.append((batch, False))
+        elif dropped == 0 or dropped * tokens < min_dropped_rows:
+            calls.append((batch, True))
+        else:
+            calls += [(kept, True), (dropped, False)]
+    return calls
+
+
+def record_block_calls(model):
+    """[(batch, autograd on)] of the gated forward's block calls, filled as the model runs."""
+    calls, run_block, run_gated_block = [], model._run_block, model._run_gated_block
+
+    def no_grad_call(block, h, c):  # _run_gated_block's own _run_block call is not counted twice
+        if not torch.is_grad_enabled():
+            calls.append((len(h), False))
+        return run_block(block, h, c)
+
+    def autograd_call(block, h, c):
+        calls.append((len(h), torch.is_grad_enabled()))
+        return run_gated_block(block, h, c)
+    model._run_block, model._run_gated_block = no_grad_call, autograd_call
+    return calls
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("min_dropped_rows", [0, 17, 10 ** 9])
+@pytest.mark.parametrize("weights_train", [True, False])
+def test_every_path_of_the_sparse_forward_gives_the_dense_formulas_gradients(weights_train, min_dropped_rows,
+                                                                              recompute):
+    """Float64: blocks kept by all, by none, by some with the batch split (kept samples with
+    autograd, dropped ones without) and by some in one autograd pass (the crossover for few
+    dropped samples), with and without the selective recomputation of elementwise activations,
+    give the dense formula's output and every gradient."""
+    model = gated_pair([[1, 2]] * 3 + [[2, 4]], depth=10)
+    model.tau, model.scaling = 0.7, 3.0
+    model.gate_split_min_dropped_rows = min_dropped_rows
+    model.gate_recompute_elementwise = recompute
+    x = torch.randn(7, 4, 8, 8, dtype=torch.float64)
+    t, y = torch.randint(0, 1000, (7,)), torch.randint(0, 10, (7,))
+    calls = record_block_calls(model)
+    sparse = run_gated_step(model, "sparse", x, t, y, draw_seed=5, weights_train=weights_train, choices=FORCED_CHOICES)
+    masks = model.block_masks_from_onehots(forced_onehots(model, FORCED_CHOICES, 5)).detach()
+    assert masks.sum(0).tolist() == [7, 0, 6, 1, 3, 4, 4, 4, 3, 3]
+    assert calls == expected_block_calls(masks, tokens=16, min_dropped_rows=min_dropped_rows)
+    assert ((7, True) in calls[2:]) == (min_dropped_rows > 16)  # a mixed block in one autograd pass, or not
+    dense = run_gated_step(model, "dense", x, t, y, draw_seed=5, weights_train=weights_train, choices=FORCED_CHOICES)
+    torch.testing.assert_close(sparse[0], dense[0], rtol=0, atol=1e-10)
+    # block 1, which no sample keeps, gets no gradient at all (the dense formula's is all zeros)
+    assert {name.split(".")[1] for name in set(dense[1]) - set(sparse[1])} == ({"1"} if weights_train else set())
+    for name, dense_grad in dense[1].items():
+        assert dense_grad.abs().sum() > 0 or name.startswith("blocks.1."), f"{name}: a vacuous comparison"
+        torch.testing.assert_close(sparse[1].get(name, torch.zeros_like(dense_grad)), dense_grad, rtol=0, atol=1e-6,
+                                   msg=name)
+    torch.testing.assert_close(sparse[2], dense[2], rtol=0, atol=1e-6)
+
+
+def gated_step_outputs(model, onehots, x, t, y):
+    """Output and every gradient of one gated forward/backward with the given one-hots."""
+    model.zero_grad(set_to_none=True)
+    out = model(x, t, y, force_drop_ids=torch.zeros_like(y), gate_onehots=[o.detach().clone().requires_grad_(True)
+                                                                             for o in onehots])
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_compiled_gated_blocks_give_eager_results_and_stop_compiling_after_the_first_steps():
+    """prune_by_learning.py --compile: every block compiled (here on dynamo's "eager" backend,
+    which runs the captured graphs as they are) gives the uncompiled model's output and
+    gradients, and once two forced steps have shown every variant (blocks kept by all samples,
+    by none, by one, by all but one, LoRA folded or not; then other sub-batch sizes), eight
+    steps of fresh random masks, with sub-batch sizes never seen, compile nothing."""
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from tinyfusion.lora import apply_lora
+    model = gated_pair([[1, 2]] * 3 + [[2, 4]], depth=10)
+    apply_lora(model, rank=4)
+    with torch.no_grad():  # LoRA B starts at zero: make the update count
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(std=0.05)
+    for logits in model.gate_logits:
+        logits.requires_grad_(True)
+    eager = copy.deepcopy(model).train()
+    torch._dynamo.reset()
+    model.train().compile_gated_blocks(backend="eager")
+    x, t, y = torch.randn(7, 4, 8, 8, dtype=torch.float64), torch.randint(0, 1000, (7,)), torch.randint(0, 10, (7,))
+    second = [[1, 1, 0, 0, 0, 1, 0], [1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1], [5, 5, 4, 1, 0, 3, 2]]
+    draws = [forced_onehots(model, FORCED_CHOICES, 1), forced_onehots(model, second, 2)]
+    draws += [model.sample_gate_onehots(7, generator=torch.Generator().manual_seed(seed)) for seed in range(8)]
+    graphs = []
+    for onehots in draws:
+        compiled_out, compiled_grads = gated_step_outputs(model, onehots, x, t, y)
+        eager_out, eager_grads = gated_step_outputs(eager, onehots, x, t, y)
+        torch.testing.assert_close(compiled_out, eager_out, rtol=0, atol=1e-12)
+        assert compiled_grads.keys() == eager_grads.keys()
+        for name in eager_grads:
+            torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=0, atol=1e-12, msg=name)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert model.gate_recompute_elementwise is False
+    assert graphs[1] >= 4 and graphs[2:] == [graphs[1]] * 8, graphs
+
+
 def test_sparse_forward_skips_backward_of_blocks_that_a_sample_drops():
     model = gated_pair([[1, 2]] * 2, depth=4)
+    model.gate_split_min_dropped_rows = 0  # split off even one dropped sample of 16 token rows
     calls = []
     for index, block in enumerate(model.blocks):
         block.register_full_backward_hook(lambda module, gin, gout, index=index: calls.append(index))

@@ -176,6 +176,31 @@ def test_bad_input_is_one_line(workspace):
             run_args(folder, features, teacher, "bad3") + ["--groups", "[[1,2]]*3"]))
 
 
+@pytest.mark.slow
+def test_compile_runs_the_same_search_as_eager(workspace):
+    """--compile (each block through inductor): the same losses, logged every step, as the eager
+    run of the same settings (compiled kernels round differently: 1e-4 relative), the same
+    decision, and a bounded number of compiled graphs for 6 steps of changing sub-batches."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import models
+    folder, features, teacher = workspace
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        torch._dynamo.reset()
+        args = prune_by_learning.parse_args(run_args(folder, features, teacher, f"compile-{name}", "--max-steps", "6",
+                                                     "--log-every", "1", "--delta-w", "--lora", "--lora-rank", "4",
+                                                     *extra))
+        kept = prune_by_learning.main(args)
+        runs[name] = kept, read_metrics(os.path.join(str(folder / "results"), f"compile-{name}-DiT-XS-4", "metrics.jsonl"))
+    assert 2 <= counters["stats"]["unique_graphs"] <= models.COMPILED_BLOCK_VARIANTS
+    assert runs["compiled"][0] == runs["eager"][0]
+    eager_losses = [record["loss"] for record in runs["eager"][1]]
+    assert len(eager_losses) == 6
+    assert [record["loss"] for record in runs["compiled"][1]] == pytest.approx(eager_losses, rel=1e-4)
+
+
 # ----------------------------------------------------------------------------- slow: the search works
 IDENTITY_BLOCKS = (1, 2, 4)  # of 6; groups [[1,2]]*3 -> the right answer keeps blocks 0, 3, 5
 

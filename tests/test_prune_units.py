@@ -37,6 +37,11 @@ def test_lora_linear_is_base_plus_scaled_low_rank_update():
     torch.testing.assert_close(layer(x), by_hand, rtol=1e-5, atol=1e-5)
     # a sub-batch gives the rows of the full batch (the gated forward runs sub-batches)
     torch.testing.assert_close(layer(x[[0, 2]]), layer(x)[[0, 2]])
+    # without autograd, on enough rows (28 x (6 + 5) >= 6 x 5) the update is folded into the
+    # weight: the same up to rounding; on 2 rows (22 < 30) it is applied to the rows as with autograd
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), by_hand, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x[0, :2]), by_hand[0, :2], rtol=1e-5, atol=1e-5)
 
 
 def test_apply_lora_wraps_every_linear_keeps_keys_and_freezes_the_rest():

@@ -320,6 +320,32 @@ def test_sample_ddp_npz_resume_and_no_silent_overwrite(tmp_path, pixel_ckpt):
     assert np.array_equal(resumed, arr) and np.array_equal(resumed_labels, labels)
 
 
+def test_runs_recorded_before_compile_was_an_identity_key_still_match(tmp_path):
+    """A settings.json without "compile" was made uncompiled: it matches --compile off and not on."""
+    settings = {key: f"value of {key}" for key in sample_ddp.IDENTITY_KEYS}
+    recorded = {key: value for key, value in settings.items() if key != "compile"}
+    with open(tmp_path / "settings.json", "w") as f:
+        json.dump(recorded, f)
+    assert sample_ddp.settings_mismatch(str(tmp_path), {**settings, "compile": False}) is None
+    assert "compile False -> True" in sample_ddp.settings_mismatch(str(tmp_path), {**settings, "compile": True})
+
+
+@pytest.mark.slow
+def test_sample_ddp_compiled_matches_eager_and_is_not_mixed_with_it(tmp_path, pixel_ckpt):
+    """--compile (inductor): the same images up to rounding (uint8 values within 1), a separate
+    identity: resuming an eager run with --compile is refused."""
+    eager_dir, compiled_dir = str(tmp_path / "eager"), str(tmp_path / "compiled")
+    common = ("--ckpt", pixel_ckpt, "--num-fid-samples", "6", "--per-proc-batch-size", "4")
+    ddp_main(*common, "--sample-dir", eager_dir, "--keep-parts")
+    ddp_main(*common, "--sample-dir", compiled_dir, "--compile")
+    (eager,), (compiled,) = glob.glob(os.path.join(eager_dir, "*.npz")), glob.glob(os.path.join(compiled_dir, "*.npz"))
+    eager_images, compiled_images = load_npz(eager)[0].astype(int), load_npz(compiled)[0].astype(int)
+    assert np.abs(eager_images - compiled_images).max() <= 1 and (eager_images == compiled_images).mean() > 0.99
+    os.remove(eager)
+    with pytest.raises(TinyFusionError, match="compile False -> True"):
+        ddp_main(*common, "--sample-dir", eager_dir, "--resume", "--compile")
+
+
 def test_sample_ddp_two_ranks_match_one(tmp_path, pixel_ckpt):
     """Acceptance: 2 gloo ranks x 3 per process give the same arr_0 as 1 rank x 4."""
     common = [*PIXEL_FLAGS, "--ckpt", pixel_ckpt, "--num-fid-samples", "9"]

@@ -159,6 +159,13 @@ def add_precision_arg(parser):
     return parser
 
 
+def add_sampling_compile_arg(parser):
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model's forward (one graph for the run: the batch shape is "
+                             "fixed); measured no faster on CPU, meant for GPUs")
+    return parser
+
+
 def resolve_precision(precision, device):
     """The autocast dtype for a run: bf16 on GPU and fp32 on CPU unless asked otherwise."""
     import torch

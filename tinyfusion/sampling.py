@@ -100,6 +100,14 @@ def padded_rows(rows, pad_to=0):
 
 
 # ----------------------------------------------------------------------- generation
+def compile_forward(model):
+    """torch.compile the model's forward in place (sample.py / sample_ddp.py --compile): both
+    model(x, t, y) and forward_with_cfg go through it. Sampling calls it with one batch shape and a
+    new timestep tensor per step, so it compiles once per run (a last, smaller batch adds one)."""
+    model.forward = torch.compile(model.forward)
+    return model
+
+
 @torch.no_grad()
 def generate(model, diffusion, labels, generators, cfg_scale=1.0, sampler="ddpm", eta=0.0, vae=None,
              amp_dtype=torch.float32, pad_to=0, progress=False, guide_all_channels=False, flow_options=None):
