@@ -1,8 +1,8 @@
 """Time and peak memory of one learnable-pruning step: ours (prune_by_learning.py's step: the
-sparse gated forward, LoRA, EMA of the trainable parameters only) (and with
---recompute-elementwise) against the original algorithm written out here (every block run with autograd on every sample and mixed as
-m*block(x) + (1-m)*x, LoRA, EMA of the full model updated by a per-tensor loop), same config,
-same optimizer, same loss. Goals: time <= 0.70x, memory <= 0.5x, at batch 8 and 16, with 1 and
+sparse gated forward, LoRA, EMA of the trainable parameters only), also with
+--recompute-elementwise, against the original algorithm written out here (every block run with
+autograd on every sample and mixed as m*block(x) + (1-m)*x, LoRA, EMA of the full model updated
+by a per-tensor loop), same config, same optimizer, same loss. Goals: time <= 0.70x, memory <= 0.5x, at batch 8 and 16, with 1 and
 2 threads, LoRA and all-weights training.
 
     python bench/bench_prune.py                       # the goal's matrix: batch 8 16 x threads 1 2 x lora weights
