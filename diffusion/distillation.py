@@ -177,6 +177,24 @@ def draw_label_drops(batch_size, dropout_prob, device):
     return (torch.rand(batch_size, device=device) < dropout_prob).long()
 
 
+def student_and_teacher_outputs(student, teacher, x_t, t, y, force_drop_ids, *, layer_pairs, mask_sigma):
+    """(student output, teacher output, feat) on the same x_t, t, labels and label drops; the
+    teacher runs under no_grad. With `layer_pairs` both also return the hidden states of their
+    paired blocks and feat is the masked feature loss over them; without, feat is 0."""
+    student_kwargs = dict(y=y, force_drop_ids=force_drop_ids)
+    teacher_kwargs = dict(y=y, force_drop_ids=force_drop_ids)
+    if layer_pairs:
+        student_kwargs["hidden_indices"] = [s for s, _ in layer_pairs]
+        teacher_kwargs["hidden_indices"] = [t_block for _, t_block in layer_pairs]
+    with torch.no_grad():
+        teacher_result = teacher(x_t, t, **teacher_kwargs)
+    student_result = student(x_t, t, **student_kwargs)
+    if not layer_pairs:
+        return student_result, teacher_result, torch.zeros((), device=x_t.device)
+    (student_output, student_hiddens), (teacher_output, teacher_hiddens) = student_result, teacher_result
+    return student_output, teacher_output, masked_feature_loss(student_hiddens, teacher_hiddens, mask_sigma)
+
+
 def masked_kd_losses(student, teacher, diffusion, x_start, y, *, alpha, beta, mask_sigma, layer_pairs,
                      class_dropout_prob, t=None, noise=None, force_drop_ids=None, kd_t0_term="decoder-nll"):
     """The Masked-KD losses of one batch: dict of fp32 scalars loss / gt / kd / feat.
@@ -193,21 +211,9 @@ def masked_kd_losses(student, teacher, diffusion, x_start, y, *, alpha, beta, ma
     if force_drop_ids is None:
         force_drop_ids = draw_label_drops(batch, class_dropout_prob, x_start.device)
     x_t = diffusion.q_sample(x_start, t, noise=noise)
-    use_features = beta > 0 and bool(layer_pairs)
-    student_kwargs = dict(y=y, force_drop_ids=force_drop_ids)
-    teacher_kwargs = dict(y=y, force_drop_ids=force_drop_ids)
-    if use_features:
-        student_kwargs["hidden_indices"] = [s for s, _ in layer_pairs]
-        teacher_kwargs["hidden_indices"] = [t_block for _, t_block in layer_pairs]
-    with torch.no_grad():
-        teacher_result = diffusion.wrap_model(teacher)(x_t, t, **teacher_kwargs)
-    student_result = diffusion.wrap_model(student)(x_t, t, **student_kwargs)
-    if use_features:
-        (student_output, student_hiddens), (teacher_output, teacher_hiddens) = student_result, teacher_result
-        feat = masked_feature_loss(student_hiddens, teacher_hiddens, mask_sigma)
-    else:
-        student_output, teacher_output = student_result, teacher_result
-        feat = torch.zeros((), device=x_start.device)
+    student_output, teacher_output, feat = student_and_teacher_outputs(
+        diffusion.wrap_model(student), diffusion.wrap_model(teacher), x_t, t, y, force_drop_ids,
+        layer_pairs=layer_pairs if beta > 0 else None, mask_sigma=mask_sigma)
     student_output = student_output.float()
     kd = output_kd_loss(diffusion, student_output, teacher_output, x_t, t, x_start=x_start, t0_term=kd_t0_term)
     gt = diffusion.losses_from_output(student_output, x_start.float(), x_t.float(), t, noise.float())["loss"].mean()

@@ -13,7 +13,7 @@ variance term.
 """
 import torch
 
-from diffusion.distillation import draw_label_drops, masked_feature_loss
+from diffusion.distillation import draw_label_drops, student_and_teacher_outputs
 from transport.loss import losses_from_output, sample_time_and_noise
 from transport.paths import interpolate
 
@@ -32,21 +32,9 @@ def transport_kd_losses(student, teacher, transport, x1, y, *, alpha, beta, mask
     if force_drop_ids is None:
         force_drop_ids = draw_label_drops(x1.shape[0], class_dropout_prob, x1.device)
     xt, ut = interpolate(transport.path, t, noise, x1)
-    use_features = beta > 0 and bool(layer_pairs)
-    student_kwargs = dict(y=y, force_drop_ids=force_drop_ids)
-    teacher_kwargs = dict(y=y, force_drop_ids=force_drop_ids)
-    if use_features:
-        student_kwargs["hidden_indices"] = [s for s, _ in layer_pairs]
-        teacher_kwargs["hidden_indices"] = [t_block for _, t_block in layer_pairs]
-    with torch.no_grad():
-        teacher_result = teacher(xt, t, **teacher_kwargs)
-    student_result = student(xt, t, **student_kwargs)
-    if use_features:
-        (student_output, student_hiddens), (teacher_output, teacher_hiddens) = student_result, teacher_result
-        feat = masked_feature_loss(student_hiddens, teacher_hiddens, mask_sigma)
-    else:
-        student_output, teacher_output = student_result, teacher_result
-        feat = torch.zeros((), device=x1.device)
+    student_output, teacher_output, feat = student_and_teacher_outputs(
+        student, teacher, xt, t, y, force_drop_ids, layer_pairs=layer_pairs if beta > 0 else None,
+        mask_sigma=mask_sigma)
     student_output, teacher_output = student_output.float(), teacher_output.detach().float()
     kd = torch.mean((student_output - teacher_output) ** 2)
     gt = losses_from_output(transport, student_output, xt=xt.float(), ut=ut.float(), t=t, noise=noise.float()).mean()
