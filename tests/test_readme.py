@@ -143,9 +143,30 @@ def readme_commands():
     return [command for block in fenced_blocks(text, "bash") for command in bash_commands(block)]
 
 
-def python_snippets():
-    with open(README) as f:
-        return fenced_blocks(f.read(), "python")
+def doc_texts():
+    """README.md and the pages of docs/ it links to (their commands are parsed too)."""
+    texts = []
+    for path in [README] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+        with open(path) as f:
+            texts.append(f.read())
+    return texts
+
+
+def doc_commands():
+    """Commands of docs/*.md that the README does not hold (parsed by the default suite, not run)."""
+    in_readme = set(readme_commands())
+    return [command for text in doc_texts()[1:] for block in fenced_blocks(text, "bash")
+            for command in bash_commands(block) if command not in in_readme]
+
+
+def python_snippets(texts=None):
+    """```python snippets of README.md and docs/ (compiled by the default suite)."""
+    return [snippet for text in (texts or doc_texts()) for snippet in fenced_blocks(text, "python")]
+
+
+def readme_python_snippets():
+    """The README's own snippets: the slow suite runs them after its commands, in the same folder."""
+    return python_snippets(doc_texts()[:1])
 
 
 def not_run_reason(command):
@@ -218,6 +239,12 @@ def test_every_command_is_run_or_listed_with_a_reason():
 
 @pytest.mark.parametrize("command", [c for c in readme_commands() if script_call(with_placeholders(c))])
 def test_every_script_command_parses_with_the_real_argparse(command, capsys):
+    _, _, script, args = script_call(with_placeholders(command))
+    assert parse_with_script(script, args, capsys) is not None
+
+
+@pytest.mark.parametrize("command", [c for c in doc_commands() if script_call(with_placeholders(c))])
+def test_every_docs_script_command_parses_with_the_real_argparse(command, capsys):
     _, _, script, args = script_call(with_placeholders(command))
     assert parse_with_script(script, args, capsys) is not None
 
@@ -326,7 +353,7 @@ def test_readme_commands_run_in_order_on_stand_ins(tmp_path):
             errors = [line for line in done.stderr.splitlines() if line.startswith("error:") or "Error:" in line]
             failures.append(f"README command failed: {command}\nran: {shlex.join(argv)}\n" +
                             "\n".join(errors[:5]) + f"\n{done.stderr[-1000:]}")
-    for snippet in python_snippets():
+    for snippet in readme_python_snippets():
         done = subprocess.run([sys.executable, "-c", snippet], cwd=work, env=env, capture_output=True, text=True,
                               timeout=900)
         if done.returncode != 0:
