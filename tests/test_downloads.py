@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -82,23 +83,33 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.fixture
-def server(monkeypatch):
+@contextmanager
+def serve(files, monkeypatch):
+    """A local HTTP server of `files` ({name: bytes}) as $TINYFUSION_DOWNLOAD_URL, with the
+    plausibility floors lowered to the stand-ins' sizes; yields its ServerState."""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     httpd.state = ServerState()
+    httpd.state.files = dict(files)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setenv(downloads.URL_ENVIRONMENT_VARIABLE, f"http://127.0.0.1:{httpd.server_port}/files")
-    httpd.state.files = {NAME: PAYLOAD}
     for name, entry in downloads.RELEASED.items():  # the stand-ins are smaller than any real model
         monkeypatch.setitem(downloads.RELEASED, name, dict(entry, min_size=1))
-    yield httpd.state
-    for event in (httpd.state.stall, httpd.state.silent):
-        if event is not None:
-            event.set()
-    httpd.shutdown()
-    httpd.server_close()
+    try:
+        yield httpd.state
+    finally:
+        for event in (httpd.state.stall, httpd.state.silent):
+            if event is not None:
+                event.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    with serve({NAME: PAYLOAD}, monkeypatch) as state:
+        yield state
 
 
 @pytest.fixture
@@ -208,12 +219,15 @@ def sha256_of(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def leftovers(folder):
-    """Files of a download in progress: .part and lock files (in the folder and the temp folder)."""
-    import glob
+def leftovers(folder, name=NAME):
+    """Files of a download of `name` in progress: .part and lock files in the folder, and the lock
+    file an older version kept in the temp folder (named by a hash of the final path)."""
+    import hashlib
     import tempfile
     here = [n for n in os.listdir(folder) if n.endswith((".part", ".lock"))] if os.path.isdir(folder) else []
-    return here + glob.glob(os.path.join(tempfile.gettempdir(), "tinyfusion-download-*.lock"))
+    key = hashlib.sha1(os.path.abspath(os.path.join(folder, name)).encode()).hexdigest()[:16]
+    old_lock = os.path.join(tempfile.gettempdir(), f"tinyfusion-download-{key}.lock")
+    return here + ([old_lock] if os.path.exists(old_lock) else [])
 
 
 def test_wrong_sha256_is_refused_and_never_gets_the_final_name(server, fast_retries, tmp_path, monkeypatch):
