@@ -26,7 +26,7 @@ import zipfile
 from tinyfusion.cli import (FLOW_SAMPLERS, SAMPLER_NAMES, add_guidance_args, add_model_args, add_precision_arg,
                             add_sampling_compile_arg, add_transport_args, nonnegative_float, nonnegative_int,
                             positive_int, resolve_precision, sampling_steps)
-from tinyfusion.errors import TinyFusionError, run_main
+from tinyfusion.errors import TinyFusionError, run_main, unwritable_message
 
 
 def parse_args(argv=None):
@@ -278,7 +278,7 @@ def main(args):
                                                         transport=transport_from_args(args) if options else None)
             plan = plan_run(args, run_dir, final_path, settings, image_shape)
         except (TinyFusionError, OSError) as error:
-            plan = ("error", str(error))
+            plan = ("error", unwritable_message(error) or str(error))
     try:
         status, todo = broadcast_object(plan, ctx)
         if status == "error":

@@ -240,3 +240,101 @@ def test_without_flock_the_recorded_pid_decides(tmp_path, monkeypatch):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# ---------------------------------------------------------------- unwritable places, unreadable files
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder no write can go to: a read-only tmpfs (EROFS) as root, else a folder without
+    write permission (EACCES: root ignores permissions, so that only works for other users)."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        yield folder
+        folder.chmod(0o700)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()[:100]}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def tiny_dit_checkpoint(path):
+    from models import DiT_models
+    from tinyfusion.checkpoints import save_pruned_model
+    torch.manual_seed(0)
+    model = DiT_models["DiT-XS/4"](input_size=8, in_channels=3, num_classes=10)
+    save_pruned_model(model, str(path), {"kept_indices": list(range(model.depth)), "method": "test"})
+    return str(path)
+
+
+SAMPLE_FLAGS = ["--model", "DiT-XS/4", "--image-size", "8", "--vae", "none", "--num-classes", "10",
+                "--num-sampling-steps", "2"]
+
+
+def run_script(script, *flags, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], cwd=cwd, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+
+
+def test_unwritable_output_is_one_line_naming_the_path(tmp_path, read_only_folder):
+    reason = "read-only" if os.geteuid() == 0 else "permission denied"
+    with pytest.raises(TinyFusionError, match=f"^cannot write {read_only_folder}/args.json: the file system is "
+                                              f"{reason}|^cannot write {read_only_folder}/args.json: {reason}"):
+        atomic_write_json(str(read_only_folder / "args.json"), {"x": 1})
+    ckpt = tiny_dit_checkpoint(tmp_path / "tiny.pt")
+    done = run_script("sample_ddp.py", *SAMPLE_FLAGS, "--ckpt", ckpt, "--num-fid-samples", "4",
+                      "--per-proc-batch-size", "4", "--sample-dir", str(read_only_folder / "samples"), cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith(f"error: cannot write {read_only_folder}/samples") and "choose a folder" in lines[0]
+    done = run_script("sample.py", *SAMPLE_FLAGS, "--ckpt", ckpt, "--class-labels", "1", "2",
+                      "--out", str(read_only_folder / "grid.png"), cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines[-1].startswith(f"error: cannot write {read_only_folder}/grid.png"), \
+        done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_a_refused_operation_anywhere_in_a_script_is_one_line(capsys):
+    """EPERM (sysfs refuses new folders even to root), EACCES and EROFS end as one line through
+    run_main, whichever write raised them; other OSErrors keep their traceback (they are bugs)."""
+    from tinyfusion.errors import run_main
+
+    def make_folder_in_sysfs():
+        os.makedirs("/sys/tinyfusion-test/run")
+
+    if os.path.isdir("/sys/kernel"):
+        with pytest.raises(SystemExit) as exit_:
+            run_main(make_folder_in_sysfs)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: cannot write /sys/tinyfusion-test") and "\n" not in err
+    for code in ("EACCES", "EROFS"):
+        def refused(code=code):
+            import errno
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), "/data/run")
+        with pytest.raises(SystemExit):
+            run_main(refused)
+        assert capsys.readouterr().err.strip().startswith("error: cannot write /data/run: ")
+    with pytest.raises(FileNotFoundError):
+        run_main(lambda: open("/nonexistent/tinyfusion/file"))
+
+
+def test_garbage_safetensors_checkpoint_is_one_line(tmp_path):
+    from tinyfusion.checkpoints import CorruptCheckpointError
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(CorruptCheckpointError, match=f"could not read checkpoint {garbage} as safetensors"):
+        load_checkpoint_file(str(garbage))
+    done = run_script("sample.py", *SAMPLE_FLAGS, "--ckpt", str(garbage), "--class-labels", "1",
+                      "--out", str(tmp_path / "grid.png"), cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: could not read checkpoint {garbage} as safetensors (Error while deserializing header: header too "
+        f"large); the file is truncated, damaged or not a .safetensors file"], done.stderr[-2000:]
+    assert not (tmp_path / "grid.png").exists()
