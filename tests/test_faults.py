@@ -338,3 +338,27 @@ def test_garbage_safetensors_checkpoint_is_one_line(tmp_path):
         f"error: could not read checkpoint {garbage} as safetensors (Error while deserializing header: header too "
         f"large); the file is truncated, damaged or not a .safetensors file"], done.stderr[-2000:]
     assert not (tmp_path / "grid.png").exists()
+
+
+def fill(disk):
+    """Fill a small disk completely (ENOSPC is the end of the loop)."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+def test_feature_extraction_on_a_full_disk_leaves_no_store_folder(tmp_path, tiny_disk):
+    import extract_features
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from make_digits import write_digits_folder
+    write_digits_folder(str(tmp_path / "digits"), 8, limit=12)
+    fill(tiny_disk)
+    features = tiny_disk / "features"
+    with pytest.raises(TinyFusionError, match="no space left on device"):
+        extract_features.main(extract_features.parse_args(
+            ["--data-path", str(tmp_path / "digits"), "--features-path", str(features), "--image-size", "8",
+             "--vae", "none", "--num-classes", "10", "--num-workers", "0"]))
+    assert not features.exists()
