@@ -238,7 +238,8 @@ class TrainingLoop:
             wrapped = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                               if self.device.type == "cuda" else None)
         if self.compile_model:
-            wrapped = torch.compile(wrapped)
+            from tinyfusion.cpu_compile import compile_options  # AVX2 kernels on an AVX-512 CPU
+            wrapped = torch.compile(wrapped, options=compile_options(self.device, self.logger.info))
         return AutocastForward(wrapped, self.dtype, self.device)
 
     # ------------------------------------------------------------------ one step

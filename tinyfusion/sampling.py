@@ -95,11 +95,13 @@ def padded_rows(rows, pad_to=0):
 
 
 # ----------------------------------------------------------------------- generation
-def compile_forward(model):
+def compile_forward(model, log=print):
     """torch.compile the model's forward in place (sample.py / sample_ddp.py --compile): both
     model(x, t, y) and forward_with_cfg go through it. Sampling calls it with one batch shape and a
-    new timestep tensor per step, so it compiles once per run (a last, smaller batch adds one)."""
-    model.forward = torch.compile(model.forward)
+    new timestep tensor per step, so it compiles once per run (a last, smaller batch adds one).
+    On an AVX-512 CPU the kernels are AVX2 ones (tinyfusion.cpu_compile)."""
+    from tinyfusion.cpu_compile import compile_options
+    model.forward = torch.compile(model.forward, options=compile_options(next(model.parameters()).device, log))
     return model
 
 
