@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -190,19 +191,24 @@ def test_checkpoint_write_killed_leaves_the_old_file_or_none_and_litter_is_clean
 
 
 # ---------------------------------------------------------------- disk full
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 1 MiB tmpfs (root only); the test is skipped where it cannot be mounted."""
-    mount_point = tmp_path / "disk"
+@contextmanager
+def mounted_tmpfs(mount_point, options):
+    """A 1 MiB tmpfs at mount_point (root only); the test is skipped where it cannot be mounted."""
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options},size=1m", "tmpfs", str(mount_point)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()[:100]}")
+        pytest.skip(f"cannot mount a tmpfs ({options}) here: {mounted.stderr.strip()[:100]}")
     try:
         yield mount_point
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    with mounted_tmpfs(tmp_path / "disk", "rw") as mount_point:
+        yield mount_point
 
 
 def test_disk_full_names_the_file_and_leaves_nothing(tiny_disk):
@@ -248,20 +254,13 @@ def read_only_folder(tmp_path):
     """A folder no write can go to: a read-only tmpfs (EROFS) as root, else a folder without
     write permission (EACCES: root ignores permissions, so that only works for other users)."""
     folder = tmp_path / "readonly"
-    folder.mkdir()
     if os.geteuid() != 0:
-        folder.chmod(0o500)
+        folder.mkdir(mode=0o500)
         yield folder
         folder.chmod(0o700)
         return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()[:100]}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
+    with mounted_tmpfs(folder, "ro") as mount_point:
+        yield mount_point
 
 
 def tiny_dit_checkpoint(path):
