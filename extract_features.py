@@ -16,6 +16,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import time
 
 from tinyfusion.cli import STORE_DTYPE_NAMES, add_model_args, nonnegative_int, positive_int
@@ -324,11 +325,24 @@ def plan_extraction(args, ctx, logger):
 
 
 def main(args):
-    """Extract the store; rank 0 holds the lock of --features-path until the end (also on error)."""
+    """Extract the store; rank 0 holds the lock of --features-path until the end (also on error).
+    A store folder this run created and failed to write any shard into (a full disk, an error
+    before encoding) is removed: there is nothing in it to resume."""
+    created = not os.path.exists(args.features_path)
     try:
         extract(args)
+    except BaseException:
+        release_folder(args.features_path)
+        if created and int(os.environ.get("RANK", "0")) == 0:
+            remove_if_no_shards(args.features_path)
+        raise
     finally:
         release_folder(args.features_path)
+
+
+def remove_if_no_shards(features_path):
+    if os.path.isdir(features_path) and not glob.glob(os.path.join(features_path, "shard-*")):  # shard_file_name
+        shutil.rmtree(features_path, ignore_errors=True)
 
 
 def extract(args):

@@ -66,6 +66,7 @@ import torch.distributed as dist
 from diffusion import create_diffusion
 from models import DiT_models, SiT_models, gate_decision
 from tinyfusion.distributed import check_global_batch, cleanup_distributed, distributed_context, start_process_group
+from tinyfusion.cpu_compile import compile_options
 from tinyfusion.lora import apply_lora
 from tinyfusion.loop import LoopHooks, train_loop
 from tinyfusion.pruning import (check_output_path, linear_schedule, load_source_model, plain_name, save_pruned,
@@ -247,7 +248,7 @@ def search_loop_keywords(args, model):
     keywords = loop_keywords(args)
     model.gate_recompute_elementwise = args.recompute_elementwise
     if args.compile:
-        model.compile_gated_blocks()
+        model.compile_gated_blocks(options=compile_options(next(model.parameters()).device))
         keywords["compile_model"] = False
     return keywords
 

@@ -26,7 +26,7 @@ import zipfile
 from tinyfusion.cli import (FLOW_SAMPLERS, SAMPLER_NAMES, add_guidance_args, add_model_args, add_precision_arg,
                             add_sampling_compile_arg, add_transport_args, nonnegative_float, nonnegative_int,
                             positive_int, resolve_precision, sampling_steps)
-from tinyfusion.errors import TinyFusionError, run_main
+from tinyfusion.errors import TinyFusionError, run_main, unwritable_message
 
 
 def parse_args(argv=None):
@@ -269,6 +269,7 @@ def main(args):
                     compile=bool(args.compile))
     settings.update(flow_identity(args) if options else {})
 
+    sampler = build_sampler(args, ckpt, ctx, amp_dtype, options)  # refuses a mismatch before any folder exists
     # rank 0 locks the run folder and decides (and creates folders); every rank gets the same
     # plan or the same error. The lock is held until the .npz is written (or the run fails).
     plan = None
@@ -278,20 +279,35 @@ def main(args):
                                                         transport=transport_from_args(args) if options else None)
             plan = plan_run(args, run_dir, final_path, settings, image_shape)
         except (TinyFusionError, OSError) as error:
-            plan = ("error", str(error))
+            plan = ("error", unwritable_message(error) or str(error))
     try:
         status, todo = broadcast_object(plan, ctx)
         if status == "error":
             cleanup_distributed()
             raise TinyFusionError(todo)
-        sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_dtype, image_shape, options)
+        sample_and_assemble(args, ctx, run_dir, final_path, status, todo, sampler, amp_dtype, image_shape, options)
     finally:
         release_folder(run_dir)
 
 
-def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_dtype, image_shape, options=None):
-    """Every rank samples its share of `todo` into part files; rank 0 writes the .npz (`options`:
-    a SiT's flow sampler keywords, None for DiT)."""
+def build_sampler(args, ckpt, ctx, amp_dtype, options=None):
+    """(model, vae, diffusion or transport) of the run, built on every rank before the run folder
+    exists: a checkpoint of another family or size is refused without leaving a folder behind."""
+    model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
+                           use_ema=not args.no_ema, groups=args.groups,
+                           families=("DiT", "SiT"))
+    model = model.to(ctx.device).eval().requires_grad_(False)
+    model = cast_weights_once(model, amp_dtype)  # bf16/fp16: weights cast once, not on every call
+    if args.compile:
+        model = compile_forward(model)
+    vae = load_vae(args.vae, args.vae_path, ctx.device)
+    diffusion = transport_from_args(args) if options else create_diffusion(str(args.num_sampling_steps))
+    return model, vae, diffusion
+
+
+def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, sampler, amp_dtype, image_shape, options=None):
+    """Every rank samples its share of `todo` with `sampler` (build_sampler's) into part files;
+    rank 0 writes the .npz (`options`: a SiT's flow sampler keywords, None for DiT)."""
     logger = create_logger(run_dir if status == "todo" else None, ctx.is_main, name="sample_ddp")
     if status == "done":
         logger.info(f"{final_path} is already complete; nothing to do")
@@ -304,17 +320,9 @@ def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_
     logger.info(f"{args.num_fid_samples - len(todo)} of {args.num_fid_samples} samples already done; sampling "
                 f"{len(todo)} on {ctx.world_size} rank(s) x {args.per_proc_batch_size} ({ctx.backend}) into {run_dir}")
 
-    model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
-                           use_ema=not args.no_ema, groups=args.groups,
-                           families=("DiT", "SiT"))
-    model = model.to(ctx.device).eval().requires_grad_(False)
-    model = cast_weights_once(model, amp_dtype)  # bf16/fp16: weights cast once, not on every call
-    if args.compile:
-        model = compile_forward(model)
+    model, vae, diffusion = sampler
     if low_precision_warning(amp_dtype, ctx.device):
         logger.info(low_precision_warning(amp_dtype, ctx.device))
-    vae = load_vae(args.vae, args.vae_path, ctx.device)
-    diffusion = transport_from_args(args) if options else create_diffusion(str(args.num_sampling_steps))
 
     # global batch k covers todo[k*G:(k+1)*G], G = world size x per-proc batch; rank r takes its slice
     batch = args.per_proc_batch_size

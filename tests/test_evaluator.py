@@ -13,7 +13,8 @@ import scipy.linalg
 import torch
 
 import evaluator
-from tinyfusion import metrics
+from tinyfusion import downloads, metrics
+from tinyfusion.errors import TinyFusionError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["fast", "sqrtm"]
@@ -412,6 +413,66 @@ def test_bad_npz_inputs_are_clear_errors(tmp_path, channel_mean_net):
         evaluator.compute_activations(network, str(tmp_path / "nokey.npz"))
     with pytest.raises(ValueError, match="does not exist"):
         evaluator.compute_activations(network, str(tmp_path / "absent.npz"))
+
+
+def test_batches_of_another_resolution_are_refused_unless_allowed(tmp_path, channel_mean_net):
+    rng = np.random.default_rng(21)
+    ref_path, sample_path = str(tmp_path / "ref256.npz"), str(tmp_path / "sample512.npz")
+    np.savez(ref_path, arr_0=noisy_images(rng, 20, size=12)[0])
+    np.savez(sample_path, arr_0=noisy_images(rng, 20, size=10)[0])
+    flags = [ref_path, sample_path, "--feature-net", channel_mean_net, "--device", "cpu"]
+    with pytest.raises(TinyFusionError) as error:
+        evaluator.main(evaluator.parse_args(flags))
+    message = str(error.value)
+    assert "\n" not in message and f"{ref_path} holds 12x12 images but {sample_path} holds 10x10" in message
+    assert "--allow-resolution-mismatch" in message
+    with pytest.raises(ValueError, match="holds 12x12 images"):  # the library refuses too
+        evaluator.evaluate(ref_path, sample_path, evaluator.TorchScriptFeatures(channel_mean_net, "cpu"), log=print)
+    evaluator.main(evaluator.parse_args([*flags, "--allow-resolution-mismatch"]))  # an explicit choice runs
+
+
+def test_every_array_error_names_its_file(tmp_path, channel_mean_net):
+    rng = np.random.default_rng(22)
+    images, labels = noisy_images(rng, 12)
+    good, short_labels, float_labels, stats = (str(tmp_path / n) for n in ("good.npz", "short_labels.npz",
+                                                                         "float_labels.npz", "stats.npz"))
+    np.savez(good, arr_0=images)
+    np.savez(short_labels, arr_0=images, labels=labels[:5])
+    np.savez(float_labels, arr_0=images, labels=labels.astype(np.float32))
+    np.savez(stats, arr_0=images, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(27), sigma_s=np.eye(27))
+    network = evaluator.TorchScriptFeatures(channel_mean_net, "cpu")
+    network.uses_npz_statistics = True  # as Inception: stored statistics are used, and must fit the network
+    for path, fragment in ((short_labels, "'labels' is int64 (5,)"), (float_labels, "'labels' is float32"),
+                           (stats, "stored 'mu' has 2048 features, the feature network gives 3")):
+        with pytest.raises(ValueError) as error:
+            evaluator.evaluate(good, path, network, log=lambda *a: None)
+        assert str(error.value).startswith(path) and fragment in str(error.value)
+
+
+def test_inception_graph_is_downloaded_when_absent_and_checked(tmp_path, monkeypatch, capsys):
+    from test_downloads import closed_port, serve  # the local HTTP server
+    tf = pytest.importorskip("tensorflow")  # noqa: F841
+    rng = np.random.default_rng(23)
+    graph_path = str(tmp_path / "standin.pb")
+    build_tiny_inception_graph(graph_path, rng)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(evaluator.INCEPTION_ENV, raising=False)
+    # offline: one line saying what to do
+    monkeypatch.setenv(downloads.URL_ENVIRONMENT_VARIABLE, f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(TinyFusionError) as error:
+        evaluator.resolve_inception_path(None)
+    message = str(error.value)
+    assert "\n" not in message and "offline?" in message and "--inception-path" in message
+    assert not os.path.exists("pretrained")
+    with serve({"classify_image_graph_def.pb": open(graph_path, "rb").read()}, monkeypatch) as state:
+        requests = state.requests
+        network = evaluator.load_feature_network(None, None)
+        assert network.path == os.path.join("pretrained", "classify_image_graph_def.pb") and len(requests) == 1
+        assert network.softmax_weights.shape == (2048, 1008)
+        pinned = downloads.read_manifest("pretrained")["classify_image_graph_def.pb"]
+        assert pinned["sha256"] == downloads.file_sha256(graph_path)
+        assert "pinned" in capsys.readouterr().out
+        assert evaluator.resolve_inception_path(None) == network.path and len(requests) == 1  # found, not fetched
 
 
 # ----------------------------------------------------------------------------------------

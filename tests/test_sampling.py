@@ -469,3 +469,28 @@ def test_sample_ddp_latent_model_two_ranks_match_one(tmp_path):
     two = load_npz(glob.glob(str(tmp_path / "two" / "*.npz"))[0])
     assert one[0].shape == (7, 32, 32, 3) and len(np.unique(one[0])) > 50
     assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
+
+
+def test_compile_on_an_avx512_cpu_generates_avx2_kernels(monkeypatch):
+    """--compile on CPU: inductor's AVX-512 code is avoided (reported heap corruption, see
+    tinyfusion/cpu_compile.py); the decision follows the ISA inductor would pick, said in one line."""
+    from torch._inductor import cpu_vec_isa
+    from tinyfusion import cpu_compile
+    said = []
+    monkeypatch.setattr(cpu_compile, "_announced", set())
+    for isa, expected in ((cpu_vec_isa.VecAVX512(), {"cpp.simdlen": 256}), (cpu_vec_isa.VecAVX2(), {})):
+        monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda isa=isa: isa)
+        assert cpu_compile.compile_options("cpu", said.append) == expected
+        assert cpu_compile.compile_options("cuda", said.append) == {}
+    assert len(said) == 1 and "compiled kernels use AVX2" in said[0]
+    # the options reach torch.compile, and inductor then picks AVX2 (or nothing narrower than the CPU has)
+    import torch._inductor.config as inductor_config
+    monkeypatch.undo()
+    with inductor_config.patch(cpu_compile.compile_options("cpu", said.append) or {}):
+        assert "avx512" not in str(cpu_vec_isa.pick_vec_isa())
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    monkeypatch.setattr(cpu_compile, "compile_options", lambda device, log=print: {"cpp.simdlen": 256})
+    from tinyfusion.sampling import compile_forward
+    compile_forward(tame_dit())
+    assert calls == [{"options": {"cpp.simdlen": 256}}]

@@ -307,3 +307,20 @@ def test_sample_ddp_sit_npz_names_its_sampler_and_ignores_the_batch_size(tmp_pat
         assert four["arr_0"].shape == (5, 8, 8, 3) and np.array_equal(four["labels"], two["labels"])
         assert np.abs(four["arr_0"].astype(int) - two["arr_0"].astype(int)).max() <= 1
         assert len(np.unique(four["arr_0"])) > 50
+
+
+@pytest.mark.parametrize("mismatch", ["family", "size"])
+def test_sample_ddp_refuses_a_family_or_size_mismatch_before_making_its_folder(tmp_path, mismatch):
+    import sample_ddp
+    from tinyfusion.errors import TinyFusionError
+    _, dit_ckpt = save_xs4(tmp_path / "dit.pt", "DiT")
+    model, size, extra = ("SiT-XS/4", "8", ["--sampler", "ode"]) if mismatch == "family" else ("DiT-XS/4", "16", [])
+    samples = tmp_path / "samples"
+    args = sample_ddp.parse_args(["--model", model, "--image-size", size, "--vae", "none", "--num-classes", "10",
+                                  "--ckpt", dit_ckpt, "--num-fid-samples", "4", "--per-proc-batch-size", "4",
+                                  "--sample-dir", str(samples), "--num-sampling-steps", "2", *extra])
+    with pytest.raises(TinyFusionError) as error:
+        sample_ddp.main(args)
+    assert "\n" not in str(error.value)
+    assert ("holds DiT weights" if mismatch == "family" else "does not fit --model DiT-XS/4") in str(error.value)
+    assert not samples.exists()

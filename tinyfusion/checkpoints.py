@@ -45,8 +45,7 @@ def load_checkpoint_file(path):
     if not os.path.isfile(path):
         raise TinyFusionError(missing_checkpoint_message(path))
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path, device="cpu")
+        return _load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -58,6 +57,16 @@ def load_checkpoint_file(path):
                                      f"the file is truncated or damaged") from None
     verify_checksum(obj, path)
     return obj
+
+
+def _load_safetensors(path):
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device="cpu")
+    except Exception as error:  # safetensors raises its own SafetensorError (no common base with OSError)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CorruptCheckpointError(f"could not read checkpoint {path} as safetensors ({reason}); the file is "
+                                     f"truncated, damaged or not a .safetensors file") from None
 
 
 class CorruptCheckpointError(TinyFusionError):

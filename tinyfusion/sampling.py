@@ -33,10 +33,6 @@ SAMPLERS = {
     "ddim": lambda diffusion, model_fn, shape, eta, kwargs: diffusion.ddim_sample_loop(model_fn, shape, eta=eta,
                                                                                        **kwargs),
 }
-SIT_CHECKPOINT_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
-                      "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0")
-
-
 # ----------------------------------------------------------------------- checkpoints
 def resolve_checkpoint(ckpt, model_name, image_size):
     """The checkpoint to load. Without --ckpt the original uses the released DiT-XL-2-{size}x{size}.pt:
@@ -53,14 +49,13 @@ def resolve_checkpoint(ckpt, model_name, image_size):
 
 
 def _resolve_sit_checkpoint(model_name, image_size):
-    """SiT released SiT-XL-2-256x256.pt only (saved under that name by SiT's download.py)."""
+    """SiT released SiT-XL-2-256x256.pt only (the name SiT's download.py saves it under): a local
+    copy, else downloaded and verified like the DiT weights (tinyfusion.downloads)."""
     if model_name == "SiT-XL/2" and image_size == 256:
-        for folder in ("pretrained_models", "pretrained"):
-            if os.path.isfile(os.path.join(folder, "SiT-XL-2-256x256.pt")):
-                return os.path.join(folder, "SiT-XL-2-256x256.pt")
+        return resolve_released("SiT-XL-2-256x256.pt")
     raise TinyFusionError(f"no --ckpt given for --model {model_name} at --image-size {image_size}; the only released "
-                          f"SiT is SiT-XL/2 at 256: download {SIT_CHECKPOINT_URL} as "
-                          f"pretrained/SiT-XL-2-256x256.pt, or pass --ckpt with your own SiT checkpoint")
+                          f"SiT is SiT-XL/2 at 256 (--model SiT-XL/2 --image-size 256 downloads it): pass --ckpt "
+                          f"with your own SiT checkpoint")
 
 
 # ----------------------------------------------------------------------- per-sample seeds
@@ -100,11 +95,13 @@ def padded_rows(rows, pad_to=0):
 
 
 # ----------------------------------------------------------------------- generation
-def compile_forward(model):
+def compile_forward(model, log=print):
     """torch.compile the model's forward in place (sample.py / sample_ddp.py --compile): both
     model(x, t, y) and forward_with_cfg go through it. Sampling calls it with one batch shape and a
-    new timestep tensor per step, so it compiles once per run (a last, smaller batch adds one)."""
-    model.forward = torch.compile(model.forward)
+    new timestep tensor per step, so it compiles once per run (a last, smaller batch adds one).
+    On an AVX-512 CPU the kernels are AVX2 ones (tinyfusion.cpu_compile)."""
+    from tinyfusion.cpu_compile import compile_options
+    model.forward = torch.compile(model.forward, options=compile_options(next(model.parameters()).device, log))
     return model
 
 
