@@ -296,7 +296,7 @@ def add_transport_args(parser):
     group = parser.add_argument_group("SiT (--sampler ode | sde)")
     add_interpolant_args(group)
     group.add_argument("--sampling-method", default=None,
-                       help="ODE: dopri5 (default; needs torchdiffeq), euler, heun2; SDE: Euler (default), Heun")
+                       help="ODE: dopri5 (default; torchdiffeq), euler, heun2; SDE: Euler (default), Heun")
     group.add_argument("--atol", type=float, default=1e-6, help="ODE absolute tolerance (adaptive solvers)")
     group.add_argument("--rtol", type=float, default=1e-3, help="ODE relative tolerance (adaptive solvers)")
     group.add_argument("--diffusion-form", default="sigma", choices=SIT_DIFFUSION_FORMS, help="SDE diffusion D(t)")
