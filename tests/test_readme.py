@@ -78,7 +78,8 @@ PLACEHOLDERS = {
 TINY_STEPS = 2  # optimizer steps of every shrunk training run; its last checkpoint is checkpoints/0000002.pt
 STEP_SUBSTITUTION = ("0500000", f"{TINY_STEPS:07d}")
 TINY_FID_SAMPLES = FLAG_VALUES["--num-fid-samples"]
-TRAINING = ["--max-steps", str(TINY_STEPS), "--log-every", "1", "--num-workers", "0"]
+TRAINING = ["--max-steps", str(TINY_STEPS), "--log-every", "1", "--num-workers", "0",
+            "--global-batch-size", "8"]  # the ImageNet stand-in has 40 images
 EXTRA_ARGS = {
     "extract_features.py": ["--num-workers", "0"],
     "prune_by_learning.py": TRAINING,
@@ -434,9 +435,10 @@ def test_readme_commands_run_in_order_on_stand_ins(tmp_path):
     for command in readme_commands():
         if not_run_reason(command):
             continue
-        argv = tiny_command(command)
+        argv, started = tiny_command(command), time.time()
         done = subprocess.run(argv, cwd=work, env=environment(work), capture_output=True, text=True, timeout=900)
         outputs[command] = done.stdout
+        print(f"{time.time() - started:6.1f} s  {command[:110]}")
         if done.returncode != 0:
             errors = [line for line in done.stderr.splitlines() if line.startswith("error:") or "Error:" in line]
             failures.append(f"README command failed: {command}\nran: {shlex.join(argv)}\n" +
