@@ -30,7 +30,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser, default_model="DiT-XL-1-2")
     add_training_args(parser, lr=1e-4, lr_schedule="constant", min_lr=0.0, epochs=1, global_batch_size=128,
-                      log_every=50, ckpt_every=1000, ema_decay=0.999)
+                      log_every=50, ema_decay=0.999)
     add_precision_arg(parser)
     add_transport_training_args(parser)
     parser.add_argument("--delta-w", action="store_true",

@@ -11,7 +11,7 @@ world size and batch size); rank 0 finally streams the parts in index order into
 Across nodes, --sample-dir must be on a filesystem every node sees (as in the original).
 
     torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py --model DiT-D14/2 \
-        --ckpt outputs/D14-Learned-Finetuning/checkpoints/0500000.pt --vae-path pretrained/sd-vae-ft-ema
+        --ckpt outputs/D14-Learned-MaskedKD-DiT-D14-2/checkpoints/0500000.pt --num-fid-samples 50000
 """
 import argparse
 import functools

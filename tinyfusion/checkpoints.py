@@ -29,6 +29,7 @@ import torch
 from tinyfusion.atomic_files import atomic_path
 from tinyfusion.downloads import missing_checkpoint_message, resolve_released
 from tinyfusion.errors import TinyFusionError
+from tinyfusion.path_hints import did_you_mean
 
 METADATA_KEY = "__tinyfusion__"
 CHECKSUM_KEY = "__tinyfusion_checksum__"
@@ -43,7 +44,7 @@ def load_checkpoint_file(path):
     a bare released file name (DiT-XL-2-256x256.pt, ...) is found or downloaded first."""
     path = resolve_released(os.fspath(path))  # a bare released name: found in pretrained/ or downloaded
     if not os.path.isfile(path):
-        raise TinyFusionError(missing_checkpoint_message(path))
+        raise TinyFusionError(missing_checkpoint_message(path) + did_you_mean(path))
     if path.endswith(".safetensors"):
         return _load_safetensors(path)
     try:

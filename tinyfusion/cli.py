@@ -201,11 +201,12 @@ def add_guidance_args(parser, cfg_scale):
 
 # ------------------------------------------------------------------ training
 def add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4, min_lr_aliases=(), epochs=1400,
-                      global_batch_size=256, log_every=100, ckpt_every=50_000, results_dir="results",
+                      global_batch_size=256, log_every=100, ckpt_every=10_000, results_dir="outputs",
                       ema_decay=0.9999):
     """The flags every training / pruning script shares (the original's plus ours). Defaults are
     the original TinyFusion train.py / train_masked_kd.py ones (AdamW lr 2e-4, CosineAnnealingLR
-    to 1e-4 over all steps); scripts pass their own where the original differs."""
+    to 1e-4 over all steps, run folders under outputs/, a checkpoint every 10,000 steps); scripts
+    pass their own where the original differs."""
     parser.add_argument("--data-path", type=str, required=True,
                         help="feature store written by extract_features.py (or the original "
                              "imagenet256_features/ + imagenet256_labels/ layout)")
@@ -295,7 +296,7 @@ def add_transport_args(parser):
     group = parser.add_argument_group("SiT (--sampler ode | sde)")
     add_interpolant_args(group)
     group.add_argument("--sampling-method", default=None,
-                       help="ODE: dopri5 (default; needs torchdiffeq), euler, heun2; SDE: Euler (default), Heun")
+                       help="ODE: dopri5 (default; torchdiffeq), euler, heun2; SDE: Euler (default), Heun")
     group.add_argument("--atol", type=float, default=1e-6, help="ODE absolute tolerance (adaptive solvers)")
     group.add_argument("--rtol", type=float, default=1e-3, help="ODE relative tolerance (adaptive solvers)")
     group.add_argument("--diffusion-form", default="sigma", choices=SIT_DIFFUSION_FORMS, help="SDE diffusion D(t)")
