@@ -39,6 +39,7 @@ only sizes are:
 """
 import ast
 import fnmatch
+import glob
 import os
 import re
 import shlex
