@@ -190,6 +190,24 @@ def test_pixel_space_store_holds_the_images_and_flips(tmp_path, images):
     assert feature_store.read_manifest(tmp_path / "pixels")["scale_factor"] is None
 
 
+def test_no_flip_store_holds_the_images_alone_and_never_flips(tmp_path, images, reference_store, tiny_vae):
+    extract(images, tmp_path / "pixels", "--vae", "none", "--no-flip")
+    latents, labels, _ = store_arrays(tmp_path / "pixels")
+    dataset = image_folder(images, IMAGE_SIZE)
+    assert latents.shape == (len(dataset), 1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    always_flip = feature_store.open_feature_dataset(tmp_path / "pixels", flip_prob=1.0)
+    for index in (0, 9):
+        x, y = dataset[index]
+        assert np.array_equal(always_flip[index][0].numpy(), x.numpy()) and labels[index] == y
+    # with a VAE the image's latent is the flipped store's first copy, noise included
+    with torch_threads(1):
+        extract(images, tmp_path / "latents", "--no-flip", vae_path=tiny_vae)
+    alone, _, _ = store_arrays(tmp_path / "latents")
+    both, _, _ = store_arrays(reference_store)
+    # (the VAE sees batches of B images instead of 2B: the same kernels up to float rounding)
+    assert np.allclose(alone[:, 0], both[:, 0], rtol=1e-4, atol=1e-5) and not np.allclose(alone[:, 0], both[:, 1])
+
+
 def test_fp16_store_rounds_the_fp32_values(tmp_path, images, reference_store, tiny_vae):
     with torch_threads(1):
         extract(images, tmp_path / "half", "--store-dtype", "fp16", vae_path=tiny_vae)
