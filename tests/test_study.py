@@ -165,3 +165,15 @@ def test_quick_study_end_to_end(tmp_path):
         assert heading in report
     for figure in ("calibration-vs-loss-20steps.png", "decision-1of2-seed0.png"):
         assert os.path.getsize(tmp_path / "s" / figure) > 1000
+
+
+def test_balanced_picks_and_kept_keys():
+    sys.path.insert(0, ROOT)
+    import numpy as np
+
+    from reproduce import balanced_picks, kept_key
+    labels = np.repeat(np.arange(10), 7)
+    picks = balanced_picks(labels, 25, seed=0)
+    assert len(set(picks.tolist())) == 25
+    assert np.bincount(labels[picks], minlength=10).tolist() == [3] * 5 + [2] * 5
+    assert kept_key([0, 2, 4, 7, 9, 11]) == "02479b"
