@@ -144,7 +144,8 @@ def scatter_figure(results, row, path):
                        label=f"{method} (seed 0)")
     ax.set_xlabel("held-out loss right after pruning (calibration loss)")
     ax.set_ylabel(f"held-out loss after {longest} fine-tuning steps")
-    ax.set_title(f"1:2 pattern, {seed_range(budget['seeds'])}, {longest} steps: rho = {row['rho']:+.2f} "
+    ax.set_title(f"{results['model']}, 1:2 sub-networks and BI's choice, {seed_range(budget['seeds'])}, {longest} steps: "
+                 f"rho = {row['rho']:+.2f} "
                  f"{fmt_interval(row['low'], row['high'], 2)}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
