@@ -45,8 +45,9 @@ GATE_SIGMAS = 5.0
 EXTREME_RATIO = 50.0  # max |h| / std in some block at which Masked KD's premise holds (declared in advance)
 TEACHER_FLAGS = ["--lr", "1e-3", "--lr-schedule", "constant"]  # + --ema-decay of the schedule
 # one recovery recipe for every student and the teacher control; a constant lr makes the
-# checkpoint at step b the end of a b-step run of this recipe
-RECOVERY_FLAGS = ["--lr", "5e-4", "--ema-decay", "0.99", "--lr-schedule", "constant"]
+# checkpoint at step b the end of a b-step run of this recipe. Batch 64 (the teacher's is 128):
+# the ~35 fine-tuning runs of 500 steps are most of the full schedule's time
+RECOVERY_FLAGS = ["--lr", "5e-4", "--ema-decay", "0.99", "--lr-schedule", "constant", "--global-batch-size", "64"]
 # candidates: the best sub-networks by calibration loss; seeds: recovery seeds of every candidate;
 # primary_seeds: of learned, min-calibration and BI (the paired tests); budgets: fine-tuning steps
 # at which the held-out loss is measured (0 = right after pruning; the last = the longest)
@@ -134,15 +135,15 @@ class Study:
         resume = ["--resume", "auto"] if os.path.isdir(run_dir) else []
         self.stage(name, [final], self.launch(script, nproc) + self.common + [
             "--data-path", self.features, "--results-dir", self.path("runs"), "--prefix", name,
-            "--max-steps", str(steps), "--global-batch-size", "128", "--global-seed", str(seed),
+            "--max-steps", str(steps), "--global-seed", str(seed),
             "--log-every", str(max(steps // 10, 1)), "--ckpt-every", str(ckpt_every or max(steps // 2, 1)),
             "--num-workers", "0"] + resume + extra)
         return os.path.join(run_dir, "checkpoints")
 
     def teacher(self):
         # the quick schedule's 60 steps need a short EMA, or its teacher is still its initialisation
-        checkpoints = self.train("teacher", "train.py", self.budget["teacher"], 0,
-                                 TEACHER_FLAGS + ["--ema-decay", str(self.budget["teacher_ema"])])
+        checkpoints = self.train("teacher", "train.py", self.budget["teacher"], 0, TEACHER_FLAGS + [
+            "--ema-decay", str(self.budget["teacher_ema"]), "--global-batch-size", "128"])
         self.teacher_path = os.path.join(checkpoints, f"{self.budget['teacher']:07d}.pt")
 
     def loss_of(self, checkpoint, use_ema=True):
