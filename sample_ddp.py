@@ -49,6 +49,8 @@ def parse_args(argv=None):
     add_precision_arg(parser)
     add_sampling_compile_arg(parser)
     parser.set_defaults(precision="fp32")  # FID numbers are comparable to the original's fp32 sampling
+    parser.add_argument("--balanced-labels", action="store_true",
+                        help="label of sample i = i mod --num-classes (ours; the original draws each label at random)")
     parser.add_argument("--save-png", action="store_true", help="also write {index:06d}.png into the run folder")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run (keep its finished parts)")
     parser.add_argument("--cpu-threads", type=positive_int, default=1,
@@ -77,7 +79,7 @@ from tinyfusion.precision import cast_weights_once, low_precision_warning
 from tinyfusion.run_lock import lock_folder, release_folder
 from tinyfusion.runlog import MetricsLog, create_logger
 from tinyfusion.sampling import (compile_forward, generate, resolve_checkpoint, run_name, sample_generator,
-                                 sample_labels)
+                                 sample_labels, balanced_labels)
 from tinyfusion.vae import load_vae, to_uint8_nhwc
 from transport.cli import (check_sampler_family, check_transport_flags, check_transport_record, flow_identity,
                            flow_options, flow_run_suffix, transport_from_args)
@@ -246,7 +248,8 @@ def check_args(args):
 def output_name(args, options, precision="fp32"):
     """The run folder / .npz name of these settings (after check_args; `options` what it returned)."""
     return run_name(args.model, args.ckpt, args.image_size, args.vae, args.cfg_scale, args.global_seed,
-                    args.num_sampling_steps, args.sampler, precision) + (flow_run_suffix(args) if options else "")
+                    args.num_sampling_steps, args.sampler, precision) + (flow_run_suffix(args) if options else "") + \
+        ("-balanced" if getattr(args, "balanced_labels", False) else "")
 
 
 def main(args):
@@ -334,7 +337,8 @@ def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, sampler, a
         indices = todo[step + ctx.rank * batch: step + (ctx.rank + 1) * batch]
         if not indices:
             continue
-        labels = sample_labels(args.global_seed, indices, args.num_classes)
+        labels = (balanced_labels(indices, args.num_classes) if args.balanced_labels
+                  else sample_labels(args.global_seed, indices, args.num_classes))
         generators = [sample_generator(args.global_seed, i) for i in indices]
         images = generate(model, diffusion, labels, generators, args.cfg_scale, args.sampler, args.ddim_eta, vae,
                           amp_dtype=amp_dtype, pad_to=batch, guide_all_channels=args.guide_all_channels,

@@ -597,6 +597,23 @@ def test_tensorflow_inception_path_on_tiny_graph(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+def test_mnist5k_classifier_reads_held_out_digits_at_16px(tmp_path):
+    out, ref_out = str(tmp_path / "mnist.pt"), str(tmp_path / "mnist_ref16.npz")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_digits_classifier.py"), "--out", out,
+                           "--dataset", "mnist5k", "--image-size", "16", "--ref-out", ref_out, "--threads", "1"],
+                          capture_output=True, text=True, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    with np.load(ref_out) as ref:  # the reference is the held-out split: 100 of each class
+        assert ref["arr_0"].shape == (1000, 16, 16, 3) and np.bincount(ref["labels"]).tolist() == [100] * 10
+    # never trained on these: a generalisation figure
+    assert evaluator.samples_classifier_accuracy(ref_out, out, device="cpu") >= 0.95
+    mirrored = str(tmp_path / "mirrored.npz")
+    with np.load(ref_out) as ref:
+        np.savez(mirrored, arr_0=ref["arr_0"][:, :, ::-1], labels=ref["labels"])
+    assert evaluator.samples_classifier_accuracy(mirrored, out, device="cpu") < 0.6  # a mirror changes a digit
+
+
+@pytest.mark.slow
 def test_digits_classifier_trains_and_scores_rendered_digits(tmp_path):
     from PIL import Image
 

@@ -278,6 +278,14 @@ def test_part_files_and_streamed_npz(tmp_path):
         sample_ddp.write_npz(out, finished, 7, (8, 8, 3))
 
 
+def test_sample_ddp_balanced_labels(tmp_path, pixel_ckpt):
+    ddp_main("--ckpt", pixel_ckpt, "--num-fid-samples", "12", "--per-proc-batch-size", "5",
+             "--sample-dir", str(tmp_path), "--balanced-labels")
+    (final,) = glob.glob(os.path.join(str(tmp_path), "*.npz"))
+    assert final.endswith(f"-steps-{STEPS}-balanced.npz")  # never mistaken for a random-label run
+    assert load_npz(final)[1].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+
+
 def test_sample_ddp_npz_resume_and_no_silent_overwrite(tmp_path, pixel_ckpt):
     num = 10
     reference_dir = str(tmp_path / "reference")

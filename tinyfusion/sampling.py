@@ -80,6 +80,13 @@ def sample_labels(global_seed, indices, num_classes):
     return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
 
 
+def balanced_labels(indices, num_classes):
+    """Labels i mod num_classes (ours, sample_ddp --balanced-labels): every class equally often
+    over any num_classes consecutive samples, so FID against a class-balanced reference does
+    not move with the label draw."""
+    return torch.tensor([int(i) % num_classes for i in indices], dtype=torch.long)
+
+
 def draw_rows(generators, row_shape, pad_rows=0):
     """(len(generators) + pad_rows, *row_shape) float32 CPU tensor: row i from generators[i],
     padding rows zero (they are thrown away)."""
