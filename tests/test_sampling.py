@@ -22,8 +22,9 @@ import sample_ddp
 from tinyfusion.checkpoints import save_pruned_model
 from diffusion import create_diffusion, per_sample_noise_fn
 from models import DiT_models
+from tinyfusion.cli import resolve_timestep_spacing
 from tinyfusion.sampling import (generate, padded_rows, resolve_checkpoint, run_name, sample_generator,
-                      sample_labels, sample_seed)
+                                 sample_labels, sample_seed, sampling_process)
 from training_helpers import ROOT, torchrun
 from tinyfusion.vae import to_uint8_nhwc
 
@@ -135,14 +136,14 @@ def test_per_sample_seeds_and_labels():
     assert [padded_rows(n, pad) for n, pad in [(1, 0), (4, 0), (5, 0), (3, 6), (9, 2)]] == [4, 4, 8, 8, 12]
 
 
-@pytest.mark.parametrize("sampler, eta, cfg_scale", [("ddpm", 0.0, 1.5), ("ddim", 1.0, 1.0)])
+@pytest.mark.parametrize("sampler, eta, cfg_scale", [("ddpm", 0.0, 1.5), ("ddim", 1.0, 1.0), ("unipc", 0.0, 1.5)])
 def test_images_do_not_depend_on_batch_composition(sampler, eta, cfg_scale):
     """Bit-exact where it holds by construction: every run below computes an 8-row batch (padded),
     so each sample goes through kernels of the same shape whatever else shares its batch and
     wherever it sits in it (this is the sample_ddp case: a fixed --per-proc-batch-size on any
-    number of ranks)."""
+    number of ranks). A fast solver's multistep history is per batch, and per row within it."""
     model = tame_dit()
-    diffusion = create_diffusion(str(STEPS))
+    diffusion = sampling_process(sampler, STEPS, resolve_timestep_spacing(sampler, None))
     labels = sample_labels(0, range(6), NUM_CLASSES)
 
     def run(indices, pad_to=8):
@@ -152,7 +153,9 @@ def test_images_do_not_depend_on_batch_composition(sampler, eta, cfg_scale):
     in_halves = torch.cat([run([0, 1, 2]), run([3, 4, 5])])
     reversed_order = run([5, 4, 3, 2, 1, 0]).flip(0)
     assert torch.equal(together, in_halves) and torch.equal(together, reversed_order)
-    assert 0.1 < together.abs().median() < 2  # not a degenerate all-zero or saturated output
+    # not a degenerate all-zero or exploded output (the ODE solvers' sigma = 0 endpoint of this tame model is
+    # larger than DDPM's: median 2.7)
+    assert 0.1 < together.abs().median() < (2 if sampler in ("ddpm", "ddim") else 5)
     assert not torch.equal(together[0], together[1])
 
 

@@ -23,7 +23,10 @@ MODEL_NAMES = ["DiT-XL/2", "DiT-XL/4", "DiT-XL/8", "DiT-L/2", "DiT-L/4", "DiT-L/
 LR_SCHEDULES = ("cosine", "constant")           # tinyfusion/schedules.py
 CALIBRATIONS = ("clean", "noised")              # tinyfusion/pruning.bi_scores
 FLOW_SAMPLERS = ("ode", "sde")                  # SiT's samplers (transport/), tinyfusion/sampling.py
-SAMPLER_NAMES = ("ddpm", "ddim")                # the keys of tinyfusion.sampling.SAMPLERS
+SOLVER_NAMES = ("dpm-solver++", "unipc")        # DiT's fast ODE solvers (tinyfusion/solvers.py)
+SAMPLER_NAMES = ("ddpm", "ddim", *SOLVER_NAMES)  # the keys of tinyfusion.sampling.SAMPLERS
+DIFFUSION_SPACINGS = ("dit", "leading")         # ddpm / ddim: diffusion.respace.space_timesteps
+SOLVER_SPACINGS = ("linspace", "trailing", "leading")  # the fast solvers: diffusers' timestep_spacing
 STORE_DTYPE_NAMES = ("fp16", "fp32")            # the keys of tinyfusion.feature_store.STORE_DTYPES
 SIT_PATHS = ("Linear", "GVP", "VP")             # transport.paths.PATHS
 SIT_PREDICTIONS = ("velocity", "score", "noise")  # transport.paths.PREDICTIONS
@@ -121,6 +124,42 @@ def sampling_steps(text):
     if value > DIFFUSION_STEPS:
         raise argparse.ArgumentTypeError(f"must be at most the diffusion's {DIFFUSION_STEPS} steps, got {value}")
     return value
+
+
+def add_sampler_arg(parser):
+    """--sampler of sample.py and sample_ddp.py."""
+    parser.add_argument("--sampler", choices=[*SAMPLER_NAMES, *FLOW_SAMPLERS], default=None,
+                        help="DiT: ddpm (default, the original), ddim, or the fast ODE solvers dpm-solver++ "
+                             "(2nd order multistep) and unipc (one model evaluation per step: pass e.g. "
+                             "--num-sampling-steps 20); SiT: ode or sde (required)")
+    return parser
+
+
+def add_timestep_spacing_arg(parser):
+    """--timestep-spacing: which of the 1000 training steps a sampler evaluates the model at."""
+    choices = sorted(set(DIFFUSION_SPACINGS + SOLVER_SPACINGS))
+    parser.add_argument("--timestep-spacing", choices=choices, default=None,
+                        help="ddpm/ddim: dit (default: steps spread evenly over [0, 999], as DiT) or leading "
+                             "(0, s, 2s, ...: diffusers' DiTPipeline); dpm-solver++/unipc: linspace (default, "
+                             "diffusers' default for them), trailing (recommended for few steps by Lin et al. 2023) "
+                             "or leading")
+    return parser
+
+
+def resolve_timestep_spacing(sampler, spacing):
+    """The spacing a run uses (the sampler's default when None); ValueError when it does not fit."""
+    if sampler not in SAMPLER_NAMES:  # SiT's samplers have no timestep spacing
+        if spacing is not None:
+            raise ValueError(f"--timestep-spacing is for DiT's samplers ({', '.join(SAMPLER_NAMES)}), "
+                             f"not --sampler {sampler}")
+        return None
+    allowed = SOLVER_SPACINGS if sampler in SOLVER_NAMES else DIFFUSION_SPACINGS
+    if spacing is None:
+        return allowed[0]
+    if spacing not in allowed:
+        raise ValueError(f"--timestep-spacing {spacing} does not fit --sampler {sampler}; use one of "
+                         f"{', '.join(allowed)}")
+    return spacing
 
 
 def parse_index_list(text):
