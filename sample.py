@@ -23,9 +23,9 @@ A SiT (--model SiT-...) samples with --sampler ode or sde (SiT's ODE / SDE modes
 import argparse
 import time
 
-from tinyfusion.cli import (SOLVER_NAMES, add_guidance_args, add_model_args, add_precision_arg, add_sampler_arg,
-                            add_sampling_compile_arg, add_timestep_spacing_arg, add_transport_args, autocast,
-                            resolve_precision, resolve_timestep_spacing, sampling_steps)
+from tinyfusion.cli import (SAMPLING_PRECISION_HELP, SOLVER_NAMES, add_guidance_args, add_model_args,
+                            add_precision_arg, add_sampler_arg, add_sampling_compile_arg, add_timestep_spacing_arg,
+                            add_transport_args, autocast, resolve_timestep_spacing, sampling_steps)
 from tinyfusion.errors import TinyFusionError, run_main
 
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     parser.add_argument("--grid", choices=["plain", "labeled"], default="plain",
                         help="plain: the original 4-column grid; labeled: one row per class with its label, "
                              "gaps between tiles, small images upscaled (nearest-neighbour) to >= 64 px")
-    add_precision_arg(parser)
+    add_precision_arg(parser, help=SAMPLING_PRECISION_HELP)
     add_sampling_compile_arg(parser)
     parser.set_defaults(precision="fp32")  # the original samples in fp32; bf16 is opt-in on every device
     add_transport_args(parser)
@@ -69,7 +69,7 @@ from torchvision.utils import save_image
 from tinyfusion.atomic_files import atomic_path
 from tinyfusion.checkpoints import build_model
 from tinyfusion.grids import save_labeled_grid
-from tinyfusion.precision import cast_weights_once, low_precision_warning
+from tinyfusion.precision import cast_weights_once, resolve_sampling_precision
 from tinyfusion.sampling import compile_forward, generate, resolve_checkpoint, sample_generator, sampling_process
 from tinyfusion.vae import decode, load_vae, to_uint8_nhwc
 from transport.cli import check_sampler_family, check_transport_flags, check_transport_record, flow_options
@@ -129,12 +129,12 @@ def main(args):
     model, metadata = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
                                   use_ema=not args.no_ema, groups=args.groups, families=("DiT", "SiT"))
     check_transport_record(metadata, transport, ckpt)
-    amp_dtype = resolve_precision(args.precision, device)
+    amp_dtype, precision_note = resolve_sampling_precision(args.precision, device)
     model = cast_weights_once(model.to(device).eval().requires_grad_(False), amp_dtype)  # bf16/fp16: cast once
     if args.compile:
         model = compile_forward(model)
-    if low_precision_warning(amp_dtype, device):
-        print(low_precision_warning(amp_dtype, device))
+    if precision_note:  # what auto chose, or that the precision asked for is emulated here
+        print(precision_note)
     vae = load_vae(args.vae, args.vae_path, device)
     diffusion = transport if is_sit else sampling_process(args.sampler, args.num_sampling_steps, spacing)
 

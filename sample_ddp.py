@@ -23,9 +23,9 @@ import shutil
 import time
 import zipfile
 
-from tinyfusion.cli import (add_guidance_args, add_model_args, add_precision_arg, add_sampler_arg,
-                            add_sampling_compile_arg, add_timestep_spacing_arg, add_transport_args, nonnegative_float,
-                            nonnegative_int, positive_int, resolve_precision, resolve_timestep_spacing, sampling_steps)
+from tinyfusion.cli import (SAMPLING_PRECISION_HELP, add_guidance_args, add_model_args, add_precision_arg,
+                            add_sampler_arg, add_sampling_compile_arg, add_timestep_spacing_arg, add_transport_args,
+                            nonnegative_float, nonnegative_int, positive_int, resolve_timestep_spacing, sampling_steps)
 from tinyfusion.errors import TinyFusionError, run_main
 
 
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     add_sampler_arg(parser)
     parser.add_argument("--ddim-eta", type=nonnegative_float, default=0.0)
     add_timestep_spacing_arg(parser)
-    add_precision_arg(parser)
+    add_precision_arg(parser, help=SAMPLING_PRECISION_HELP)
     add_sampling_compile_arg(parser)
     parser.set_defaults(precision="fp32")  # FID numbers are comparable to the original's fp32 sampling
     parser.add_argument("--save-png", action="store_true", help="also write {index:06d}.png into the run folder")
@@ -72,7 +72,7 @@ from tqdm import tqdm
 from tinyfusion.atomic_files import atomic_path, atomic_write_json
 from tinyfusion.checkpoints import build_model, check_finite_weights, load_state_dict
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
-from tinyfusion.precision import cast_weights_once, low_precision_warning
+from tinyfusion.precision import cast_weights_once, resolve_sampling_precision
 from tinyfusion.run_lock import lock_folder, release_folder
 from tinyfusion.runlog import MetricsLog, create_logger
 from tinyfusion.sampling import (compile_forward, generate, resolve_checkpoint, run_name, sample_generator,
@@ -264,7 +264,7 @@ def main(args):
         torch.backends.cudnn.allow_tf32 = args.tf32
     else:  # CPU kernels round differently with other thread counts: a fixed count keeps images world-size free
         torch.set_num_threads(args.cpu_threads)
-    amp_dtype = resolve_precision(args.precision, ctx.device)
+    amp_dtype, _ = resolve_sampling_precision(args.precision, ctx.device)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     run_dir = os.path.join(args.sample_dir, output_name(args, options, precision))
     final_path = f"{run_dir}.npz"
@@ -316,8 +316,9 @@ def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_
     model = cast_weights_once(model, amp_dtype)  # bf16/fp16: weights cast once, not on every call
     if args.compile:
         model = compile_forward(model)
-    if low_precision_warning(amp_dtype, ctx.device):
-        logger.info(low_precision_warning(amp_dtype, ctx.device))
+    precision_note = resolve_sampling_precision(args.precision, ctx.device)[1]
+    if precision_note:  # what auto chose, or that the precision asked for is emulated here
+        logger.info(precision_note)
     vae = load_vae(args.vae, args.vae_path, ctx.device)
     diffusion = transport_from_args(args) if options else sampling_process(args.sampler, args.num_sampling_steps,
                                                                            args.timestep_spacing)

@@ -192,10 +192,13 @@ def add_model_args(parser, default_model="DiT-XL/2"):
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # flag -> torch dtype name
 
 
-def add_precision_arg(parser):
-    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
-                        help="autocast dtype; auto = bf16 on GPU, fp32 on CPU")
+def add_precision_arg(parser, help="autocast dtype; auto = bf16 on GPU, fp32 on CPU"):
+    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help=help)
     return parser
+
+
+SAMPLING_PRECISION_HELP = ("autocast dtype (default fp32, the original's); auto = bf16 on a GPU and on a CPU with native "
+                           "bf16 matmul (AMX or AVX-512-BF16), fp32 on other CPUs, where bf16 is emulated and slower")
 
 
 def add_sampling_compile_arg(parser):
