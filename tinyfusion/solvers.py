@@ -49,6 +49,7 @@ class FastSolver:
         if not 1 <= num_steps <= DIFFUSION_STEPS:
             raise ValueError(f"a solver takes 1 to {DIFFUSION_STEPS} steps, got {num_steps}")
         self.name, self.num_steps, self.timestep_spacing = name, int(num_steps), timestep_spacing
+        self.new_scheduler()  # imports diffusers now (seconds), not inside a timed sampling loop
 
     def new_scheduler(self):
         """A fresh diffusers scheduler, its timesteps set."""
