@@ -287,6 +287,26 @@ def add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4, min_lr
     return parser
 
 
+def add_eval_args(parser):
+    """--eval-every and its settings (tinyfusion/quality.py): FID of EMA samples while training."""
+    group = parser.add_argument_group("sample quality while training (ours; rank 0, the training is unchanged)")
+    group.add_argument("--eval-every", type=positive_int, default=None,
+                       help="every N steps (a multiple of --log-every) and at the last step: sample --eval-samples "
+                            "images from the EMA weights and log their FID (off by default)")
+    group.add_argument("--eval-ref", type=str, default=None,
+                       help="reference batch .npz for the FID (evaluator.py's ref_batch); required with --eval-every")
+    group.add_argument("--eval-feature-net", type=str, default=None,
+                       help="TorchScript feature network (evaluator.py --feature-net; also logs its accuracy on the "
+                            "samples' labels); default the Inception graph")
+    group.add_argument("--eval-samples", type=positive_int, default=1000)
+    group.add_argument("--eval-sampler", choices=SAMPLER_NAMES, default="dpm-solver++")
+    group.add_argument("--eval-steps", type=sampling_steps, default=20)
+    group.add_argument("--eval-cfg-scale", type=nonnegative_float, default=1.5)
+    group.add_argument("--eval-seed", type=nonnegative_int, default=0, help="sample i from seeds (this, i)")
+    group.add_argument("--eval-batch-size", type=positive_int, default=50)
+    return parser
+
+
 def add_tracker_args(parser):
     """--wandb / --tensorboard (tinyfusion/trackers.py)."""
     parser.add_argument("--wandb", action="store_true", help="also log every metrics record to Weights & Biases")
