@@ -2,7 +2,8 @@
 DiT's own noise schedule.
 
 Both integrate the probability-flow ODE of DiT's diffusion (linear betas 1e-4..0.02 over 1000 steps,
-the same float64 table as diffusion/) with the DiT's noise prediction: the first C channels of its
+handed over as diffusion/'s float64 table; diffusers holds it, its coefficients and the update in
+float32) with the DiT's noise prediction: the first C channels of its
 learned-variance output (C = the input channels; the variance channels are not used by an ODE
 solver). Classifier-free guidance is the original's, applied by the caller's model function
 (forward_with_cfg: the first 3 channels guided unless --guide-all-channels), so the solver sees
