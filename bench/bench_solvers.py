@@ -189,7 +189,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from tinyfusion.atomic_files import atomic_path
+    from tinyfusion.atomic_files import atomic_save_figure
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -209,11 +209,7 @@ def plot(rows, path):
         ax.set_ylabel("FID (digits classifier features)")
         ax.set_title(model)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return atomic_save_figure(fig, path)
 
 
 def main(args):

@@ -163,27 +163,19 @@ def test_sample_scripts_say_what_auto_chose(tmp_path, monkeypatch, capsys):
     """sample.py --precision auto on a CPU without native bf16: fp32, said in one line."""
     import sample
     import tinyfusion.precision as precision
-    from test_sampling import PIXEL_FLAGS, save_tame_checkpoint
+    from test_sampling import PIXEL_FLAGS, save_tame_checkpoint, stop_at_generate
     monkeypatch.setattr(precision, "cpu_flags", lambda: set(AVX512_CPU))
     ckpt = save_tame_checkpoint(tmp_path / "tame.pt")
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def recording_generate(*args, **kwargs):
-        seen.update(kwargs)
-        raise Stop
-    monkeypatch.setattr(sample, "generate", recording_generate)
+    seen, Stop = stop_at_generate(monkeypatch, sample)
+    flags = [*PIXEL_FLAGS, "--ckpt", ckpt, "--precision", "auto", "--per-sample-seeds", "--class-labels", "1",
+             "--out", str(tmp_path / "grid.png")]
     with pytest.raises(Stop):
-        sample.main(sample.parse_args([*PIXEL_FLAGS, "--ckpt", ckpt, "--precision", "auto", "--per-sample-seeds", "--class-labels", "1",
-                                       "--out", str(tmp_path / "grid.png")]))
+        sample.main(sample.parse_args(flags))
     assert seen["amp_dtype"] == torch.float32
     said = [line for line in capsys.readouterr().out.splitlines() if "precision" in line]
     assert len(said) == 1 and said[0].startswith("precision auto: fp32 (this CPU has no native bf16 matmul")
     monkeypatch.setattr(precision, "cpu_flags", lambda: set(AMX_CPU))
     with pytest.raises(Stop):
-        sample.main(sample.parse_args([*PIXEL_FLAGS, "--ckpt", ckpt, "--precision", "auto", "--per-sample-seeds", "--class-labels", "1",
-                                       "--out", str(tmp_path / "grid.png")]))
+        sample.main(sample.parse_args(flags))
     assert seen["amp_dtype"] == torch.bfloat16
     assert "precision auto: bf16 (this CPU has native bf16 matmul" in capsys.readouterr().out

@@ -234,20 +234,27 @@ def test_cfg_one_is_one_plain_forward_per_step():
     assert len(calls) == STEPS and all(y.tolist() == [2, 7, 7, 0] + [NUM_CLASSES] * 4 for y in calls)
 
 
+class StopAtGenerate(Exception):
+    pass
+
+
+def stop_at_generate(monkeypatch, script):
+    """Make `script.generate` record its keyword arguments and stop the run: ({} filled on the
+    call, the exception to expect)."""
+    seen = {}
+
+    def recording_generate(*args, **kwargs):
+        seen.update(kwargs)
+        raise StopAtGenerate
+    monkeypatch.setattr(script, "generate", recording_generate)
+    return seen, StopAtGenerate
+
+
 def test_guide_all_channels_flag_reaches_generation_and_is_part_of_the_sample_identity(tmp_path, monkeypatch):
     from tiny_vae import make_tiny_vae
     vae_dir = make_tiny_vae(str(tmp_path / "vae"))
     ckpt = save_tame_checkpoint(tmp_path / "latent.pt", model_name="DiT-XS/2", input_size=4, in_channels=4)
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def recording_generate(*args, **kwargs):
-        seen.update(kwargs)
-        raise Stop
-
-    monkeypatch.setattr(sample, "generate", recording_generate)
+    seen, Stop = stop_at_generate(monkeypatch, sample)
     for extra, expected in (([], False), (["--guide-all-channels"], True)):  # the original guides 3 channels
         with pytest.raises(Stop):
             sample.main(sample.parse_args(["--model", "DiT-XS/2", "--image-size", "32", "--vae", "ema",

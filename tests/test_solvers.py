@@ -54,13 +54,14 @@ def reference_timesteps(steps, spacing):
     return [int(t) - 1 for t in np.round(np.arange(1000, 0, -1000 / steps))]
 
 
-def reference_dpm_solver_pp_2m(eps_fn, x, timesteps):
+def reference_dpm_solver_pp_2m(eps_fn, x, timesteps, order=2):
     """DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022, in float64: data prediction
     x0_i = (x - sigma_i eps) / alpha_i, lambda = log(alpha / sigma), h_i = lambda_i - lambda_{i-1};
     step 1 first order, then D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2} with
     r_i = h_{i-1} / h_i and x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i.
     The last step goes to sigma = 0 (lambda = inf), where the first-order update is the data
-    prediction itself (the second-order one has r = 0 there)."""
+    prediction itself (the second-order one has r = 0 there). order=1: D_i = x0_{i-1} throughout,
+    DPM-Solver++ of order 1 (= DDIM), the foil of the test below."""
     previous_x0, previous_h = None, None
     for i, t in enumerate(timesteps):
         alpha, sigma = dit_alpha_sigma(t)
@@ -69,7 +70,7 @@ def reference_dpm_solver_pp_2m(eps_fn, x, timesteps):
             return x0
         alpha_next, sigma_next = dit_alpha_sigma(timesteps[i + 1])
         h = np.log(alpha_next / sigma_next) - np.log(alpha / sigma)
-        if previous_x0 is None:
+        if previous_x0 is None or order == 1:
             direction = x0
         else:
             r = previous_h / h
@@ -119,20 +120,9 @@ def test_dpm_solver_pp_is_algorithm_2_on_dits_schedule(spacing, steps):
     assert (alone - expected).abs().max() < 1e-5 * scale
     assert (ours.double() - expected).abs().max() < 1e-4 * scale
     # the test tells second order from first: DDIM's update (D_i = x0_i) lands far off
-    first_order = reference_dpm_solver_pp_2m_first_order(guided_eps_by_hand(model64, labels, cfg_scale),
-                                                         x_T.double(), reference_timesteps(steps, spacing))
+    first_order = reference_dpm_solver_pp_2m(guided_eps_by_hand(model64, labels, cfg_scale), x_T.double(),
+                                             reference_timesteps(steps, spacing), order=1)
     assert (first_order - expected).abs().max() > 0.1 * scale
-
-
-def reference_dpm_solver_pp_2m_first_order(eps_fn, x, timesteps):
-    """DPM-Solver++ of order 1 (= DDIM), the foil of the test above."""
-    for i, t in enumerate(timesteps):
-        alpha, sigma = dit_alpha_sigma(t)
-        x0 = (x - sigma * eps_fn(x, t)) / alpha
-        if i == len(timesteps) - 1:
-            return x0
-        alpha_next, sigma_next = dit_alpha_sigma(timesteps[i + 1])
-        x = alpha_next * x0 + sigma_next * (x - alpha * x0) / sigma
 
 
 # ----------------------------------------------------------------------- the Gaussian closed form

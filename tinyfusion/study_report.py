@@ -4,7 +4,7 @@ the 95% interval of the paired difference excludes 0."""
 import json
 import os
 
-from tinyfusion.atomic_files import atomic_path, atomic_write_text
+from tinyfusion.atomic_files import atomic_save_figure, atomic_write_text
 from tinyfusion.stats import mean_and_std, paired_difference
 
 
@@ -119,11 +119,7 @@ def scatter_figure(result, path):
     ax.set_xlabel("held-out loss right after pruning (calibration loss)")
     ax.set_ylabel("held-out loss after the same fine-tuning")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return atomic_save_figure(fig, path)
 
 
 def activation_lines(result):
