@@ -23,9 +23,9 @@ import shutil
 import time
 import zipfile
 
-from tinyfusion.cli import (FLOW_SAMPLERS, SAMPLER_NAMES, add_guidance_args, add_model_args, add_precision_arg,
-                            add_sampling_compile_arg, add_transport_args, nonnegative_float, nonnegative_int,
-                            positive_int, resolve_precision, sampling_steps)
+from tinyfusion.cli import (SAMPLING_PRECISION_HELP, add_guidance_args, add_model_args, add_precision_arg,
+                            add_sampler_arg, add_sampling_compile_arg, add_timestep_spacing_arg, add_transport_args,
+                            nonnegative_float, nonnegative_int, positive_int, resolve_timestep_spacing, sampling_steps)
 from tinyfusion.errors import TinyFusionError, run_main, unwritable_message
 
 
@@ -43,10 +43,10 @@ def parse_args(argv=None):
     parser.add_argument("--ckpt", type=str, default=None,
                         help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
-    parser.add_argument("--sampler", choices=[*SAMPLER_NAMES, *FLOW_SAMPLERS], default=None,
-                        help="DiT: ddpm (default) or ddim; SiT: ode or sde (required)")
+    add_sampler_arg(parser)
     parser.add_argument("--ddim-eta", type=nonnegative_float, default=0.0)
-    add_precision_arg(parser)
+    add_timestep_spacing_arg(parser)
+    add_precision_arg(parser, help=SAMPLING_PRECISION_HELP)
     add_sampling_compile_arg(parser)
     parser.set_defaults(precision="fp32")  # FID numbers are comparable to the original's fp32 sampling
     parser.add_argument("--balanced-labels", action="store_true",
@@ -71,15 +71,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from diffusion import create_diffusion
 from tinyfusion.atomic_files import atomic_path, atomic_write_json
 from tinyfusion.checkpoints import build_model, check_finite_weights, load_state_dict
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
-from tinyfusion.precision import cast_weights_once, low_precision_warning
+from tinyfusion.precision import cast_weights_once, resolve_sampling_precision
 from tinyfusion.run_lock import lock_folder, release_folder
 from tinyfusion.runlog import MetricsLog, create_logger
 from tinyfusion.sampling import (compile_forward, generate, resolve_checkpoint, run_name, sample_generator,
-                                 sample_labels, balanced_labels)
+                                 sample_labels, sampling_process, spacing_identity, balanced_labels)
 from tinyfusion.vae import load_vae, to_uint8_nhwc
 from transport.cli import (check_sampler_family, check_transport_flags, check_transport_record, flow_identity,
                            flow_options, flow_run_suffix, transport_from_args)
@@ -89,9 +88,10 @@ from transport.cli import (check_sampler_family, check_transport_flags, check_tr
 # counts by the weights it holds, not its name: two different checkpoints/0000010.pt never share samples.
 IDENTITY_KEYS = ("model", "weights_sha256", "no_ema", "image_size", "num_classes", "vae", "vae_path", "groups",
                  "cfg_scale", "num_sampling_steps", "sampler", "ddim_eta", "global_seed", "precision", "tf32",
-                 "compile", "guide_all_channels")
+                 "compile", "guide_all_channels", "timestep_spacing")
 # identity keys added after runs were first recorded: a settings.json without one was made with this value
-ADDED_IDENTITY_DEFAULTS = {"compile": False}
+# (timestep_spacing is recorded as None when it is the sampler's default, the only spacing of older runs)
+ADDED_IDENTITY_DEFAULTS = {"compile": False, "timestep_spacing": None}
 
 
 def weights_sha256(ckpt, use_ema=True, transport=None):
@@ -242,14 +242,18 @@ def check_args(args):
     check_transport_flags(args)
     if args.sampler != "ddim" and args.ddim_eta != 0.0:
         raise TinyFusionError("--ddim-eta is for --sampler ddim")
+    try:
+        args.timestep_spacing = resolve_timestep_spacing(args.sampler, args.timestep_spacing)
+    except ValueError as error:
+        raise TinyFusionError(str(error)) from None
     return flow_options(args) if args.model.startswith("SiT-") else None
 
 
 def output_name(args, options, precision="fp32"):
     """The run folder / .npz name of these settings (after check_args; `options` what it returned)."""
     return run_name(args.model, args.ckpt, args.image_size, args.vae, args.cfg_scale, args.global_seed,
-                    args.num_sampling_steps, args.sampler, precision) + (flow_run_suffix(args) if options else "") + \
-        ("-balanced" if getattr(args, "balanced_labels", False) else "")
+                    args.num_sampling_steps, args.sampler, precision, args.timestep_spacing) + (
+        flow_run_suffix(args) if options else "") + ("-balanced" if getattr(args, "balanced_labels", False) else "")
 
 
 def main(args):
@@ -262,14 +266,14 @@ def main(args):
         torch.backends.cudnn.allow_tf32 = args.tf32
     else:  # CPU kernels round differently with other thread counts: a fixed count keeps images world-size free
         torch.set_num_threads(args.cpu_threads)
-    amp_dtype = resolve_precision(args.precision, ctx.device)
+    amp_dtype, _ = resolve_sampling_precision(args.precision, ctx.device)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     run_dir = os.path.join(args.sample_dir, output_name(args, options, precision))
     final_path = f"{run_dir}.npz"
     image_shape = (args.image_size, args.image_size, 3)
     settings = {key: getattr(args, key) for key in IDENTITY_KEYS if hasattr(args, key)}
     settings.update(ckpt=os.path.abspath(ckpt), precision=precision, tf32=bool(args.tf32),
-                    compile=bool(args.compile))
+                    compile=bool(args.compile), timestep_spacing=spacing_identity(args.sampler, args.timestep_spacing))
     settings.update(flow_identity(args) if options else {})
 
     sampler = build_sampler(args, ckpt, ctx, amp_dtype, options)  # refuses a mismatch before any folder exists
@@ -304,7 +308,8 @@ def build_sampler(args, ckpt, ctx, amp_dtype, options=None):
     if args.compile:
         model = compile_forward(model)
     vae = load_vae(args.vae, args.vae_path, ctx.device)
-    diffusion = transport_from_args(args) if options else create_diffusion(str(args.num_sampling_steps))
+    diffusion = transport_from_args(args) if options else sampling_process(args.sampler, args.num_sampling_steps,
+                                                                           args.timestep_spacing)
     return model, vae, diffusion
 
 
@@ -324,8 +329,9 @@ def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, sampler, a
                 f"{len(todo)} on {ctx.world_size} rank(s) x {args.per_proc_batch_size} ({ctx.backend}) into {run_dir}")
 
     model, vae, diffusion = sampler
-    if low_precision_warning(amp_dtype, ctx.device):
-        logger.info(low_precision_warning(amp_dtype, ctx.device))
+    precision_note = resolve_sampling_precision(args.precision, ctx.device)[1]
+    if precision_note:  # what auto chose, or that the precision asked for is emulated here
+        logger.info(precision_note)
 
     # global batch k covers todo[k*G:(k+1)*G], G = world size x per-proc batch; rank r takes its slice
     batch = args.per_proc_batch_size

@@ -29,7 +29,7 @@ def rows_of(name, result):
                  f"{_pct(eff['current']['median'])} ({_pct(eff['legacy']['median'])})", ">= 70%"),
                 (f"fp32 forward time now / before, {threads} thread(s)", _x(result["current_vs_legacy"]["ratio_median"]),
                  "< 1x, outputs within 1e-6")]
-    if name == "precision":
+    if name.startswith("precision"):
         config, cmp = result["config"], result["comparisons"]
         native = "native" if config["native_low_precision"] else "emulated (no native bf16 on this CPU)"
         return [(f"sampling images/s, {config['dtype']} weights cast once / fp32, {config['model']} ({native})",

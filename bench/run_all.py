@@ -33,6 +33,8 @@ BENCHES = {
     "forward_2_threads": ("bench.bench_forward", ["--quick", "--threads", "2"], ["--threads", "2"]),
     "precision": ("bench.bench_precision", ["--model", "DiT-S/2", "--input-size", "8", "--images", "2", "--steps", "2",
                                             "--rounds", "4"], []),
+    "precision_256": ("bench.bench_precision", ["--model", "DiT-XL/2", "--input-size", "32", "--images", "2",
+                                                "--steps", "2", "--rounds", "3"], []),  # DiT-XL/2 at 256 px
     "train": ("bench.bench_train", ["--quick", "--threads", "1"], ["--threads", "1"]),
     "model": ("bench.bench_model", ["--quick"], []),
     "prune": ("bench.bench_prune", ["--threads", "1", "--latent-size", "16", "--steps", "4", "--batch-size", "8",

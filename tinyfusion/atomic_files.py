@@ -67,6 +67,16 @@ def atomic_write_json(path, obj, overwrite=True):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", overwrite=overwrite)
 
 
+def atomic_save_figure(fig, path, dpi=120):
+    """A matplotlib figure laid out, written atomically as PNG, and closed; returns `path`."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _current_umask():
     mask = os.umask(0)
     os.umask(mask)

@@ -23,7 +23,10 @@ MODEL_NAMES = ["DiT-XL/2", "DiT-XL/4", "DiT-XL/8", "DiT-L/2", "DiT-L/4", "DiT-L/
 LR_SCHEDULES = ("cosine", "constant")           # tinyfusion/schedules.py
 CALIBRATIONS = ("clean", "noised")              # tinyfusion/pruning.bi_scores
 FLOW_SAMPLERS = ("ode", "sde")                  # SiT's samplers (transport/), tinyfusion/sampling.py
-SAMPLER_NAMES = ("ddpm", "ddim")                # the keys of tinyfusion.sampling.SAMPLERS
+SOLVER_NAMES = ("dpm-solver++", "unipc")        # DiT's fast ODE solvers (tinyfusion/solvers.py)
+SAMPLER_NAMES = ("ddpm", "ddim", *SOLVER_NAMES)  # the keys of tinyfusion.sampling.SAMPLERS
+DIFFUSION_SPACINGS = ("dit", "leading")         # ddpm / ddim: diffusion.respace.space_timesteps
+SOLVER_SPACINGS = ("linspace", "trailing", "leading")  # the fast solvers: diffusers' timestep_spacing
 STORE_DTYPE_NAMES = ("fp16", "fp32")            # the keys of tinyfusion.feature_store.STORE_DTYPES
 SIT_PATHS = ("Linear", "GVP", "VP")             # transport.paths.PATHS
 SIT_PREDICTIONS = ("velocity", "score", "noise")  # transport.paths.PREDICTIONS
@@ -123,6 +126,42 @@ def sampling_steps(text):
     return value
 
 
+def add_sampler_arg(parser):
+    """--sampler of sample.py and sample_ddp.py."""
+    parser.add_argument("--sampler", choices=[*SAMPLER_NAMES, *FLOW_SAMPLERS], default=None,
+                        help="DiT: ddpm (default, the original), ddim, or the fast ODE solvers dpm-solver++ "
+                             "(2nd order multistep) and unipc (one model evaluation per step: pass e.g. "
+                             "--num-sampling-steps 20); SiT: ode or sde (required)")
+    return parser
+
+
+def add_timestep_spacing_arg(parser):
+    """--timestep-spacing: which of the 1000 training steps a sampler evaluates the model at."""
+    choices = sorted(set(DIFFUSION_SPACINGS + SOLVER_SPACINGS))
+    parser.add_argument("--timestep-spacing", choices=choices, default=None,
+                        help="ddpm/ddim: dit (default: steps spread evenly over [0, 999], as DiT) or leading "
+                             "(0, s, 2s, ...: diffusers' DiTPipeline); dpm-solver++/unipc: linspace (default, "
+                             "diffusers' default for them), trailing (recommended for few steps by Lin et al. 2023) "
+                             "or leading")
+    return parser
+
+
+def resolve_timestep_spacing(sampler, spacing):
+    """The spacing a run uses (the sampler's default when None); ValueError when it does not fit."""
+    if sampler not in SAMPLER_NAMES:  # SiT's samplers have no timestep spacing
+        if spacing is not None:
+            raise ValueError(f"--timestep-spacing is for DiT's samplers ({', '.join(SAMPLER_NAMES)}), "
+                             f"not --sampler {sampler}")
+        return None
+    allowed = SOLVER_SPACINGS if sampler in SOLVER_NAMES else DIFFUSION_SPACINGS
+    if spacing is None:
+        return allowed[0]
+    if spacing not in allowed:
+        raise ValueError(f"--timestep-spacing {spacing} does not fit --sampler {sampler}; use one of "
+                         f"{', '.join(allowed)}")
+    return spacing
+
+
 def parse_index_list(text):
     """`"[0, 2, 4]"` or `"0,2,4"` -> [0, 2, 4]."""
     try:
@@ -153,10 +192,13 @@ def add_model_args(parser, default_model="DiT-XL/2"):
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # flag -> torch dtype name
 
 
-def add_precision_arg(parser):
-    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
-                        help="autocast dtype; auto = bf16 on GPU, fp32 on CPU")
+def add_precision_arg(parser, help="autocast dtype; auto = bf16 on GPU, fp32 on CPU"):
+    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help=help)
     return parser
+
+
+SAMPLING_PRECISION_HELP = ("autocast dtype (default fp32, the original's); auto = bf16 on a GPU and on a CPU with native "
+                           "bf16 matmul (AMX or AVX-512-BF16), fp32 on other CPUs, where bf16 is emulated and slower")
 
 
 def add_sampling_compile_arg(parser):
@@ -243,6 +285,26 @@ def add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4, min_lr
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     add_tracker_args(parser)
+    return parser
+
+
+def add_eval_args(parser):
+    """--eval-every and its settings (tinyfusion/quality.py): FID of EMA samples while training."""
+    group = parser.add_argument_group("sample quality while training (ours; rank 0, the training is unchanged)")
+    group.add_argument("--eval-every", type=positive_int, default=None,
+                       help="every N steps (a multiple of --log-every) and at the last step: sample --eval-samples "
+                            "images from the EMA weights and log their FID (off by default)")
+    group.add_argument("--eval-ref", type=str, default=None,
+                       help="reference batch .npz for the FID (evaluator.py's ref_batch); required with --eval-every")
+    group.add_argument("--eval-feature-net", type=str, default=None,
+                       help="TorchScript feature network (evaluator.py --feature-net; also logs its accuracy on the "
+                            "samples' labels); default the Inception graph")
+    group.add_argument("--eval-samples", type=positive_int, default=1000)
+    group.add_argument("--eval-sampler", choices=SAMPLER_NAMES, default="dpm-solver++")
+    group.add_argument("--eval-steps", type=sampling_steps, default=20)
+    group.add_argument("--eval-cfg-scale", type=nonnegative_float, default=1.5)
+    group.add_argument("--eval-seed", type=nonnegative_int, default=0, help="sample i from seeds (this, i)")
+    group.add_argument("--eval-batch-size", type=positive_int, default=50)
     return parser
 
 

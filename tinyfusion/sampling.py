@@ -18,7 +18,8 @@ import os
 import numpy as np
 import torch
 
-from tinyfusion.cli import FLOW_SAMPLERS, autocast  # FLOW_SAMPLERS: SiT's (transport/), run by flow_sample
+# FLOW_SAMPLERS: SiT's (transport/), run by flow_sample
+from tinyfusion.cli import FLOW_SAMPLERS, SOLVER_NAMES, autocast, resolve_timestep_spacing
 from tinyfusion.downloads import resolve_released
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.vae import decode
@@ -28,10 +29,17 @@ NOISE_STREAM, LABEL_STREAM = 0, 1  # independent random streams of one sample
 # the sampler registry: name -> fn(diffusion, model_fn, shape, eta, loop keywords) -> final latents.
 # A new sampler is one entry here and its name in tinyfusion.cli.SAMPLER_NAMES (the --sampler choices,
 # listed there so that --help needs no torch); unknown names are refused.
+# The fast solvers' `diffusion` is a tinyfusion.solvers.FastSolver (see sampling_process).
+def _solver_loop(solver, model_fn, shape, eta, kwargs):
+    return solver.sample_loop(model_fn, kwargs["noise"], kwargs["model_kwargs"], progress=kwargs["progress"])
+
+
 SAMPLERS = {
     "ddpm": lambda diffusion, model_fn, shape, eta, kwargs: diffusion.p_sample_loop(model_fn, shape, **kwargs),
     "ddim": lambda diffusion, model_fn, shape, eta, kwargs: diffusion.ddim_sample_loop(model_fn, shape, eta=eta,
                                                                                        **kwargs),
+    "dpm-solver++": _solver_loop,
+    "unipc": _solver_loop,
 }
 # ----------------------------------------------------------------------- checkpoints
 def resolve_checkpoint(ckpt, model_name, image_size):
@@ -102,6 +110,16 @@ def padded_rows(rows, pad_to=0):
 
 
 # ----------------------------------------------------------------------- generation
+def sampling_process(sampler, num_steps, timestep_spacing):
+    """What `generate` samples a DiT with: the respaced diffusion of ddpm / ddim ("dit" spacing:
+    DiT's, "leading": diffusers' DiTPipeline's) or the FastSolver of dpm-solver++ / unipc."""
+    if sampler in SOLVER_NAMES:
+        from tinyfusion.solvers import FastSolver
+        return FastSolver(sampler, num_steps, timestep_spacing)
+    from diffusion import create_diffusion
+    return create_diffusion(("leading" if timestep_spacing == "leading" else "") + str(num_steps))
+
+
 def compile_forward(model, log=print):
     """torch.compile the model's forward in place (sample.py / sample_ddp.py --compile): both
     model(x, t, y) and forward_with_cfg go through it. Sampling calls it with one batch shape and a
@@ -129,7 +147,10 @@ def generate(model, diffusion, labels, generators, cfg_scale=1.0, sampler="ddpm"
         raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join((*SAMPLERS, *FLOW_SAMPLERS))}")
     if (sampler in FLOW_SAMPLERS) != (getattr(model, "model_family", "DiT") == "SiT"):
         raise ValueError(f"sampler {sampler!r} does not fit a {getattr(model, 'model_family', 'DiT')} model "
-                         f"(SiT: ode, sde; DiT: ddpm, ddim)")
+                         f"(SiT: ode, sde; DiT: ddpm, ddim, {', '.join(SOLVER_NAMES)})")
+    solver_name = getattr(diffusion, "name", None)  # a FastSolver's; diffusions and transports have none
+    if (sampler in SOLVER_NAMES or solver_name in SOLVER_NAMES) and solver_name != sampler:
+        raise ValueError(f"sampler {sampler!r} needs its own sampling process: sampling_process({sampler!r}, ...)")
     if len(generators) != len(labels):
         raise ValueError(f"need one generator per label, got {len(generators)} generators for {len(labels)} labels")
     if cfg_scale < 0:
@@ -185,7 +206,7 @@ def flow_sample(transport, sampler, model_fn, noise, noise_fn, progress, options
 
 # ----------------------------------------------------------------------- naming
 def run_name(model_name, ckpt, image_size, vae, cfg_scale, global_seed, num_sampling_steps=250,
-             sampler="ddpm", precision="fp32"):
+             sampler="ddpm", precision="fp32", timestep_spacing=None):
     """The original sample_ddp.py folder name `{model}-{ckpt}-size-{size}-vae-{vae}-cfg-{cfg}-seed-{seed}`
     (ckpt "pretrained" without --ckpt); settings the original did not have are appended only
     when they differ from its behaviour, so two different sample sets never share a name."""
@@ -196,6 +217,14 @@ def run_name(model_name, ckpt, image_size, vae, cfg_scale, global_seed, num_samp
         name += f"-steps-{num_sampling_steps}"
     if sampler != "ddpm":
         name += f"-{sampler}"
+    if spacing_identity(sampler, timestep_spacing) is not None:
+        name += f"-{timestep_spacing}"
     if precision != "fp32":
         name += f"-{precision}"
     return name
+
+
+def spacing_identity(sampler, timestep_spacing):
+    """A run's timestep spacing as it names and identifies the run: None for the sampler's default
+    (also for SiT, which has none), else the spacing."""
+    return None if timestep_spacing in (None, resolve_timestep_spacing(sampler, None)) else timestep_spacing

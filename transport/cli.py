@@ -77,7 +77,7 @@ def check_sampler_family(sampler, model_name, is_sit):
     if is_sit and sampler not in FLOW_SAMPLERS:
         raise TinyFusionError(f"{model_name} is a SiT: pass --sampler ode or --sampler sde (SiT's ODE / SDE modes)")
     if not is_sit and sampler in FLOW_SAMPLERS:
-        raise TinyFusionError(f"--sampler {sampler} is for SiT models; {model_name} is a DiT (use ddpm or ddim)")
+        raise TinyFusionError(f"--sampler {sampler} is for SiT models; {model_name} is a DiT (use ddpm, ddim, dpm-solver++ or unipc)")
 
 
 IDENTITY_KEYS = ("path_type", "prediction", "sample_eps", "train_eps", "sampling_method", "atol", "rtol",
