@@ -64,6 +64,7 @@ from torchvision.utils import save_image
 from diffusion import create_diffusion
 from tinyfusion.atomic_files import atomic_path
 from tinyfusion.checkpoints import build_model
+from tinyfusion.finite import check_finite_output
 from tinyfusion.grids import save_labeled_grid
 from tinyfusion.precision import cast_weights_once, low_precision_warning
 from tinyfusion.sampling import compile_forward, generate, resolve_checkpoint, sample_generator
@@ -138,6 +139,7 @@ def main(args):
                           guide_all_channels=args.guide_all_channels, flow_options=options)
     else:
         images = original_grid(model, diffusion, args.class_labels, args, vae, amp_dtype, device)
+    check_finite_output(images, f"the {len(images)} samples of {args.ckpt or ckpt}")  # NaN would be saved as black
     # normalize to [-1, 1] then *255 + 0.5: the same uint8 values as sample_ddp.py's clamp(127.5 x + 128)
     if args.grid == "labeled":  # one row per class, labelled, gaps, tiny images upscaled
         save_labeled_grid(args.out, to_uint8_nhwc(images.float()).numpy(), args.class_labels)

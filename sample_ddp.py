@@ -66,6 +66,7 @@ if __name__ == "__main__":
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
@@ -73,6 +74,7 @@ from diffusion import create_diffusion
 from tinyfusion.atomic_files import atomic_path, atomic_write_json
 from tinyfusion.checkpoints import build_model, check_finite_weights, load_state_dict
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
+from tinyfusion.finite import NonFiniteOutput, count_non_finite, non_finite_output_message
 from tinyfusion.precision import cast_weights_once, low_precision_warning
 from tinyfusion.run_lock import lock_folder, release_folder
 from tinyfusion.runlog import MetricsLog, create_logger
@@ -285,8 +287,24 @@ def main(args):
             cleanup_distributed()
             raise TinyFusionError(todo)
         sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_dtype, image_shape, options)
+    except NonFiniteOutput:
+        if ctx.is_main and len(todo) == args.num_fid_samples:  # a fresh run: nothing in its folder is worth keeping
+            shutil.rmtree(run_dir, ignore_errors=True)
+        cleanup_distributed()
+        raise
     finally:
         release_folder(run_dir)
+
+
+def refuse_non_finite_batch(images, ctx, indices):
+    """Every rank stops together (same message, no hang at a barrier) when any rank's batch holds
+    NaN / inf: converted to uint8 it would be stored as black pixels."""
+    bad = torch.tensor([count_non_finite(images)], dtype=torch.int64, device=ctx.device)
+    if ctx.is_distributed:
+        dist.all_reduce(bad)
+    if bad.item():
+        what = f"the batch of samples from {indices[0]}" + (" on all ranks" if ctx.is_distributed else "")
+        raise NonFiniteOutput(non_finite_output_message(bad.item(), what))
 
 
 def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_dtype, image_shape, options=None):
@@ -331,6 +349,7 @@ def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_
         images = generate(model, diffusion, labels, generators, args.cfg_scale, args.sampler, args.ddim_eta, vae,
                           amp_dtype=amp_dtype, pad_to=batch, guide_all_channels=args.guide_all_channels,
                           flow_options=options)
+        refuse_non_finite_batch(images, ctx, indices)
         images = to_uint8_nhwc(images).numpy()
         if args.save_png:  # before the part: a finished part implies its PNGs are complete
             for index, image in zip(indices, images):

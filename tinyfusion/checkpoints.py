@@ -14,7 +14,9 @@ metadata (source model, kept indices, method, groups, ...) rides in the state di
 Every checkpoint we write carries a CRC32 of all its tensors (and plain values) in the
 `_metadata` of its top-level dict; loading recomputes it, so a file with flipped bytes is an
 error naming the file instead of a model with weights of 1e37. Files without it (the official
-DiT weights) are only checked for non-finite weights, which every loaded model is.
+DiT weights) are checked, as every loaded model is, for non-finite weights and for weights above
+MAX_TRAINED_WEIGHT (tinyfusion/finite.py), which no trained model has; no checkpoint holding
+either is ever written.
 """
 import argparse
 import glob
@@ -29,6 +31,7 @@ import torch
 from tinyfusion.atomic_files import atomic_path
 from tinyfusion.downloads import missing_checkpoint_message, resolve_released
 from tinyfusion.errors import TinyFusionError
+from tinyfusion.finite import MAX_TRAINED_WEIGHT, weights_problem  # noqa: F401 (MAX_TRAINED_WEIGHT: re-exported)
 
 METADATA_KEY = "__tinyfusion__"
 CHECKSUM_KEY = "__tinyfusion_checksum__"
@@ -116,14 +119,11 @@ def verify_checksum(obj, path):
 
 
 def check_finite_weights(state_dict, source):
-    """Refuse weights holding NaN or inf (a diverged run, a damaged file): they would sample
-    black or constant images with exit code 0."""
-    for key, value in state_dict.items():
-        if torch.is_tensor(value) and value.is_floating_point() and value.numel():
-            if not torch.isfinite(value.sum()) and not bool(torch.isfinite(value).all()):
-                bad = int((~torch.isfinite(value)).sum())
-                raise TinyFusionError(f"checkpoint {source} holds non-finite weights ({bad} NaN/inf values in "
-                                      f"{key}); it is damaged or comes from a diverged run")
+    """Refuse weights holding NaN or inf (a diverged run, a damaged file) or larger than any trained
+    model has (tinyfusion/finite.py): they would sample black or constant images with exit code 0."""
+    problem = weights_problem(state_dict)
+    if problem:
+        raise TinyFusionError(f"checkpoint {source} holds {problem}; it is damaged or comes from a diverged run")
 
 
 def read_metadata(obj):
@@ -304,10 +304,23 @@ def with_metadata(state_dict, metadata):
     return tagged
 
 
+def model_weights_of(obj):
+    """The state dicts of model weights inside a checkpoint object: a training checkpoint's
+    `model` and `ema`, else the object itself (a plain state dict); not the optimizer state."""
+    if "model" in obj or "ema" in obj:
+        return [obj[key] for key in ("model", "ema") if isinstance(obj.get(key), dict)]
+    return [obj]
+
+
 def save_checkpoint(obj, path, overwrite=True):
     """torch.save through a temp file + rename: a crash never leaves a truncated checkpoint. A
-    dict gets a checksum of its tensors (verified by load_checkpoint_file)."""
+    dict gets a checksum of its tensors (verified by load_checkpoint_file); model weights that are
+    non-finite or above MAX_TRAINED_WEIGHT are refused (nothing is written)."""
     if isinstance(obj, dict):
+        for part in model_weights_of(obj):
+            problem = weights_problem(part)
+            if problem:
+                raise TinyFusionError(f"refusing to write {path}: it would hold {problem}")
         obj = with_checksum(obj)
     with atomic_path(path, overwrite=overwrite) as tmp:
         torch.save(obj, tmp)
