@@ -26,6 +26,7 @@ import numpy as np
 
 import quickstart
 from quickstart import python, torchrun
+from tinyfusion.cli import positive_int
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL = "DiT-XS/4"
@@ -358,5 +359,5 @@ if __name__ == "__main__":
     parser.add_argument("--fresh", action="store_true", help="delete the run folder and start over")
     parser.add_argument("--only", nargs="*", default=None, help="questions to run (calibration, strategies, "
                                                                 "patterns, recovery, activations, decisions)")
-    parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per stage")
+    parser.add_argument("--nproc", type=positive_int, default=2, help="torchrun processes per stage")
     main(parser.parse_args())

@@ -14,32 +14,32 @@ A SiT (--model SiT-...) samples with --sampler ode or sde (SiT's ODE / SDE modes
 
     python sample.py --model SiT-XL/2 --ckpt pretrained/SiT-XL-2-256x256.pt --sampler sde
 """
-import argparse
 import time
 
-from tinyfusion.cli import (FLOW_SAMPLERS, SAMPLER_NAMES, add_guidance_args, add_model_args, add_precision_arg,
-                            add_sampling_compile_arg, add_transport_args, autocast, resolve_precision, sampling_steps)
+from tinyfusion.cli import (FLOW_SAMPLERS, SAMPLER_NAMES, ArgumentParser, add_guidance_args, add_model_args,
+                            add_precision_arg, add_sampling_compile_arg, add_sampling_steps_check, add_transport_args,
+                            autocast, nonnegative_int, resolve_precision, sampling_steps, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main
 
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     add_model_args(parser)
     add_guidance_args(parser, cfg_scale=4.0)
     parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--ckpt", type=str, default=None,
                         help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
-    parser.add_argument("--class-labels", type=int, nargs="+", default=DEFAULT_CLASS_LABELS)
+    parser.add_argument("--class-labels", type=nonnegative_int, nargs="+", default=DEFAULT_CLASS_LABELS)
     parser.add_argument("--per-sample-seeds", action="store_true",
                         help="image i gets its own noise from (--seed, i), as sample i of sample_ddp.py, instead of "
                              "the original's one global seed for the whole grid")
     parser.add_argument("--sampler", choices=[*SAMPLER_NAMES, *FLOW_SAMPLERS], default=None,
                         help="DiT: ddpm (default) or ddim; SiT: ode or sde (required)")
-    parser.add_argument("--ddim-eta", type=float, default=0.0)
+    parser.add_argument("--ddim-eta", type=unit_interval, default=0.0)
     parser.add_argument("--timestep-spacing", choices=["dit", "leading"], default="dit",
                         help="dit: steps spread evenly over [0, 999] (DiT); leading: 0, s, 2s, ... (diffusers' DiTPipeline)")
     parser.add_argument("--out", type=str, default="sample.png", help="grid PNG to write (replaced if it exists)")
@@ -50,7 +50,17 @@ def parse_args(argv=None):
     add_sampling_compile_arg(parser)
     parser.set_defaults(precision="fp32")  # the original samples in fp32; bf16 is opt-in on every device
     add_transport_args(parser)
+    add_sampling_steps_check(parser)
+    parser.add_check(check_class_labels)
     return parser.parse_args(argv)
+
+
+def check_class_labels(args):
+    bad_labels = [label for label in args.class_labels if label >= args.num_classes]
+    if bad_labels:
+        return (f"argument --class-labels: {bad_labels} outside [0, {args.num_classes}); pass labels of the model's "
+                f"classes (or the right --num-classes)")
+    return None
 
 
 if __name__ == "__main__":
@@ -110,12 +120,6 @@ def main(args):
     options = flow_options(args) if is_sit else None
     if args.sampler != "ddim" and args.ddim_eta != 0.0:
         raise TinyFusionError("--ddim-eta is for --sampler ddim")
-    if args.seed < 0:
-        raise TinyFusionError(f"--seed must be >= 0, got {args.seed}")
-    bad_labels = [label for label in args.class_labels if not 0 <= label < args.num_classes]
-    if bad_labels:
-        raise TinyFusionError(f"--class-labels {bad_labels} outside [0, {args.num_classes}); pass labels of the "
-                              f"model's classes (or the right --num-classes)")
     ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
     model, metadata = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
                                   use_ema=not args.no_ema, groups=args.groups, families=("DiT", "SiT"))

@@ -23,14 +23,14 @@ import shutil
 import time
 import zipfile
 
-from tinyfusion.cli import (FLOW_SAMPLERS, SAMPLER_NAMES, add_guidance_args, add_model_args, add_precision_arg,
-                            add_sampling_compile_arg, add_transport_args, nonnegative_float, nonnegative_int,
-                            positive_int, resolve_precision, sampling_steps)
+from tinyfusion.cli import (FLOW_SAMPLERS, SAMPLER_NAMES, ArgumentParser, add_guidance_args, add_model_args,
+                            add_precision_arg, add_sampling_compile_arg, add_sampling_steps_check, add_transport_args,
+                            nonnegative_int, positive_int, resolve_precision, sampling_steps, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     add_model_args(parser)
     parser.add_argument("--sample-dir", type=str, default="samples")
     parser.add_argument("--per-proc-batch-size", type=positive_int, default=32)
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
     parser.add_argument("--sampler", choices=[*SAMPLER_NAMES, *FLOW_SAMPLERS], default=None,
                         help="DiT: ddpm (default) or ddim; SiT: ode or sde (required)")
-    parser.add_argument("--ddim-eta", type=nonnegative_float, default=0.0)
+    parser.add_argument("--ddim-eta", type=unit_interval, default=0.0)
     add_precision_arg(parser)
     add_sampling_compile_arg(parser)
     parser.set_defaults(precision="fp32")  # FID numbers are comparable to the original's fp32 sampling
@@ -56,6 +56,7 @@ def parse_args(argv=None):
                              "for any world size only at a fixed thread count)")
     parser.add_argument("--keep-parts", action="store_true", help="keep the part files after the .npz is written")
     add_transport_args(parser)
+    add_sampling_steps_check(parser)
     return parser.parse_args(argv)
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tinyfusion.atomic_files import atomic_path
+from tinyfusion.cli import positive_int
 from tinyfusion.errors import TinyFusionError, run_main
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -100,7 +101,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Pack a folder of PNG/JPEG samples into an .npz (arr_0, uint8 NHWC).")
     parser.add_argument("--image_dir", "--image-dir", dest="image_dir", type=str, required=True,
                         help="folder of .png/.jpg/.jpeg samples (read in sorted file-name order)")
-    parser.add_argument("--num", type=int, default=None, help="use only the first NUM images (default: all)")
+    parser.add_argument("--num", type=positive_int, default=None, help="use only the first NUM images (default: all)")
     parser.add_argument("--out", type=str, default=None, help="output .npz path (default: {image_dir}-packed.npz)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     run_main(main, parser.parse_args())
