@@ -51,16 +51,7 @@ def parse_args(argv=None):
     parser.set_defaults(precision="fp32")  # the original samples in fp32; bf16 is opt-in on every device
     add_transport_args(parser)
     add_sampling_steps_check(parser)
-    parser.add_check(check_class_labels)
     return parser.parse_args(argv)
-
-
-def check_class_labels(args):
-    bad_labels = [label for label in args.class_labels if label >= args.num_classes]
-    if bad_labels:
-        return (f"argument --class-labels: {bad_labels} outside [0, {args.num_classes}); pass labels of the model's "
-                f"classes (or the right --num-classes)")
-    return None
 
 
 if __name__ == "__main__":
@@ -120,6 +111,10 @@ def main(args):
     options = flow_options(args) if is_sit else None
     if args.sampler != "ddim" and args.ddim_eta != 0.0:
         raise TinyFusionError("--ddim-eta is for --sampler ddim")
+    bad_labels = [label for label in args.class_labels if label >= args.num_classes]
+    if bad_labels:
+        raise TinyFusionError(f"--class-labels {bad_labels} outside [0, {args.num_classes}); pass labels of the "
+                              f"model's classes (or the right --num-classes)")
     ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
     model, metadata = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
                                   use_ema=not args.no_ema, groups=args.groups, families=("DiT", "SiT"))

@@ -280,18 +280,48 @@ def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_pat
 
 
 def family_checked_kwargs(obj, metadata, state_dict, ckpt, model_name, flag):
-    """Refuses a DiT checkpoint for a SiT model and the reverse; a SiT state dict without the
-    unused sigma half (p*p*C outputs) gets learn_sigma=False. Returns extra model kwargs."""
+    """Refuses a DiT checkpoint for a SiT model and the reverse (told by our metadata, training
+    args, the released file name, else the weights: family_from_weights); a SiT state dict without
+    the unused sigma half (p*p*C outputs) gets learn_sigma=False. Returns extra model kwargs."""
     from models import SiT_models
-    from tinyfusion.errors import TinyFusionError
     wanted = "SiT" if model_name in SiT_models else "DiT"
-    family = checkpoint_model_family(obj, metadata, ckpt)
+    family, reason = checkpoint_model_family(obj, metadata, ckpt), None
+    if family is None:
+        family, reason = family_from_weights(state_dict)
+    twin = f"{'SiT' if wanted == 'DiT' else 'DiT'}-{model_name[4:]}"
     if family is not None and family != wanted:
-        twin = f"{family}-{model_name[4:]}"
-        raise TinyFusionError(f"checkpoint {ckpt} holds {family} weights but {flag} {model_name} is a {wanted}; "
-                              f"pass {flag} {twin} (and the matching sampler)")
+        raise TinyFusionError(f"checkpoint {ckpt} holds {family} weights{f' ({reason})' if reason else ''} but {flag} "
+                              f"{model_name} is a {wanted}; pass {flag} {twin} (and the matching sampler)")
+    if family is None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {ckpt} does not say whether it holds DiT or SiT weights (a plain state dict with an untrained "
+              f"final layer); loaded as a {wanted} ({flag} {model_name}); if it is a {twin[:3]}, pass {flag} {twin}")
     arch = infer_architecture(state_dict) if wanted == "SiT" else None
     return {"learn_sigma": False} if arch and arch["learn_sigma"] is False else {}
+
+
+def family_from_weights(state_dict):
+    """("DiT" | "SiT", why) from a state dict's final layer, or (None, None) when it cannot tell.
+    Both families keep p*p*2C outputs (channel fastest), but only DiT's diffusion loss trains the
+    sigma half (channels C..2C-1): a SiT drops it, so its rows stay exactly at their zero
+    initialisation while the mean half trains. A final layer of p*p*C outputs is a SiT built
+    without the sigma half. An untrained final layer (all zero) fits both."""
+    weight, bias = state_dict.get("final_layer.linear.weight"), state_dict.get("final_layer.linear.bias")
+    proj = state_dict.get("x_embedder.proj.weight")
+    if weight is None or bias is None or proj is None or proj.dim() != 4:
+        return None, None
+    channels, patch_area = proj.shape[1], proj.shape[2] * proj.shape[3]
+    out_channels = weight.shape[0] // patch_area
+    if out_channels == channels:
+        return "SiT", "its final layer has no sigma half, which only a SiT is built without"
+    if out_channels != 2 * channels:
+        return None, None
+    rows = torch.cat([weight.reshape(patch_area, out_channels, -1), bias.reshape(patch_area, out_channels, 1)], 2)
+    if bool(rows[:, channels:].any()):
+        return "DiT", "the sigma half of its final layer is trained, which only a DiT's diffusion loss does"
+    if bool(rows[:, :channels].any()):
+        return "SiT", ("the sigma half of its final layer is exactly zero while the rest is trained: a SiT never "
+                       "trains it")
+    return None, None
 
 
 # ----------------------------------------------------------------------- writing
