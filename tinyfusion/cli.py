@@ -38,13 +38,17 @@ class ArgumentParser(argparse.ArgumentParser):
     (--min-lr <= --lr, ...) are registered with `add_check(fn)`: fn(args) returns an error message
     or None, and runs as part of parsing, so a bad combination stops the script like a bad value."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checks = []
+
     def add_check(self, check):
-        self.__dict__.setdefault("checks", []).append(check)
+        self.checks.append(check)
         return check
 
     def parse_known_args(self, args=None, namespace=None):
         parsed, extras = super().parse_known_args(args, namespace)
-        for check in self.__dict__.get("checks", []):
+        for check in self.checks:
             message = check(parsed)
             if message:
                 self.error(message)
