@@ -24,8 +24,8 @@ x_t = alpha_t x1 + sigma_t x0 instead, t uniform on its training interval (or `-
 import argparse
 import os
 
-from tinyfusion.cli import (add_model_args, add_transport_training_args, diffusion_timestep, nonnegative_float,
-                            nonnegative_int, positive_int, unit_interval)
+from tinyfusion.cli import (add_model_args, add_transport_training_args, diffusion_timestep, nonnegative_int,
+                            positive_float, positive_int, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main
 
 
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--time", type=unit_interval, default=None,
                         help="a SiT: one time in [0, 1] for all samples (1 = data; default: uniform on the "
                              "transport's training interval)")
-    parser.add_argument("--mask-sigma", type=nonnegative_float, default=2.0, help="k of the Masked KD mask |h - mu| >= k std")
+    parser.add_argument("--mask-sigma", type=positive_float, default=2.0, help="k of the Masked KD mask |h - mu| >= k std")
     parser.add_argument("--topk", type=positive_int, default=10, help="largest |activations| shown per block")
     parser.add_argument("--out", type=str, default=None, help="output folder (default: activations/<model>-<ckpt>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the figures of an earlier run in --out")
@@ -219,12 +219,6 @@ def check_args(args):
         raise TinyFusionError(f"--time is a SiT time; {args.model} is a DiT: pass --timestep in [0, 1000)")
     if not args.data_path and not args.features_path:
         raise TinyFusionError("pass --data-path (an ImageFolder, encoded with --vae) or --features-path (a feature store)")
-    if min(args.nsamples, args.batch_size, args.topk) <= 0 or args.mask_sigma <= 0 or args.seed < 0:
-        raise TinyFusionError("--nsamples, --batch-size, --topk and --mask-sigma must be positive, --seed >= 0")
-    if args.timestep is not None and not 0 <= args.timestep < 1000:
-        raise TinyFusionError(f"--timestep must lie in [0, 1000), got {args.timestep}")
-    if args.time is not None and not 0 <= args.time <= 1:
-        raise TinyFusionError(f"--time must lie in [0, 1], got {args.time}")
     if os.path.exists(os.path.join(args.out, "activations.json")) and not args.overwrite:
         raise TinyFusionError(f"{args.out} already holds activations.json; pass --overwrite or another --out")
     return transport

@@ -91,7 +91,7 @@ TABLE = [
     ("visualize_activation.py", ["--timestep", "1000"], "a timestep in [0, 1000)"),
     ("visualize_activation.py", ["--timestep", "-1"], "a timestep in [0, 1000)"),
     ("visualize_activation.py", ["--time", "1.5"], UNIT),
-    ("visualize_activation.py", ["--mask-sigma", "-1"], NONNEGATIVE),
+    ("visualize_activation.py", ["--mask-sigma", "0"], POSITIVE),
     ("visualize_activation.py", ["--topk", "0"], POSITIVE),
     ("draw_decision.py", ["--depth", "0"], POSITIVE),
     ("quickstart.py", ["--seeds", "0"], POSITIVE),
