@@ -1,20 +1,26 @@
 """Find or download the released weights: DiT-XL/2 (256x256, 512x512) and TinyDiT-D14.
 
-    python download.py                               # all released files, into pretrained/
-    python download.py DiT-XL-2-256x256.pt           # only the named ones
+    python download.py                               # DiT-XL/2 256, 512 and TinyDiT-D14, into pretrained/
+    python download.py DiT-XL-2-256x256.pt           # only the named ones (also SiT-XL-2-256x256.pt and
+                                                     # the evaluator's classify_image_graph_def.pb)
 
 A file already in pretrained/ (or the original's pretrained_models/) is not fetched again; an
-interrupted download resumes where it stopped. In Python, as in the original:
+interrupted download resumes where it stopped. A download is kept only after its size and sha256
+passed: the published ones, or the ones pinned in pretrained/MANIFEST.json at the first download
+(trust on first use, said in one line). A server silent for --timeout seconds ends the attempt.
+In Python, as in the original:
 
     from download import find_model
     state_dict = find_model("DiT-XL-2-256x256.pt")   # a released name downloads; a path loads
 """
 import argparse
 
-from tinyfusion.downloads import DOWNLOAD_FOLDER, RELEASED, SEARCH_FOLDERS, download, find_local, resolve_released
+from tinyfusion.cli import positive_float
+from tinyfusion.downloads import (DEFAULT_NAMES, DEFAULT_TIMEOUT, DOWNLOAD_FOLDER, RELEASED, SEARCH_FOLDERS, download,
+                                  find_local, resolve_released)
 from tinyfusion.errors import TinyFusionError, run_main
 
-pretrained_models = set(RELEASED)  # the original's name for the released files
+pretrained_models = set(DEFAULT_NAMES)  # the original's name for the released files
 
 
 def find_model(name_or_path, no_ema=False):
@@ -33,21 +39,25 @@ def download_model(model_name):
 
 
 def main(args):
-    names = args.names or list(RELEASED)
+    names = args.names or list(DEFAULT_NAMES)
     unknown = [name for name in names if name not in RELEASED]
     if unknown:
         raise TinyFusionError(f"unknown released file {', '.join(unknown)}; choose from {', '.join(RELEASED)}")
+    if not args.timeout > 0:
+        raise TinyFusionError(f"--timeout must be > 0 seconds, got {args.timeout}")
     for name in names:
         existing = find_local(name, (args.folder,) + SEARCH_FOLDERS)
         if existing:
             print(f"{name}: already at {existing}")
             continue
         print(f"{name}: {RELEASED[name]['about']}")
-        print(f"{name}: saved to {download(name, folder=args.folder)}")
+        print(f"{name}: saved to {download(name, folder=args.folder, timeout=args.timeout)}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"released files (default: all): {', '.join(RELEASED)}")
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"released files (default: {', '.join(DEFAULT_NAMES)}); any of {', '.join(RELEASED)}")
     parser.add_argument("--folder", default=DOWNLOAD_FOLDER, help="where downloads go (default: pretrained)")
+    parser.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT,
+                        help=f"seconds without a byte from the server before giving up (default {DEFAULT_TIMEOUT:g})")
     run_main(main, parser.parse_args())

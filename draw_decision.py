@@ -2,7 +2,7 @@
 the index of the block it keeps over the training steps, coloured per slot, with the opacity
 given by the confidence of the slot's group (max softmax(logits * scaling) of the EMA logits).
 
-    python draw_decision.py --log results/000-DiT-XL-1-2/metrics.jsonl --out decision.png
+    python draw_decision.py --log outputs/run-DiT-XL-1-2/metrics.jsonl --out decision.png
     python draw_decision.py 0.5 prune_log.txt            # the original's command line
 
 Reads the `kept_indices`, `confidences` and `groups` that prune_by_learning.py writes to its

@@ -9,9 +9,10 @@ lines as guided-diffusion's evaluations/evaluator.py plus a LaTeX row.
 Both batches are .npz files with `arr_0` (N, H, W, 3) uint8 images (sample_ddp.py, save_npz.py).
 
 Feature networks:
-- Inception (default): TensorFlow's frozen `classify_image_graph_def.pb`, never downloaded by
-  this script: pass --inception-path or set TINYFUSION_INCEPTION. TensorFlow is imported only
-  for this backend.
+- Inception (default): TensorFlow's frozen `classify_image_graph_def.pb`: --inception-path, else
+  $TINYFUSION_INCEPTION, else a copy in ./, pretrained/ or pretrained_models/, else downloaded once
+  from ADM's URL into pretrained/ (checked by sha256 like the released weights, through the same
+  $TINYFUSION_DOWNLOAD_URL mirror; see download.py). TensorFlow is imported only for this backend.
 - --feature-net PATH.pt: a TorchScript module for small data (tools/train_digits_classifier.py).
   It takes a float32 NHWC batch of RGB images with values in [0, 255] (the same input the
   Inception graph gets) and returns (pool (B, D), spatial (B, S), logits (B, K)): pool features
@@ -25,7 +26,6 @@ the Inception backend, as ADM does; its images still feed precision / recall.
 The metric maths lives in metrics.py.
 """
 import argparse
-import hashlib
 import os
 import warnings
 import zipfile
@@ -50,7 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("ref_batch", help="reference batch .npz (arr_0 images; optional mu, sigma, mu_s, sigma_s)")
     parser.add_argument("sample_batch", help="sample batch .npz (arr_0 images; optional labels)")
     parser.add_argument("--inception-path", type=str, default=None,
-                        help=f"classify_image_graph_def.pb (default: ${INCEPTION_ENV} or ./{INCEPTION_FILENAME})")
+                        help=f"classify_image_graph_def.pb (default: ${INCEPTION_ENV}, else ./, pretrained/ or "
+                             f"pretrained_models/{INCEPTION_FILENAME}, else downloaded into pretrained/)")
     parser.add_argument("--feature-net", type=str, default=None,
                         help="TorchScript feature network .pt instead of Inception (NHWC [0,255] in; pool, spatial, logits out)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per feature-network batch")
@@ -61,6 +62,9 @@ def parse_args(argv=None):
     parser.add_argument("--fid-method", choices=["fast", "sqrtm"], default="fast",
                         help="tr sqrtm(s1 s2) via Cholesky + symmetric eigenvalues (fast) or scipy sqrtm (ADM's algorithm)")
     parser.add_argument("--device", type=str, default=None, help="torch device for distances / feature net (default: cuda if available)")
+    parser.add_argument("--allow-resolution-mismatch", action="store_true",
+                        help="evaluate batches of different image sizes (refused by default: FID/sFID across "
+                             "resolutions measure the resizing as much as the model)")
     parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     return parser.parse_args(argv)
@@ -77,6 +81,7 @@ from tqdm import tqdm
 
 from tinyfusion import metrics
 from tinyfusion.atomic_files import atomic_path, atomic_write_json
+from tinyfusion.downloads import file_sha256, resolve_released
 
 
 # ----------------------------------------------------------------------------------------
@@ -167,9 +172,13 @@ def check_image_array(path, key, shape, dtype):
 def check_batch_file(path, key="arr_0"):
     """Validate an .npz batch from its headers before any activation is computed: its images
     (check_image_array) and, if present, all four reference statistics with matching, finite
-    shapes. Returns the number of images."""
+    shapes, and `labels` (one integer per image) when present. Returns the images' shape."""
     with open_npz_array(path, key) as (shape, dtype, _):
         check_image_array(path, key, shape, dtype)
+    labels = read_npz_labels(path)
+    if labels is not None and (labels.dtype.kind not in "iu" or labels.shape != (shape[0],)):
+        raise ValueError(f"{path}: 'labels' is {labels.dtype} {labels.shape}, expected one integer class per image "
+                         f"({shape[0]},)")
     stored = read_npz_statistics(path)
     if stored is not None:
         for mean_key, cov_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
@@ -179,12 +188,30 @@ def check_batch_file(path, key="arr_0"):
                                  f"are not a float mean vector and its square covariance")
             if not (np.isfinite(mean).all() and np.isfinite(cov).all()):
                 raise ValueError(f"{path}: '{mean_key}' / '{cov_key}' hold NaN or inf")
-    return shape[0]
+    return tuple(shape)
+
+
+def check_batches_match(ref_path, ref_shape, sample_path, sample_shape, allow_resolution_mismatch=False):
+    """Refuse batches of different image sizes unless explicitly allowed: the feature network
+    resizes both, so FID/sFID would compare resampling artefacts as much as models."""
+    if tuple(ref_shape[1:3]) != tuple(sample_shape[1:3]) and not allow_resolution_mismatch:
+        raise ValueError(f"{ref_path} holds {ref_shape[1]}x{ref_shape[2]} images but {sample_path} holds "
+                         f"{sample_shape[1]}x{sample_shape[2]}: metrics across resolutions are not comparable; use "
+                         f"the reference batch of the samples' resolution, or pass --allow-resolution-mismatch")
+
+
+def _read_npz(path, read):
+    """read(np.load(path)), any failure of a damaged archive named with the file."""
+    try:
+        with np.load(path) as data:
+            return read(data)
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} cannot be read as an .npz ({type(error).__name__}: {error}); re-create it") from None
 
 
 def read_npz_statistics(path):
     """mu, sigma, mu_s, sigma_s stored in an .npz (ADM reference batches), or None."""
-    with np.load(path) as data:
+    def read(data):
         present = [key for key in STATISTICS_KEYS if key in data.files]
         if not present:
             return None
@@ -192,33 +219,32 @@ def read_npz_statistics(path):
             raise ValueError(f"{path} holds {present} but not all of {list(STATISTICS_KEYS)}; "
                              f"store all four statistics or none")
         return {key: data[key] for key in STATISTICS_KEYS}
+    return _read_npz(path, read)
 
 
 def read_npz_labels(path):
-    with np.load(path) as data:
-        return data["labels"] if "labels" in data.files else None
+    return _read_npz(path, lambda data: data["labels"] if "labels" in data.files else None)
 
 
 # ----------------------------------------------------------------------------------------
 # Feature networks
 # ----------------------------------------------------------------------------------------
 
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def resolve_inception_path(inception_path=None):
-    """--inception-path, else $TINYFUSION_INCEPTION, else ./classify_image_graph_def.pb."""
-    path = inception_path or os.environ.get(INCEPTION_ENV) or INCEPTION_FILENAME
+def resolve_inception_path(inception_path=None, timeout=60.0):
+    """--inception-path, else $TINYFUSION_INCEPTION (either must exist), else a local copy
+    (./, pretrained/, pretrained_models/), else the graph downloaded into pretrained/."""
+    path = inception_path or os.environ.get(INCEPTION_ENV)
+    if path is None:
+        try:
+            return resolve_released(INCEPTION_FILENAME, timeout=timeout)
+        except TinyFusionError as error:
+            raise TinyFusionError(f"the Inception graph is not here and {error}; or pass --inception-path FILE, "
+                                  f"or use --feature-net for small data") from None
     if not os.path.isfile(path):
         raise ValueError(
             f"Inception graph not found at {path}; download it once (about 95 MB) from {INCEPTION_URL} "
-            f"and pass --inception-path FILE or set {INCEPTION_ENV}=FILE (nothing is downloaded "
-            f"automatically), or use --feature-net for small data")
+            f"and pass --inception-path FILE or set {INCEPTION_ENV}=FILE (without either it is looked up "
+            f"in pretrained/ and downloaded there), or use --feature-net for small data")
     return path
 
 
@@ -319,6 +345,9 @@ def compute_activations(network, npz_path, batch_size=64, desc="activations"):
     pools, spatials, logits = [], [], []
     for batch in tqdm(batches, total=-(-num_images // batch_size), desc=desc):
         pool, spatial, logit = network(batch)
+        if not (np.isfinite(pool).all() and np.isfinite(spatial).all() and np.isfinite(logit).all()):
+            raise ValueError(f"{npz_path}: the feature network {network.path} gave NaN or inf features; "
+                             f"check the network file")
         pools.append(pool)
         spatials.append(spatial)
         logits.append(logit)
@@ -384,13 +413,15 @@ def reference_activations(ref_path, network, batch_size=64, cache=False, log=pri
 # ----------------------------------------------------------------------------------------
 
 def evaluate(ref_batch, sample_batch, network, batch_size=64, cache_ref_stats=False,
-             distance_dtype=torch.float32, fid_method="fast", device=None, log=print):
+             distance_dtype=torch.float32, fid_method="fast", device=None, log=print,
+             allow_resolution_mismatch=False):
     """All metrics of sample_batch against ref_batch as a dict (floats). Both files are
-    validated before any activation is computed."""
-    for path in (ref_batch, sample_batch):
-        check_batch_file(path)
+    validated (each, and against each other) before any activation is computed."""
+    check_batches_match(ref_batch, check_batch_file(ref_batch), sample_batch, check_batch_file(sample_batch),
+                        allow_resolution_mismatch)
     ref = reference_activations(ref_batch, network, batch_size, cache_ref_stats, log)
     ref_stored = read_npz_statistics(ref_batch) if network.uses_npz_statistics else None
+    check_statistics_fit(ref_batch, ref_stored, ref["pool_features"].shape[1], len(ref["mu_s"]))
     if ref_stored is not None:
         log(f"using mu/sigma stored in {ref_batch} for FID/sFID")
         ref.update(ref_stored)
@@ -398,6 +429,11 @@ def evaluate(ref_batch, sample_batch, network, batch_size=64, cache_ref_stats=Fa
     log("computing sample batch activations...")
     sample_pool, sample_spatial, sample_logits = compute_activations(network, sample_batch, batch_size, desc="samples")
     sample_stored = read_npz_statistics(sample_batch) if network.uses_npz_statistics else None
+    check_statistics_fit(sample_batch, sample_stored, sample_pool.shape[1], sample_spatial.shape[1])
+    if (sample_pool.shape[1], sample_spatial.shape[1]) != (len(ref["mu"]), len(ref["mu_s"])):
+        raise ValueError(f"{sample_batch} gives {sample_pool.shape[1]} + {sample_spatial.shape[1]} features, "
+                         f"{ref_batch} {len(ref['mu'])} + {len(ref['mu_s'])}: this feature network's output depends on "
+                         f"the image size, so these batches cannot be compared")
     if sample_stored is not None:
         log(f"using mu/sigma stored in {sample_batch} for FID/sFID")
         mu, sigma, mu_s, sigma_s = (sample_stored[key] for key in STATISTICS_KEYS)
@@ -419,6 +455,17 @@ def evaluate(ref_batch, sample_batch, network, batch_size=64, cache_ref_stats=Fa
         results["classifier_accuracy"] = metrics.classifier_accuracy(sample_logits, labels)
     results.update(num_reference=int(len(ref["pool_features"])), num_samples=int(len(sample_pool)))
     return results
+
+
+def check_statistics_fit(path, stored, pool_dim, spatial_dim):
+    """Stored mu / mu_s must have the feature sizes of the network in use (a 2048-d Inception
+    statistic against a 64-d feature net would otherwise fail deep in the maths)."""
+    if stored is None:
+        return
+    for key, dim in (("mu", pool_dim), ("mu_s", spatial_dim)):
+        if len(stored[key]) != dim:
+            raise ValueError(f"{path}: stored '{key}' has {len(stored[key])} features, the feature network gives "
+                             f"{dim}; stored statistics must come from the same network")
 
 
 def samples_classifier_accuracy(sample_batch, feature_net, batch_size=64, device=None):
@@ -452,13 +499,15 @@ def main(args):
     if args.json is not None and os.path.exists(args.json) and not args.overwrite:
         raise TinyFusionError(f"{args.json} already exists; pass --overwrite or choose another --json path")
     try:
-        for path in (args.ref_batch, args.sample_batch):  # both, before loading any network
-            check_batch_file(path)
+        # both, each and against each other, before loading any network
+        check_batches_match(args.ref_batch, check_batch_file(args.ref_batch), args.sample_batch,
+                            check_batch_file(args.sample_batch), args.allow_resolution_mismatch)
         network = load_feature_network(args.feature_net, args.inception_path, args.device)
         results = evaluate(args.ref_batch, args.sample_batch, network, batch_size=args.batch_size,
                            cache_ref_stats=args.cache_ref_stats,
                            distance_dtype=torch.float64 if args.exact_distances else torch.float32,
-                           fid_method=args.fid_method, device=args.device)
+                           fid_method=args.fid_method, device=args.device,
+                           allow_resolution_mismatch=args.allow_resolution_mismatch)
     except ValueError as exc:
         raise TinyFusionError(f"{exc}")
     print(format_results(results))

@@ -29,7 +29,11 @@ Two diffusers quirks the export has to live with (diffusers hard-codes both):
 
 A gated model (--model DiT-XL-1-2, ...) is exported as the blocks its gates keep, and only if
 the gates were trained: untrained gates tie and would pick arbitrary blocks. The kept blocks are
-recorded in `DIR/tinyfusion_export.json`.
+recorded in `DIR/tinyfusion_export.json`. A checkpoint of a prune_by_learning.py run holds only
+what the search trained (gate logits, LoRA factors): its decision (the EMA gate logits, or the raw
+ones with --no-ema) is applied to the run's source weights (its --load-weight, which must be
+readable from here), exactly as the run's --save-model output applies its final decision; the
+LoRA update only guided the search and is not exported.
 
 Sampling differences to our sample.py: DiTPipeline samples with DDIM (eta 0, timesteps
 range(0, 1000, 1000 // steps)), guides all latent channels and discards the learned variance;
@@ -139,6 +143,42 @@ def check_gates_trained(model):
                 f"trained: its {int((logits == logits.max()).sum())} best candidates tie, so the kept blocks would be "
                 f"arbitrary; export the pruned model prune_by_learning.py saved (--save-model) with the plain "
                 f"--model, or a checkpoint of a pruning run")
+
+
+def pruning_run_args(obj):
+    """The flags of a prune_by_learning.py run that wrote the training checkpoint `obj`, or None."""
+    run_args = obj.get("args") if isinstance(obj, dict) else None
+    run_args = vars(run_args) if isinstance(run_args, argparse.Namespace) else run_args
+    if isinstance(run_args, dict) and "tau_range" in run_args and "kept_indices" in obj:
+        return run_args
+    return None
+
+
+def gated_model_of_run(args, ckpt, obj, run_args):
+    """(gated model on the run's source weights with the run's gate logits, source metadata)."""
+    from tinyfusion.downloads import is_released_name
+    from tinyfusion.pruning import load_source_model, plain_name
+    from tinyfusion.runlog import run_folder_name
+    import torch
+    source = run_args["load_weight"]
+    if args.model != run_args["model"]:
+        raise TinyFusionError(f"{ckpt} is a checkpoint of a prune_by_learning.py run of --model {run_args['model']}; "
+                              f"pass --model {run_args['model']}")
+    if not os.path.isfile(source) and not is_released_name(source):
+        pruned = run_args.get("save_model") or os.path.join(
+            run_folder_name(run_args["results_dir"], run_args["prefix"], run_args["model"]), "pruned.pt")
+        raise TinyFusionError(f"{ckpt} is a checkpoint of a prune_by_learning.py run: it holds the gates (and LoRA "
+                              f"factors) but not the model, whose weights come from the run's --load-weight {source}, "
+                              f"which does not exist here; run this from the folder the pruning ran in, or export the "
+                              f"pruned model the run saved (--save-model, here {pruned}) with --model "
+                              f"{plain_name(run_args['model'])}")
+    model, metadata = load_source_model(args.model, source, args.image_size, args.num_classes, args.vae, args.vae_path,
+                                        groups=run_args.get("groups") or args.groups)
+    logits = obj["model" if args.no_ema else "ema"]
+    with torch.no_grad():
+        for index, gate in enumerate(model.gate_logits):
+            gate.copy_(logits[f"gate_logits.{index}"])
+    return model, metadata
 
 
 def to_diffusers_transformer(model):
@@ -266,9 +306,16 @@ def main(args):
     from tinyfusion.downloads import resolve_released
     if os.path.exists(args.out) and not args.overwrite:
         raise TinyFusionError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    from tinyfusion.checkpoints import load_checkpoint_file
     ckpt = resolve_released(args.ckpt)  # a released name is found in pretrained/ or downloaded
-    model, metadata = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path,
-                                  ckpt=ckpt, use_ema=not args.no_ema, groups=args.groups)
+    checkpoint = load_checkpoint_file(ckpt)
+    run_args = pruning_run_args(checkpoint)
+    if run_args is not None:  # gates + LoRA only: the decision goes onto the run's source weights
+        model, metadata = gated_model_of_run(args, ckpt, checkpoint, run_args)
+    else:
+        del checkpoint  # build_model reads it again: do not hold two copies of a large model
+        model, metadata = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path,
+                                      ckpt=ckpt, use_ema=not args.no_ema, groups=args.groups)
     transformer = to_diffusers_transformer(model.eval())
     if getattr(model, "groups", None) is not None:  # the blocks the trained gates keep, in the gated model's frame
         kept_blocks, source_depth = model.kept_indices(), model.depth
@@ -286,7 +333,9 @@ def main(args):
         # it from the config
         vae.register_to_config(scaling_factor=LATENT_SCALE)
     id2label = read_id2label(args.id2label, model.num_classes)
-    provenance = dict(source_checkpoint=os.path.abspath(ckpt), model=args.model, depth=transformer.config.num_layers,
+    source = os.path.abspath(run_args["load_weight"] if run_args else ckpt)
+    provenance = dict(source_checkpoint=source, pruning_run_checkpoint=os.path.abspath(ckpt) if run_args else None,
+                      model=args.model, depth=transformer.config.num_layers,
                       kept_blocks=kept_blocks, source_depth=source_depth,
                       num_classes=model.num_classes, pruning_metadata=metadata,
                       null_class_in_diffusers=transformer.config.num_embeds_ada_norm,

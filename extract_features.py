@@ -2,6 +2,8 @@
 
 Every image is ADM center-cropped, scaled to [-1, 1] and encoded together with its horizontal
 flip (`latent_dist.sample() * 0.18215`; with `--vae none` the pixels themselves are stored).
+`--no-flip` (ours) stores the image alone, for data whose meaning a mirror changes (digits,
+text): training and pruning then never see a flipped image.
 Images are cut into shards of contiguous indices (sorted ImageFolder order); under torchrun
 each rank encodes its own shards, writes each one atomically, and rank 0 writes manifest.json
 last. The posterior noise of image i is drawn from a generator seeded by (--global-seed, i), so
@@ -16,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import time
 
 from tinyfusion.cli import STORE_DTYPE_NAMES, add_model_args, nonnegative_int, positive_int
@@ -30,6 +33,9 @@ def parse_args(argv=None):
     parser.add_argument("--global-seed", type=nonnegative_int, default=0, help="seed of the VAE posterior noise (per image)")
     parser.add_argument("--num-workers", type=nonnegative_int, default=4, help="image-decoding DataLoader workers per rank")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE call per rank (x2 with the flips)")
+    parser.add_argument("--no-flip", action="store_true",
+                        help="store each image without its horizontal flip (the original stores both and training "
+                             "picks one at random): for data whose meaning a mirror changes, such as digits")
     parser.add_argument("--shard-size", type=positive_int, default=4096, help="images per shard file")
     parser.add_argument("--store-dtype", choices=STORE_DTYPE_NAMES, default="fp32",
                         help="fp32 keeps the original values; fp16 halves the disk and page-cache footprint")
@@ -66,7 +72,7 @@ from tinyfusion.vae import LATENT_SCALE, latent_geometry, latent_geometry_from_f
 # what makes two extractions the same (and a store resumable); other plan fields are informational
 IDENTITY_KEYS = ("format", "version", "images_sha256", "num_images", "classes", "image_size", "vae",
                  "vae_weights_sha256", "scale_factor", "global_seed", "shard_size", "batch_size",
-                 "store_dtype", "sample_shape")
+                 "store_dtype", "sample_shape", "copies")
 
 
 class IndexedImages(Dataset):
@@ -105,18 +111,21 @@ def posterior_noise(global_seed, index, shape):
 
 
 @torch.inference_mode()
-def encode_with_flips(vae, images_uint8, indices, global_seed, sample_shape, device):
-    """(B, 2, C, H, W): the image and its horizontal flip, as latents (or pixels for vae None)."""
+def encode_with_flips(vae, images_uint8, indices, global_seed, sample_shape, device, copies=2):
+    """(B, copies, C, H, W): the image and (copies = 2) its horizontal flip, as latents (or pixels
+    for vae None)."""
     images = to_unit_range(images_uint8.to(device))
-    pairs = torch.stack([images, images.flip(dims=[3])], dim=1)
+    pairs = torch.stack([images, images.flip(dims=[3])][:copies], dim=1)
     if vae is None:
         return pairs
     # channels-last: oneDNN/cuDNN run these convolutions markedly faster in NHWC
     posterior = vae.encode(pairs.flatten(0, 1).contiguous(memory_format=torch.channels_last)).latent_dist
-    noise = torch.stack([posterior_noise(global_seed, int(i), (2, *sample_shape)) for i in indices])
+    # the noise of (image, flip) is drawn as a pair either way, so the image's latent is the same
+    # with and without --no-flip
+    noise = torch.stack([posterior_noise(global_seed, int(i), (2, *sample_shape))[:copies] for i in indices])
     # same distribution as latent_dist.sample(), with our own per-image noise
     latents = (posterior.mean + posterior.std * noise.flatten(0, 1).to(device)) * LATENT_SCALE
-    return latents.contiguous().unflatten(0, (len(indices), 2))
+    return latents.contiguous().unflatten(0, (len(indices), copies))
 
 
 def sha256_of_lines(lines):
@@ -150,6 +159,7 @@ def build_plan(args, samples, classes, vae, sample_shape):
         "scale_factor": None if pixel_space else LATENT_SCALE,
         "global_seed": args.global_seed, "shard_size": args.shard_size, "batch_size": args.batch_size,
         "store_dtype": args.store_dtype, "sample_shape": list(sample_shape), "num_shards": num_shards,
+        "copies": 1 if args.no_flip else 2,
     }
 
 
@@ -277,14 +287,14 @@ def encode_shards(shard_ids, samples, plan, plan_id, vae, args, ctx, logger):
             skipped.append(os.path.relpath(samples[index][0], data_root))
         if images is not None:
             batch_latents = encode_with_flips(vae, images, batch_indices, args.global_seed, plan["sample_shape"],
-                                              ctx.device)
+                                              ctx.device, plan["copies"])
             latents.append(batch_latents.cpu().numpy().astype(store_dtype))
             labels.append(batch_labels.numpy())
             indices.append(batch_indices.numpy())
             encoded += len(batch_indices)
         progress.update(len(batch_indices) + len(bad))
         if batch_number + 1 == len(batches) or batch_shard[batch_number + 1] != shard_id:
-            latents.append(np.zeros((0, 2, *plan["sample_shape"]), dtype=store_dtype))
+            latents.append(np.zeros((0, plan["copies"], *plan["sample_shape"]), dtype=store_dtype))
             store.write_shard(os.path.join(args.features_path, store.shard_file_name(shard_id)),
                               np.concatenate(latents), np.concatenate(labels + [no_images]),
                               np.concatenate(indices + [no_images]),
@@ -324,11 +334,24 @@ def plan_extraction(args, ctx, logger):
 
 
 def main(args):
-    """Extract the store; rank 0 holds the lock of --features-path until the end (also on error)."""
+    """Extract the store; rank 0 holds the lock of --features-path until the end (also on error).
+    A store folder this run created and failed to write any shard into (a full disk, an error
+    before encoding) is removed: there is nothing in it to resume."""
+    created = not os.path.exists(args.features_path)
     try:
         extract(args)
+    except BaseException:
+        release_folder(args.features_path)
+        if created and int(os.environ.get("RANK", "0")) == 0:
+            remove_if_no_shards(args.features_path)
+        raise
     finally:
         release_folder(args.features_path)
+
+
+def remove_if_no_shards(features_path):
+    if os.path.isdir(features_path) and not glob.glob(os.path.join(features_path, "shard-*")):  # shard_file_name
+        shutil.rmtree(features_path, ignore_errors=True)
 
 
 def extract(args):
@@ -394,8 +417,9 @@ def extract(args):
         manifest = write_manifest(features_path, plan, plan_id, args, ctx)
         for path in manifest["skipped"][:20]:
             logger.info(f"skipped unreadable image {path}")
-        logger.info(f"wrote {features_path}: {manifest['num_samples']} samples of shape 2x{tuple(plan['sample_shape'])} "
-                    f"in {plan['num_shards']} shards ({manifest['num_skipped']} images skipped)")
+        logger.info(f"wrote {features_path}: {manifest['num_samples']} samples of shape "
+                    f"{plan['copies']}x{tuple(plan['sample_shape'])} in {plan['num_shards']} shards "
+                    f"({manifest['num_skipped']} images skipped)")
     barrier()
     cleanup_distributed()
 

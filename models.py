@@ -481,7 +481,7 @@ class DiT(nn.Module):
             return checkpoint(block, x, c, use_reentrant=False, context_fn=_selective_recompute_context)
         return self._run_block(block, x, c)
 
-    def compile_gated_blocks(self, backend="inductor"):
+    def compile_gated_blocks(self, backend="inductor", options=None):
         """torch.compile every block, for the gated forward (`prune_by_learning.py --compile`).
 
         The blocks, not the whole model: the sparse forward chooses sub-batches and paths from the
@@ -500,8 +500,8 @@ class DiT(nn.Module):
 
         self.gate_recompute_elementwise = False
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_BLOCK_VARIANTS)
-        for block in self.blocks:
-            block.compile(backend=backend)
+        for block in self.blocks:  # options: inductor's (tinyfusion.cpu_compile.compile_options)
+            block.compile(backend=backend, **({"options": options} if options else {}))
 
     # --------------------------------------------------------------- forward
     def forward(self, x, t, y, force_drop_ids=None, hidden_indices=None, gate_onehots=None):

@@ -30,7 +30,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser, default_model="DiT-XL-1-2")
     add_training_args(parser, lr=1e-4, lr_schedule="constant", min_lr=0.0, epochs=1, global_batch_size=128,
-                      log_every=50, ckpt_every=1000, ema_decay=0.999)
+                      log_every=50, ema_decay=0.999)
     add_precision_arg(parser)
     add_transport_training_args(parser)
     parser.add_argument("--delta-w", action="store_true",
@@ -65,6 +65,7 @@ import torch.distributed as dist
 from diffusion import create_diffusion
 from models import DiT_models, SiT_models, gate_decision
 from tinyfusion.distributed import check_global_batch, cleanup_distributed, distributed_context, start_process_group
+from tinyfusion.cpu_compile import compile_options
 from tinyfusion.lora import apply_lora
 from tinyfusion.loop import LoopHooks, train_loop
 from tinyfusion.pruning import (check_output_path, linear_schedule, load_source_model, plain_name, save_pruned,
@@ -246,7 +247,7 @@ def search_loop_keywords(args, model):
     keywords = loop_keywords(args)
     model.gate_recompute_elementwise = args.recompute_elementwise
     if args.compile:
-        model.compile_gated_blocks()
+        model.compile_gated_blocks(options=compile_options(next(model.parameters()).device))
         keywords["compile_model"] = False
     return keywords
 

@@ -11,7 +11,7 @@ world size and batch size); rank 0 finally streams the parts in index order into
 Across nodes, --sample-dir must be on a filesystem every node sees (as in the original).
 
     torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py --model DiT-D14/2 \
-        --ckpt outputs/D14-Learned-Finetuning/checkpoints/0500000.pt --vae-path pretrained/sd-vae-ft-ema
+        --ckpt outputs/D14-Learned-MaskedKD-DiT-D14-2/checkpoints/0500000.pt --num-fid-samples 50000
 """
 import argparse
 import functools
@@ -23,10 +23,11 @@ import shutil
 import time
 import zipfile
 
-from tinyfusion.cli import (FLOW_SAMPLERS, SAMPLER_NAMES, ArgumentParser, add_guidance_args, add_model_args,
-                            add_precision_arg, add_sampling_compile_arg, add_sampling_steps_check, add_transport_args,
-                            nonnegative_int, positive_int, resolve_precision, sampling_steps, unit_interval)
-from tinyfusion.errors import TinyFusionError, run_main
+from tinyfusion.cli import (SAMPLING_PRECISION_HELP, ArgumentParser, add_guidance_args, add_model_args,
+                            add_precision_arg, add_sampler_arg, add_sampling_compile_arg, add_sampling_steps_check,
+                            add_timestep_spacing_arg, add_transport_args, nonnegative_int, positive_int,
+                            resolve_timestep_spacing, sampling_steps, unit_interval)
+from tinyfusion.errors import TinyFusionError, run_main, unwritable_message
 
 
 def parse_args(argv=None):
@@ -43,12 +44,14 @@ def parse_args(argv=None):
     parser.add_argument("--ckpt", type=str, default=None,
                         help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
-    parser.add_argument("--sampler", choices=[*SAMPLER_NAMES, *FLOW_SAMPLERS], default=None,
-                        help="DiT: ddpm (default) or ddim; SiT: ode or sde (required)")
+    add_sampler_arg(parser)
     parser.add_argument("--ddim-eta", type=unit_interval, default=0.0)
-    add_precision_arg(parser)
+    add_timestep_spacing_arg(parser)
+    add_precision_arg(parser, help=SAMPLING_PRECISION_HELP)
     add_sampling_compile_arg(parser)
     parser.set_defaults(precision="fp32")  # FID numbers are comparable to the original's fp32 sampling
+    parser.add_argument("--balanced-labels", action="store_true",
+                        help="label of sample i = i mod --num-classes (ours; the original draws each label at random)")
     parser.add_argument("--save-png", action="store_true", help="also write {index:06d}.png into the run folder")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run (keep its finished parts)")
     parser.add_argument("--cpu-threads", type=positive_int, default=1,
@@ -71,16 +74,15 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from diffusion import create_diffusion
 from tinyfusion.atomic_files import atomic_path, atomic_write_json
 from tinyfusion.checkpoints import build_model, check_finite_weights, load_state_dict
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
 from tinyfusion.finite import NonFiniteOutput, count_non_finite, non_finite_output_message
-from tinyfusion.precision import cast_weights_once, low_precision_warning
+from tinyfusion.precision import cast_weights_once, resolve_sampling_precision
 from tinyfusion.run_lock import lock_folder, release_folder
 from tinyfusion.runlog import MetricsLog, create_logger
 from tinyfusion.sampling import (compile_forward, generate, resolve_checkpoint, run_name, sample_generator,
-                                 sample_labels)
+                                 sample_labels, sampling_process, spacing_identity, balanced_labels)
 from tinyfusion.vae import load_vae, to_uint8_nhwc
 from transport.cli import (check_sampler_family, check_transport_flags, check_transport_record, flow_identity,
                            flow_options, flow_run_suffix, transport_from_args)
@@ -90,9 +92,10 @@ from transport.cli import (check_sampler_family, check_transport_flags, check_tr
 # counts by the weights it holds, not its name: two different checkpoints/0000010.pt never share samples.
 IDENTITY_KEYS = ("model", "weights_sha256", "no_ema", "image_size", "num_classes", "vae", "vae_path", "groups",
                  "cfg_scale", "num_sampling_steps", "sampler", "ddim_eta", "global_seed", "precision", "tf32",
-                 "compile", "guide_all_channels")
+                 "compile", "guide_all_channels", "timestep_spacing")
 # identity keys added after runs were first recorded: a settings.json without one was made with this value
-ADDED_IDENTITY_DEFAULTS = {"compile": False}
+# (timestep_spacing is recorded as None when it is the sampler's default, the only spacing of older runs)
+ADDED_IDENTITY_DEFAULTS = {"compile": False, "timestep_spacing": None}
 
 
 def weights_sha256(ckpt, use_ema=True, transport=None):
@@ -243,13 +246,18 @@ def check_args(args):
     check_transport_flags(args)
     if args.sampler != "ddim" and args.ddim_eta != 0.0:
         raise TinyFusionError("--ddim-eta is for --sampler ddim")
+    try:
+        args.timestep_spacing = resolve_timestep_spacing(args.sampler, args.timestep_spacing)
+    except ValueError as error:
+        raise TinyFusionError(str(error)) from None
     return flow_options(args) if args.model.startswith("SiT-") else None
 
 
 def output_name(args, options, precision="fp32"):
     """The run folder / .npz name of these settings (after check_args; `options` what it returned)."""
     return run_name(args.model, args.ckpt, args.image_size, args.vae, args.cfg_scale, args.global_seed,
-                    args.num_sampling_steps, args.sampler, precision) + (flow_run_suffix(args) if options else "")
+                    args.num_sampling_steps, args.sampler, precision, args.timestep_spacing) + (
+        flow_run_suffix(args) if options else "") + ("-balanced" if getattr(args, "balanced_labels", False) else "")
 
 
 def main(args):
@@ -262,16 +270,17 @@ def main(args):
         torch.backends.cudnn.allow_tf32 = args.tf32
     else:  # CPU kernels round differently with other thread counts: a fixed count keeps images world-size free
         torch.set_num_threads(args.cpu_threads)
-    amp_dtype = resolve_precision(args.precision, ctx.device)
+    amp_dtype, _ = resolve_sampling_precision(args.precision, ctx.device)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     run_dir = os.path.join(args.sample_dir, output_name(args, options, precision))
     final_path = f"{run_dir}.npz"
     image_shape = (args.image_size, args.image_size, 3)
     settings = {key: getattr(args, key) for key in IDENTITY_KEYS if hasattr(args, key)}
     settings.update(ckpt=os.path.abspath(ckpt), precision=precision, tf32=bool(args.tf32),
-                    compile=bool(args.compile))
+                    compile=bool(args.compile), timestep_spacing=spacing_identity(args.sampler, args.timestep_spacing))
     settings.update(flow_identity(args) if options else {})
 
+    sampler = build_sampler(args, ckpt, ctx, amp_dtype, options)  # refuses a mismatch before any folder exists
     # rank 0 locks the run folder and decides (and creates folders); every rank gets the same
     # plan or the same error. The lock is held until the .npz is written (or the run fails).
     plan = None
@@ -281,13 +290,13 @@ def main(args):
                                                         transport=transport_from_args(args) if options else None)
             plan = plan_run(args, run_dir, final_path, settings, image_shape)
         except (TinyFusionError, OSError) as error:
-            plan = ("error", str(error))
+            plan = ("error", unwritable_message(error) or str(error))
     try:
         status, todo = broadcast_object(plan, ctx)
         if status == "error":
             cleanup_distributed()
             raise TinyFusionError(todo)
-        sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_dtype, image_shape, options)
+        sample_and_assemble(args, ctx, run_dir, final_path, status, todo, sampler, amp_dtype, image_shape, options)
     except NonFiniteOutput:
         if ctx.is_main and len(todo) == args.num_fid_samples:  # a fresh run: nothing in its folder is worth keeping
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -308,9 +317,25 @@ def refuse_non_finite_batch(images, ctx, indices):
         raise NonFiniteOutput(non_finite_output_message(bad.item(), what))
 
 
-def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_dtype, image_shape, options=None):
-    """Every rank samples its share of `todo` into part files; rank 0 writes the .npz (`options`:
-    a SiT's flow sampler keywords, None for DiT)."""
+def build_sampler(args, ckpt, ctx, amp_dtype, options=None):
+    """(model, vae, diffusion or transport) of the run, built on every rank before the run folder
+    exists: a checkpoint of another family or size is refused without leaving a folder behind."""
+    model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
+                           use_ema=not args.no_ema, groups=args.groups,
+                           families=("DiT", "SiT"))
+    model = model.to(ctx.device).eval().requires_grad_(False)
+    model = cast_weights_once(model, amp_dtype)  # bf16/fp16: weights cast once, not on every call
+    if args.compile:
+        model = compile_forward(model)
+    vae = load_vae(args.vae, args.vae_path, ctx.device)
+    diffusion = transport_from_args(args) if options else sampling_process(args.sampler, args.num_sampling_steps,
+                                                                           args.timestep_spacing)
+    return model, vae, diffusion
+
+
+def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, sampler, amp_dtype, image_shape, options=None):
+    """Every rank samples its share of `todo` with `sampler` (build_sampler's) into part files;
+    rank 0 writes the .npz (`options`: a SiT's flow sampler keywords, None for DiT)."""
     logger = create_logger(run_dir if status == "todo" else None, ctx.is_main, name="sample_ddp")
     if status == "done":
         logger.info(f"{final_path} is already complete; nothing to do")
@@ -323,17 +348,10 @@ def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_
     logger.info(f"{args.num_fid_samples - len(todo)} of {args.num_fid_samples} samples already done; sampling "
                 f"{len(todo)} on {ctx.world_size} rank(s) x {args.per_proc_batch_size} ({ctx.backend}) into {run_dir}")
 
-    model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
-                           use_ema=not args.no_ema, groups=args.groups,
-                           families=("DiT", "SiT"))
-    model = model.to(ctx.device).eval().requires_grad_(False)
-    model = cast_weights_once(model, amp_dtype)  # bf16/fp16: weights cast once, not on every call
-    if args.compile:
-        model = compile_forward(model)
-    if low_precision_warning(amp_dtype, ctx.device):
-        logger.info(low_precision_warning(amp_dtype, ctx.device))
-    vae = load_vae(args.vae, args.vae_path, ctx.device)
-    diffusion = transport_from_args(args) if options else create_diffusion(str(args.num_sampling_steps))
+    model, vae, diffusion = sampler
+    precision_note = resolve_sampling_precision(args.precision, ctx.device)[1]
+    if precision_note:  # what auto chose, or that the precision asked for is emulated here
+        logger.info(precision_note)
 
     # global batch k covers todo[k*G:(k+1)*G], G = world size x per-proc batch; rank r takes its slice
     batch = args.per_proc_batch_size
@@ -345,7 +363,8 @@ def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, ckpt, amp_
         indices = todo[step + ctx.rank * batch: step + (ctx.rank + 1) * batch]
         if not indices:
             continue
-        labels = sample_labels(args.global_seed, indices, args.num_classes)
+        labels = (balanced_labels(indices, args.num_classes) if args.balanced_labels
+                  else sample_labels(args.global_seed, indices, args.num_classes))
         generators = [sample_generator(args.global_seed, i) for i in indices]
         images = generate(model, diffusion, labels, generators, args.cfg_scale, args.sampler, args.ddim_eta, vae,
                           amp_dtype=amp_dtype, pad_to=batch, guide_all_channels=args.guide_all_channels,

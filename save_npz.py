@@ -1,15 +1,22 @@
 """
 Pack a folder of sample images (PNG / JPEG) into the .npz batch that evaluator.py reads:
-`arr_0` is an (N, H, W, 3) uint8 NHWC array in sorted file-name order, as DiT's
-sample_ddp.py writes it; grayscale (L) images become RGB by repeating the channel, as sample_ddp.py
-does for one-channel samples. The output defaults to `{image_dir}-packed.npz` (not
-`{image_dir}.npz`, which is where sample_ddp.py writes the batch of its `--save-png` folder), is
-written atomically and never replaces an existing file unless --overwrite is given.
+`arr_0` is an (N, H, W, 3) uint8 NHWC array of the first `--num` (default 50,000, the original's
+count) images in sorted file-name order, written to `{image_dir}.npz` as DiT's
+create_npz_from_sample_folder does; grayscale (L) images become RGB by repeating the channel, as
+sample_ddp.py does for one-channel samples.
 
-    python save_npz.py --image_dir samples/DiT-XL-2-pretrained-size-256-cfg-1.5-seed-0 --num 50000
+    python save_npz.py --image_dir samples/DiT-D14-2-0500000-size-256-vae-ema-cfg-1.5-seed-0
+
+`{image_dir}.npz` is also where sample_ddp.py writes the batch of its run folder `{image_dir}/`,
+so an existing output is never replaced silently: when it already holds exactly these images
+(sample_ddp.py's batch of its `--save-png` folder) it is kept and said so; when the folder holds
+no images but the .npz holds `--num` samples (sample_ddp.py without --save-png) there is nothing
+to pack; any other existing file is refused in one line (choose `--out`, or `--overwrite`). The
+write is atomic: a crash never leaves a truncated .npz.
 """
 import argparse
 import os
+import zipfile
 
 import numpy as np
 from PIL import Image
@@ -20,6 +27,8 @@ from tinyfusion.cli import positive_int
 from tinyfusion.errors import TinyFusionError, run_main
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ORIGINAL_COUNT = 50_000  # DiT's create_npz_from_sample_folder packs the first 50,000 samples
+COMPARE_CHUNK = 1 << 24  # bytes of arr_0 compared at a time (an existing 50k batch is not loaded whole)
 
 
 def list_image_files(image_dir):
@@ -82,31 +91,90 @@ def load_image_folder(image_dir, num=None):
 
 
 def default_output(image_dir):
-    """`{image_dir}-packed.npz`: never sample_ddp.py's `{sample-dir}/{run}.npz` next to its PNG folder."""
-    return f"{image_dir}-packed.npz"
+    """`{image_dir}.npz`, as the original (and sample_ddp.py for its run folder `{image_dir}/`)."""
+    return f"{image_dir}.npz"
+
+
+def open_arr0(archive):
+    """The arr_0.npy member of an open .npz and its (shape, dtype), positioned at the data."""
+    member = archive.open("arr_0.npy")
+    version = np.lib.format.read_magic(member)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(member)
+    return member, (shape if not fortran_order else None), dtype
+
+
+def npz_image_count(path):
+    """The number of images in an .npz's arr_0, read from its header; None if it is no readable batch."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member, shape, _ = open_arr0(archive)
+            member.close()
+            return shape[0] if shape else None
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def npz_holds(path, images):
+    """True when the .npz's arr_0 equals `images` (shape, dtype and every byte), compared chunk by chunk."""
+    flat = np.ascontiguousarray(images).reshape(-1).view(np.uint8)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member, shape, dtype = open_arr0(archive)
+            with member:
+                if shape != images.shape or dtype != images.dtype:
+                    return False
+                for start in range(0, flat.size, COMPARE_CHUNK):
+                    if member.read(COMPARE_CHUNK) != flat[start:start + COMPARE_CHUNK].tobytes():
+                        return False
+                return True
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
+
+
+def refuse_existing(out_path, what):
+    raise TinyFusionError(f"{out_path} already exists and {what}; pass --out to write the packed batch elsewhere "
+                          f"(or --overwrite to replace it)")
 
 
 def main(args):
     image_dir = args.image_dir.rstrip("/\\") or args.image_dir
     out_path = args.out if args.out is not None else default_output(image_dir)
-    # Check the destination before reading 50k images, not after.
-    if os.path.exists(out_path) and not args.overwrite:
-        raise TinyFusionError(f"{out_path} already exists; pass --overwrite to replace it or choose another --out")
+    keep_existing = os.path.exists(out_path) and not args.overwrite
+    has_images = os.path.isdir(image_dir) and bool(list_image_files(image_dir))
+    if keep_existing and not has_images:  # e.g. sample_ddp.py's batch of a run without --save-png
+        count = npz_image_count(out_path)
+        if count != args.num:
+            refuse_existing(out_path, f"holds {count if count is not None else 'no readable'} images, not --num "
+                                      f"{args.num}, and {image_dir} holds no images to pack")
+        print(f"{out_path} already holds {count} images (sample_ddp.py writes it next to its run folder); "
+              f"{image_dir} holds no images to pack: nothing to do")
+        return
     try:
         images = load_image_folder(image_dir, args.num)
     except ValueError as exc:
         raise TinyFusionError(f"{exc}")
+    if keep_existing:
+        if not npz_holds(out_path, images):
+            refuse_existing(out_path, f"holds other images than the first {len(images)} of {image_dir}")
+        print(f"{out_path} already holds these {len(images)} images (identical arr_0); kept it")
+        return
     # Temp file in the destination folder + os.replace: a crash never leaves a truncated .npz.
     with atomic_path(out_path, overwrite=args.overwrite) as tmp_path:
         np.savez(tmp_path, arr_0=images)
     print(f"Saved .npz file to {out_path} [shape={images.shape}].")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Pack a folder of PNG/JPEG samples into an .npz (arr_0, uint8 NHWC).")
     parser.add_argument("--image_dir", "--image-dir", dest="image_dir", type=str, required=True,
                         help="folder of .png/.jpg/.jpeg samples (read in sorted file-name order)")
-    parser.add_argument("--num", type=positive_int, default=None, help="use only the first NUM images (default: all)")
-    parser.add_argument("--out", type=str, default=None, help="output .npz path (default: {image_dir}-packed.npz)")
+    parser.add_argument("--num", type=positive_int, default=ORIGINAL_COUNT,
+                        help="pack the first NUM images (default: 50,000, the original's count)")
+    parser.add_argument("--out", type=str, default=None, help="output .npz path (default: {image_dir}.npz)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    run_main(main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args())

@@ -17,7 +17,7 @@ defaults: `--path-type Linear`, `--prediction velocity`, `--loss-weight None`, `
 `--sample-eps` SiT's for the path; its checkpoints record that transport.
 """
 from tinyfusion.cli import (ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg,
-                            add_training_args, add_transport_training_args)
+                            add_eval_args, add_training_args, add_transport_training_args)
 from tinyfusion.errors import run_main
 
 
@@ -25,6 +25,7 @@ def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser, default_model="DiT-XL/2")
     add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4)
+    add_eval_args(parser)
     add_precision_arg(parser)
     add_transport_training_args(parser)
     add_compatibility_flags(parser, [("--strict", dict(action="store_true",
@@ -42,6 +43,7 @@ import torch
 from diffusion import create_diffusion
 from tinyfusion.distributed import cleanup_distributed, start_process_group
 from tinyfusion.loop import full_weights, train_loop
+from tinyfusion.quality import check_eval_args, eval_hooks
 from tinyfusion.run_setup import loop_keywords, prepare_training, training_metadata
 from transport.loss import training_losses
 
@@ -61,6 +63,7 @@ def transport_losses(model, transport, x, y):
 
 
 def main(args):
+    check_eval_args(args)
     run = prepare_training(args)  # every check before the process group starts and before any file is written
     start_process_group(run.ctx)
     intro = (f"run folder {run.run_dir}; model {args.model} (depth {run.model.depth})"
@@ -79,7 +82,7 @@ def main(args):
     train_loop(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run.run_dir, intro=[intro],
                compute_losses=compute_losses,
                checkpoint_weights=full_weights(training_metadata(run.metadata, run.model, run.transport)),
-               hooks=run.trackers, resume_checkpoint=run.resume,
+               hooks=run.trackers + eval_hooks(args), resume_checkpoint=run.resume,
                resume_path=run.resume_path, **loop_keywords(args))
     cleanup_distributed()
 

@@ -15,7 +15,7 @@ SiT's transport: kd on the model outputs (velocities by default), gt the transpo
 masked features (transport/distillation.py), with train.py's SiT flags.
 """
 from tinyfusion.cli import (ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg,
-                            add_teacher_precision_arg, add_training_args, add_transport_training_args,
+                            add_eval_args, add_teacher_precision_arg, add_training_args, add_transport_training_args,
                             nonnegative_float, resolve_precision, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main
 
@@ -24,6 +24,7 @@ def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser, default_model="DiT-D14/2")
     add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4, min_lr_aliases=("--final-lr",))
+    add_eval_args(parser)
     add_precision_arg(parser)
     add_teacher_precision_arg(parser)
     add_transport_training_args(parser)
@@ -57,6 +58,7 @@ from tinyfusion.distributed import cleanup_distributed, start_process_group
 from tinyfusion.loop import full_weights, train_loop
 from tinyfusion.precision import FrozenForward, resolve_teacher_precision
 from tinyfusion.pruning import kept_indices_in_frame
+from tinyfusion.quality import check_eval_args, eval_hooks
 from tinyfusion.run_setup import loop_keywords, prepare_training, training_metadata
 from transport.cli import check_transport_record
 from transport.distillation import transport_kd_losses
@@ -107,6 +109,7 @@ def resolve_layer_map(args, student, metadata, teacher):
 
 
 def main(args):
+    check_eval_args(args)
     run = prepare_training(args)  # every check before the process group starts and before any file is written
     student = run.model
     teacher = build_teacher(args, run.ctx.device, run.transport)
@@ -133,7 +136,8 @@ def main(args):
     train_loop(model=student, dataset=run.dataset, ctx=run.ctx, run_dir=run.run_dir, intro=intro,
                compute_losses=compute_losses,
                checkpoint_weights=full_weights(training_metadata(run.metadata, student, run.transport)),
-               hooks=run.trackers, resume_checkpoint=run.resume, resume_path=run.resume_path, **loop_keywords(args))
+               hooks=run.trackers + eval_hooks(args), resume_checkpoint=run.resume, resume_path=run.resume_path,
+               **loop_keywords(args))
     cleanup_distributed()
 
 

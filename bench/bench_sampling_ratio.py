@@ -10,6 +10,7 @@ the median of the per-round ratios XL time / D14 time.
     python bench/bench_sampling_ratio.py                        # the paper's setting (a GPU: a few minutes)
     python bench/bench_sampling_ratio.py --precision bf16       # the same in bf16 (weights cast once)
     python bench/bench_sampling_ratio.py --stand-in --steps 10 --batch 4   # XL's depth, tiny width: any CPU
+    python bench/bench_sampling_ratio.py --sampler dpm-solver++ --steps 20 # a fast solver: NFE and images/s
 
 `--stand-in` keeps XL's 28 blocks and the D14's 14 but makes them 64 wide at 8 x 8 latents: it
 checks the machinery, its ratio is not comparable to the paper's. `--min-speedup X` exits 1 when
@@ -24,11 +25,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_model import fill_random  # noqa: E402
 from bench.harness import alternate, machine_info, print_comparison, summary, write_json  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
 from models import DiT, DiT_models, prune_to_kept_blocks  # noqa: E402
-from tinyfusion.cli import PRECISIONS  # noqa: E402
+from tinyfusion.cli import PRECISIONS, SAMPLER_NAMES, resolve_timestep_spacing  # noqa: E402
 from tinyfusion.precision import cast_weights_once  # noqa: E402
-from tinyfusion.sampling import generate, sample_generator  # noqa: E402
+from tinyfusion.sampling import generate, sample_generator, sampling_process  # noqa: E402
 
 PAPER_IT_PER_S = {"DiT-XL/2": 6.91, "DiT-D14/2": 13.54}
 PAPER_SPEEDUP = 1.96  # 13.54 / 6.91, as the paper rounds it
@@ -61,31 +61,37 @@ def run(args):
     labels = [i % 1000 for i in range(args.batch)]
 
     def sampler(model, steps):
-        diffusion = create_diffusion(str(steps))
-        return lambda: generate(model, diffusion, labels, [sample_generator(0, i) for i in labels],
-                                cfg_scale=args.cfg_scale, amp_dtype=dtype)
+        process = sampling_process(args.sampler, steps, resolve_timestep_spacing(args.sampler, None))
+        return lambda: generate(model, process, labels, [sample_generator(0, i) for i in labels],
+                                cfg_scale=args.cfg_scale, sampler=args.sampler, amp_dtype=dtype)
     for model in (xl, d14):  # warm-up (kernel choice, allocator) on a 2-step schedule, not timed
         sampler(model, 2)()
     times = alternate({"DiT-XL/2": sampler(xl, args.steps), "DiT-D14/2": sampler(d14, args.steps)},
                       rounds=args.rounds, warmup=0, device=device)
     record = summary(times, "DiT-XL/2", "DiT-D14/2")  # XL time / D14 time = D14's speed-up
-    config = dict(stand_in=args.stand_in, steps=args.steps, cfg_scale=args.cfg_scale, batch=args.batch,
+    config = dict(stand_in=args.stand_in, sampler=args.sampler, steps=args.steps, nfe=args.steps,
+                  cfg_scale=args.cfg_scale, batch=args.batch,
                   image_size=args.image_size, precision=args.precision, device=device, rounds=args.rounds)
     return dict(config=config, machine=machine_info(), record=record, speedup=record["ratio_median"],
                 it_per_s={"DiT-XL/2": args.steps / record["variant_median_s"],
-                          "DiT-D14/2": args.steps / record["baseline_median_s"]})
+                          "DiT-D14/2": args.steps / record["baseline_median_s"]},
+                images_per_s={"DiT-XL/2": args.batch / record["variant_median_s"],
+                              "DiT-D14/2": args.batch / record["baseline_median_s"]})
 
 
 def main(args):
     result = run(args)
     config, speed = result["config"], result["it_per_s"]
     what = "stand-in (XL's depth, width 64)" if args.stand_in else "DiT-XL/2 and its 14 even blocks, random weights"
-    print(f"{result['machine']}\n{what}: {config['steps']} DDPM steps, cfg {config['cfg_scale']}, batch "
+    print(f"{result['machine']}\n{what}: {config['sampler']}, {config['steps']} steps, cfg {config['cfg_scale']}, batch "
           f"{config['batch']}, {config['image_size']} px, {config['precision']} on {config['device']}, "
           f"{config['rounds']} rounds")
     print_comparison(result["record"], "sampling time per batch", unit_ms=result["record"]["variant_median_s"] < 10)
     print(f"it/s: DiT-XL/2 {speed['DiT-XL/2']:.2f}, DiT-D14/2 {speed['DiT-D14/2']:.2f}" + (
         "" if args.stand_in else f" (paper: {PAPER_IT_PER_S['DiT-XL/2']}, {PAPER_IT_PER_S['DiT-D14/2']})"))
+    rate = result["images_per_s"]
+    print(f"{config['sampler']} at NFE {config['nfe']}: images/s DiT-XL/2 {rate['DiT-XL/2']:.3f}, "
+          f"DiT-D14/2 {rate['DiT-D14/2']:.3f}")
     print(f"D14 sampling speed-up over XL: {result['speedup']:.2f}x (paper: {PAPER_SPEEDUP}x)"
           + (" [stand-in: not comparable]" if args.stand_in else ""))
     write_json(args.json, result)
@@ -96,7 +102,9 @@ def main(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=250, help="DDPM sampling steps per timed call")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm",
+                        help="DiT's sampler (the paper's: ddpm); the fast solvers take e.g. --steps 20")
+    parser.add_argument("--steps", type=int, default=250, help="sampling steps (= NFE) per timed call")
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--batch", type=int, default=32, help="images per call (x2 rows with guidance)")
     parser.add_argument("--image-size", type=int, default=256, help="pixels; the latents are 1/8 of it")

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # GPU readiness: every script for a few steps on CUDA, then the D14 / XL sampling speed-up at the
-# paper's setting against its 1.96x. One PASS / FAIL line per check, a summary line, exit 1 if a
-# check failed; each check's full output goes to WORK/logs/<check>.log.
+# paper's setting against its 1.96x, and the images/s of D14 and XL with the fast solvers
+# (dpm-solver++, unipc) at 20 model evaluations instead of DDPM's 250. One PASS / FAIL line per
+# check, a summary line, exit 1 if a check failed; each check's full output goes to
+# WORK/logs/<check>.log.
 #
 #   bench/gpu_check.sh                  # a CUDA machine: nccl with 2 ranks when 2 GPUs are visible
 #   bench/gpu_check.sh --cpu-dry-run    # the same checks on the CPU (gloo, 2 ranks, tiny model, tiny steps)
 #
 # Options: --out DIR (work folder; default a temporary one, deleted when every check passed),
-# --keep (keep it anyway), --skip-ratio (skip the paper-setting measurement, minutes on a GPU);
+# --keep (keep it anyway), --skip-ratio (skip the paper-setting measurements, minutes on a GPU);
 # PYTHON selects the interpreter. The data are made on the fly (scikit-learn's digits, pixel
 # space: --vae none), so nothing is downloaded; the paper-setting ratio uses random weights (speed
 # does not depend on them). The dry-run measures the ratio with a tiny stand-in of XL's depth and
@@ -22,7 +24,7 @@ while [ $# -gt 0 ]; do
     --out) WORK="$2"; shift ;;
     --keep) KEEP=1 ;;
     --skip-ratio) RATIO=0 ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -38,12 +40,14 @@ if [ "$MODE" = gpu ]; then
   NPROC=$(( GPUS >= 2 ? 2 : 1 )) DEVICE=cuda BACKEND=nccl
   MODEL=DiT-S/2 SIZE=32 STEPS=5                      # 256 tokens of width 384: real GPU kernels, seconds
   RATIO_FLAGS=(--min-speedup 1.76)                   # within 10% of the paper's 1.96x
+  SOLVER_FLAGS=()                                    # the paper's setting: 256 px, batch 32, cfg 1.5
 else
   export CUDA_VISIBLE_DEVICES=""                     # the CPU even on a GPU machine
   export OMP_NUM_THREADS=1                           # tiny models: spinning threads only cost time
   NPROC=2 DEVICE=cpu BACKEND=gloo
   MODEL=DiT-XS/4 SIZE=8 STEPS=2                      # the quick start's 12-block model on 8x8 digits
   RATIO_FLAGS=(--stand-in --steps 10 --batch 4 --image-size 64 --threads 1)
+  SOLVER_FLAGS=(--stand-in --batch 4 --image-size 64 --threads 1)
 fi
 TEMPORARY=0
 if [ -z "$WORK" ]; then WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") && TEMPORARY=1; fi
@@ -131,9 +135,10 @@ sample_grid() {
   script sample.py "${COMMON[@]}" --ckpt "$STUDENT" --num-sampling-steps 5 --class-labels 0 1 2 3 \
     --out "$WORK/sample.png" && test -f "$WORK/sample.png"
 }
-sample_many() {  # sample_many PRECISION: the .npz goes to WORK/samples/PRECISION/
-  torchrun sample_ddp.py "${COMMON[@]}" "${SAMPLE[@]}" --ckpt "$STUDENT" --sample-dir "$WORK/samples/$1" \
-    --precision "$1" && ls "$WORK/samples/$1"/*.npz
+sample_many() {  # sample_many PRECISION [SAMPLER]: the .npz goes to WORK/samples/PRECISION[-SAMPLER]/
+  local dir="$WORK/samples/$1${2:+-$2}"
+  torchrun sample_ddp.py "${COMMON[@]}" "${SAMPLE[@]}" --ckpt "$STUDENT" --sample-dir "$dir" \
+    --precision "$1" --sampler "${2:-ddpm}" && ls "$dir"/*.npz
 }
 evaluate() {
   script evaluator.py "$WORK/reference.npz" "$(ls "$WORK"/samples/fp32/*.npz)" --feature-net "$WORK/classifier.pt" \
@@ -142,6 +147,14 @@ evaluate() {
 ratio() {
   "$PYTHON" "$ROOT/bench/bench_sampling_ratio.py" "${RATIO_FLAGS[@]}" --json "$WORK/ratio.json" &&
   grep "speed-up over XL" "$WORK/logs/ratio.log" >&3
+}
+solvers() {  # the fast solvers at 20 steps (NFE 20) against the DDPM 250 of ratio: images/s of D14 and XL
+  local sampler
+  for sampler in dpm-solver++ unipc; do
+    "$PYTHON" "$ROOT/bench/bench_sampling_ratio.py" "${SOLVER_FLAGS[@]}" --sampler "$sampler" --steps 20 \
+      --json "$WORK/solver-$sampler.json" || return 1
+  done
+  grep -E "at NFE|speed-up over XL" "$WORK/logs/solvers.log" | sed 's/^/      /' >&3
 }
 
 echo "gpu_check ($MODE): $NPROC rank(s), $BACKEND, $DEVICE; $MODEL at $SIZE px; work folder $WORK"
@@ -160,6 +173,7 @@ check "sample" "$STUDENT" sample_grid
 check "sample_ddp ($NPROC ranks, fp32)" "$STUDENT" sample_many fp32
 check "sample_ddp-bf16 ($NPROC ranks)" "$STUDENT" sample_many bf16
 check "sample_ddp-fp16 ($NPROC ranks)" "$STUDENT" sample_many fp16
+check "sample_ddp-dpm-solver++ ($NPROC ranks)" "$STUDENT" sample_many fp32 dpm-solver++
 check "evaluator (digits feature network)" "$WORK/samples/fp32 $WORK/classifier.pt" evaluate
 if [ "$RATIO" = 1 ]; then
   if [ "$MODE" = gpu ]; then
@@ -167,6 +181,7 @@ if [ "$RATIO" = 1 ]; then
   else
     check "ratio D14/XL, stand-in (reported only)" "" ratio
   fi
+  check "solvers at NFE 20: images/s (reported only)" "" solvers
 fi
 if [ "$FAILED" -eq 0 ] && [ "$TEMPORARY" = 1 ] && [ "$KEEP" = 0 ]; then
   rm -rf "$WORK"

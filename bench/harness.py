@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from tinyfusion.precision import native_low_precision
+
 
 def timed_call(fn, device="cpu"):
     if torch.device(device).type == "cuda":
@@ -87,7 +89,7 @@ def machine_info():
     """What the figures were measured on."""
     info = dict(cpu=cpu_model(), cores=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                native_bf16_cpu=bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                native_bf16_cpu=native_low_precision(torch.bfloat16, "cpu"),
                 gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     return info
 

@@ -1,9 +1,14 @@
-"""The README's "Our measurements" table from a bench/run_all.py JSON file (markdown on stdout).
+"""The measurements table of docs/measurements.md from a bench/run_all.py JSON file.
 
-    python bench/report.py bench/results.json
+    python bench/report.py bench/results.json                               # markdown on stdout
+    python bench/report.py bench/results.json --write docs/measurements.md  # replace the page's table
+
+With --write, the text between the page's BEGIN/END markers is replaced, so no bench figure in
+the page is typed by hand (tests/test_bench_harness.py checks that the page holds exactly this).
 """
 import argparse
 import json
+import os
 
 
 def _pct(value):
@@ -24,7 +29,7 @@ def rows_of(name, result):
                  f"{_pct(eff['current']['median'])} ({_pct(eff['legacy']['median'])})", ">= 70%"),
                 (f"fp32 forward time now / before, {threads} thread(s)", _x(result["current_vs_legacy"]["ratio_median"]),
                  "< 1x, outputs within 1e-6")]
-    if name == "precision":
+    if name.startswith("precision"):
         config, cmp = result["config"], result["comparisons"]
         native = "native" if config["native_low_precision"] else "emulated (no native bf16 on this CPU)"
         return [(f"sampling images/s, {config['dtype']} weights cast once / fp32, {config['model']} ({native})",
@@ -88,21 +93,53 @@ def render(report):
         if "error" in bench or bench.get("result") is None:
             lines.append(f"| {name} | failed (see the JSON) | | | `{bench['command']}` |")
             continue
+        when = _rerun_note(bench, machine)
         for what, measured, goal in rows_of(name, bench["result"]):
-            lines.append(f"| {name} | {what} | {measured} | {goal} | `{bench['command']}` |")
+            lines.append(f"| {name} | {what}{when} | {measured} | {goal} | `{bench['command']}` |")
     return "\n".join(lines)
+
+
+def _rerun_note(bench, machine):
+    """Where a record was rerun alone (run_all.py --update): its date, and its CPU if another."""
+    if "started" not in bench:
+        return ""
+    other = bench["machine"]
+    cpu = "" if (other["cpu"], other["cpu_capability"]) == (machine["cpu"], machine["cpu_capability"]) else \
+        f" on {other['cpu']} ({other['cpu_capability']}, native bf16 matmul: {other['native_bf16_cpu']})"
+    return f" (rerun {bench['started']}{cpu})"
 
 
 def _load(values):
     return "/".join(f"{v:.1f}" for v in values) if values else "?"
 
 
+BEGIN = "<!-- BEGIN bench/report.py: generated, do not edit -->"
+END = "<!-- END bench/report.py -->"
+
+
+def replace_generated(page, table):
+    """`page` with the text between its BEGIN and END markers replaced by `table`."""
+    start, end = page.find(BEGIN), page.find(END)
+    if start < 0 or end < start:
+        raise SystemExit(f"error: the page has no {BEGIN} ... {END} section to replace")
+    return page[:start + len(BEGIN)] + "\n" + table + "\n" + page[end:]
+
+
 def main(args):
     with open(args.results) as handle:
-        print(render(json.load(handle)))
+        table = render(json.load(handle))
+    if args.write is None:
+        print(table)
+        return
+    with open(args.write) as handle:
+        page = replace_generated(handle.read(), table)
+    with open(args.write + ".tmp", "w") as handle:
+        handle.write(page)
+    os.replace(args.write + ".tmp", args.write)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", help="a bench/run_all.py JSON file")
+    parser.add_argument("--write", default=None, metavar="PAGE", help="replace the generated section of this page")
     main(parser.parse_args())

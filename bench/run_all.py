@@ -5,6 +5,10 @@ README's "Our measurements" table.
 
     python bench/run_all.py --quick --out bench/results.json
     python bench/run_all.py --only forward precision --out /tmp/some.json
+    python bench/run_all.py --quick --only prune --update bench/results.json   # rerun one, keep the others
+
+With --update, the named benchmarks are rerun and replace their records in an existing JSON;
+each replaced record carries its own machine and date, which the report prints on its rows.
 
 --quick uses small configurations (minutes, not hours, on a 2-core CPU); the figures are ratios
 of variants alternated in the same run, so they stay comparable on a loaded machine.
@@ -29,6 +33,8 @@ BENCHES = {
     "forward_2_threads": ("bench.bench_forward", ["--quick", "--threads", "2"], ["--threads", "2"]),
     "precision": ("bench.bench_precision", ["--model", "DiT-S/2", "--input-size", "8", "--images", "2", "--steps", "2",
                                             "--rounds", "4"], []),
+    "precision_256": ("bench.bench_precision", ["--model", "DiT-XL/2", "--input-size", "32", "--images", "2",
+                                                "--steps", "2", "--rounds", "3"], []),  # DiT-XL/2 at 256 px
     "train": ("bench.bench_train", ["--quick", "--threads", "1"], ["--threads", "1"]),
     "model": ("bench.bench_model", ["--quick"], []),
     "prune": ("bench.bench_prune", ["--threads", "1", "--latent-size", "16", "--steps", "4", "--batch-size", "8",
@@ -79,11 +85,31 @@ def run_bench(name, quick):
     return record
 
 
+def update(args, names):
+    """Rerun `names` and replace their records in the JSON file args.update."""
+    with open(args.update) as handle:
+        report = json.load(handle)
+    if report["quick"] != args.quick:
+        raise SystemExit(f"error: {args.update} holds {'--quick' if report['quick'] else 'full'} configurations; "
+                         f"rerun with the same setting")
+    for name in names:
+        print(f"\n===== {name} =====", flush=True)
+        record = run_bench(name, args.quick)
+        record.update(machine=machine_info(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+        report["benches"][name] = record
+    with open(args.update + ".part", "w") as handle:
+        json.dump(report, handle, indent=1, default=str)
+    os.replace(args.update + ".part", args.update)
+    print(f"\nupdated {args.update}")
+
+
 def main(args):
     names = args.only or DEFAULT
     unknown = [name for name in names if name not in BENCHES]
     if unknown:
         raise SystemExit(f"error: unknown benchmark(s) {unknown}; choose from {', '.join(BENCHES)}")
+    if args.update:
+        return update(args, names)
     report = dict(machine=machine_info(), quick=args.quick, started=time.strftime("%Y-%m-%d %H:%M:%S"),
                   load_before=load_average(), benches={})
     for name in names:
@@ -103,6 +129,8 @@ def build_parser():
     parser.add_argument("--quick", action="store_true", help="small configurations")
     parser.add_argument("--only", nargs="+", default=None, help=f"some of: {', '.join(BENCHES)}")
     parser.add_argument("--out", default="bench/results.json")
+    parser.add_argument("--update", default=None, metavar="JSON",
+                        help="rerun the --only benchmarks and replace their records in this JSON")
     return parser
 
 

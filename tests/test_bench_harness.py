@@ -31,3 +31,26 @@ def test_report_renders_each_goal_row():
             "--recompute-elementwise) | 0.72x, 0.54x (0.86x, 0.44x) | <= 0.70x, <= 0.5x |") in table
     assert "| 86% (74%) | >= 70% |" in table and "| 0.84x |" in table
     assert "| lora | failed (see the JSON) |" in table
+
+
+def test_a_rerun_record_names_its_date_and_its_other_cpu():
+    machine = dict(cpu="cpu A", cores=2, cpu_capability="AVX2", native_bf16_cpu=False, torch="2")
+    other = dict(machine, cpu="cpu B", cpu_capability="AVX512", native_bf16_cpu=True)
+    lora = dict(command="python bench/bench_lora.py", result=dict(ratio_median=0.9))
+    assert report._rerun_note(lora, machine) == ""
+    assert report._rerun_note(dict(lora, started="d1", machine=machine), machine) == " (rerun d1)"
+    assert report._rerun_note(dict(lora, started="d1", machine=other), machine) == \
+        " (rerun d1 on cpu B (AVX512, native bf16 matmul: True))"
+
+
+def test_the_measurements_page_holds_exactly_the_generated_table():
+    """docs/measurements.md's table is bench/report.py's rendering of bench/results.json, untouched
+    (regenerate: python bench/report.py bench/results.json --write docs/measurements.md)."""
+    import json
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "bench", "results.json")) as handle:
+        table = report.render(json.load(handle))
+    with open(os.path.join(root, "docs", "measurements.md")) as handle:
+        page = handle.read()
+    assert report.replace_generated(page, table) == page

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -20,6 +21,14 @@ NAME = "DiT-XL-2-256x256.pt"
 PAYLOAD = bytes(range(256)) * 12289  # 3,145,984 bytes: several read chunks, not a multiple of one
 
 
+def download_script():
+    """`python download.py` with the plausibility floors lowered to the stand-ins' sizes."""
+    prelude = ("import runpy, sys; from tinyfusion import downloads\n"
+               "for entry in downloads.RELEASED.values(): entry['min_size'] = 1\n"
+               f"sys.argv[0] = {os.path.join(ROOT, 'download.py')!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
+    return [sys.executable, "-c", prelude]
+
+
 class ServerState:
     def __init__(self):
         self.files = {NAME: PAYLOAD}
@@ -29,6 +38,8 @@ class ServerState:
         self.cut_at = None        # close the connection once this absolute offset is sent
         self.cuts_left = 0        # ... for this many requests
         self.stall = None         # an Event to wait on (instead of closing) at cut_at
+        self.silent = None        # an Event to wait on before answering at all
+        self.content_type = "application/octet-stream"
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -39,6 +50,9 @@ class Handler(BaseHTTPRequestHandler):
         state = self.server.state
         name, requested = self.path.rsplit("/", 1)[-1], self.headers.get("Range")
         state.requests.append((name, requested))
+        if state.silent is not None:
+            state.silent.wait(30)
+            return
         if name not in state.files:
             self.send_error(404)
             return
@@ -54,6 +68,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
             self.send_response(200)
+        self.send_header("Content-Type", state.content_type)
         if state.send_length:
             self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
@@ -68,20 +83,33 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.fixture
-def server(monkeypatch):
+@contextmanager
+def serve(files, monkeypatch):
+    """A local HTTP server of `files` ({name: bytes}) as $TINYFUSION_DOWNLOAD_URL, with the
+    plausibility floors lowered to the stand-ins' sizes; yields its ServerState."""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     httpd.state = ServerState()
+    httpd.state.files = dict(files)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setenv(downloads.URL_ENVIRONMENT_VARIABLE, f"http://127.0.0.1:{httpd.server_port}/files")
-    httpd.state.files = {NAME: PAYLOAD}
-    yield httpd.state
-    if httpd.state.stall is not None:
-        httpd.state.stall.set()
-    httpd.shutdown()
-    httpd.server_close()
+    for name, entry in downloads.RELEASED.items():  # the stand-ins are smaller than any real model
+        monkeypatch.setitem(downloads.RELEASED, name, dict(entry, min_size=1))
+    try:
+        yield httpd.state
+    finally:
+        for event in (httpd.state.stall, httpd.state.silent):
+            if event is not None:
+                event.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    with serve({NAME: PAYLOAD}, monkeypatch) as state:
+        yield state
 
 
 @pytest.fixture
@@ -109,7 +137,7 @@ def test_full_download_then_found_without_a_request(server, fast_retries, tmp_pa
     path = downloads.resolve_released(NAME)
     assert path == os.path.join("pretrained", NAME)
     assert open(path, "rb").read() == PAYLOAD
-    assert os.listdir("pretrained") == [NAME]  # no .part left behind
+    assert sorted(os.listdir("pretrained")) == [NAME, "MANIFEST.json"]  # no .part or lock file left behind
     assert server.requests == [(NAME, None)]
     assert downloads.resolve_released(NAME) == path and len(server.requests) == 1
     # a copy in the original's folder is used as it is
@@ -124,7 +152,7 @@ def test_download_killed_halfway_resumes_in_the_next_run(server, tmp_path):
     half = len(PAYLOAD) // 2
     server.cut_at, server.cuts_left, server.stall = half, 1, threading.Event()
     env = dict(os.environ, PYTHONPATH=ROOT)
-    command = [sys.executable, os.path.join(ROOT, "download.py"), NAME]
+    command = [*download_script(), NAME]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     part = tmp_path / "pretrained" / f"{NAME}.part"
     deadline = time.time() + 60
@@ -184,6 +212,115 @@ def test_wrong_size_is_refused(server, fast_retries, tmp_path, monkeypatch):
     # the right size passes
     monkeypatch.setitem(downloads.RELEASED, NAME, dict(downloads.RELEASED[NAME], size=len(PAYLOAD)))
     assert open(downloads.download(NAME, folder=str(tmp_path)), "rb").read() == PAYLOAD
+
+
+def sha256_of(data):
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def leftovers(folder, name=NAME):
+    """Files of a download of `name` in progress: .part and lock files in the folder, and the lock
+    file an older version kept in the temp folder (named by a hash of the final path)."""
+    import hashlib
+    import tempfile
+    here = [n for n in os.listdir(folder) if n.endswith((".part", ".lock"))] if os.path.isdir(folder) else []
+    key = hashlib.sha1(os.path.abspath(os.path.join(folder, name)).encode()).hexdigest()[:16]
+    old_lock = os.path.join(tempfile.gettempdir(), f"tinyfusion-download-{key}.lock")
+    return here + ([old_lock] if os.path.exists(old_lock) else [])
+
+
+def test_wrong_sha256_is_refused_and_never_gets_the_final_name(server, fast_retries, tmp_path, monkeypatch):
+    other = bytes(reversed(PAYLOAD))  # the same length: only the hash tells them apart
+    monkeypatch.setitem(downloads.RELEASED, NAME, dict(downloads.RELEASED[NAME], sha256=sha256_of(other)))
+    with pytest.raises(TinyFusionError, match=f"its sha256 {sha256_of(PAYLOAD)} differs from the published "
+                                              f"{sha256_of(other)}; removed it") as error:
+        downloads.download(NAME, folder=str(tmp_path))
+    assert "\n" not in str(error.value)
+    assert os.listdir(tmp_path) == [] and leftovers(tmp_path) == []
+    server.files[NAME] = other  # the published file passes, and nothing is pinned for it
+    assert open(downloads.download(NAME, folder=str(tmp_path)), "rb").read() == other
+    assert os.listdir(tmp_path) == [NAME]
+
+
+def test_html_page_short_body_and_unannounced_length_are_checked(server, fast_retries, tmp_path, monkeypatch):
+    page = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>" * 100
+    server.files[NAME] = page
+    server.content_type = "text/html; charset=utf-8"
+    with pytest.raises(TinyFusionError, match="sent an HTML page, not DiT-XL-2-256x256.pt"):
+        downloads.download(NAME, folder=str(tmp_path))
+    server.content_type = "application/octet-stream"  # a page served as a binary is still a page
+    with pytest.raises(TinyFusionError, match="the server sent an HTML page"):
+        downloads.download(NAME, folder=str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    # a short file with its own, honest Content-Length: shorter than any complete model
+    server.files[NAME] = PAYLOAD[:1000]
+    monkeypatch.setitem(downloads.RELEASED, NAME, dict(downloads.RELEASED[NAME], min_size=len(PAYLOAD)))
+    with pytest.raises(TinyFusionError, match=f"it has 1000 bytes, fewer than the {len(PAYLOAD)} any complete"):
+        downloads.download(NAME, folder=str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    # a body without Content-Length is hashed like any other: the wrong one refused, the right one kept
+    server.send_length, server.files[NAME] = False, PAYLOAD[:-1] + b"x"
+    monkeypatch.setitem(downloads.RELEASED, NAME, dict(downloads.RELEASED[NAME], sha256=sha256_of(PAYLOAD)))
+    with pytest.raises(TinyFusionError, match="differs from the published"):
+        downloads.download(NAME, folder=str(tmp_path))
+    assert os.listdir(tmp_path) == [] and leftovers(tmp_path) == []
+    server.files[NAME] = PAYLOAD
+    assert open(downloads.download(NAME, folder=str(tmp_path)), "rb").read() == PAYLOAD
+
+
+def test_silent_server_gives_up_after_timeout(server, fast_retries, tmp_path):
+    server.silent = threading.Event()
+    started = time.time()
+    with pytest.raises(TinyFusionError, match=r"no byte for 1\.5 s \(--timeout\).*nothing was written"):
+        downloads.download(NAME, folder=str(tmp_path / "pretrained"), timeout=1.5)
+    # one wait of --timeout, not one per retry (3 x 1.5 s before): a silent server is not retried
+    assert len(server.requests) == 1 and time.time() - started < 4.0
+    assert not (tmp_path / "pretrained").exists()
+    done = subprocess.run([*download_script(), NAME, "--timeout", "1.5"], cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "no byte for 1.5 s (--timeout)" in lines[0], done.stderr
+    assert len(server.requests) == 2 and os.listdir(tmp_path) == []
+    bad = subprocess.run([*download_script(), NAME, "--timeout", "0"], cwd=tmp_path,
+                         env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--timeout must be > 0" in bad.stderr
+
+
+def test_first_download_pins_its_hash_and_later_ones_must_match(server, fast_retries, tmp_path, capsys):
+    folder = str(tmp_path / "pretrained")
+    path = downloads.download(NAME, folder=folder)
+    manifest = downloads.read_manifest(folder)
+    assert manifest[NAME]["sha256"] == sha256_of(PAYLOAD) and manifest[NAME]["size"] == len(PAYLOAD)
+    said = [line for line in capsys.readouterr().out.splitlines() if "pinned" in line]
+    assert len(said) == 1 and "no published sha256" in said[0] and "trust on first use" in said[0]
+    # the next download into this folder must bring the same bytes
+    os.remove(path)
+    server.files[NAME] = PAYLOAD[::-1]
+    with pytest.raises(TinyFusionError, match=f"differs from the pinned in {re.escape(folder)}/MANIFEST.json"):
+        downloads.download(NAME, folder=folder)
+    assert sorted(os.listdir(folder)) == ["MANIFEST.json"]
+    server.files[NAME] = PAYLOAD
+    downloads.download(NAME, folder=folder)
+    assert downloads.read_manifest(folder) == manifest and capsys.readouterr().out.count("pinned") == 0
+    # a local copy of another size than the pinned one is refused without hashing it
+    with open(path, "ab") as f:
+        f.write(b"extra")
+    with pytest.raises(TinyFusionError, match=f"has {len(PAYLOAD) + 5} bytes, but {NAME} has {len(PAYLOAD)}"):
+        downloads.find_local(NAME, (folder,))
+    assert leftovers(folder) == []
+
+
+def test_sit_and_inception_graph_download_through_the_same_path(server, fast_retries, tmp_path, monkeypatch):
+    from tinyfusion.sampling import resolve_checkpoint
+    monkeypatch.chdir(tmp_path)
+    server.files = {"SiT-XL-2-256x256.pt": b"sit weights"}
+    assert resolve_checkpoint(None, "SiT-XL/2", 256) == os.path.join("pretrained", "SiT-XL-2-256x256.pt")
+    assert downloads.read_manifest("pretrained")["SiT-XL-2-256x256.pt"]["sha256"] == sha256_of(b"sit weights")
+    monkeypatch.delenv(downloads.URL_ENVIRONMENT_VARIABLE)
+    assert downloads.release_url("SiT-XL-2-256x256.pt") == downloads.SIT_RELEASE_URL
+    assert downloads.release_url("classify_image_graph_def.pb") == \
+        "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb"
 
 
 def test_server_without_range_support_restarts_from_zero(server, fast_retries, tmp_path):

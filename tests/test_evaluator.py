@@ -13,7 +13,8 @@ import scipy.linalg
 import torch
 
 import evaluator
-from tinyfusion import metrics
+from tinyfusion import downloads, metrics
+from tinyfusion.errors import TinyFusionError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["fast", "sqrtm"]
@@ -414,6 +415,66 @@ def test_bad_npz_inputs_are_clear_errors(tmp_path, channel_mean_net):
         evaluator.compute_activations(network, str(tmp_path / "absent.npz"))
 
 
+def test_batches_of_another_resolution_are_refused_unless_allowed(tmp_path, channel_mean_net):
+    rng = np.random.default_rng(21)
+    ref_path, sample_path = str(tmp_path / "ref256.npz"), str(tmp_path / "sample512.npz")
+    np.savez(ref_path, arr_0=noisy_images(rng, 20, size=12)[0])
+    np.savez(sample_path, arr_0=noisy_images(rng, 20, size=10)[0])
+    flags = [ref_path, sample_path, "--feature-net", channel_mean_net, "--device", "cpu"]
+    with pytest.raises(TinyFusionError) as error:
+        evaluator.main(evaluator.parse_args(flags))
+    message = str(error.value)
+    assert "\n" not in message and f"{ref_path} holds 12x12 images but {sample_path} holds 10x10" in message
+    assert "--allow-resolution-mismatch" in message
+    with pytest.raises(ValueError, match="holds 12x12 images"):  # the library refuses too
+        evaluator.evaluate(ref_path, sample_path, evaluator.TorchScriptFeatures(channel_mean_net, "cpu"), log=print)
+    evaluator.main(evaluator.parse_args([*flags, "--allow-resolution-mismatch"]))  # an explicit choice runs
+
+
+def test_every_array_error_names_its_file(tmp_path, channel_mean_net):
+    rng = np.random.default_rng(22)
+    images, labels = noisy_images(rng, 12)
+    good, short_labels, float_labels, stats = (str(tmp_path / n) for n in ("good.npz", "short_labels.npz",
+                                                                         "float_labels.npz", "stats.npz"))
+    np.savez(good, arr_0=images)
+    np.savez(short_labels, arr_0=images, labels=labels[:5])
+    np.savez(float_labels, arr_0=images, labels=labels.astype(np.float32))
+    np.savez(stats, arr_0=images, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(27), sigma_s=np.eye(27))
+    network = evaluator.TorchScriptFeatures(channel_mean_net, "cpu")
+    network.uses_npz_statistics = True  # as Inception: stored statistics are used, and must fit the network
+    for path, fragment in ((short_labels, "'labels' is int64 (5,)"), (float_labels, "'labels' is float32"),
+                           (stats, "stored 'mu' has 2048 features, the feature network gives 3")):
+        with pytest.raises(ValueError) as error:
+            evaluator.evaluate(good, path, network, log=lambda *a: None)
+        assert str(error.value).startswith(path) and fragment in str(error.value)
+
+
+def test_inception_graph_is_downloaded_when_absent_and_checked(tmp_path, monkeypatch, capsys):
+    from test_downloads import closed_port, serve  # the local HTTP server
+    tf = pytest.importorskip("tensorflow")  # noqa: F841
+    rng = np.random.default_rng(23)
+    graph_path = str(tmp_path / "standin.pb")
+    build_tiny_inception_graph(graph_path, rng)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(evaluator.INCEPTION_ENV, raising=False)
+    # offline: one line saying what to do
+    monkeypatch.setenv(downloads.URL_ENVIRONMENT_VARIABLE, f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(TinyFusionError) as error:
+        evaluator.resolve_inception_path(None)
+    message = str(error.value)
+    assert "\n" not in message and "offline?" in message and "--inception-path" in message
+    assert not os.path.exists("pretrained")
+    with serve({"classify_image_graph_def.pb": open(graph_path, "rb").read()}, monkeypatch) as state:
+        requests = state.requests
+        network = evaluator.load_feature_network(None, None)
+        assert network.path == os.path.join("pretrained", "classify_image_graph_def.pb") and len(requests) == 1
+        assert network.softmax_weights.shape == (2048, 1008)
+        pinned = downloads.read_manifest("pretrained")["classify_image_graph_def.pb"]
+        assert pinned["sha256"] == downloads.file_sha256(graph_path)
+        assert "pinned" in capsys.readouterr().out
+        assert evaluator.resolve_inception_path(None) == network.path and len(requests) == 1  # found, not fetched
+
+
 # ----------------------------------------------------------------------------------------
 # TensorFlow Inception path on a tiny frozen graph with the real tensor names
 # ----------------------------------------------------------------------------------------
@@ -534,6 +595,23 @@ def test_tensorflow_inception_path_on_tiny_graph(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------
 # The digits classifier (tools/train_digits_classifier.py), trained for real: slow
 # ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_mnist5k_classifier_reads_held_out_digits_at_16px(tmp_path):
+    out, ref_out = str(tmp_path / "mnist.pt"), str(tmp_path / "mnist_ref16.npz")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_digits_classifier.py"), "--out", out,
+                           "--dataset", "mnist5k", "--image-size", "16", "--ref-out", ref_out, "--threads", "1"],
+                          capture_output=True, text=True, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    with np.load(ref_out) as ref:  # the reference is the held-out split: 100 of each class
+        assert ref["arr_0"].shape == (1000, 16, 16, 3) and np.bincount(ref["labels"]).tolist() == [100] * 10
+    # never trained on these: a generalisation figure
+    assert evaluator.samples_classifier_accuracy(ref_out, out, device="cpu") >= 0.95
+    mirrored = str(tmp_path / "mirrored.npz")
+    with np.load(ref_out) as ref:
+        np.savez(mirrored, arr_0=ref["arr_0"][:, :, ::-1], labels=ref["labels"])
+    assert evaluator.samples_classifier_accuracy(mirrored, out, device="cpu") < 0.6  # a mirror changes a digit
+
 
 @pytest.mark.slow
 def test_digits_classifier_trains_and_scores_rendered_digits(tmp_path):

@@ -230,3 +230,48 @@ def test_load_pipeline_checks_labels_and_matches_our_ddim_settings(tmp_path, mon
     # each of the two settings matters: DiT's 3-channel guidance or DiT's spacing give other images
     assert (ours("leading", False) - theirs).abs().max().item() > 1e-3
     assert (ours("", True) - theirs).abs().max().item() > 1e-3
+
+
+def test_a_prune_by_learning_run_checkpoint_exports_what_its_save_model_output_exports(tmp_path, monkeypatch):
+    """A real search checkpoint (gate logits + LoRA factors only) is exported by applying its EMA
+    decision to the run's --load-weight: the same transformer as the run's own pruned.pt gives."""
+    import prune_by_learning
+    from safetensors.torch import load_file
+    from tests.prune_helpers import make_digits_features, save_plain, xs_model
+    monkeypatch.chdir(tmp_path)
+    _, features = make_digits_features(str(tmp_path))
+    teacher = xs_model(depth=4)
+    save_plain(teacher, tmp_path / "teacher.pt")
+    flags = ["--image-size", "8", "--vae", "none", "--num-classes", "10"]
+    prune_by_learning.main(prune_by_learning.parse_args([
+        "--model", "DiT-XS/4", "--groups", "[[1,2]]*2", "--load-weight", "teacher.pt", "--data-path", features,
+        "--global-batch-size", "8", "--num-workers", "0", "--max-steps", "4", "--ema-decay", "0.5", "--delta-w",
+        "--lora", "--lora-rank", "4", "--prefix", "search", *flags]))
+    run_ckpt = tmp_path / "outputs/search-DiT-XS-4/checkpoints/0000004.pt"
+    saved = torch.load(run_ckpt, weights_only=True)
+    assert not any(key.startswith("blocks.") and key.endswith(".qkv.weight") for key in saved["ema"])  # no model
+    kept = saved["kept_indices"]
+
+    main(parse_args(["--model", "DiT-XS/4", "--ckpt", str(run_ckpt), "--out", "from-run", *flags]))
+    main(parse_args(["--model", "DiT-XS/4", "--ckpt", "outputs/search-DiT-XS-4/pruned.pt", "--out", "from-pruned",
+                     *flags]))
+    from_run = load_file("from-run/transformer/diffusion_pytorch_model.safetensors")
+    from_pruned = load_file("from-pruned/transformer/diffusion_pytorch_model.safetensors")
+    assert from_run.keys() == from_pruned.keys()
+    assert all(torch.equal(from_run[key], from_pruned[key]) for key in from_run)
+    for slot, block in enumerate(kept):  # exported layer i is the teacher's kept block, not a LoRA-updated one
+        assert torch.equal(from_run[f"transformer_blocks.{slot}.ff.net.2.weight"],
+                           teacher.state_dict()[f"blocks.{block}.mlp.fc2.weight"])
+    info = json.loads((tmp_path / "from-run/tinyfusion_export.json").read_text())
+    assert info["kept_blocks"] == kept and info["source_checkpoint"] == str(tmp_path / "teacher.pt")
+
+    # from another folder the run's relative --load-weight is not found: one line naming the file to export
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(TinyFusionError) as error:
+        main(parse_args(["--model", "DiT-XS/4", "--ckpt", str(run_ckpt), "--out", "never", *flags]))
+    message = str(error.value)
+    assert "\n" not in message and "--load-weight teacher.pt, which does not exist here" in message
+    assert "(--save-model, here outputs/search-DiT-XS-4/pruned.pt) with --model DiT-XS/4" in message
+    assert not (elsewhere / "never").exists()

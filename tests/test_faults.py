@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -190,19 +191,24 @@ def test_checkpoint_write_killed_leaves_the_old_file_or_none_and_litter_is_clean
 
 
 # ---------------------------------------------------------------- disk full
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 1 MiB tmpfs (root only); the test is skipped where it cannot be mounted."""
-    mount_point = tmp_path / "disk"
+@contextmanager
+def mounted_tmpfs(mount_point, options):
+    """A 1 MiB tmpfs at mount_point (root only); the test is skipped where it cannot be mounted."""
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options},size=1m", "tmpfs", str(mount_point)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()[:100]}")
+        pytest.skip(f"cannot mount a tmpfs ({options}) here: {mounted.stderr.strip()[:100]}")
     try:
         yield mount_point
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    with mounted_tmpfs(tmp_path / "disk", "rw") as mount_point:
+        yield mount_point
 
 
 def test_disk_full_names_the_file_and_leaves_nothing(tiny_disk):
@@ -240,3 +246,117 @@ def test_without_flock_the_recorded_pid_decides(tmp_path, monkeypatch):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# ---------------------------------------------------------------- unwritable places, unreadable files
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder no write can go to: a read-only tmpfs (EROFS) as root, else a folder without
+    write permission (EACCES: root ignores permissions, so that only works for other users)."""
+    folder = tmp_path / "readonly"
+    if os.geteuid() != 0:
+        folder.mkdir(mode=0o500)
+        yield folder
+        folder.chmod(0o700)
+        return
+    with mounted_tmpfs(folder, "ro") as mount_point:
+        yield mount_point
+
+
+def tiny_dit_checkpoint(path):
+    from models import DiT_models
+    from tinyfusion.checkpoints import save_pruned_model
+    torch.manual_seed(0)
+    model = DiT_models["DiT-XS/4"](input_size=8, in_channels=3, num_classes=10)
+    save_pruned_model(model, str(path), {"kept_indices": list(range(model.depth)), "method": "test"})
+    return str(path)
+
+
+SAMPLE_FLAGS = ["--model", "DiT-XS/4", "--image-size", "8", "--vae", "none", "--num-classes", "10",
+                "--num-sampling-steps", "2"]
+
+
+def run_script_main(module, *flags, capsys):
+    """A script's main through run_main, in this process: (exit code, stderr lines)."""
+    from tinyfusion.errors import run_main
+    with pytest.raises(SystemExit) as exit_:
+        run_main(module.main, module.parse_args(list(flags)))
+    return exit_.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_unwritable_output_is_one_line_naming_the_path(tmp_path, read_only_folder, capsys):
+    import sample_ddp
+    reason = "read-only" if os.geteuid() == 0 else "permission denied"
+    with pytest.raises(TinyFusionError, match=f"^cannot write {read_only_folder}/args.json: the file system is "
+                                              f"{reason}|^cannot write {read_only_folder}/args.json: {reason}"):
+        atomic_write_json(str(read_only_folder / "args.json"), {"x": 1})
+    ckpt = tiny_dit_checkpoint(tmp_path / "tiny.pt")
+    code, lines = run_script_main(sample_ddp, *SAMPLE_FLAGS, "--ckpt", ckpt, "--num-fid-samples", "4",
+                                  "--per-proc-batch-size", "4", "--sample-dir", str(read_only_folder / "samples"),
+                                  capsys=capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot write {read_only_folder}/samples") and "choose a folder" in lines[0]
+
+
+def test_a_refused_operation_anywhere_in_a_script_is_one_line(capsys):
+    """EPERM (sysfs refuses new folders even to root), EACCES and EROFS end as one line through
+    run_main, whichever write raised them; other OSErrors keep their traceback (they are bugs)."""
+    from tinyfusion.errors import run_main
+
+    def make_folder_in_sysfs():
+        os.makedirs("/sys/tinyfusion-test/run")
+
+    if os.path.isdir("/sys/kernel"):
+        with pytest.raises(SystemExit) as exit_:
+            run_main(make_folder_in_sysfs)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: cannot write /sys/tinyfusion-test") and "\n" not in err
+    for code in ("EACCES", "EROFS"):
+        def refused(code=code):
+            import errno
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), "/data/run")
+        with pytest.raises(SystemExit):
+            run_main(refused)
+        assert capsys.readouterr().err.strip().startswith("error: cannot write /data/run: ")
+    with pytest.raises(FileNotFoundError):
+        run_main(lambda: open("/nonexistent/tinyfusion/file"))
+
+
+def test_garbage_safetensors_checkpoint_is_one_line(tmp_path, capsys):
+    import sample
+    from tinyfusion.checkpoints import CorruptCheckpointError
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(CorruptCheckpointError, match=f"could not read checkpoint {garbage} as safetensors"):
+        load_checkpoint_file(str(garbage))
+    code, lines = run_script_main(sample, *SAMPLE_FLAGS, "--ckpt", str(garbage), "--class-labels", "1",
+                                  "--out", str(tmp_path / "grid.png"), capsys=capsys)
+    assert code == 2 and lines == [
+        f"error: could not read checkpoint {garbage} as safetensors (Error while deserializing header: header too "
+        f"large); the file is truncated, damaged or not a .safetensors file"], lines
+    assert not (tmp_path / "grid.png").exists()
+
+
+def fill(disk):
+    """Fill a small disk completely (ENOSPC is the end of the loop)."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+def test_feature_extraction_on_a_full_disk_leaves_no_store_folder(tmp_path, tiny_disk):
+    import extract_features
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from make_digits import write_digits_folder
+    write_digits_folder(str(tmp_path / "digits"), 8, limit=12)
+    fill(tiny_disk)
+    features = tiny_disk / "features"
+    with pytest.raises(TinyFusionError, match="no space left on device"):
+        extract_features.main(extract_features.parse_args(
+            ["--data-path", str(tmp_path / "digits"), "--features-path", str(features), "--image-size", "8",
+             "--vae", "none", "--num-classes", "10", "--num-workers", "0"]))
+    assert not features.exists()

@@ -24,7 +24,7 @@ from tinyfusion.errors import TinyFusionError  # noqa: E402
 from conftest import torch_threads  # noqa: E402
 from tinyfusion.distributed import DistributedContext  # noqa: E402
 from tinyfusion.image_folder import center_crop_arr, image_folder, list_image_folder, to_unit_range  # noqa: E402
-from make_digits import digits_as_uint8, write_digits_folder  # noqa: E402
+from make_digits import digits_as_uint8, mnist5k_as_uint8, write_digits_folder  # noqa: E402
 from tiny_vae import SD_VAE_CONFIG, TINY_VAE_CONFIG, make_tiny_vae  # noqa: E402
 
 PYTHON = sys.executable
@@ -137,6 +137,29 @@ def test_make_digits_writes_the_sklearn_digits(tmp_path):
         write_digits_folder(str(out))
 
 
+def test_mnist5k_splits_each_class_400_train_100_test(tmp_path):
+    images, labels = mnist5k_as_uint8("all")
+    train, train_labels = mnist5k_as_uint8("train")
+    test, test_labels = mnist5k_as_uint8("test")
+    assert images.shape == (5000, 28, 28) and len(train) == 4000 and len(test) == 1000
+    assert np.bincount(train_labels).tolist() == [400] * 10 and np.bincount(test_labels).tolist() == [100] * 10
+    # the test split's first 3 is the 401st 3 of the file, its train split's last 3 the 400th
+    threes = np.flatnonzero(labels == 3)
+    assert np.array_equal(test[np.flatnonzero(test_labels == 3)[0]], images[threes[400]])
+    assert np.array_equal(train[np.flatnonzero(train_labels == 3)[-1]], images[threes[399]])
+    assert not {image.tobytes() for image in train} & {image.tobytes() for image in test}  # no digit in both
+    out = tmp_path / "mnist-test"
+    assert write_digits_folder(str(out), image_size=16, dataset="mnist5k", split="test") == 1000
+    samples, _, _ = list_image_folder(str(out))
+    first = np.array(Image.open(samples[0][0]))
+    assert first.shape == (16, 16) and samples[0][1] == test_labels[0]
+    # shrunk by PIL's bicubic, which averages: the mean brightness is kept within a few levels
+    assert abs(first.mean() - test[0].mean()) < 4
+    with pytest.raises(ValueError, match="no fixed train/test split"):
+        write_digits_folder(str(tmp_path / "x"), split="train")
+    assert not (tmp_path / "x").exists()
+
+
 def test_tiny_vae_is_the_sd_vae_architecture_scaled_down(tiny_vae):
     from diffusers.models import AutoencoderKL
     vae = AutoencoderKL.from_pretrained(tiny_vae)
@@ -188,6 +211,24 @@ def test_pixel_space_store_holds_the_images_and_flips(tmp_path, images):
         assert np.array_equal(latents[index, 0], x.numpy()) and np.array_equal(latents[index, 1], x.flip(2).numpy())
         assert labels[index] == y
     assert feature_store.read_manifest(tmp_path / "pixels")["scale_factor"] is None
+
+
+def test_no_flip_store_holds_the_images_alone_and_never_flips(tmp_path, images, reference_store, tiny_vae):
+    extract(images, tmp_path / "pixels", "--vae", "none", "--no-flip")
+    latents, labels, _ = store_arrays(tmp_path / "pixels")
+    dataset = image_folder(images, IMAGE_SIZE)
+    assert latents.shape == (len(dataset), 1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    always_flip = feature_store.open_feature_dataset(tmp_path / "pixels", flip_prob=1.0)
+    for index in (0, 9):
+        x, y = dataset[index]
+        assert np.array_equal(always_flip[index][0].numpy(), x.numpy()) and labels[index] == y
+    # with a VAE the image's latent is the flipped store's first copy, noise included
+    with torch_threads(1):
+        extract(images, tmp_path / "latents", "--no-flip", vae_path=tiny_vae)
+    alone, _, _ = store_arrays(tmp_path / "latents")
+    both, _, _ = store_arrays(reference_store)
+    # (the VAE sees batches of B images instead of 2B: the same kernels up to float rounding)
+    assert np.allclose(alone[:, 0], both[:, 0], rtol=1e-4, atol=1e-5) and not np.allclose(alone[:, 0], both[:, 1])
 
 
 def test_fp16_store_rounds_the_fp32_values(tmp_path, images, reference_store, tiny_vae):

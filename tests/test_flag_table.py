@@ -61,6 +61,11 @@ TABLE = [
     ("prune_by_learning.py", ["--scaling-range", "100", "0"], POSITIVE),
     ("prune_by_learning.py", ["--logits-lr-scale", "-10"], POSITIVE),  # ascends the loss: the complement again
     ("prune_by_learning.py", ["--lora-rank", "0"], POSITIVE),
+    *[(script, argv, fragment) for script in ("train.py", "train_masked_kd.py") for argv, fragment in [
+        (["--eval-every", "0"], POSITIVE), (["--eval-samples", "0"], POSITIVE), (["--eval-steps", "0"], POSITIVE),
+        (["--eval-steps", "1001"], "--eval-steps: must be at most the diffusion's 1000 steps"),
+        (["--eval-cfg-scale", "-1"], NONNEGATIVE), (["--eval-seed", "-1"], NONNEGATIVE),
+        (["--eval-batch-size", "0"], POSITIVE)]],
     ("train_masked_kd.py", ["--alpha-kd", "1.5"], UNIT),
     ("train_masked_kd.py", ["--beta-feat", "-0.01"], NONNEGATIVE),
     ("train_masked_kd.py", ["--mask-sigma", "-2"], NONNEGATIVE),
@@ -97,6 +102,9 @@ TABLE = [
     ("quickstart.py", ["--seeds", "0"], POSITIVE),
     ("quickstart.py", ["--nproc", "0"], POSITIVE),
     ("reproduce.py", ["--nproc", "-2"], POSITIVE),
+    ("reproduce.py", ["--threads", "0"], POSITIVE),
+    ("download.py", ["--timeout", "0"], POSITIVE),
+    ("download.py", ["--timeout", "nan"], NUMBER),
 ]
 
 

@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 RECIPE_SCRIPTS = {"extract_features.py", "prune_by_learning.py", "prune_by_score.py", "prune_by_index.py", "train.py",
                   "train_masked_kd.py", "sample.py", "sample_ddp.py", "evaluator.py"}
-CHECKS = 16  # the lines of a full run: process group, data, 14 script runs (3 precisions each for train, sample_ddp), ratio
+CHECKS = 18  # the lines of a full run: process group, data, 15 script runs (3 precisions each for train, sample_ddp,
+# and sample_ddp with dpm-solver++), ratio, the fast solvers' images/s
 
 
 def called_scripts():
@@ -74,3 +75,10 @@ def test_cpu_dry_run_passes_every_check(tmp_path):
     with open(work / "ratio.json") as f:
         ratio = json.load(f)
     assert ratio["config"]["stand_in"] and math.isfinite(ratio["speedup"]) and ratio["speedup"] > 0
+    assert len(os.listdir(work / "samples" / "fp32-dpm-solver++")) >= 1
+    for solver in ("dpm-solver++", "unipc"):
+        with open(work / f"solver-{solver}.json") as f:
+            record = json.load(f)
+        assert record["config"]["sampler"] == solver and record["config"]["nfe"] == 20
+        assert all(rate > 0 for rate in record["images_per_s"].values())
+    assert "at NFE 20: images/s DiT-XL/2" in done.stdout  # shown on the console

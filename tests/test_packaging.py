@@ -4,6 +4,7 @@ that wheel on the path; every declared dependency is imported by the code."""
 import ast
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,3 +90,38 @@ def test_wheel_holds_the_library_and_readme_imports_work_elsewhere(tmp_path):
     files, described = run.stdout.strip().splitlines()
     assert all(path.startswith(str(tmp_path / "site")) for path in files.split())  # not the repository's copies
     assert described == "DiT 12 10"
+
+
+def python_minimum(specifier):
+    """(major, minor) of the lower bound of a Requires-Python specifier such as ">=3.11" or "~=3.6"."""
+    bounds = re.findall(r"(?:>=|~=|==)\s*(\d+)\.(\d+)", specifier or "")
+    return max((int(major), int(minor)) for major, minor in bounds) if bounds else (0, 0)
+
+
+def test_requires_python_is_the_newest_minimum_of_the_pinned_versions():
+    """pyproject's requires-python is what the pins need (diffusers 0.42.1, numpy 2.4.6 ... declare
+    >= 3.11): not lower, or pip on an older Python fails on a pin instead of on ours; not higher."""
+    from importlib.metadata import PackageNotFoundError, metadata, version
+    needed = {}
+    for line in open(os.path.join(ROOT, "requirements.txt")):
+        if line.strip() and not line.startswith("#"):
+            name, pinned = line.strip().split("==")
+            try:
+                if version(name) == pinned:  # the pinned release is the installed one: its metadata is at hand
+                    needed[name] = python_minimum(metadata(name).get("Requires-Python"))
+            except PackageNotFoundError:
+                continue
+    assert "diffusers" in needed and "numpy" in needed, needed
+    ours = python_minimum(project()["requires-python"])
+    assert ours == max(needed.values()), (ours, needed)
+    assert sys.version_info[:2] >= ours
+
+
+def test_torchdiffeq_ships_with_the_requirements():
+    """SiT's default ODE solver (dopri5) needs torchdiffeq: pinned, declared and installed."""
+    pinned = dict(line.strip().split("==") for line in open(os.path.join(ROOT, "requirements.txt"))
+                  if line.strip() and not line.startswith("#"))
+    assert "torchdiffeq" in pinned
+    assert "torchdiffeq" in [distribution(r) for r in project()["dependencies"]]
+    from importlib.metadata import version
+    assert version("torchdiffeq") == pinned["torchdiffeq"]

@@ -123,3 +123,59 @@ def test_sampling_with_cast_once_weights_matches_autocast_sampling():
     reference, recast, once = run(model, torch.float32), run(model, torch.bfloat16), run(low, torch.bfloat16)
     assert torch.equal(once, recast)
     assert 0 < relative_error(once, reference) < TOLERANCE[torch.bfloat16]
+
+
+# the flags of real CPUs (from /proc/cpuinfo, abridged): which have native bf16 matmul
+AVX2_CPU = {"sse4_2", "avx", "avx2", "fma"}
+AVX512_CPU = AVX2_CPU | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}  # Skylake / Cascade Lake: no BF16
+AVX512_BF16_CPU = AVX512_CPU | {"avx512_bf16"}                                 # Cooper Lake, Zen 4
+AMX_CPU = AVX512_BF16_CPU | {"amx_tile", "amx_bf16", "amx_int8"}              # Sapphire Rapids
+
+
+@pytest.mark.parametrize("flags, native", [(AVX2_CPU, False), (AVX512_CPU, False), (AVX512_BF16_CPU, True),
+                                           (AMX_CPU | {"avx512_fp16"} - {"avx512_bf16"}, True)])
+def test_sampling_precision_auto_picks_bf16_only_where_the_cpu_has_it(flags, native):
+    from tinyfusion.precision import resolve_sampling_precision
+    dtype, note = resolve_sampling_precision("auto", "cpu", flags=flags)
+    assert dtype == (torch.bfloat16 if native else torch.float32)
+    assert note.startswith(f"precision auto: {'bf16' if native else 'fp32'} (") and "\n" not in note
+    # asking for bf16 explicitly: used as asked, with a warning naming the measured slowdown where it is emulated
+    dtype, note = resolve_sampling_precision("bf16", "cpu", flags=flags)
+    assert dtype == torch.bfloat16
+    if native:
+        assert note is None
+    else:
+        assert note.startswith("warning: this cpu has no native bf16 matmul") and "0.71x" in note and "3.1x" in note
+    assert resolve_sampling_precision("fp32", "cpu", flags=flags) == (torch.float32, None)
+
+
+def test_fp16_needs_its_own_cpu_flags_and_this_cpu_is_read():
+    from tinyfusion.precision import cpu_flags, native_low_precision
+    assert not native_low_precision(torch.float16, "cpu", flags=AMX_CPU)
+    assert native_low_precision(torch.float16, "cpu", flags=AMX_CPU | {"amx_fp16"})
+    with open("/proc/cpuinfo") as f:  # this machine's own answer follows its flags line
+        has_bf16 = any(flag in f.read().split() for flag in ("avx512_bf16", "amx_bf16"))
+    assert native_low_precision(torch.bfloat16, "cpu") == has_bf16 == ("avx512_bf16" in cpu_flags() or
+                                                                          "amx_bf16" in cpu_flags())
+
+
+def test_sample_scripts_say_what_auto_chose(tmp_path, monkeypatch, capsys):
+    """sample.py --precision auto on a CPU without native bf16: fp32, said in one line."""
+    import sample
+    import tinyfusion.precision as precision
+    from test_sampling import PIXEL_FLAGS, save_tame_checkpoint, stop_at_generate
+    monkeypatch.setattr(precision, "cpu_flags", lambda: set(AVX512_CPU))
+    ckpt = save_tame_checkpoint(tmp_path / "tame.pt")
+    seen, Stop = stop_at_generate(monkeypatch, sample)
+    flags = [*PIXEL_FLAGS, "--ckpt", ckpt, "--precision", "auto", "--per-sample-seeds", "--class-labels", "1",
+             "--out", str(tmp_path / "grid.png")]
+    with pytest.raises(Stop):
+        sample.main(sample.parse_args(flags))
+    assert seen["amp_dtype"] == torch.float32
+    said = [line for line in capsys.readouterr().out.splitlines() if "precision" in line]
+    assert len(said) == 1 and said[0].startswith("precision auto: fp32 (this CPU has no native bf16 matmul")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: set(AMX_CPU))
+    with pytest.raises(Stop):
+        sample.main(sample.parse_args(flags))
+    assert seen["amp_dtype"] == torch.bfloat16
+    assert "precision auto: bf16 (this CPU has native bf16 matmul" in capsys.readouterr().out

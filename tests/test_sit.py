@@ -5,6 +5,7 @@ consumes the released SiT-XL-2-256x256.pt), classifier-free guidance on 3 channe
 import importlib.util
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -254,7 +255,7 @@ def test_sample_py_draws_a_sit_grid_from_per_sample_noise(tmp_path, flags):
         assert len(np.unique(expected)) > 20
 
 
-def test_family_mismatch_and_sampler_errors_are_one_line(tmp_path):
+def test_family_mismatch_and_sampler_errors_are_one_line(tmp_path, monkeypatch):
     import argparse
 
     import sample
@@ -288,8 +289,9 @@ def test_family_mismatch_and_sampler_errors_are_one_line(tmp_path):
                            (["--ckpt", sit_ckpt, "--sampler", "ode", "--sampling-method", "Heun"], "SDE method")):
         with pytest.raises(TinyFusionError, match=message):
             sample.main(sample.parse_args([*PIXEL, *flags, "--out", out]))
-    if importlib.util.find_spec("torchdiffeq") is None:
-        with pytest.raises(TinyFusionError, match="pip install torchdiffeq"):
+    with monkeypatch.context() as without:  # an install without torchdiffeq: refused before any work
+        without.setitem(sys.modules, "torchdiffeq", None)
+        with pytest.raises(TinyFusionError, match="torchdiffeq package, one of the requirements"):
             sample.main(sample.parse_args([*PIXEL, "--ckpt", sit_ckpt, "--sampler", "ode", "--out", out]))
     assert not os.path.exists(out)
 
@@ -308,3 +310,20 @@ def test_sample_ddp_sit_npz_names_its_sampler_and_ignores_the_batch_size(tmp_pat
         assert four["arr_0"].shape == (5, 8, 8, 3) and np.array_equal(four["labels"], two["labels"])
         assert np.abs(four["arr_0"].astype(int) - two["arr_0"].astype(int)).max() <= 1
         assert len(np.unique(four["arr_0"])) > 50
+
+
+@pytest.mark.parametrize("mismatch", ["family", "size"])
+def test_sample_ddp_refuses_a_family_or_size_mismatch_before_making_its_folder(tmp_path, mismatch):
+    import sample_ddp
+    from tinyfusion.errors import TinyFusionError
+    _, dit_ckpt = save_xs4(tmp_path / "dit.pt", "DiT")
+    model, size, extra = ("SiT-XS/4", "8", ["--sampler", "ode"]) if mismatch == "family" else ("DiT-XS/4", "16", [])
+    samples = tmp_path / "samples"
+    args = sample_ddp.parse_args(["--model", model, "--image-size", size, "--vae", "none", "--num-classes", "10",
+                                  "--ckpt", dit_ckpt, "--num-fid-samples", "4", "--per-proc-batch-size", "4",
+                                  "--sample-dir", str(samples), "--num-sampling-steps", "2", *extra])
+    with pytest.raises(TinyFusionError) as error:
+        sample_ddp.main(args)
+    assert "\n" not in str(error.value)
+    assert ("holds DiT weights" if mismatch == "family" else "does not fit --model DiT-XS/4") in str(error.value)
+    assert not samples.exists()

@@ -10,7 +10,8 @@ import torch
 
 from diffusion import create_diffusion
 from models import DiT_models
-from tinyfusion.study import activation_statistics, heldout_loss, make_heldout_triples, pattern_subsets
+from tinyfusion.study import (activation_statistics, heldout_loss, make_heldout_triples, pattern_subsets,
+                              primary_comparisons, rank_by_budget, teacher_gate)
 from tinyfusion.study_report import write_report
 from training_helpers import ROOT
 
@@ -79,41 +80,79 @@ def test_activation_statistics_match_a_direct_count():
         assert 0.2 < row["masked_share"] < 0.45  # about a third of a roughly Gaussian sample lies beyond 1 std
 
 
-class FakeStudy:
-    def __init__(self, out):
-        self.out = out
+def constructed_results():
+    """A study's results by hand: 4 candidates (keys = kept blocks in hex), budgets 5 and 10,
+    3 paired seeds for learned / min calibration / BI."""
+    keys = ["02468a", "13579b", "0247ab", "012345"]
+    calibration = dict(zip(keys, [1.0, 2.0, 3.0, 4.0]))
+    at_10 = {"02468a": [1.0, 1.1, 1.2], "13579b": [1.1, 1.3, 1.25], "0247ab": [1.4, 1.4, 1.4], "012345": [1.5, 1.6, 1.7]}
+    curves = {key: {str(s): {"0": calibration[key], "5": at_10[key][s] + 0.1, "10": at_10[key][s]} for s in range(3)}
+              for key in keys}
+    return {"schedule": "quick", "model": "DiT-XS/4", "image_size": 16,
+            "budget": {"budgets": [5, 10], "candidates": 2, "seeds": 3, "heldout": 8},
+            "declared": {"primary": reproduce_primary(), "smallest_effect": {"loss_fraction": 0.01, "rho": 0.3},
+                         "gate_sigmas": 5.0, "extreme_ratio": 50.0, "cfg_scales": [1.0, 4.0]},
+            "choices": {"learned": ["02468a"] * 3, "min calibration": ["13579b"] * 3, "BI": ["02468a"] * 3,
+                        "oracle": ["0247ab"] * 3},
+            "recovery": {"candidates": keys, "curves": curves, "calibration": calibration},
+            "gate": dict(teacher_gate(0.5, {"02468a": [1.0, 1.1, 1.2]}, 5.0), control=[0.49, 0.48], enforced=False),
+            "activations": {"blocks": [{"block": 0, "max_abs": 9.0, "std": 1.0, "max_over_std": 9.0,
+                                        "masked_share": 0.04, "masked_share_k4": 0.001}],
+                            "threshold": 50.0, "extreme": False},
+            "fid": {"rows": [{"model": "teacher", "cfg": 1.0, "seed": 0, "fid": 10.0, "accuracy": 0.9},
+                             {"model": "real train images", "cfg": None, "seed": 0, "fid": 1.0, "accuracy": 0.99}]}}
 
 
-def test_report_has_every_table_figure_and_verdict(tmp_path):
-    rows = [{"kept": [0, 2, 4, 6, 8, 10], "calibration": 1.0, "recovered": 0.5},
-            {"kept": [0, 2, 4, 7, 9, 11], "calibration": 2.0, "recovered": 0.4},
-            {"kept": [1, 3, 5, 7, 9, 11], "calibration": 3.0, "recovered": 0.6, "fid": 12.5, "accuracy": 0.75}]
-    strategy = {"learned": [{"seed": s, "fid": 10.0 + s, "loss": 0.1, "accuracy": 0.9} for s in range(3)],
-                "random": [{"seed": s, "fid": 12.0 + s + 0.1 * s * s, "loss": 0.2, "accuracy": 0.8} for s in range(3)]}
-    results = {
-        "schedule": "quick", "budget": {"teacher": 1}, "wall_minutes": 1.0, "cpu_minutes": 2.0,
-        "activations": {"blocks": [{"block": 0, "max_abs": 9.0, "std": 1.0, "max_over_std": 9.0, "masked_share": 0.04,
-                                    "masked_share_k4": 0.001}]},
-        "calibration": {"rows": rows, "spearman": 0.5, "spearman_ci": [-0.5, 1.0], "population": 3,
-                        "random_median_rank": 2.0,
-                        "choices": {"oracle": {"kept": [0, 2, 4, 7, 9, 11], "recovered": 0.4, "rank": 1,
-                                               "probed": True}}},
-        "strategies": {"per_method": strategy, "teacher": [{"seed": s, "fid": 9.0 + s, "loss": 0.05, "accuracy": 0.95} for s in range(3)]},
-        "recovery": {"per_method": {"masked KD k=2": strategy["learned"],
-                                    "RepKD k=0 (no mask)": [{"seed": 0, "diverged": True, "message": "NaN"}]}},
-    }
-    write_report(FakeStudy(str(tmp_path)), results)
+def reproduce_primary():
+    sys.path.insert(0, ROOT)
+    import reproduce
+    return reproduce.PRIMARY
+
+
+def test_teacher_gate_hand_computed():
+    # A: mean 1.11, std 0.01414, margin 0.11 >= 5 std = 0.0707; B: mean 1.03, margin 0.03 < 5 * 0.02828
+    gate = teacher_gate(1.0, {"A": [1.10, 1.12], "B": [1.01, 1.05]}, 5.0)
+    assert gate["students"]["A"]["needed"] == pytest.approx(5 * 0.0141421356, rel=1e-6)
+    assert gate["students"]["B"]["margin"] == pytest.approx(0.03) and not gate["passed"] and gate["failed"] == ["B"]
+    assert teacher_gate(1.0, {"A": [1.10, 1.12]}, 5.0)["passed"]
+    assert not teacher_gate(1.2, {"A": [1.10, 1.12]}, 5.0)["passed"]  # a student better than the teacher
+    assert not teacher_gate(1.0, {"A": [1.5]}, 5.0)["passed"]  # one seed: no std, no pass
+
+
+def test_primary_comparisons_hand_computed():
+    results = constructed_results()
+    primary = primary_comparisons(results, results["declared"]["smallest_effect"])
+    by_name = {row["name"]: row for row in primary["rows"]}
+    learned_vs_min = by_name["learned < min-calibration"]
+    # differences -0.1, -0.2, -0.05: all 8 sign patterns, only the observed one is as low -> 1/8
+    assert learned_vs_min["p"] == 1 / 8 and learned_vs_min["effect"] == pytest.approx(-0.35 / 3)
+    assert by_name["learned < BI"]["identical_choices"] and by_name["learned < BI"]["p"] == 1.0
+    rank = by_name["calibration ranks recovery"]
+    assert rank["effect"] == pytest.approx(1.0) and rank["p"] == pytest.approx(1 / 24, abs=0.01)  # 4! orders
+    # Holm over (1/8, 1, ~1/24): ~1/24 * 3 = 0.125, 1/8 * 2 = 0.25, 1 * 1 = 1
+    assert learned_vs_min["p_holm"] == pytest.approx(0.25) and by_name["learned < BI"]["p_holm"] == 1.0
+    assert rank["p_holm"] == pytest.approx(0.125, abs=0.03)
+    assert not any(row["supported"] for row in primary["rows"])
+    table = rank_by_budget(dict(results, primary=primary))
+    assert table[0]["rho"] == pytest.approx(1.0) and table[10]["rho_with_longest"] == pytest.approx(1.0)
+
+
+def test_report_is_generated_whole_from_its_json(tmp_path):
+    results = constructed_results()
+    results["primary"] = primary_comparisons(results, results["declared"]["smallest_effect"])
+    write_report(str(tmp_path), results)
     report = (tmp_path / "report.md").read_text()
-    assert os.path.getsize(tmp_path / "calibration-vs-recovery.png") > 1000
-    assert "**0.500** (95% bootstrap interval [-0.500, 1.000]): no reliable relation" in report
-    assert "| oracle | 0 2 4 7 9 11 | 0.4000 | 1 of 3 |" in report
-    # paired differences of learned minus random: fid -2, -2.1, -2.4 -> the interval excludes 0
-    assert "| random | fid | -2.167 |" in report and "learned is better (95% interval excludes 0)" in report
-    assert "RepKD k=0 (no mask) (1 diverged) | 0 |" in report
-    assert "The teacher (mean FID 10.000) is better than every recovered student (best: learned, 11.000)" in report
-    assert "| teacher | fid | +1 | [+1, +1] | teacher is better (95% interval excludes 0) |" in report
-    assert "| 1 3 5 7 9 11 | 3.0000 | 0.6000 | 12.500 | 0.750 |" in report  # the one sampled probe
-    assert json.loads((tmp_path / "results.json").read_text())["schedule"] == "quick"
+    assert report.index("## 0. Declared before any result") < report.index("## 2. Primary comparisons")
+    assert "| learned < min-calibration | 3 | -0.11667 |" in report and "| 0.125 | 0.25 | 0.125 |" in report
+    assert "untestable: both methods chose the same blocks in every seed" in report
+    assert "Gate **passed** (not enforced in the quick schedule" in report
+    assert "| 0 2 4 6 8 10 | 3 | 1.10000 +/- 0.10000 | +0.60000 | 0.50000 |" in report
+    assert "**Masked KD is not testable here**" in report and "real 1.000 (worst seed) vs best model 10.000" in report
+    assert "| 0 2 4 6 8 10 | BI, learned | 1.00000 | 1.20000 | 1.10000 |" in report
+    assert os.path.getsize(tmp_path / "calibration-vs-loss-10steps.png") > 1000
+    (tmp_path / "report.md").unlink()
+    write_report(str(tmp_path), json.loads((tmp_path / "results.json").read_text()))  # from the JSON alone
+    assert (tmp_path / "report.md").read_text() == report
 
 
 @pytest.mark.slow
@@ -122,7 +161,19 @@ def test_quick_study_end_to_end(tmp_path):
                              "--nproc", "1"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (tmp_path / "s" / "report.md").read_text()
-    for heading in ("## 1.", "## 2.", "## 2b.", "## 3.", "## 4.", "## 5."):
+    for heading in ("## 0.", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6."):
         assert heading in report
-    for figure in ("calibration-vs-recovery.png", "decision-1of2.png", "decision-2of4.png", "decision-3of6.png"):
+    for figure in ("calibration-vs-loss-20steps.png", "decision-1of2-seed0.png"):
         assert os.path.getsize(tmp_path / "s" / figure) > 1000
+
+
+def test_balanced_picks_and_kept_keys():
+    sys.path.insert(0, ROOT)
+    import numpy as np
+
+    from reproduce import balanced_picks, kept_key
+    labels = np.repeat(np.arange(10), 7)
+    picks = balanced_picks(labels, 25, seed=0)
+    assert len(set(picks.tolist())) == 25
+    assert np.bincount(labels[picks], minlength=10).tolist() == [3] * 5 + [2] * 5
+    assert kept_key([0, 2, 4, 7, 9, 11]) == "02479b"

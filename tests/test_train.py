@@ -153,6 +153,39 @@ def test_bad_input_is_one_line_and_writes_nothing(workspace, tmp_path, monkeypat
     assert not results.exists()
 
 
+def flip_a_latent_byte(store, into):
+    """A copy of the feature store whose last shard has one flipped byte in its latents: same
+    size, valid header, so only the shard's sha256 (checked when it is first read) finds it."""
+    shutil.copytree(store, into)
+    path = os.path.join(into, sorted(name for name in os.listdir(into) if name.startswith("shard-"))[-1])
+    data = bytearray(open(path, "rb").read())
+    data[-64] ^= 0xFF  # well inside the last array of the file, past the header
+    open(path, "wb").write(bytes(data))
+    return str(into)
+
+
+@pytest.mark.parametrize("script, failure", [(train, "damaged-store"), (train, "diverges"),
+                                             (train_masked_kd, "damaged-store")])
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(workspace, tmp_path, monkeypatch, script,
+                                                                       failure):
+    results = tmp_path / "results"
+    args = parse(script, workspace, results, "--max-steps", "30", "--ckpt-every", "100",
+                 *(["--load-weight", workspace["student"]] if script is train_masked_kd else []))
+    if failure == "damaged-store":
+        args.data_path = flip_a_latent_byte(workspace["features"], tmp_path / "features")
+        expected = "damaged"
+    else:
+        def diverged(model, diffusion, x, y):
+            return {"loss": model(x, torch.zeros(len(x), dtype=torch.long), y).mean() * float("inf")}
+        monkeypatch.setattr(train, "diffusion_losses", diverged)
+        args.max_skipped_in_a_row = 2
+        expected = "2 non-finite losses in a row"
+    with pytest.raises(TinyFusionError, match=expected) as error:
+        script.main(args)
+    assert "\n" not in str(error.value)
+    assert not results.exists() or os.listdir(results) == []
+
+
 # ------------------------------------------------------------------ non-finite losses
 def make_fit_inputs(workspace, tmp_path, *extra):
     """The keywords of a train_loop call as train.py makes them."""

@@ -73,3 +73,21 @@ def test_the_download_command_is_the_installed_clients():
     assert shutil.which("hf", path=os.path.dirname(sys.executable)) or shutil.which("hf")
     assert vae_io.download_command("stabilityai/sd-vae-ft-ema") == \
         "hf download stabilityai/sd-vae-ft-ema --local-dir pretrained/sd-vae-ft-ema"
+
+
+def test_a_local_sd_vae_copy_must_be_the_published_weights(tmp_path, monkeypatch):
+    """pretrained/sd-vae-ft-ema (where `hf download` puts it) is checked against the sha256 the hub
+    publishes for diffusion_pytorch_model.safetensors; a folder of another name is the user's VAE."""
+    from tiny_vae import make_tiny_vae
+    from tinyfusion.downloads import file_sha256
+    copy = make_tiny_vae(tmp_path / "pretrained" / "sd-vae-ft-ema")
+    with pytest.raises(TinyFusionError) as error:
+        vae_io.load_vae("ema", vae_path=str(copy))
+    message = str(error.value)
+    assert "\n" not in message and f"{copy}/diffusion_pytorch_model.safetensors is not stabilityai/sd-vae-ft-ema" in message
+    assert vae_io.SD_VAE_SHA256["stabilityai/sd-vae-ft-ema"] in message and "hf download" in message
+    own = shutil.copytree(copy, tmp_path / "my-vae")
+    assert vae_io.load_vae("ema", vae_path=str(own)) is not None  # not named after the hub: the user's own VAE
+    published = file_sha256(os.path.join(copy, "diffusion_pytorch_model.safetensors"))
+    monkeypatch.setitem(vae_io.SD_VAE_SHA256, "stabilityai/sd-vae-ft-ema", published)  # as if it were the release
+    assert vae_io.load_vae("ema", vae_path=str(copy)) is not None

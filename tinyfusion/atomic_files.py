@@ -11,7 +11,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 
-from tinyfusion.errors import TinyFusionError
+from tinyfusion.errors import TinyFusionError, unwritable_message
 
 FULL_DISK_BYTES = 1 << 20  # a write that failed with less than this left on the device ran out of space
 
@@ -25,10 +25,16 @@ def atomic_path(path, overwrite=True):
     if not overwrite and os.path.exists(path):
         raise FileExistsError(f"error: {path} already exists; remove it or choose another output path")
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     # keep the real suffix so libraries that dispatch on it (np.savez, PIL) behave
     base, suffix = os.path.splitext(os.path.basename(path))
-    handle, tmp_path = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, tmp_path = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=folder)
+    except OSError as error:
+        message = unwritable_message(error, path)
+        if message is None:
+            raise
+        raise TinyFusionError(message) from None
     os.close(handle)
     try:
         try:
@@ -59,6 +65,16 @@ def atomic_write_text(path, text, overwrite=True):
 
 def atomic_write_json(path, obj, overwrite=True):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", overwrite=overwrite)
+
+
+def atomic_save_figure(fig, path, dpi=120):
+    """A matplotlib figure laid out, written atomically as PNG, and closed; returns `path`."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def _current_umask():

@@ -32,6 +32,7 @@ from tinyfusion.atomic_files import atomic_path
 from tinyfusion.downloads import missing_checkpoint_message, resolve_released
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.finite import MAX_TRAINED_WEIGHT, weights_problem  # noqa: F401 (MAX_TRAINED_WEIGHT: re-exported)
+from tinyfusion.path_hints import did_you_mean
 
 METADATA_KEY = "__tinyfusion__"
 CHECKSUM_KEY = "__tinyfusion_checksum__"
@@ -46,10 +47,9 @@ def load_checkpoint_file(path):
     a bare released file name (DiT-XL-2-256x256.pt, ...) is found or downloaded first."""
     path = resolve_released(os.fspath(path))  # a bare released name: found in pretrained/ or downloaded
     if not os.path.isfile(path):
-        raise TinyFusionError(missing_checkpoint_message(path))
+        raise TinyFusionError(missing_checkpoint_message(path) + did_you_mean(path))
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path, device="cpu")
+        return _load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -61,6 +61,16 @@ def load_checkpoint_file(path):
                                      f"the file is truncated or damaged") from None
     verify_checksum(obj, path)
     return obj
+
+
+def _load_safetensors(path):
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device="cpu")
+    except Exception as error:  # safetensors raises its own SafetensorError (no common base with OSError)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CorruptCheckpointError(f"could not read checkpoint {path} as safetensors ({reason}); the file is "
+                                     f"truncated, damaged or not a .safetensors file") from None
 
 
 class CorruptCheckpointError(TinyFusionError):

@@ -23,7 +23,10 @@ MODEL_NAMES = ["DiT-XL/2", "DiT-XL/4", "DiT-XL/8", "DiT-L/2", "DiT-L/4", "DiT-L/
 LR_SCHEDULES = ("cosine", "constant")           # tinyfusion/schedules.py
 CALIBRATIONS = ("clean", "noised")              # tinyfusion/pruning.bi_scores
 FLOW_SAMPLERS = ("ode", "sde")                  # SiT's samplers (transport/), tinyfusion/sampling.py
-SAMPLER_NAMES = ("ddpm", "ddim")                # the keys of tinyfusion.sampling.SAMPLERS
+SOLVER_NAMES = ("dpm-solver++", "unipc")        # DiT's fast ODE solvers (tinyfusion/solvers.py)
+SAMPLER_NAMES = ("ddpm", "ddim", *SOLVER_NAMES)  # the keys of tinyfusion.sampling.SAMPLERS
+DIFFUSION_SPACINGS = ("dit", "leading")         # ddpm / ddim: diffusion.respace.space_timesteps
+SOLVER_SPACINGS = ("linspace", "trailing", "leading")  # the fast solvers: diffusers' timestep_spacing
 STORE_DTYPE_NAMES = ("fp16", "fp32")            # the keys of tinyfusion.feature_store.STORE_DTYPES
 SIT_PATHS = ("Linear", "GVP", "VP")             # transport.paths.PATHS
 SIT_PREDICTIONS = ("velocity", "score", "noise")  # transport.paths.PREDICTIONS
@@ -175,6 +178,42 @@ NUMERIC_TYPES = (positive_int, nonnegative_int, positive_float, nonnegative_floa
                  diffusion_timestep, sampling_steps)
 
 
+def add_sampler_arg(parser):
+    """--sampler of sample.py and sample_ddp.py."""
+    parser.add_argument("--sampler", choices=[*SAMPLER_NAMES, *FLOW_SAMPLERS], default=None,
+                        help="DiT: ddpm (default, the original), ddim, or the fast ODE solvers dpm-solver++ "
+                             "(2nd order multistep) and unipc (one model evaluation per step: pass e.g. "
+                             "--num-sampling-steps 20); SiT: ode or sde (required)")
+    return parser
+
+
+def add_timestep_spacing_arg(parser):
+    """--timestep-spacing: which of the 1000 training steps a sampler evaluates the model at."""
+    choices = sorted(set(DIFFUSION_SPACINGS + SOLVER_SPACINGS))
+    parser.add_argument("--timestep-spacing", choices=choices, default=None,
+                        help="ddpm/ddim: dit (default: steps spread evenly over [0, 999], as DiT) or leading "
+                             "(0, s, 2s, ...: diffusers' DiTPipeline); dpm-solver++/unipc: linspace (default, "
+                             "diffusers' default for them), trailing (recommended for few steps by Lin et al. 2023) "
+                             "or leading")
+    return parser
+
+
+def resolve_timestep_spacing(sampler, spacing):
+    """The spacing a run uses (the sampler's default when None); ValueError when it does not fit."""
+    if sampler not in SAMPLER_NAMES:  # SiT's samplers have no timestep spacing
+        if spacing is not None:
+            raise ValueError(f"--timestep-spacing is for DiT's samplers ({', '.join(SAMPLER_NAMES)}), "
+                             f"not --sampler {sampler}")
+        return None
+    allowed = SOLVER_SPACINGS if sampler in SOLVER_NAMES else DIFFUSION_SPACINGS
+    if spacing is None:
+        return allowed[0]
+    if spacing not in allowed:
+        raise ValueError(f"--timestep-spacing {spacing} does not fit --sampler {sampler}; use one of "
+                         f"{', '.join(allowed)}")
+    return spacing
+
+
 def parse_index_list(text):
     """`"[0, 2, 4]"` or `"0,2,4"` -> [0, 2, 4]."""
     try:
@@ -207,10 +246,13 @@ def add_model_args(parser, default_model="DiT-XL/2"):
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # flag -> torch dtype name
 
 
-def add_precision_arg(parser):
-    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
-                        help="autocast dtype; auto = bf16 on GPU, fp32 on CPU")
+def add_precision_arg(parser, help="autocast dtype; auto = bf16 on GPU, fp32 on CPU"):
+    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help=help)
     return parser
+
+
+SAMPLING_PRECISION_HELP = ("autocast dtype (default fp32, the original's); auto = bf16 on a GPU and on a CPU with native "
+                           "bf16 matmul (AMX or AVX-512-BF16), fp32 on other CPUs, where bf16 is emulated and slower")
 
 
 def add_sampling_compile_arg(parser):
@@ -255,11 +297,12 @@ def add_guidance_args(parser, cfg_scale):
 
 # ------------------------------------------------------------------ training
 def add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4, min_lr_aliases=(), epochs=1400,
-                      global_batch_size=256, log_every=100, ckpt_every=50_000, results_dir="results",
+                      global_batch_size=256, log_every=100, ckpt_every=10_000, results_dir="outputs",
                       ema_decay=0.9999):
     """The flags every training / pruning script shares (the original's plus ours). Defaults are
     the original TinyFusion train.py / train_masked_kd.py ones (AdamW lr 2e-4, CosineAnnealingLR
-    to 1e-4 over all steps); scripts pass their own where the original differs."""
+    to 1e-4 over all steps, run folders under outputs/, a checkpoint every 10,000 steps); scripts
+    pass their own where the original differs."""
     parser.add_argument("--data-path", type=str, required=True,
                         help="feature store written by extract_features.py (or the original "
                              "imagenet256_features/ + imagenet256_labels/ layout)")
@@ -305,6 +348,34 @@ def check_min_lr(args):
     if args.lr_schedule == "cosine" and args.min_lr > args.lr:
         return (f"argument --min-lr: {args.min_lr:g} is above --lr {args.lr:g}, so the cosine schedule would raise "
                 f"the lr; pass --min-lr <= --lr (or --lr-schedule constant)")
+    return None
+
+
+def add_eval_args(parser):
+    """--eval-every and its settings (tinyfusion/quality.py): FID of EMA samples while training."""
+    group = parser.add_argument_group("sample quality while training (ours; rank 0, the training is unchanged)")
+    group.add_argument("--eval-every", type=positive_int, default=None,
+                       help="every N steps (a multiple of --log-every) and at the last step: sample --eval-samples "
+                            "images from the EMA weights and log their FID (off by default)")
+    group.add_argument("--eval-ref", type=str, default=None,
+                       help="reference batch .npz for the FID (evaluator.py's ref_batch); required with --eval-every")
+    group.add_argument("--eval-feature-net", type=str, default=None,
+                       help="TorchScript feature network (evaluator.py --feature-net; also logs its accuracy on the "
+                            "samples' labels); default the Inception graph")
+    group.add_argument("--eval-samples", type=positive_int, default=1000)
+    group.add_argument("--eval-sampler", choices=SAMPLER_NAMES, default="dpm-solver++")
+    group.add_argument("--eval-steps", type=sampling_steps, default=20)
+    group.add_argument("--eval-cfg-scale", type=nonnegative_float, default=1.5)
+    group.add_argument("--eval-seed", type=nonnegative_int, default=0, help="sample i from seeds (this, i)")
+    group.add_argument("--eval-batch-size", type=positive_int, default=50)
+    parser.add_check(check_eval_steps)
+    return parser
+
+
+def check_eval_steps(args):
+    """--eval-steps picks DiT timesteps (its samplers are DiT's): at most the diffusion's 1000."""
+    if args.eval_steps > DIFFUSION_STEPS:
+        return f"argument --eval-steps: must be at most the diffusion's {DIFFUSION_STEPS} steps, got {args.eval_steps}"
     return None
 
 
@@ -358,7 +429,7 @@ def add_transport_args(parser):
     group = parser.add_argument_group("SiT (--sampler ode | sde)")
     add_interpolant_args(group)
     group.add_argument("--sampling-method", default=None,
-                       help="ODE: dopri5 (default; needs torchdiffeq), euler, heun2; SDE: Euler (default), Heun")
+                       help="ODE: dopri5 (default; torchdiffeq), euler, heun2; SDE: Euler (default), Heun")
     group.add_argument("--atol", type=positive_float, default=1e-6, help="ODE absolute tolerance (adaptive solvers)")
     group.add_argument("--rtol", type=positive_float, default=1e-3, help="ODE relative tolerance (adaptive solvers)")
     group.add_argument("--diffusion-form", default="sigma", choices=SIT_DIFFUSION_FORMS, help="SDE diffusion D(t)")

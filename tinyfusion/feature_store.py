@@ -4,7 +4,8 @@ script uses.
 
 The store (a folder):
     extraction.json        what is being extracted (data, VAE, seed, shard plan); written first
-    shard-00000.safetensors  `latents` (n, 2, C, H, W) = the image and its horizontal flip,
+    shard-00000.safetensors  `latents` (n, 2, C, H, W) = the image and its horizontal flip
+                             (n, 1, C, H, W) = the image alone with extract_features.py --no-flip,
     shard-00001.safetensors  `labels` (n,) int64, `indices` (n,) int64 (position in the sorted
     ...                      ImageFolder); its metadata holds a sha256 of the three arrays
     manifest.json          written last, once every shard validated: the store is complete
@@ -17,7 +18,7 @@ with flipped bytes stops training with an error naming it instead of training on
 The original layout (`imagenet256_features/{i}.npy` of shape (2, C, H, W) and
 `imagenet256_labels/{i}.npy` of shape (1,)) loads through the same dataset class.
 
-Which copy (image or flip) a sample returns is a hash of (seed, epoch, index), not a draw from
+Which copy (image or flip) a sample returns (a store without flips always returns the image) is a hash of (seed, epoch, index), not a draw from
 a global or worker RNG, so a resumed run sees the same data whatever --num-workers is.
 """
 import glob

@@ -16,6 +16,8 @@ and a run that ends diverged stops with an error naming the last healthy checkpo
 """
 import logging
 import math
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from tinyfusion.errors import TinyFusionError
 from tinyfusion.finite import MAX_TRAINED_WEIGHT
 from tinyfusion.gradients import NonFiniteGuard, all_reduce_gradients, largest_magnitude, step_unless_nonfinite
 from tinyfusion.resume import restore_loop_state, save_training_checkpoint
-from tinyfusion.runlog import checkpoint_path
+from tinyfusion.runlog import checkpoint_path, latest_checkpoint
 from tinyfusion.schedules import make_lr_scheduler, total_training_steps
 
 
@@ -219,6 +221,8 @@ class TrainingLoop:
 
     def _open_run(self):
         from tinyfusion.run_setup import open_run_folder
+        # a folder this fresh run creates is removed again if the run fails before its first checkpoint
+        self.created_run_dir = self.ctx.is_main and self.resume_checkpoint is None and not os.path.exists(self.run_dir)
         self.logger, self.metrics = open_run_folder(self.run_args, self.ctx, self.run_dir,
                                                     resuming=self.resume_checkpoint is not None)
         if self.resume_checkpoint is not None:
@@ -238,7 +242,8 @@ class TrainingLoop:
             wrapped = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                               if self.device.type == "cuda" else None)
         if self.compile_model:
-            wrapped = torch.compile(wrapped)
+            from tinyfusion.cpu_compile import compile_options  # AVX2 kernels on an AVX-512 CPU
+            wrapped = torch.compile(wrapped, options=compile_options(self.device, self.logger.info))
         return AutocastForward(wrapped, self.dtype, self.device)
 
     # ------------------------------------------------------------------ one step
@@ -347,6 +352,9 @@ class TrainingLoop:
             self._run_epochs(forward)
             if self.last_saved != self.train_steps:  # e.g. --epochs reached before a multiple of --ckpt-every
                 self._save(0, final=True)
+        except BaseException:
+            self._discard_unsaved_run_folder()
+            raise
         finally:
             self.progress.close()
             for hook in self.hooks:
@@ -356,6 +364,18 @@ class TrainingLoop:
         self.logger.info(f"done: {self.train_steps} steps, {self.guard.skipped_total} skipped; final checkpoint "
                          f"{final_path}")
         return LoopResult(self.train_steps, self.guard.skipped_total, final_path, self.ema, self.logger)
+
+    def _discard_unsaved_run_folder(self):
+        """A fresh run that failed before its first checkpoint (a damaged feature shard, a loss
+        that diverged at once: failures no check can see before the loop) leaves no folder."""
+        from tinyfusion.runlog import release_run_folder
+        if not getattr(self, "created_run_dir", False) or latest_checkpoint(self.run_dir) is not None:
+            return
+        for handler in list(self.logger.handlers):  # log.txt is inside the folder
+            handler.close()
+            self.logger.removeHandler(handler)
+        release_run_folder(self.run_dir)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _run_epochs(self, forward):
         while self.train_steps < self.total_steps and self.epoch < self.epochs:

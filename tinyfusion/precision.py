@@ -24,23 +24,64 @@ CAST_ONCE_MODULES = (nn.Linear, nn.Conv2d)  # what autocast runs in low precisio
 DTYPE_NAMES = {getattr(torch, dtype): name for name, dtype in PRECISIONS.items()}  # torch dtype -> flag
 
 
-def native_low_precision(dtype, device):
-    """True when `device` has hardware matmuls in `dtype` (fp32 always counts as native)."""
+# CPU feature flags (as /proc/cpuinfo names them) of hardware low-precision matmul. oneDNN's own
+# "bf16 supported" answer is also True on AVX-512 CPUs without BF16, where it emulates bf16.
+NATIVE_CPU_FLAGS = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16", "avx512_fp16")}
+# measured on this project's CPUs without native bf16 (bench/bench_precision.py, sampling images/s
+# in bf16 / fp32, weights cast once): what a user asking for emulated bf16 is told
+EMULATED_BF16_SPEED = ("0.71x fp32's images/s on an AVX2 CPU, 3.1x slower than fp32 on an AVX-512 CPU "
+                       "without BF16 (bench/bench_precision.py)")
+
+
+def cpu_flags():
+    """The CPU's feature flags: from /proc/cpuinfo, else from torch's own queries (other systems)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    queries = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported",
+               "amx_fp16": "_is_amx_fp16_supported"}
+    return {flag for flag, query in queries.items() if getattr(torch.cpu, query, lambda: False)()}
+
+
+def native_low_precision(dtype, device, flags=None):
+    """True when `device` has hardware matmuls in `dtype` (fp32 always counts as native); on a CPU,
+    `flags` are its feature flags (default: this CPU's)."""
     if dtype == torch.float32:
         return True
     if torch.device(device).type == "cuda":
         return dtype != torch.bfloat16 or torch.cuda.is_bf16_supported()
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    flags = cpu_flags() if flags is None else flags
+    return any(flag in flags for flag in NATIVE_CPU_FLAGS[dtype])
 
 
-def low_precision_warning(dtype, device):
+def low_precision_warning(dtype, device, flags=None):
     """One line to print when `dtype` would be emulated (slow) on this device, else None."""
-    if native_low_precision(dtype, device):
+    if native_low_precision(dtype, device, flags):
         return None
-    return (f"warning: this {torch.device(device).type} has no native {DTYPE_NAMES[dtype]} matmul (e.g. an AVX2-only "
-            f"CPU); {DTYPE_NAMES[dtype]} is emulated and typically several times slower than fp32 here")
+    measured = f": measured {EMULATED_BF16_SPEED}" if dtype == torch.bfloat16 else ""
+    native = " or ".join(NATIVE_CPU_FLAGS.get(dtype, ()))
+    return (f"warning: this {torch.device(device).type} has no native {DTYPE_NAMES[dtype]} matmul ({native}); "
+            f"{DTYPE_NAMES[dtype]} is emulated and slower than fp32 here{measured}; --precision fp32 is faster")
+
+
+def resolve_sampling_precision(choice, device, flags=None):
+    """(autocast dtype, one line saying what was chosen and why) for sample.py / sample_ddp.py
+    --precision: auto = bf16 on a GPU and on a CPU with native bf16 matmul (AMX or AVX-512-BF16),
+    fp32 on other CPUs; a named precision is used as asked (the line, else None, warns when it is
+    emulated)."""
+    if choice != "auto":
+        dtype = getattr(torch, PRECISIONS[choice])
+        return dtype, low_precision_warning(dtype, device, flags)
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16, "precision auto: bf16 (GPU)"
+    if native_low_precision(torch.bfloat16, device, flags):
+        return torch.bfloat16, "precision auto: bf16 (this CPU has native bf16 matmul: AMX or AVX-512-BF16)"
+    return torch.float32, ("precision auto: fp32 (this CPU has no native bf16 matmul, AMX or AVX-512-BF16; bf16 "
+                           f"would be slower: measured {EMULATED_BF16_SPEED})")
 
 
 def cast_weights_once(model, dtype):

@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 
-from tinyfusion.errors import TinyFusionError
+from tinyfusion.errors import TinyFusionError, unwritable_message
 
 LOCK_FILE = ".tinyfusion.lock"
 _held = {}  # realpath of the folder -> FolderLock held by this process
@@ -138,10 +138,18 @@ def lock_folder(folder, *, what="run folder", log=print):
             f"longer running")
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": _process_start_ticks(os.getpid()),
               "started": time.time(), "command": " ".join([os.path.basename(sys.argv[0] if sys.argv else "python"), *sys.argv[1:]])[:160]}
-    handle.seek(0)
-    handle.truncate()
-    handle.write(json.dumps(holder) + "\n")
-    handle.flush()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(holder) + "\n")
+        handle.flush()
+    except OSError as error:  # a full or read-only disk: no lock, no lock file, one line
+        os.remove(path)
+        try:
+            handle.close()  # flushes the unwritten holder again: the same error
+        except OSError:
+            pass
+        raise TinyFusionError(unwritable_message(error, path) or f"cannot write {path}: {error}") from None
     lock = FolderLock(folder, handle, holder)
     _held[key] = lock
     return lock

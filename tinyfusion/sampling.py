@@ -18,7 +18,8 @@ import os
 import numpy as np
 import torch
 
-from tinyfusion.cli import FLOW_SAMPLERS, autocast  # FLOW_SAMPLERS: SiT's (transport/), run by flow_sample
+# FLOW_SAMPLERS: SiT's (transport/), run by flow_sample
+from tinyfusion.cli import FLOW_SAMPLERS, SOLVER_NAMES, autocast, resolve_timestep_spacing
 from tinyfusion.downloads import resolve_released
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.vae import decode
@@ -28,15 +29,18 @@ NOISE_STREAM, LABEL_STREAM = 0, 1  # independent random streams of one sample
 # the sampler registry: name -> fn(diffusion, model_fn, shape, eta, loop keywords) -> final latents.
 # A new sampler is one entry here and its name in tinyfusion.cli.SAMPLER_NAMES (the --sampler choices,
 # listed there so that --help needs no torch); unknown names are refused.
+# The fast solvers' `diffusion` is a tinyfusion.solvers.FastSolver (see sampling_process).
+def _solver_loop(solver, model_fn, shape, eta, kwargs):
+    return solver.sample_loop(model_fn, kwargs["noise"], kwargs["model_kwargs"], progress=kwargs["progress"])
+
+
 SAMPLERS = {
     "ddpm": lambda diffusion, model_fn, shape, eta, kwargs: diffusion.p_sample_loop(model_fn, shape, **kwargs),
     "ddim": lambda diffusion, model_fn, shape, eta, kwargs: diffusion.ddim_sample_loop(model_fn, shape, eta=eta,
                                                                                        **kwargs),
+    "dpm-solver++": _solver_loop,
+    "unipc": _solver_loop,
 }
-SIT_CHECKPOINT_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
-                      "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0")
-
-
 # ----------------------------------------------------------------------- checkpoints
 def resolve_checkpoint(ckpt, model_name, image_size):
     """The checkpoint to load. Without --ckpt the original uses the released DiT-XL-2-{size}x{size}.pt:
@@ -53,14 +57,13 @@ def resolve_checkpoint(ckpt, model_name, image_size):
 
 
 def _resolve_sit_checkpoint(model_name, image_size):
-    """SiT released SiT-XL-2-256x256.pt only (saved under that name by SiT's download.py)."""
+    """SiT released SiT-XL-2-256x256.pt only (the name SiT's download.py saves it under): a local
+    copy, else downloaded and verified like the DiT weights (tinyfusion.downloads)."""
     if model_name == "SiT-XL/2" and image_size == 256:
-        for folder in ("pretrained_models", "pretrained"):
-            if os.path.isfile(os.path.join(folder, "SiT-XL-2-256x256.pt")):
-                return os.path.join(folder, "SiT-XL-2-256x256.pt")
+        return resolve_released("SiT-XL-2-256x256.pt")
     raise TinyFusionError(f"no --ckpt given for --model {model_name} at --image-size {image_size}; the only released "
-                          f"SiT is SiT-XL/2 at 256: download {SIT_CHECKPOINT_URL} as "
-                          f"pretrained/SiT-XL-2-256x256.pt, or pass --ckpt with your own SiT checkpoint")
+                          f"SiT is SiT-XL/2 at 256 (--model SiT-XL/2 --image-size 256 downloads it): pass --ckpt "
+                          f"with your own SiT checkpoint")
 
 
 # ----------------------------------------------------------------------- per-sample seeds
@@ -85,6 +88,13 @@ def sample_labels(global_seed, indices, num_classes):
     return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
 
 
+def balanced_labels(indices, num_classes):
+    """Labels i mod num_classes (ours, sample_ddp --balanced-labels): every class equally often
+    over any num_classes consecutive samples, so FID against a class-balanced reference does
+    not move with the label draw."""
+    return torch.tensor([int(i) % num_classes for i in indices], dtype=torch.long)
+
+
 def draw_rows(generators, row_shape, pad_rows=0):
     """(len(generators) + pad_rows, *row_shape) float32 CPU tensor: row i from generators[i],
     padding rows zero (they are thrown away)."""
@@ -100,11 +110,23 @@ def padded_rows(rows, pad_to=0):
 
 
 # ----------------------------------------------------------------------- generation
-def compile_forward(model):
+def sampling_process(sampler, num_steps, timestep_spacing):
+    """What `generate` samples a DiT with: the respaced diffusion of ddpm / ddim ("dit" spacing:
+    DiT's, "leading": diffusers' DiTPipeline's) or the FastSolver of dpm-solver++ / unipc."""
+    if sampler in SOLVER_NAMES:
+        from tinyfusion.solvers import FastSolver
+        return FastSolver(sampler, num_steps, timestep_spacing)
+    from diffusion import create_diffusion
+    return create_diffusion(("leading" if timestep_spacing == "leading" else "") + str(num_steps))
+
+
+def compile_forward(model, log=print):
     """torch.compile the model's forward in place (sample.py / sample_ddp.py --compile): both
     model(x, t, y) and forward_with_cfg go through it. Sampling calls it with one batch shape and a
-    new timestep tensor per step, so it compiles once per run (a last, smaller batch adds one)."""
-    model.forward = torch.compile(model.forward)
+    new timestep tensor per step, so it compiles once per run (a last, smaller batch adds one).
+    On an AVX-512 CPU the kernels are AVX2 ones (tinyfusion.cpu_compile)."""
+    from tinyfusion.cpu_compile import compile_options
+    model.forward = torch.compile(model.forward, options=compile_options(next(model.parameters()).device, log))
     return model
 
 
@@ -125,7 +147,10 @@ def generate(model, diffusion, labels, generators, cfg_scale=1.0, sampler="ddpm"
         raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join((*SAMPLERS, *FLOW_SAMPLERS))}")
     if (sampler in FLOW_SAMPLERS) != (getattr(model, "model_family", "DiT") == "SiT"):
         raise ValueError(f"sampler {sampler!r} does not fit a {getattr(model, 'model_family', 'DiT')} model "
-                         f"(SiT: ode, sde; DiT: ddpm, ddim)")
+                         f"(SiT: ode, sde; DiT: ddpm, ddim, {', '.join(SOLVER_NAMES)})")
+    solver_name = getattr(diffusion, "name", None)  # a FastSolver's; diffusions and transports have none
+    if (sampler in SOLVER_NAMES or solver_name in SOLVER_NAMES) and solver_name != sampler:
+        raise ValueError(f"sampler {sampler!r} needs its own sampling process: sampling_process({sampler!r}, ...)")
     if len(generators) != len(labels):
         raise ValueError(f"need one generator per label, got {len(generators)} generators for {len(labels)} labels")
     if cfg_scale < 0:
@@ -181,7 +206,7 @@ def flow_sample(transport, sampler, model_fn, noise, noise_fn, progress, options
 
 # ----------------------------------------------------------------------- naming
 def run_name(model_name, ckpt, image_size, vae, cfg_scale, global_seed, num_sampling_steps=250,
-             sampler="ddpm", precision="fp32"):
+             sampler="ddpm", precision="fp32", timestep_spacing=None):
     """The original sample_ddp.py folder name `{model}-{ckpt}-size-{size}-vae-{vae}-cfg-{cfg}-seed-{seed}`
     (ckpt "pretrained" without --ckpt); settings the original did not have are appended only
     when they differ from its behaviour, so two different sample sets never share a name."""
@@ -192,6 +217,14 @@ def run_name(model_name, ckpt, image_size, vae, cfg_scale, global_seed, num_samp
         name += f"-steps-{num_sampling_steps}"
     if sampler != "ddpm":
         name += f"-{sampler}"
+    if spacing_identity(sampler, timestep_spacing) is not None:
+        name += f"-{timestep_spacing}"
     if precision != "fp32":
         name += f"-{precision}"
     return name
+
+
+def spacing_identity(sampler, timestep_spacing):
+    """A run's timestep spacing as it names and identifies the run: None for the sampler's default
+    (also for SiT, which has none), else the spacing."""
+    return None if timestep_spacing in (None, resolve_timestep_spacing(sampler, None)) else timestep_spacing

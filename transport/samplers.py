@@ -4,7 +4,7 @@ dx = [v + D(t) s] dt + sqrt(2 D(t)) dW, both integrated forward in time from noi
 ODE (SiT's defaults: dopri5 with atol 1e-6, rtol 1e-3 and 50 output times): a fixed grid of
 num_steps times linspace(t0, t1, num_steps), i.e. num_steps - 1 steps, with torchdiffeq's update
 rules "euler" (x + dt f) and "heun2" (x + dt (k1 / 2 + k2 / 2), k2 at t + dt from the Euler
-point); adaptive solvers such as "dopri5" need the optional torchdiffeq package.
+point); adaptive solvers such as "dopri5" run on torchdiffeq (in the requirements).
 
 SDE (SiT's defaults: Euler-Maruyama, 250 steps, diffusion D = sigma_t, last step "Mean" of size
 0.04): the grid linspace(t0, t1 - last_step_size, num_steps) is walked in num_steps - 1 steps of
@@ -88,7 +88,7 @@ def _adaptive_ode(field, x, grid, method, atol, rtol):
     try:
         from torchdiffeq import odeint
     except ImportError:
-        raise TinyFusionError(f"the ODE method {method} needs the torchdiffeq package (pip install torchdiffeq); "
+        raise TinyFusionError(f"the ODE method {method} needs the torchdiffeq package, one of the requirements, which is not installed (pip install -r requirements.txt); "
                               f"without it use {' or '.join(FIXED_ODE_METHODS)}") from None
     return odeint(lambda t, state: field(state, _times(t, state))[0], x, grid, method=method,
                   atol=[atol], rtol=[rtol])[-1]
