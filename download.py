@@ -43,8 +43,6 @@ def main(args):
     unknown = [name for name in names if name not in RELEASED]
     if unknown:
         raise TinyFusionError(f"unknown released file {', '.join(unknown)}; choose from {', '.join(RELEASED)}")
-    if not args.timeout > 0:
-        raise TinyFusionError(f"--timeout must be > 0 seconds, got {args.timeout}")
     for name in names:
         existing = find_local(name, (args.folder,) + SEARCH_FOLDERS)
         if existing:
