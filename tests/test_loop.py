@@ -100,14 +100,12 @@ def test_a_diverged_run_writes_no_checkpoint_of_exploded_weights(workspace, tmp_
     with pytest.raises(TinyFusionError, match="non-finite losses in a row") as error:
         run_train(workspace, tmp_path, "--max-steps", "10", "--ckpt-every", "1", "--log-every", "1",
                   "--lr", "1e6", "--lr-schedule", "constant", "--max-skipped-in-a-row", "3")
-    run_dir = tmp_path / RUN
     # the first step's loss is finite, but its update (lr 1e6) moves the weights to about 1e6: no
-    # trained model has them, so that checkpoint is postponed, and never written once steps are skipped
-    assert os.listdir(run_dir / "checkpoints") == []
-    assert "step 1: checkpoint postponed: the weights reach |w| = " in open(run_dir / "log.txt").read()
+    # trained model has them, so that checkpoint is postponed, and never written once steps are
+    # skipped; a run that fails before its first checkpoint leaves no folder
+    assert not (tmp_path / RUN).exists()
     assert str(error.value).endswith("no healthy checkpoint was written; start again with a lower --lr or "
                                      "--precision bf16/fp32")
-    assert metrics(run_dir)[0]["skipped_in_window"] == 0  # a finite first step: the lr, not the inputs
 
 
 def original_checkpoint(path, steps=2):
