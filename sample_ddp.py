@@ -309,11 +309,13 @@ def main(args):
 def refuse_non_finite_batch(images, ctx, indices):
     """Every rank stops together (same message, no hang at a barrier) when any rank's batch holds
     NaN / inf: converted to uint8 it would be stored as black pixels."""
-    bad = torch.tensor([count_non_finite(images)], dtype=torch.int64, device=ctx.device)
-    if ctx.is_distributed:
+    bad = torch.tensor([count_non_finite(images) if images is not None else 0], dtype=torch.int64,
+                       device=ctx.device)
+    if ctx.is_distributed:  # one collective per batch on every rank, also one without samples (images None)
         dist.all_reduce(bad)
     if bad.item():
-        what = f"the batch of samples from {indices[0]}" + (" on all ranks" if ctx.is_distributed else "")
+        what = "a batch of samples" + (f" from {indices[0]}" if indices else "") + (
+            " (summed over the ranks)" if ctx.is_distributed else "")
         raise NonFiniteOutput(non_finite_output_message(bad.item(), what))
 
 
@@ -361,7 +363,8 @@ def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, sampler, a
     start_time, made = time.time(), 0
     for step in tqdm(steps, desc="sampling batches", disable=not ctx.is_main):
         indices = todo[step + ctx.rank * batch: step + (ctx.rank + 1) * batch]
-        if not indices:
+        if not indices:  # the last global batch may leave this rank without samples: it still joins the check
+            refuse_non_finite_batch(None, ctx, indices)
             continue
         labels = (balanced_labels(indices, args.num_classes) if args.balanced_labels
                   else sample_labels(args.global_seed, indices, args.num_classes))
