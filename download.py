@@ -15,6 +15,7 @@ In Python, as in the original:
 """
 import argparse
 
+from tinyfusion.cli import positive_float
 from tinyfusion.downloads import (DEFAULT_NAMES, DEFAULT_TIMEOUT, DOWNLOAD_FOLDER, RELEASED, SEARCH_FOLDERS, download,
                                   find_local, resolve_released)
 from tinyfusion.errors import TinyFusionError, run_main
@@ -42,8 +43,6 @@ def main(args):
     unknown = [name for name in names if name not in RELEASED]
     if unknown:
         raise TinyFusionError(f"unknown released file {', '.join(unknown)}; choose from {', '.join(RELEASED)}")
-    if not args.timeout > 0:
-        raise TinyFusionError(f"--timeout must be > 0 seconds, got {args.timeout}")
     for name in names:
         existing = find_local(name, (args.folder,) + SEARCH_FOLDERS)
         if existing:
@@ -57,6 +56,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"released files (default: {', '.join(DEFAULT_NAMES)}); any of {', '.join(RELEASED)}")
     parser.add_argument("--folder", default=DOWNLOAD_FOLDER, help="where downloads go (default: pretrained)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+    parser.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT,
                         help=f"seconds without a byte from the server before giving up (default {DEFAULT_TIMEOUT:g})")
     run_main(main, parser.parse_args())

@@ -18,6 +18,7 @@ import os
 import re
 
 import numpy as np
+from tinyfusion.cli import positive_int
 from tinyfusion.errors import TinyFusionError, run_main
 
 
@@ -186,7 +187,7 @@ if __name__ == "__main__":
     parser.add_argument("--log", type=str, default=None, help="metrics.jsonl of a pruning run, or the run folder")
     parser.add_argument("--out", type=str, default=None, help="PNG to write (default: decision.png next to the log; "
                                                              "with BASE LOGFILE decision.png and .pdf here)")
-    parser.add_argument("--depth", type=int, default=None, help="BASE LOGFILE: blocks on the y axis "
+    parser.add_argument("--depth", type=positive_int, default=None, help="BASE LOGFILE: blocks on the y axis "
                                                                "(default: the largest kept index + 1)")
     parser.add_argument("--title", type=str, default=None)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing figure")

@@ -31,6 +31,7 @@ import warnings
 import zipfile
 from contextlib import contextmanager
 
+from tinyfusion.cli import positive_int
 from tinyfusion.errors import TinyFusionError, run_main
 
 INCEPTION_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb"
@@ -53,7 +54,7 @@ def parse_args(argv=None):
                              f"pretrained_models/{INCEPTION_FILENAME}, else downloaded into pretrained/)")
     parser.add_argument("--feature-net", type=str, default=None,
                         help="TorchScript feature network .pt instead of Inception (NHWC [0,255] in; pool, spatial, logits out)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per feature-network batch")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per feature-network batch")
     parser.add_argument("--cache-ref-stats", action="store_true",
                         help="store/reuse reference activations and statistics in a sidecar .npz next to ref_batch")
     parser.add_argument("--exact-distances", action="store_true",

@@ -43,10 +43,10 @@ def parse_args(argv=None):
                         help="keep the shards of an interrupted run that validate and redo the rest")
     ignored = "accepted for compatibility with the original command line; ignored by extraction"
     parser.add_argument("--results-dir", type=str, default="results", help=ignored)
-    parser.add_argument("--epochs", type=int, default=1400, help=ignored)
-    parser.add_argument("--global-batch-size", type=int, default=256, help=ignored + " (see --batch-size)")
-    parser.add_argument("--log-every", type=int, default=100, help=ignored)
-    parser.add_argument("--ckpt-every", type=int, default=50_000, help=ignored)
+    parser.add_argument("--epochs", type=positive_int, default=1400, help=ignored)
+    parser.add_argument("--global-batch-size", type=positive_int, default=256, help=ignored + " (see --batch-size)")
+    parser.add_argument("--log-every", type=positive_int, default=100, help=ignored)
+    parser.add_argument("--ckpt-every", type=positive_int, default=50_000, help=ignored)
     return parser.parse_args(argv)
 
 

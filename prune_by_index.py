@@ -7,7 +7,8 @@ paper) and save the shallow model as a plain state dict with its metadata.
 """
 import argparse
 
-from tinyfusion.cli import add_compatibility_flags, add_model_args, parse_index_list
+from tinyfusion.cli import (add_compatibility_flags, add_model_args, nonnegative_float, nonnegative_int, parse_index_list,
+                            positive_int)
 from tinyfusion.errors import TinyFusionError, run_main
 
 
@@ -46,10 +47,10 @@ def parse_args(argv=None):
     parser.add_argument("--save-model", type=str, default="outputs/pruned/pruned-by-index.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --save-model file")
     add_compatibility_flags(parser, [  # the original's command line; pruning by index needs no data or sampling
-        ("--data-path", dict(type=str, default=None)), ("--cfg-scale", dict(type=float, default=1.5)),
-        ("--num-sampling-steps", dict(type=int, default=250)), ("--seed", dict(type=int, default=0)),
-        ("--pruner", dict(type=str, default=None)), ("--nsamples", dict(type=int, default=128)),
-        ("--batch-size", dict(type=int, default=16))])
+        ("--data-path", dict(type=str, default=None)), ("--cfg-scale", dict(type=nonnegative_float, default=1.5)),
+        ("--num-sampling-steps", dict(type=positive_int, default=250)), ("--seed", dict(type=nonnegative_int, default=0)),
+        ("--pruner", dict(type=str, default=None)), ("--nsamples", dict(type=positive_int, default=128)),
+        ("--batch-size", dict(type=positive_int, default=16))])
     return parser.parse_args(argv)
 
 

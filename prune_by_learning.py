@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 
 from tinyfusion.cli import (ArgumentParser, add_model_args, add_precision_arg, add_training_args,
-                            add_transport_training_args)
+                            add_transport_training_args, positive_float, positive_int)
 from tinyfusion.errors import TinyFusionError, run_main
 
 
@@ -36,23 +36,22 @@ def parse_args(argv=None):
     parser.add_argument("--delta-w", action="store_true",
                         help="also update the weights during the search (recoverability); without it only the logits train")
     parser.add_argument("--lora", action="store_true", help="with --delta-w: update the weights through LoRA adapters")
-    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (alpha = 2 x rank)")
+    parser.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank (alpha = 2 x rank)")
     parser.add_argument("--recompute-elementwise", action="store_true",
                         help="keep only matmul and attention outputs for backward and recompute the elementwise "
                              "ops: less activation memory (0.44x instead of 0.54x the original's step, measured), "
                              "slower (about 1.2x on CPU); same values and gradients")
-    parser.add_argument("--tau-range", type=float, nargs=2, default=[4.0, 0.1], metavar=("START", "END"),
-                        help="Gumbel temperature, linear from START to END over the run")
-    parser.add_argument("--scaling-range", type=float, nargs=2, default=[100.0, 100.0], metavar=("START", "END"),
-                        help="logit scale, linear from START to END over the run")
-    parser.add_argument("--logits-lr-scale", type=float, default=10.0, help="gate-logit lr = this x --lr")
+    parser.add_argument("--tau-range", type=positive_float, nargs=2, default=[4.0, 0.1], metavar=("START", "END"),
+                        help="Gumbel temperature (> 0), linear from START to END over the run (the paper anneals, "
+                             "START > END; START = END keeps it constant)")
+    parser.add_argument("--scaling-range", type=positive_float, nargs=2, default=[100.0, 100.0], metavar=("START", "END"),
+                        help="logit scale (> 0: a negative one would prefer the worst blocks), linear from START to END")
+    parser.add_argument("--logits-lr-scale", type=positive_float, default=10.0,
+                        help="gate-logit lr = this x --lr (> 0: a negative lr would ascend the loss)")
     parser.add_argument("--save-model", type=str, default=None,
                         help="where to save the pruned model (default: pruned.pt in the run folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --save-model file")
-    args = parser.parse_args(argv)
-    if args.lora_rank < 1:
-        parser.error("--lora-rank must be at least 1")
-    return args
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,16 @@ inputs it was trained on, so `noised` is its default and `clean` is refused): x_
 sigma_t noise with t uniform on SiT's training interval (--path-type, --prediction, --train-eps),
 the model called with t in [0, 1]. Its --sample-grid uses SiT's default SDE sampler.
 """
-import argparse
 import os
 
-from tinyfusion.cli import (CALIBRATIONS, add_interpolant_args, add_model_args, is_sit_name, nonnegative_float,
-                            positive_int, sampling_steps)
+from tinyfusion.cli import (CALIBRATIONS, ArgumentParser, add_interpolant_args, add_model_args,
+                            add_sampling_steps_check, is_sit_name, nonnegative_float, nonnegative_int, positive_int,
+                            sampling_steps)
 from tinyfusion.errors import TinyFusionError, run_main
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser, default_model="DiT-XL/2")
     parser.add_argument("--ckpt", type=str, default=None, help="checkpoint to prune (plain, training or pruned)")
     parser.add_argument("--no-ema", action="store_true", help="prune a training checkpoint's 'model', not its 'ema'")
@@ -38,8 +38,8 @@ def parse_args(argv=None):
                              "noised: ours (q_sample-noised latents, t < 1000; a SiT: its transport's x_t, the default)")
     parser.add_argument("--nsamples", type=positive_int, default=128, help="calibration images")
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--n-pruned", type=int, default=14, help="number of blocks to remove")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration subset, flips, timesteps, samples")
+    parser.add_argument("--n-pruned", type=nonnegative_int, default=14, help="number of blocks to remove")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the calibration subset, flips, timesteps, samples")
     parser.add_argument("--save-model", type=str, default="outputs/pruned/pruned-by-score.pt")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --save-model (and its .scores.json) / --sample-grid")
@@ -50,6 +50,7 @@ def parse_args(argv=None):
                              "sampling steps of the sample grid")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     add_interpolant_args(parser.add_argument_group("SiT (--model SiT-...): the transport it was trained with"))
+    add_sampling_steps_check(parser)
     args = parser.parse_args(argv)
     if args.calibration is None:
         args.calibration = "noised" if is_sit_name(args.model) else "clean"

@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from tinyfusion.cli import positive_int
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL = "DiT-XS/4"  # 12 blocks, hidden 128, 4 tokens of 4x4 pixels: trains in minutes on 2 cores
 ORACLE_KEPT = [0, 2, 4, 7, 9, 11]  # BK-SDM's pattern (even blocks, then odd ones up to the last), at 12 -> 6
@@ -372,9 +374,9 @@ if __name__ == "__main__":
                         help="dit: a DiT-XS/4 teacher (diffusion); sit: a SiT-XS/4 teacher (flow matching)")
     parser.add_argument("--fresh", action="store_true", help="delete the run folder and start over")
     parser.add_argument("--full", action="store_true", help="longer schedules and --seeds seeds (mean +/- std)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds for --full")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds for --full")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="quick", help=argparse.SUPPRESS)
-    parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per stage")
+    parser.add_argument("--nproc", type=positive_int, default=2, help="torchrun processes per stage")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep every intermediate training checkpoint (by default only each run's final one, "
                              "the one later stages read, is kept)")

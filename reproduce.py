@@ -35,6 +35,7 @@ import numpy as np
 
 import quickstart
 from quickstart import python, torchrun
+from tinyfusion.cli import positive_int
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL = "DiT-XS/4"
@@ -427,8 +428,8 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the machinery in minutes")
     parser.add_argument("--fresh", action="store_true", help="delete the run folder and start over")
     parser.add_argument("--report-only", action="store_true", help="re-render report.md from OUT/results.json")
-    parser.add_argument("--nproc", type=int, default=2, help="torchrun processes per training stage")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--nproc", type=positive_int, default=2, help="torchrun processes per training stage")
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="OMP threads per process (1: on a shared CPU, spinning OpenMP threads made a teacher step "
                              "20x slower, 20 s instead of 1 s; torchrun gives each rank 1 anyway)")
     main(parser.parse_args())

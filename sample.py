@@ -20,32 +20,32 @@ A SiT (--model SiT-...) samples with --sampler ode or sde (SiT's ODE / SDE modes
 
     python sample.py --model SiT-XL/2 --ckpt pretrained/SiT-XL-2-256x256.pt --sampler sde
 """
-import argparse
 import time
 
-from tinyfusion.cli import (SAMPLING_PRECISION_HELP, SOLVER_NAMES, add_guidance_args, add_model_args,
-                            add_precision_arg, add_sampler_arg, add_sampling_compile_arg, add_timestep_spacing_arg,
-                            add_transport_args, autocast, resolve_timestep_spacing, sampling_steps)
+from tinyfusion.cli import (SAMPLING_PRECISION_HELP, SOLVER_NAMES, ArgumentParser, add_guidance_args, add_model_args,
+                            add_precision_arg, add_sampler_arg, add_sampling_compile_arg, add_sampling_steps_check,
+                            add_timestep_spacing_arg, add_transport_args, autocast, nonnegative_int,
+                            resolve_timestep_spacing, sampling_steps, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main
 
 DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     add_model_args(parser)
     add_guidance_args(parser, cfg_scale=4.0)
     parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--ckpt", type=str, default=None,
                         help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
-    parser.add_argument("--class-labels", type=int, nargs="+", default=DEFAULT_CLASS_LABELS)
+    parser.add_argument("--class-labels", type=nonnegative_int, nargs="+", default=DEFAULT_CLASS_LABELS)
     parser.add_argument("--per-sample-seeds", action="store_true",
                         help="image i gets its own noise from (--seed, i), as sample i of sample_ddp.py, instead of "
                              "the original's one global seed for the whole grid")
     add_sampler_arg(parser)
-    parser.add_argument("--ddim-eta", type=float, default=0.0)
+    parser.add_argument("--ddim-eta", type=unit_interval, default=0.0)
     add_timestep_spacing_arg(parser)
     parser.add_argument("--out", type=str, default="sample.png", help="grid PNG to write (replaced if it exists)")
     parser.add_argument("--grid", choices=["plain", "labeled"], default="plain",
@@ -55,6 +55,7 @@ def parse_args(argv=None):
     add_sampling_compile_arg(parser)
     parser.set_defaults(precision="fp32")  # the original samples in fp32; bf16 is opt-in on every device
     add_transport_args(parser)
+    add_sampling_steps_check(parser)
     return parser.parse_args(argv)
 
 
@@ -68,6 +69,7 @@ from torchvision.utils import save_image
 
 from tinyfusion.atomic_files import atomic_path
 from tinyfusion.checkpoints import build_model
+from tinyfusion.finite import check_finite_output
 from tinyfusion.grids import save_labeled_grid
 from tinyfusion.precision import cast_weights_once, resolve_sampling_precision
 from tinyfusion.sampling import compile_forward, generate, resolve_checkpoint, sample_generator, sampling_process
@@ -119,9 +121,7 @@ def main(args):
         spacing = resolve_timestep_spacing(args.sampler, args.timestep_spacing)
     except ValueError as error:
         raise TinyFusionError(str(error)) from None
-    if args.seed < 0:
-        raise TinyFusionError(f"--seed must be >= 0, got {args.seed}")
-    bad_labels = [label for label in args.class_labels if not 0 <= label < args.num_classes]
+    bad_labels = [label for label in args.class_labels if label >= args.num_classes]
     if bad_labels:
         raise TinyFusionError(f"--class-labels {bad_labels} outside [0, {args.num_classes}); pass labels of the "
                               f"model's classes (or the right --num-classes)")
@@ -146,6 +146,7 @@ def main(args):
                           guide_all_channels=args.guide_all_channels, flow_options=options)
     else:
         images = original_grid(model, diffusion, args.class_labels, args, vae, amp_dtype, device)
+    check_finite_output(images, f"the {len(images)} samples of {args.ckpt or ckpt}")  # NaN would be saved as black
     # normalize to [-1, 1] then *255 + 0.5: the same uint8 values as sample_ddp.py's clamp(127.5 x + 128)
     if args.grid == "labeled":  # one row per class, labelled, gaps, tiny images upscaled
         save_labeled_grid(args.out, to_uint8_nhwc(images.float()).numpy(), args.class_labels)

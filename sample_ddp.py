@@ -23,14 +23,15 @@ import shutil
 import time
 import zipfile
 
-from tinyfusion.cli import (SAMPLING_PRECISION_HELP, add_guidance_args, add_model_args, add_precision_arg,
-                            add_sampler_arg, add_sampling_compile_arg, add_timestep_spacing_arg, add_transport_args,
-                            nonnegative_float, nonnegative_int, positive_int, resolve_timestep_spacing, sampling_steps)
+from tinyfusion.cli import (SAMPLING_PRECISION_HELP, ArgumentParser, add_guidance_args, add_model_args,
+                            add_precision_arg, add_sampler_arg, add_sampling_compile_arg, add_sampling_steps_check,
+                            add_timestep_spacing_arg, add_transport_args, nonnegative_int, positive_int,
+                            resolve_timestep_spacing, sampling_steps, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main, unwritable_message
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     add_model_args(parser)
     parser.add_argument("--sample-dir", type=str, default="samples")
     parser.add_argument("--per-proc-batch-size", type=positive_int, default=32)
@@ -44,7 +45,7 @@ def parse_args(argv=None):
                         help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
     add_sampler_arg(parser)
-    parser.add_argument("--ddim-eta", type=nonnegative_float, default=0.0)
+    parser.add_argument("--ddim-eta", type=unit_interval, default=0.0)
     add_timestep_spacing_arg(parser)
     add_precision_arg(parser, help=SAMPLING_PRECISION_HELP)
     add_sampling_compile_arg(parser)
@@ -58,6 +59,7 @@ def parse_args(argv=None):
                              "for any world size only at a fixed thread count)")
     parser.add_argument("--keep-parts", action="store_true", help="keep the part files after the .npz is written")
     add_transport_args(parser)
+    add_sampling_steps_check(parser)
     return parser.parse_args(argv)
 
 
@@ -68,12 +70,14 @@ if __name__ == "__main__":
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
 from tinyfusion.atomic_files import atomic_path, atomic_write_json
 from tinyfusion.checkpoints import build_model, check_finite_weights, load_state_dict
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
+from tinyfusion.finite import NonFiniteOutput, count_non_finite, non_finite_output_message
 from tinyfusion.precision import cast_weights_once, resolve_sampling_precision
 from tinyfusion.run_lock import lock_folder, release_folder
 from tinyfusion.runlog import MetricsLog, create_logger
@@ -293,8 +297,26 @@ def main(args):
             cleanup_distributed()
             raise TinyFusionError(todo)
         sample_and_assemble(args, ctx, run_dir, final_path, status, todo, sampler, amp_dtype, image_shape, options)
+    except NonFiniteOutput:
+        if ctx.is_main and len(todo) == args.num_fid_samples:  # a fresh run: nothing in its folder is worth keeping
+            shutil.rmtree(run_dir, ignore_errors=True)
+        cleanup_distributed()
+        raise
     finally:
         release_folder(run_dir)
+
+
+def refuse_non_finite_batch(images, ctx, indices):
+    """Every rank stops together (same message, no hang at a barrier) when any rank's batch holds
+    NaN / inf: converted to uint8 it would be stored as black pixels."""
+    bad = torch.tensor([count_non_finite(images) if images is not None else 0], dtype=torch.int64,
+                       device=ctx.device)
+    if ctx.is_distributed:  # one collective per batch on every rank, also one without samples (images None)
+        dist.all_reduce(bad)
+    if bad.item():
+        what = "a batch of samples" + (f" from {indices[0]}" if indices else "") + (
+            " (summed over the ranks)" if ctx.is_distributed else "")
+        raise NonFiniteOutput(non_finite_output_message(bad.item(), what))
 
 
 def build_sampler(args, ckpt, ctx, amp_dtype, options=None):
@@ -341,7 +363,8 @@ def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, sampler, a
     start_time, made = time.time(), 0
     for step in tqdm(steps, desc="sampling batches", disable=not ctx.is_main):
         indices = todo[step + ctx.rank * batch: step + (ctx.rank + 1) * batch]
-        if not indices:
+        if not indices:  # the last global batch may leave this rank without samples: it still joins the check
+            refuse_non_finite_batch(None, ctx, indices)
             continue
         labels = (balanced_labels(indices, args.num_classes) if args.balanced_labels
                   else sample_labels(args.global_seed, indices, args.num_classes))
@@ -349,6 +372,7 @@ def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, sampler, a
         images = generate(model, diffusion, labels, generators, args.cfg_scale, args.sampler, args.ddim_eta, vae,
                           amp_dtype=amp_dtype, pad_to=batch, guide_all_channels=args.guide_all_channels,
                           flow_options=options)
+        refuse_non_finite_batch(images, ctx, indices)
         images = to_uint8_nhwc(images).numpy()
         if args.save_png:  # before the part: a finished part implies its PNGs are complete
             for index, image in zip(indices, images):

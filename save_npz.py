@@ -47,8 +47,13 @@ def read_rgb_pixels(path):
             image.load()  # decode now: a truncated file fails here, not as a half-black image
             if image.mode == "L":  # grayscale: three equal channels, as the ADM reference batches hold
                 image = image.convert("RGB")
+            if image.mode.startswith("I") or image.mode == "F":
+                # 16-bit grey is scaled to 8 bits (round(v * 255 / 65535)) as extract_features.py reads it:
+                # PIL's convert("RGB") would clip every value above 255, i.e. almost every pixel, to white
+                from tinyfusion.image_folder import to_rgb8
+                image = to_rgb8(image, path)
             if image.mode != "RGB":
-                raise ValueError(f"{path} is a {image.mode} image, not RGB; convert the folder to "
+                raise ValueError(f"{path} is a {image.mode} image, not RGB; convert the folder to 8-bit "
                                  f"RGB or grayscale (e.g. Image.open(p).convert('RGB').save(p)) first")
             return np.asarray(image, dtype=np.uint8)
     except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's errors for broken files

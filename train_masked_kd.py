@@ -16,7 +16,7 @@ masked features (transport/distillation.py), with train.py's SiT flags.
 """
 from tinyfusion.cli import (ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg,
                             add_eval_args, add_teacher_precision_arg, add_training_args, add_transport_training_args,
-                            resolve_precision)
+                            nonnegative_float, resolve_precision, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main
 
 
@@ -30,10 +30,10 @@ def build_parser():
     add_transport_training_args(parser)
     parser.add_argument("--teacher", type=str, default="DiT-XL/2")
     parser.add_argument("--load-teacher", type=str, default=None, help="teacher weights (e.g. DiT-XL-2-256x256.pt)")
-    parser.add_argument("--alpha-kd", type=float, default=0.9, help="weight of the output KD term (gt gets 1 - alpha)")
-    parser.add_argument("--beta-feat", type=float, default=1e-2,
+    parser.add_argument("--alpha-kd", type=unit_interval, default=0.9, help="weight of the output KD term (gt gets 1 - alpha)")
+    parser.add_argument("--beta-feat", type=nonnegative_float, default=1e-2,
                         help="weight of the masked feature loss at epoch 0 (linearly to 0 at the last epoch)")
-    parser.add_argument("--mask-sigma", type=float, default=2.0,
+    parser.add_argument("--mask-sigma", type=nonnegative_float, default=2.0,
                         help="keep hidden entries within k std of their mean; 0 disables masking (plain RepKD)")
     parser.add_argument("--kd-layer-map", type=str, default="original",
                         help="original: the original's fixed maps (2i+1 for D14 from 28 and D7 from 14, fixed D19 "

@@ -24,7 +24,8 @@ x_t = alpha_t x1 + sigma_t x0 instead, t uniform on its training interval (or `-
 import argparse
 import os
 
-from tinyfusion.cli import add_model_args, add_transport_training_args
+from tinyfusion.cli import (add_model_args, add_transport_training_args, diffusion_timestep, nonnegative_int,
+                            positive_float, positive_int, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main
 
 
@@ -37,16 +38,16 @@ def parse_args(argv=None):
     parser.add_argument("--no-ema", action="store_true", help="a training checkpoint's 'model', not its 'ema'")
     parser.add_argument("--data-path", type=str, default=None, help="ImageFolder of real images (encoded with --vae)")
     parser.add_argument("--features-path", type=str, default=None, help="or a feature store from extract_features.py")
-    parser.add_argument("--nsamples", type=int, default=128, help="real samples to run")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample subset, timesteps (a SiT: times) and noise")
-    parser.add_argument("--timestep", type=int, default=None,
+    parser.add_argument("--nsamples", type=positive_int, default=128, help="real samples to run")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the sample subset, timesteps (a SiT: times) and noise")
+    parser.add_argument("--timestep", type=diffusion_timestep, default=None,
                         help="a DiT: one timestep in [0, 1000) for all samples (default: uniform)")
-    parser.add_argument("--time", type=float, default=None,
+    parser.add_argument("--time", type=unit_interval, default=None,
                         help="a SiT: one time in [0, 1] for all samples (1 = data; default: uniform on the "
                              "transport's training interval)")
-    parser.add_argument("--mask-sigma", type=float, default=2.0, help="k of the Masked KD mask |h - mu| >= k std")
-    parser.add_argument("--topk", type=int, default=10, help="largest |activations| shown per block")
+    parser.add_argument("--mask-sigma", type=positive_float, default=2.0, help="k of the Masked KD mask |h - mu| >= k std")
+    parser.add_argument("--topk", type=positive_int, default=10, help="largest |activations| shown per block")
     parser.add_argument("--out", type=str, default=None, help="output folder (default: activations/<model>-<ckpt>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the figures of an earlier run in --out")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -218,12 +219,6 @@ def check_args(args):
         raise TinyFusionError(f"--time is a SiT time; {args.model} is a DiT: pass --timestep in [0, 1000)")
     if not args.data_path and not args.features_path:
         raise TinyFusionError("pass --data-path (an ImageFolder, encoded with --vae) or --features-path (a feature store)")
-    if min(args.nsamples, args.batch_size, args.topk) <= 0 or args.mask_sigma <= 0 or args.seed < 0:
-        raise TinyFusionError("--nsamples, --batch-size, --topk and --mask-sigma must be positive, --seed >= 0")
-    if args.timestep is not None and not 0 <= args.timestep < 1000:
-        raise TinyFusionError(f"--timestep must lie in [0, 1000), got {args.timestep}")
-    if args.time is not None and not 0 <= args.time <= 1:
-        raise TinyFusionError(f"--time must lie in [0, 1], got {args.time}")
     if os.path.exists(os.path.join(args.out, "activations.json")) and not args.overwrite:
         raise TinyFusionError(f"{args.out} already holds activations.json; pass --overwrite or another --out")
     return transport

@@ -1,8 +1,8 @@
 """The one training loop (tinyfusion/loop.py) through train.py: the default lr schedule is torch's
 CosineAnnealingLR step for step (also across --resume), a resume applies and logs changed
 settings, metrics.jsonl holds every step once after a resume, a diverged run writes no
-checkpoint and names the last good one, the original train.py's checkpoints resume, and bad
-input under torchrun is one line printed once (slow)."""
+checkpoint of exploded weights (tests/test_advice.py: which one it recommends), the original
+train.py's checkpoints resume, and bad input under torchrun is one line printed once (slow)."""
 import argparse
 import json
 import math
@@ -96,21 +96,16 @@ def test_resume_applies_changed_settings_and_logs_each(workspace, finished_run, 
     assert final["loop"]["lr"] == 1e-3 and final["loop"]["ema_decay"] == 0.5
 
 
-def test_a_diverged_run_writes_no_checkpoint_and_names_the_last_good_one(workspace, tmp_path):
+def test_a_diverged_run_writes_no_checkpoint_of_exploded_weights(workspace, tmp_path):
     with pytest.raises(TinyFusionError, match="non-finite losses in a row") as error:
         run_train(workspace, tmp_path, "--max-steps", "10", "--ckpt-every", "1", "--log-every", "1",
                   "--lr", "1e6", "--lr-schedule", "constant", "--max-skipped-in-a-row", "3")
-    run_dir = tmp_path / RUN
-    written = sorted(os.listdir(run_dir / "checkpoints"))
-    assert written, "the first step (finite loss) must have been checkpointed"
-    last_good = str(run_dir / "checkpoints" / written[-1])
-    assert f"resume from {last_good}" in str(error.value) and os.path.isfile(last_good)
-    skipped = [r["step"] for r in metrics(run_dir) if r["skipped_in_window"]]
-    assert skipped and all(int(name[:7]) < skipped[0] for name in written)  # nothing written once skipping began
-    for name in written:
-        checkpoint = load_checkpoint_file(str(run_dir / "checkpoints" / name))
-        assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
-        assert all(torch.isfinite(v).all() for v in checkpoint["ema"].values() if v.is_floating_point())
+    # the first step's loss is finite, but its update (lr 1e6) moves the weights to about 1e6: no
+    # trained model has them, so that checkpoint is postponed, and never written once steps are
+    # skipped; a run that fails before its first checkpoint leaves no folder
+    assert not (tmp_path / RUN).exists()
+    assert str(error.value).endswith("no healthy checkpoint was written; start again with a lower --lr or "
+                                     "--precision bf16/fp32")
 
 
 def original_checkpoint(path, steps=2):

@@ -272,9 +272,10 @@ def test_family_mismatch_and_sampler_errors_are_one_line(tmp_path, monkeypatch):
                 "args": argparse.Namespace(model="DiT-XS/4")}, training)
     with pytest.raises(TinyFusionError, match="holds DiT weights"):
         build_model("SiT-XS/4", 8, 10, "none", families=BOTH, ckpt=training)
-    plain = str(tmp_path / "plain.pt")  # nothing says which family: loads
+    plain = str(tmp_path / "plain.pt")  # no metadata, args or name: its trained sigma half says DiT
     torch.save(dit_model.state_dict(), plain)
-    assert type(build_model("SiT-XS/4", 8, 10, "none", families=BOTH, ckpt=plain, depth=2)[0]) is SiT
+    with pytest.raises(TinyFusionError, match="holds DiT weights \\(the sigma half of its final layer is trained"):
+        build_model("SiT-XS/4", 8, 10, "none", families=BOTH, ckpt=plain, depth=2)
     no_sigma = str(tmp_path / "no-sigma.pt")  # p*p*C outputs (SiT trained with learn_sigma=False)
     torch.save(SiT_models["SiT-XS/4"](input_size=8, in_channels=3, num_classes=10, depth=2, learn_sigma=False)
                .state_dict(), no_sigma)

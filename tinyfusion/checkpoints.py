@@ -14,7 +14,9 @@ metadata (source model, kept indices, method, groups, ...) rides in the state di
 Every checkpoint we write carries a CRC32 of all its tensors (and plain values) in the
 `_metadata` of its top-level dict; loading recomputes it, so a file with flipped bytes is an
 error naming the file instead of a model with weights of 1e37. Files without it (the official
-DiT weights) are only checked for non-finite weights, which every loaded model is.
+DiT weights) are checked, as every loaded model is, for non-finite weights and for weights above
+MAX_TRAINED_WEIGHT (tinyfusion/finite.py), which no trained model has; no checkpoint holding
+either is ever written.
 """
 import argparse
 import glob
@@ -29,6 +31,7 @@ import torch
 from tinyfusion.atomic_files import atomic_path
 from tinyfusion.downloads import missing_checkpoint_message, resolve_released
 from tinyfusion.errors import TinyFusionError
+from tinyfusion.finite import MAX_TRAINED_WEIGHT, weights_problem  # noqa: F401 (MAX_TRAINED_WEIGHT: re-exported)
 from tinyfusion.path_hints import did_you_mean
 
 METADATA_KEY = "__tinyfusion__"
@@ -126,14 +129,11 @@ def verify_checksum(obj, path):
 
 
 def check_finite_weights(state_dict, source):
-    """Refuse weights holding NaN or inf (a diverged run, a damaged file): they would sample
-    black or constant images with exit code 0."""
-    for key, value in state_dict.items():
-        if torch.is_tensor(value) and value.is_floating_point() and value.numel():
-            if not torch.isfinite(value.sum()) and not bool(torch.isfinite(value).all()):
-                bad = int((~torch.isfinite(value)).sum())
-                raise TinyFusionError(f"checkpoint {source} holds non-finite weights ({bad} NaN/inf values in "
-                                      f"{key}); it is damaged or comes from a diverged run")
+    """Refuse weights holding NaN or inf (a diverged run, a damaged file) or larger than any trained
+    model has (tinyfusion/finite.py): they would sample black or constant images with exit code 0."""
+    problem = weights_problem(state_dict)
+    if problem:
+        raise TinyFusionError(f"checkpoint {source} holds {problem}; it is damaged or comes from a diverged run")
 
 
 def read_metadata(obj):
@@ -290,18 +290,48 @@ def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_pat
 
 
 def family_checked_kwargs(obj, metadata, state_dict, ckpt, model_name, flag):
-    """Refuses a DiT checkpoint for a SiT model and the reverse; a SiT state dict without the
-    unused sigma half (p*p*C outputs) gets learn_sigma=False. Returns extra model kwargs."""
+    """Refuses a DiT checkpoint for a SiT model and the reverse (told by our metadata, training
+    args, the released file name, else the weights: family_from_weights); a SiT state dict without
+    the unused sigma half (p*p*C outputs) gets learn_sigma=False. Returns extra model kwargs."""
     from models import SiT_models
-    from tinyfusion.errors import TinyFusionError
     wanted = "SiT" if model_name in SiT_models else "DiT"
-    family = checkpoint_model_family(obj, metadata, ckpt)
+    family, reason = checkpoint_model_family(obj, metadata, ckpt), None
+    if family is None:
+        family, reason = family_from_weights(state_dict)
+    twin = f"{'SiT' if wanted == 'DiT' else 'DiT'}-{model_name[4:]}"
     if family is not None and family != wanted:
-        twin = f"{family}-{model_name[4:]}"
-        raise TinyFusionError(f"checkpoint {ckpt} holds {family} weights but {flag} {model_name} is a {wanted}; "
-                              f"pass {flag} {twin} (and the matching sampler)")
+        raise TinyFusionError(f"checkpoint {ckpt} holds {family} weights{f' ({reason})' if reason else ''} but {flag} "
+                              f"{model_name} is a {wanted}; pass {flag} {twin} (and the matching sampler)")
+    if family is None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {ckpt} does not say whether it holds DiT or SiT weights (a plain state dict with an untrained "
+              f"final layer); loaded as a {wanted} ({flag} {model_name}); if it is a {twin[:3]}, pass {flag} {twin}")
     arch = infer_architecture(state_dict) if wanted == "SiT" else None
     return {"learn_sigma": False} if arch and arch["learn_sigma"] is False else {}
+
+
+def family_from_weights(state_dict):
+    """("DiT" | "SiT", why) from a state dict's final layer, or (None, None) when it cannot tell.
+    Both families keep p*p*2C outputs (channel fastest), but only DiT's diffusion loss trains the
+    sigma half (channels C..2C-1): a SiT drops it, so its rows stay exactly at their zero
+    initialisation while the mean half trains. A final layer of p*p*C outputs is a SiT built
+    without the sigma half. An untrained final layer (all zero) fits both."""
+    weight, bias = state_dict.get("final_layer.linear.weight"), state_dict.get("final_layer.linear.bias")
+    proj = state_dict.get("x_embedder.proj.weight")
+    if weight is None or bias is None or proj is None or proj.dim() != 4:
+        return None, None
+    channels, patch_area = proj.shape[1], proj.shape[2] * proj.shape[3]
+    out_channels = weight.shape[0] // patch_area
+    if out_channels == channels:
+        return "SiT", "its final layer has no sigma half, which only a SiT is built without"
+    if out_channels != 2 * channels:
+        return None, None
+    rows = torch.cat([weight.reshape(patch_area, out_channels, -1), bias.reshape(patch_area, out_channels, 1)], 2)
+    if bool(rows[:, channels:].any()):
+        return "DiT", "the sigma half of its final layer is trained, which only a DiT's diffusion loss does"
+    if bool(rows[:, :channels].any()):
+        return "SiT", ("the sigma half of its final layer is exactly zero while the rest is trained: a SiT never "
+                       "trains it")
+    return None, None
 
 
 # ----------------------------------------------------------------------- writing
@@ -314,10 +344,23 @@ def with_metadata(state_dict, metadata):
     return tagged
 
 
+def model_weights_of(obj):
+    """The state dicts of model weights inside a checkpoint object: a training checkpoint's
+    `model` and `ema`, else the object itself (a plain state dict); not the optimizer state."""
+    if "model" in obj or "ema" in obj:
+        return [obj[key] for key in ("model", "ema") if isinstance(obj.get(key), dict)]
+    return [obj]
+
+
 def save_checkpoint(obj, path, overwrite=True):
     """torch.save through a temp file + rename: a crash never leaves a truncated checkpoint. A
-    dict gets a checksum of its tensors (verified by load_checkpoint_file)."""
+    dict gets a checksum of its tensors (verified by load_checkpoint_file); model weights that are
+    non-finite or above MAX_TRAINED_WEIGHT are refused (nothing is written)."""
     if isinstance(obj, dict):
+        for part in model_weights_of(obj):
+            problem = weights_problem(part)
+            if problem:
+                raise TinyFusionError(f"refusing to write {path}: it would hold {problem}")
         obj = with_checksum(obj)
     with atomic_path(path, overwrite=overwrite) as tmp:
         torch.save(obj, tmp)

@@ -37,7 +37,25 @@ SIT_LAST_STEPS = ("Mean", "Tweedie", "Euler", None)  # transport.samplers.LAST_S
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are printed once under torchrun (by rank 0): every rank parses
-    the same command line, and eight copies of one message bury it."""
+    the same command line, and eight copies of one message bury it. Rules that relate several flags
+    (--min-lr <= --lr, ...) are registered with `add_check(fn)`: fn(args) returns an error message
+    or None, and runs as part of parsing, so a bad combination stops the script like a bad value."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checks = []
+
+    def add_check(self, check):
+        self.checks.append(check)
+        return check
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        for check in self.checks:
+            message = check(parsed)
+            if message:
+                self.error(message)
+        return parsed, extras
 
     def error(self, message):
         if int(os.environ.get("RANK", "0")) == 0:
@@ -59,6 +77,9 @@ def parse_groups(text):
     except (ValueError, SyntaxError, TypeError):
         raise argparse.ArgumentTypeError(f"--groups must be a list of [keep, of] pairs such as "
                                          f"\"[[1,2],[2,4]]\", got {text!r}") from None
+    if not groups or not all(1 <= keep <= of for keep, of in groups):
+        raise argparse.ArgumentTypeError(f"--groups: each [keep, of] pair keeps 1 to `of` blocks of its group, "
+                                         f"got {text!r}")
     return [list(group) for group in groups]
 
 
@@ -115,15 +136,46 @@ def unit_interval(text):
     return value
 
 
+def time_margin(text):
+    """A number in [0, 0.5): SiT's --train-eps / --sample-eps / --last-step-size, cut off an end of
+    the time interval [0, 1]."""
+    value = _number(text, float)
+    if not 0 <= value < 0.5:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 0.5), got {value}")
+    return value
+
+
 DIFFUSION_STEPS = 1000  # the training diffusion's steps: sampling can respace to at most these
 
 
-def sampling_steps(text):
-    """--num-sampling-steps: 1 .. 1000 (the respaced sampler picks that many of the 1000 training steps)."""
-    value = positive_int(text)
-    if value > DIFFUSION_STEPS:
-        raise argparse.ArgumentTypeError(f"must be at most the diffusion's {DIFFUSION_STEPS} steps, got {value}")
+def diffusion_timestep(text):
+    """One timestep of the training diffusion: 0 .. 999."""
+    value = _number(text, int)
+    if not 0 <= value < DIFFUSION_STEPS:
+        raise argparse.ArgumentTypeError(f"must be a timestep in [0, {DIFFUSION_STEPS}), got {value}")
     return value
+
+
+def sampling_steps(text):
+    """--num-sampling-steps: any positive count. A DiT's respaced sampler picks that many of the 1000
+    training steps, so a DiT takes at most 1000 (add_sampling_steps_check); a SiT's ODE / SDE grid
+    has no such limit."""
+    return positive_int(text)
+
+
+def add_sampling_steps_check(parser):
+    """--num-sampling-steps <= 1000 for a DiT (--model DiT-...); a SiT's time grid takes any count."""
+    def check(args):
+        if not str(args.model).startswith("SiT-") and args.num_sampling_steps > DIFFUSION_STEPS:
+            return (f"argument --num-sampling-steps: must be at most the diffusion's {DIFFUSION_STEPS} steps for a "
+                    f"DiT, got {args.num_sampling_steps} (a SiT's --sampler ode / sde takes any number)")
+        return None
+    return parser.add_check(check)
+
+
+# marks the validated numeric `type=` functions (tests/test_flag_table.py finds every flag using one)
+NUMERIC_TYPES = (positive_int, nonnegative_int, positive_float, nonnegative_float, unit_interval, time_margin,
+                 diffusion_timestep, sampling_steps)
 
 
 def add_sampler_arg(parser):
@@ -170,6 +222,8 @@ def parse_index_list(text):
             raise ValueError
     except (ValueError, SyntaxError, TypeError):
         raise argparse.ArgumentTypeError(f"expected a list of block indices such as \"[0, 2, 4]\", got {text!r}") from None
+    if any(v < 0 for v in value):
+        raise argparse.ArgumentTypeError(f"block indices count from 0, got {text!r}")
     return list(value)
 
 
@@ -177,9 +231,9 @@ def add_model_args(parser, default_model="DiT-XL/2"):
     """--model, --image-size, --num-classes, --vae, --vae-path, --groups."""
     parser.add_argument("--model", type=str, default=default_model,
                         help=f"one of: {', '.join(MODEL_NAMES)}")
-    parser.add_argument("--image-size", type=int, default=256,
+    parser.add_argument("--image-size", type=positive_int, default=256,
                         help="256 or 512 for the SD-VAE; any size with --vae none (pixel space)")
-    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--num-classes", type=positive_int, default=1000)
     parser.add_argument("--vae", type=str, default="ema",
                         help="ema | mse (SD-VAE from the hub or --vae-path), none (pixel space), or a local folder")
     parser.add_argument("--vae-path", type=str, default=None,
@@ -285,7 +339,16 @@ def add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4, min_lr
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     add_tracker_args(parser)
+    parser.add_check(check_min_lr)
     return parser
+
+
+def check_min_lr(args):
+    """The cosine schedule goes from --lr down to --min-lr: a larger --min-lr would raise the lr."""
+    if args.lr_schedule == "cosine" and args.min_lr > args.lr:
+        return (f"argument --min-lr: {args.min_lr:g} is above --lr {args.lr:g}, so the cosine schedule would raise "
+                f"the lr; pass --min-lr <= --lr (or --lr-schedule constant)")
+    return None
 
 
 def add_eval_args(parser):
@@ -305,7 +368,15 @@ def add_eval_args(parser):
     group.add_argument("--eval-cfg-scale", type=nonnegative_float, default=1.5)
     group.add_argument("--eval-seed", type=nonnegative_int, default=0, help="sample i from seeds (this, i)")
     group.add_argument("--eval-batch-size", type=positive_int, default=50)
+    parser.add_check(check_eval_steps)
     return parser
+
+
+def check_eval_steps(args):
+    """--eval-steps picks DiT timesteps (its samplers are DiT's): at most the diffusion's 1000."""
+    if args.eval_steps > DIFFUSION_STEPS:
+        return f"argument --eval-steps: must be at most the diffusion's {DIFFUSION_STEPS} steps, got {args.eval_steps}"
+    return None
 
 
 def add_tracker_args(parser):
@@ -339,8 +410,8 @@ def add_interpolant_args(group):
     """The interpolant flags of SiT's train.py and sample.py (defaults: Linear, velocity, SiT's eps)."""
     group.add_argument("--path-type", default="Linear", choices=SIT_PATHS, help="the interpolant the SiT is trained on")
     group.add_argument("--prediction", default="velocity", choices=SIT_PREDICTIONS, help="what the SiT outputs")
-    group.add_argument("--sample-eps", type=float, default=None, help="default: SiT's for the path and prediction")
-    group.add_argument("--train-eps", type=float, default=None, help="default: SiT's for the path and prediction")
+    group.add_argument("--sample-eps", type=time_margin, default=None, help="default: SiT's for the path and prediction")
+    group.add_argument("--train-eps", type=time_margin, default=None, help="default: SiT's for the path and prediction")
 
 
 def add_transport_training_args(parser):
@@ -359,9 +430,9 @@ def add_transport_args(parser):
     add_interpolant_args(group)
     group.add_argument("--sampling-method", default=None,
                        help="ODE: dopri5 (default; torchdiffeq), euler, heun2; SDE: Euler (default), Heun")
-    group.add_argument("--atol", type=float, default=1e-6, help="ODE absolute tolerance (adaptive solvers)")
-    group.add_argument("--rtol", type=float, default=1e-3, help="ODE relative tolerance (adaptive solvers)")
+    group.add_argument("--atol", type=positive_float, default=1e-6, help="ODE absolute tolerance (adaptive solvers)")
+    group.add_argument("--rtol", type=positive_float, default=1e-3, help="ODE relative tolerance (adaptive solvers)")
     group.add_argument("--diffusion-form", default="sigma", choices=SIT_DIFFUSION_FORMS, help="SDE diffusion D(t)")
-    group.add_argument("--diffusion-norm", type=float, default=1.0)
+    group.add_argument("--diffusion-norm", type=nonnegative_float, default=1.0)
     group.add_argument("--last-step", type=none_or_str, default="Mean", choices=SIT_LAST_STEPS)
-    group.add_argument("--last-step-size", type=float, default=0.04)
+    group.add_argument("--last-step-size", type=time_margin, default=0.04)

@@ -4,10 +4,15 @@ wrapped in DDP, clipping, the non-finite guard, and the optimizer / EMA update.
 A skipped (non-finite) step still consumes its batch and advances train_steps and the lr
 schedule, so the step count and the data position stay in lock-step.
 """
+import math
+import statistics
+from collections import deque
+
 import torch
 import torch.distributed as dist
 
 from tinyfusion.errors import TinyFusionError
+from tinyfusion.finite import MAX_TRAINED_WEIGHT
 
 
 def all_reduce_gradients(parameters, ctx, bucket_bytes=25 * 2 ** 20):
@@ -53,38 +58,74 @@ def clip_grad_norm(parameters, max_norm):
     return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
+HEALTHY_LOSS_FACTOR = 10.0  # a loss above 10x the run's median is an explosion, not batch-to-batch noise
+HEALTHY_RULE = (f"the last healthy checkpoint: weights finite and within |w| <= {MAX_TRAINED_WEIGHT:.0e}, and the loss "
+                f"of the step after it, the first computed with its weights, finite and at most "
+                f"{HEALTHY_LOSS_FACTOR:g}x the run's median loss")
+
+
 class NonFiniteGuard:
     """Counts steps skipped for a NaN/inf loss or gradient. `ok = guard.check(finite, step)`
     returns whether to take the step; after `max_in_a_row` consecutive bad steps it raises a
     one-line TinyFusionError (the run diverged; continuing would only burn compute) naming
-    `last_good_checkpoint`, the newest checkpoint written from a healthy state."""
+    `last_good_checkpoint`, the newest healthy checkpoint (HEALTHY_RULE).
 
-    def __init__(self, max_in_a_row=20, skipped_total=0, last_good_checkpoint=None):
+    A checkpoint's weights are judged by the loss of the NEXT step (the loss logged at its own
+    step was computed before its update): `checkpoint_saved(path)` makes it a candidate and
+    `judge_loss(loss)` of the following step promotes or drops it. The reference median covers
+    only accepted losses (the last `window`), so an explosion never raises its own bar."""
+
+    def __init__(self, max_in_a_row=20, skipped_total=0, last_good_checkpoint=None, window=1000):
         self.max_in_a_row = max_in_a_row
         self.skipped_total = skipped_total
         self.in_a_row = 0
+        self.finite_steps = 0  # steps of this process with a finite loss and gradient
         self.last_good_checkpoint = last_good_checkpoint
+        self.candidate = None
+        self.accepted_losses = deque(maxlen=window)
+
+    def checkpoint_saved(self, path):
+        self.candidate = path
+
+    def judge_loss(self, loss):
+        """Record the loss of a step (NaN for a skipped one); True when it counts as healthy."""
+        healthy = math.isfinite(loss) and (not self.accepted_losses or
+                                           loss <= HEALTHY_LOSS_FACTOR * statistics.median(self.accepted_losses))
+        if healthy:
+            self.accepted_losses.append(loss)
+        if self.candidate is not None:
+            if healthy:
+                self.last_good_checkpoint = self.candidate
+            self.candidate = None
+        return healthy
 
     def advice(self):
         if self.last_good_checkpoint:
-            return f"resume from {self.last_good_checkpoint} (the last checkpoint of finite weights) with a lower --lr"
-        return "no checkpoint was written before; start again with a lower --lr"
+            return (f"resume from {self.last_good_checkpoint} ({HEALTHY_RULE}) with a lower --lr or "
+                    f"--precision bf16/fp32")
+        if not self.finite_steps:
+            return ("not one step of this run had a finite loss, so the learning rate is not the cause: the weights "
+                    "it started from (--load-weight, --resume, a teacher's --load-teacher) or its data are broken; "
+                    "check those files")
+        return "no healthy checkpoint was written; start again with a lower --lr or --precision bf16/fp32"
 
     def check(self, finite, step):
         if finite:
             self.in_a_row = 0
+            self.finite_steps += 1
             return True
         self.skipped_total += 1
         self.in_a_row += 1
         if self.in_a_row >= self.max_in_a_row:
             raise TinyFusionError(f"{self.in_a_row} non-finite losses in a row at step {step} (the run diverged); "
-                                  f"{self.advice()} or --precision bf16/fp32")
+                                  f"{self.advice()}")
         return False
 
 
-def all_finite(tensors):
-    """True when no entry of any tensor is NaN or inf."""
-    return all(bool(torch.isfinite(t.detach()).all()) for t in tensors)
+def largest_magnitude(tensors):
+    """max |x| over all tensors (NaN when any entry is NaN; 0.0 for none)."""
+    return max((float(t.detach().abs().amax()) for t in tensors if t.numel()), default=0.0,
+               key=lambda value: float("inf") if value != value else value)
 
 
 def step_unless_nonfinite(stats, trainable, optimizer, scaler, ema, guard, step, ctx, grad_clip):

@@ -8,11 +8,14 @@ AdamW, the lr schedule, EMA, the non-finite guard, resume, checkpoint cadence an
 
 Determinism: with the same world size on CPU, a run interrupted after any checkpoint and
 resumed with `--resume auto` ends with bit-identical weights to an uninterrupted run.
-No checkpoint is written from a diverged state (non-finite weights or EMA, or while steps are
-being skipped): it is postponed to the next healthy step, and a run that ends diverged stops
-with an error naming the last good checkpoint.
+No checkpoint is written from a diverged state (non-finite weights or EMA, weights above
+MAX_TRAINED_WEIGHT, or while steps are being skipped): it is postponed to the next healthy step,
+and a run that ends diverged stops with an error naming the last healthy checkpoint
+(gradients.HEALTHY_RULE: the next step's loss, computed with its weights, was finite and at most
+10x the run's median), or saying that the inputs are broken when no step ever had a finite loss.
 """
 import logging
+import math
 import os
 import shutil
 import time
@@ -25,7 +28,8 @@ from tinyfusion.cli import autocast, resolve_precision
 from tinyfusion.checkpoints import with_metadata
 from tinyfusion.ema import ParameterEMA
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.gradients import NonFiniteGuard, all_finite, all_reduce_gradients, step_unless_nonfinite
+from tinyfusion.finite import MAX_TRAINED_WEIGHT
+from tinyfusion.gradients import NonFiniteGuard, all_reduce_gradients, largest_magnitude, step_unless_nonfinite
 from tinyfusion.resume import restore_loop_state, save_training_checkpoint
 from tinyfusion.runlog import checkpoint_path, latest_checkpoint
 from tinyfusion.schedules import make_lr_scheduler, total_training_steps
@@ -255,6 +259,7 @@ class TrainingLoop:
         stats, self.grad_norm, stepped = step_unless_nonfinite(
             stats, self.trainable, self.optimizer, self.scaler, self.ema, self.guard, self.train_steps + 1, self.ctx,
             self.grad_clip)
+        self.guard.judge_loss(float(stats[names.index("loss")]) if stepped else float("nan"))
         if stepped:
             for name, value in zip(names, stats.cpu().tolist()):
                 self.window[name] = self.window.get(name, 0.0) + value
@@ -299,10 +304,12 @@ class TrainingLoop:
         """Why the current state must not be checkpointed, or None."""
         if self.guard.in_a_row:
             return f"the last {self.guard.in_a_row} step(s) were skipped for non-finite losses"
-        if not all_finite(self.trainable):
-            return "the weights are not finite"
-        if not all_finite(self.ema.shadows):
-            return "the EMA weights are not finite"
+        for label, tensors in (("weights", self.trainable), ("EMA weights", self.ema.shadows)):
+            largest = largest_magnitude(tensors)
+            if not math.isfinite(largest):
+                return f"the {label} are not finite"
+            if largest > MAX_TRAINED_WEIGHT:  # no trained model has them; save_checkpoint would refuse them
+                return f"the {label} reach |w| = {largest:.4g}, above {MAX_TRAINED_WEIGHT:.0e}"
         return None
 
     def _save(self, batches_done, final=False):
@@ -326,7 +333,7 @@ class TrainingLoop:
             run_args=self.run_args, loop_settings=self.settings(), scaler=self.scaler, extra=extra)
         self.logger.info(f"saved checkpoint {path}")
         self.last_saved, self.save_pending = self.train_steps, False
-        self.guard.last_good_checkpoint = path
+        self.guard.checkpoint_saved(path)  # healthy once the next step's loss says so (HEALTHY_RULE)
 
     # ------------------------------------------------------------------ the loop
     def run(self):

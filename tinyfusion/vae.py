@@ -6,6 +6,7 @@ import os
 
 import torch
 from tinyfusion.errors import TinyFusionError
+from tinyfusion.finite import check_finite_output
 
 LATENT_SCALE = 0.18215  # SD-VAE latent scale factor used by DiT and TinyFusion
 HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -162,9 +163,11 @@ def decode(vae, latents):
     return vae.decode(latents / LATENT_SCALE).sample
 
 
-def to_uint8_nhwc(images):
+def to_uint8_nhwc(images, what="the samples"):
     """[-1, 1] float NCHW -> uint8 NHWC exactly as the original sample_ddp.py
-    (clamp(127.5 * x + 128, 0, 255)); a single channel is repeated to RGB."""
+    (clamp(127.5 * x + 128, 0, 255)); a single channel is repeated to RGB. NaN / inf is refused
+    (a TinyFusionError naming `what`): it would become pixel 0."""
+    check_finite_output(images, what)
     if images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)
     return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
