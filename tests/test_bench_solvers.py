@@ -26,12 +26,15 @@ def test_settings_parse_and_bad_ones_are_refused():
 
 
 def test_table_statistics_and_equal_quality_by_hand():
-    records = (records_of("teacher", "ddpm", 250, [10, 11, 12], 5.0)       # mean 11, seed std 1: the spread
-               + records_of("teacher", "ddpm", 50, [20, 21, 22], 25.0)     # outside: no ddpm row qualifies but 250
-               + records_of("teacher", "dpm-solver++", 10, [14, 15, 16], 125.0)  # mean 15: outside
-               + records_of("teacher", "dpm-solver++", 15, [11.5, 12, 12.5], 83.0)  # mean 12: |12 - 11| <= 1, chosen
-               + records_of("teacher", "dpm-solver++", 25, [11, 11, 11], 50.0)      # inside too, but more NFE
-               + records_of("teacher", "unipc", 10, [15, 16, 17], 125.0))          # never inside
+    records = (records_of("teacher", "ddpm", 250, [10, 11, 12], 5.0)       # mean 11, seed std 1: FID <= 12
+               + records_of("teacher", "ddpm", 50, [20, 21, 22], 25.0)     # above: no ddpm row qualifies but 250
+               + records_of("teacher", "dpm-solver++", 10, [14, 15, 16], 125.0)  # mean 15: above 12
+               + records_of("teacher", "dpm-solver++", 15, [11.5, 12, 12.5], 83.0)  # mean 12 <= 12: chosen
+               + records_of("teacher", "dpm-solver++", 25, [11, 11, 11], 50.0)      # good too, but more NFE
+               + records_of("teacher", "unipc", 10, [15, 16, 17], 125.0)           # never good enough
+               + records_of("teacher", "ddim", 10, [5, 6, 7], 125.0)    # better FID than DDPM 250 counts ...
+               + [dict(r, accuracy=r["accuracy"] - 0.05) for r in       # ... unless accuracy falls below
+                  records_of("teacher", "ddim", 5, [4, 5, 6], 250.0)])  # 0.81 - 0.01 (0.76 here): refused
     rows = bench_solvers.summarize(records)
     row = next(r for r in rows if (r["sampler"], r["steps"]) == ("dpm-solver++", 15))
     assert row["fid"]["mean"] == pytest.approx(12.0) and row["fid"]["std"] == pytest.approx(0.5)
@@ -43,6 +46,7 @@ def test_table_statistics_and_equal_quality_by_hand():
     assert row["accuracy"]["mean"] == pytest.approx(0.81)
     chosen = bench_solvers.equal_quality(rows)["teacher"]
     assert chosen["dpm-solver++"]["nfe"] == 15 and chosen["unipc"] is None and chosen["ddpm"]["nfe"] == 250
+    assert chosen["ddim"]["nfe"] == 10
     table = bench_solvers.markdown(rows, {"teacher": chosen})
     assert "| teacher | dpm-solver++ | 15 | 12.00 | 83.00 | 16.60x |" in table  # 83 / 5 images/s
     assert "| teacher | unipc | none reaches it | | | |" in table
@@ -85,3 +89,16 @@ def test_bench_solvers_end_to_end_on_tiny_inputs(tmp_path):
     assert len(npz_times) == 12
     again = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and {p: os.path.getmtime(p) for p in npz_times} == npz_times
+
+
+def test_the_solvers_page_holds_the_table_of_its_json():
+    """docs/solvers.md's table is bench_solvers.markdown of the rows kept in bench/solvers.json, with
+    the equal-quality choice recomputed by today's rule (regenerate: python bench/bench_solvers.py
+    --run quickstart-run --write docs/solvers.md, then copy quickstart-run/solvers/solvers.json)."""
+    from bench.report import replace_generated
+    with open(os.path.join(ROOT, "bench", "solvers.json")) as f:
+        rows = json.load(f)["rows"]
+    table = bench_solvers.markdown(rows, bench_solvers.equal_quality(rows)).rstrip("\n")
+    with open(os.path.join(ROOT, "docs", "solvers.md")) as f:
+        page = f.read()
+    assert replace_generated(page, table) == page
