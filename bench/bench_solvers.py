@@ -242,12 +242,8 @@ def main(args):
     plot(rows, os.path.join(args.out, "solvers.png"))
     print(table + f"\nwritten: {args.out}/solvers.md, solvers.json, solvers.png")
     if args.write:  # the docs page's table: generated, never typed (tests/test_bench_solvers.py)
-        from bench.report import replace_generated
-        with open(args.write) as f:
-            page = replace_generated(f.read(), table.rstrip("\n"))
-        with open(args.write + ".tmp", "w") as f:
-            f.write(page)
-        os.replace(args.write + ".tmp", args.write)
+        from bench.report import write_generated
+        write_generated(args.write, table.rstrip("\n"))
         print(f"replaced the table of {args.write}")
     return rows, chosen
 

@@ -125,17 +125,22 @@ def replace_generated(page, table):
     return page[:start + len(BEGIN)] + "\n" + table + "\n" + page[end:]
 
 
+def write_generated(path, table):
+    """Replace the generated section of the page at `path` with `table` (atomically)."""
+    with open(path) as handle:
+        page = replace_generated(handle.read(), table)
+    with open(path + ".tmp", "w") as handle:
+        handle.write(page)
+    os.replace(path + ".tmp", path)
+
+
 def main(args):
     with open(args.results) as handle:
         table = render(json.load(handle))
     if args.write is None:
         print(table)
         return
-    with open(args.write) as handle:
-        page = replace_generated(handle.read(), table)
-    with open(args.write + ".tmp", "w") as handle:
-        handle.write(page)
-    os.replace(args.write + ".tmp", args.write)
+    write_generated(args.write, table)
 
 
 if __name__ == "__main__":
