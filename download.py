@@ -15,8 +15,8 @@ In Python, as in the original:
 """
 import argparse
 
-from tinyfusion.cli import positive_float
-from tinyfusion.downloads import (DEFAULT_NAMES, DEFAULT_TIMEOUT, DOWNLOAD_FOLDER, RELEASED, SEARCH_FOLDERS, download,
+from tinyfusion.flags import positive_float
+from tinyfusion.io.downloads import (DEFAULT_NAMES, DEFAULT_TIMEOUT, DOWNLOAD_FOLDER, RELEASED, SEARCH_FOLDERS, download,
                                   find_local, resolve_released)
 from tinyfusion.errors import TinyFusionError, run_main
 
@@ -26,7 +26,7 @@ pretrained_models = set(DEFAULT_NAMES)  # the original's name for the released f
 def find_model(name_or_path, no_ema=False):
     """The state dict of a released file name (found locally or downloaded) or of a checkpoint
     path: a training checkpoint gives its `ema` weights unless no_ema, then `model`."""
-    from tinyfusion.checkpoints import load_state_dict
+    from tinyfusion.io.checkpoints import load_state_dict
     state_dict, _ = load_state_dict(resolve_released(name_or_path), use_ema=not no_ema)
     return state_dict
 

@@ -18,7 +18,7 @@ import os
 import re
 
 import numpy as np
-from tinyfusion.cli import positive_int
+from tinyfusion.flags import positive_int
 from tinyfusion.errors import TinyFusionError, run_main
 
 
@@ -108,7 +108,7 @@ def draw_series(steps, kept, alpha, depth, out_paths, title=None, overwrite=Fals
     import matplotlib.pyplot as plt
     from matplotlib import colormaps
 
-    from tinyfusion.atomic_files import atomic_path
+    from tinyfusion.io.atomic_files import atomic_path
     slots = kept.shape[1]
     # distinct saturated colours (tab20's pale halves would read as low confidence)
     colors = colormaps["tab10"](np.arange(slots)) if slots <= 10 else colormaps["turbo"](np.linspace(0.05, 0.95, slots))
@@ -152,7 +152,7 @@ def main(args):
 
 
 def draw_jsonl_log(log, out, title, overwrite):
-    from tinyfusion.runlog import read_metrics
+    from tinyfusion.io.run_folder import read_metrics
     path = os.path.join(log, "metrics.jsonl") if os.path.isdir(log) else log
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist; pass the metrics.jsonl of a prune_by_learning.py run (or its folder)")

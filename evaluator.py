@@ -31,7 +31,7 @@ import warnings
 import zipfile
 from contextlib import contextmanager
 
-from tinyfusion.cli import positive_int
+from tinyfusion.flags import positive_int
 from tinyfusion.errors import TinyFusionError, run_main
 
 INCEPTION_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb"
@@ -79,9 +79,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tinyfusion import metrics
-from tinyfusion.atomic_files import atomic_path, atomic_write_json
-from tinyfusion.downloads import file_sha256, resolve_released
+from tinyfusion.evaluation import metrics
+from tinyfusion.io.atomic_files import atomic_path, atomic_write_json
+from tinyfusion.io.downloads import file_sha256, resolve_released
 
 
 # ----------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import os
 import shutil
 import tempfile
 
-from tinyfusion.cli import add_model_args
+from tinyfusion.flags import add_model_args
 from tinyfusion.errors import TinyFusionError, run_main
 
 # torch, diffusers and the model code are imported inside the functions that use them, so that
@@ -156,9 +156,9 @@ def pruning_run_args(obj):
 
 def gated_model_of_run(args, ckpt, obj, run_args):
     """(gated model on the run's source weights with the run's gate logits, source metadata)."""
-    from tinyfusion.downloads import is_released_name
-    from tinyfusion.pruning import load_source_model, plain_name
-    from tinyfusion.runlog import run_folder_name
+    from tinyfusion.io.downloads import is_released_name
+    from tinyfusion.pruning.pruned_models import load_source_model, plain_name
+    from tinyfusion.io.run_folder import run_folder_name
     import torch
     source = run_args["load_weight"]
     if args.model != run_args["model"]:
@@ -301,12 +301,12 @@ def write_folder_atomically(out, overwrite, write):
 
 
 def main(args):
-    from tinyfusion.vae import LATENT_SCALE, is_pixel_space, load_vae
-    from tinyfusion.checkpoints import build_model
-    from tinyfusion.downloads import resolve_released
+    from tinyfusion.io.vae import LATENT_SCALE, is_pixel_space, load_vae
+    from tinyfusion.io.checkpoints import build_model
+    from tinyfusion.io.downloads import resolve_released
     if os.path.exists(args.out) and not args.overwrite:
         raise TinyFusionError(f"{args.out} already exists; choose another --out or pass --overwrite")
-    from tinyfusion.checkpoints import load_checkpoint_file
+    from tinyfusion.io.checkpoints import load_checkpoint_file
     ckpt = resolve_released(args.ckpt)  # a released name is found in pretrained/ or downloaded
     checkpoint = load_checkpoint_file(ckpt)
     run_args = pruning_run_args(checkpoint)

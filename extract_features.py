@@ -8,7 +8,7 @@ Images are cut into shards of contiguous indices (sorted ImageFolder order); und
 each rank encodes its own shards, writes each one atomically, and rank 0 writes manifest.json
 last. The posterior noise of image i is drawn from a generator seeded by (--global-seed, i), so
 the store is the same for any number of ranks and nodes. `--resume` keeps every shard that
-validates (checksum included) and redoes the rest. See tinyfusion/feature_store.py for the format.
+validates (checksum included) and redoes the rest. See tinyfusion/io/feature_store.py for the format.
 
     torchrun --nproc_per_node=8 extract_features.py --data-path /data/imagenet/train \
         --features-path features/imagenet256 --image-size 256 --vae ema
@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 
-from tinyfusion.cli import STORE_DTYPE_NAMES, add_model_args, nonnegative_int, positive_int
+from tinyfusion.flags import STORE_DTYPE_NAMES, add_model_args, nonnegative_int, positive_int
 from tinyfusion.errors import TinyFusionError, run_main
 
 
@@ -61,13 +61,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tinyfusion import feature_store as store
-from tinyfusion.atomic_files import atomic_write_json
+from tinyfusion.io import feature_store as store
+from tinyfusion.io.atomic_files import atomic_write_json
 from tinyfusion.distributed import all_reduce_mean, barrier, cleanup_distributed, setup_distributed
-from tinyfusion.image_folder import list_image_folder, load_image_uint8, to_unit_range
-from tinyfusion.run_lock import LOCK_FILE, lock_folder, release_folder
-from tinyfusion.runlog import create_logger
-from tinyfusion.vae import LATENT_SCALE, latent_geometry, latent_geometry_from_flags, load_vae, vae_source
+from tinyfusion.io.image_folder import list_image_folder, load_image_uint8, to_unit_range
+from tinyfusion.io.run_lock import LOCK_FILE, lock_folder, release_folder
+from tinyfusion.io.run_folder import create_logger
+from tinyfusion.io.vae import LATENT_SCALE, latent_geometry, latent_geometry_from_flags, load_vae, vae_source
 
 # what makes two extractions the same (and a store resumable); other plan fields are informational
 IDENTITY_KEYS = ("format", "version", "images_sha256", "num_images", "classes", "image_size", "vae",

@@ -500,7 +500,7 @@ class DiT(nn.Module):
 
         self.gate_recompute_elementwise = False
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_BLOCK_VARIANTS)
-        for block in self.blocks:  # options: inductor's (tinyfusion.cpu_compile.compile_options)
+        for block in self.blocks:  # options: inductor's (tinyfusion.sampling.cpu_compile.compile_options)
             block.compile(backend=backend, **({"options": options} if options else {}))
 
     # --------------------------------------------------------------- forward

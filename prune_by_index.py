@@ -7,15 +7,15 @@ paper) and save the shallow model as a plain state dict with its metadata.
 """
 import argparse
 
-from tinyfusion.cli import (add_compatibility_flags, add_model_args, nonnegative_float, nonnegative_int, parse_index_list,
+from tinyfusion.flags import (add_compatibility_flags, add_model_args, nonnegative_float, nonnegative_int, parse_index_list,
                             positive_int)
 from tinyfusion.errors import TinyFusionError, run_main
 
 
 def main(args):
     # imported here, not at the top, so that `--help` and a bad flag answer without loading torch
-    from tinyfusion.checkpoints import MODEL_FAMILIES
-    from tinyfusion.pruning import (check_output_path, load_source_model, plain_name, save_pruned, source_lineage,
+    from tinyfusion.io.checkpoints import MODEL_FAMILIES
+    from tinyfusion.pruning.pruned_models import (check_output_path, load_source_model, plain_name, save_pruned, source_lineage,
                                     validate_kept_indices)
     if not args.ckpt:
         raise TinyFusionError("--ckpt is required: the checkpoint to prune, e.g. pretrained/DiT-XL-2-256x256.pt")

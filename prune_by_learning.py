@@ -12,7 +12,7 @@ Only the gate logits and the LoRA factors (or, with --delta-w alone, the weights
 frozen model is not wrapped in DDP: their gradients are all-reduced by hand. The gated forward
 runs a block's backward pass only for the samples that keep it (models.DiT.gate_forward
 "sparse"), and the EMA covers only what trains. `--compile` compiles each block (dynamic batch
-size, so the changing sub-batches do not recompile). The loop is tinyfusion/loop.py's, with the tau /
+size, so the changing sub-batches do not recompile). The loop is tinyfusion/training/loop.py's, with the tau /
 scaling annealing and the gate decisions added as hooks.
 
 A gated SiT (`--model SiT-XL-1-2`, or a SiT with --groups) searches on SiT's transport loss, with
@@ -21,7 +21,7 @@ train.py's SiT flags (--path-type, --prediction, --loss-weight, --train-eps, --s
 import os
 from dataclasses import dataclass
 
-from tinyfusion.cli import (ArgumentParser, add_model_args, add_precision_arg, add_training_args,
+from tinyfusion.flags import (ArgumentParser, add_model_args, add_precision_arg, add_training_args,
                             add_transport_training_args, positive_float, positive_int)
 from tinyfusion.errors import TinyFusionError, run_main
 
@@ -65,15 +65,15 @@ import torch.distributed as dist
 from diffusion import create_diffusion
 from models import DiT_models, SiT_models, gate_decision
 from tinyfusion.distributed import check_global_batch, cleanup_distributed, distributed_context, start_process_group
-from tinyfusion.cpu_compile import compile_options
-from tinyfusion.lora import apply_lora
-from tinyfusion.loop import LoopHooks, train_loop
-from tinyfusion.pruning import (check_output_path, linear_schedule, load_source_model, plain_name, save_pruned,
+from tinyfusion.sampling.cpu_compile import compile_options
+from tinyfusion.pruning.lora import apply_lora
+from tinyfusion.training.loop import LoopHooks, train_loop
+from tinyfusion.pruning.pruned_models import (check_output_path, linear_schedule, load_source_model, plain_name, save_pruned,
                                 source_lineage)
-from tinyfusion.resume import seed_everything
-from tinyfusion.trackers import tracker_hooks
-from tinyfusion.checkpoints import MODEL_FAMILIES
-from tinyfusion.run_setup import (PreparedRun, check_dataset_fits, device_flag, loop_keywords, open_training_data,
+from tinyfusion.training.resume import seed_everything
+from tinyfusion.training.trackers import tracker_hooks
+from tinyfusion.io.checkpoints import MODEL_FAMILIES
+from tinyfusion.training.run_setup import (PreparedRun, check_dataset_fits, device_flag, loop_keywords, open_training_data,
                                   resolve_run, resumed_flag)
 from transport.cli import check_transport_flags, check_transport_record, transport_record
 from transport.loss import training_losses

@@ -19,7 +19,7 @@ the model called with t in [0, 1]. Its --sample-grid uses SiT's default SDE samp
 """
 import os
 
-from tinyfusion.cli import (CALIBRATIONS, ArgumentParser, add_interpolant_args, add_model_args,
+from tinyfusion.flags import (CALIBRATIONS, ArgumentParser, add_interpolant_args, add_model_args,
                             add_sampling_steps_check, is_sit_name, nonnegative_float, nonnegative_int, positive_int,
                             sampling_steps)
 from tinyfusion.errors import TinyFusionError, run_main
@@ -65,12 +65,12 @@ if __name__ == "__main__":
 import torch
 
 from diffusion import create_diffusion
-from tinyfusion.atomic_files import atomic_write_json
-from tinyfusion.checkpoints import MODEL_FAMILIES
-from tinyfusion.grids import save_labeled_grid
-from tinyfusion.pruning import (bi_scores, calibration_latents, check_latents_fit, check_output_path, load_source_model,
+from tinyfusion.io.atomic_files import atomic_write_json
+from tinyfusion.io.checkpoints import MODEL_FAMILIES
+from tinyfusion.sampling.grids import save_labeled_grid
+from tinyfusion.pruning.pruned_models import (bi_scores, calibration_latents, check_latents_fit, check_output_path, load_source_model,
                                 plain_name, save_pruned, select_by_bi_score, source_lineage)
-from tinyfusion.vae import decode, load_vae, to_uint8_nhwc
+from tinyfusion.io.vae import decode, load_vae, to_uint8_nhwc
 from transport.cli import check_transport_flags, check_transport_record, transport_record
 from transport.settings import time_interval
 
@@ -82,7 +82,7 @@ def save_sample_grid(model, vae, path, args, device, transport=None):
     labels = torch.tensor([c % model.num_classes for c in (207, 360, 387, 974, 88, 979, 417, 279)], device=device)
     model.eval()
     if transport is not None:
-        from tinyfusion.sampling import generate, sample_generator
+        from tinyfusion.sampling.generate import generate, sample_generator
         images = generate(model, transport, labels.tolist(), [sample_generator(args.seed, i) for i in range(len(labels))],
                           args.cfg_scale, "sde", vae=vae, flow_options=dict(num_steps=args.num_sampling_steps))
         save_labeled_grid(path, to_uint8_nhwc(images.float()).numpy(), labels.tolist(), overwrite=args.overwrite)

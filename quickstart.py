@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from tinyfusion.cli import positive_int
+from tinyfusion.flags import positive_int
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL = "DiT-XS/4"  # 12 blocks, hidden 128, 4 tokens of 4x4 pixels: trains in minutes on 2 cores
@@ -279,7 +279,7 @@ def sample_file_name(flags):
 
 def describe_checkpoint(model_name, path):
     sys.path.insert(0, ROOT)
-    from tinyfusion.checkpoints import MODEL_FAMILIES, build_model
+    from tinyfusion.io.checkpoints import MODEL_FAMILIES, build_model
     model, metadata = build_model(model_name, 8, 10, "none", ckpt=path, families=MODEL_FAMILIES)
     kept = metadata.get("kept_indices") if metadata else None
     return dict(depth=model.depth, params=sum(p.numel() for p in model.parameters()),
@@ -298,9 +298,9 @@ def sampling_rate(sample_dir):
 
 
 def write_grid(npz_path, png_path, per_class=10):
-    """Up to `per_class` samples of each class, one labelled row per class (tinyfusion/grids.py)."""
+    """Up to `per_class` samples of each class, one labelled row per class (tinyfusion/sampling/grids.py)."""
     sys.path.insert(0, ROOT)
-    from tinyfusion.grids import save_labeled_grid
+    from tinyfusion.sampling.grids import save_labeled_grid
     with np.load(npz_path) as batch:
         images, labels = batch["arr_0"], batch["labels"] if "labels" in batch else np.zeros(len(batch["arr_0"]), int)
     save_labeled_grid(png_path, images, labels, columns=per_class)

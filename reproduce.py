@@ -35,7 +35,7 @@ import numpy as np
 
 import quickstart
 from quickstart import python, torchrun
-from tinyfusion.cli import positive_int
+from tinyfusion.flags import positive_int
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL = "DiT-XS/4"
@@ -121,8 +121,8 @@ class Study:
         """The fixed held-out triples: test images with a timestep and noise each (written once)."""
         import torch
 
-        from tinyfusion.feature_store import open_feature_dataset
-        from tinyfusion.study import make_heldout_triples
+        from tinyfusion.io.feature_store import open_feature_dataset
+        from tinyfusion.study.measure import make_heldout_triples
         path = self.path("heldout.pt")
         if not os.path.exists(path):
             dataset = open_feature_dataset(self.test_features, flip_prob=0.0)
@@ -148,8 +148,8 @@ class Study:
         self.teacher_path = os.path.join(checkpoints, f"{self.budget['teacher']:07d}.pt")
 
     def loss_of(self, checkpoint, use_ema=True):
-        from tinyfusion.checkpoints import build_model, extract_state_dict, load_checkpoint_file, load_into_model
-        from tinyfusion.study import heldout_loss
+        from tinyfusion.io.checkpoints import build_model, extract_state_dict, load_checkpoint_file, load_into_model
+        from tinyfusion.study.measure import heldout_loss
         model, _ = build_model(MODEL, IMAGE_SIZE, 10, "none", ckpt=checkpoint)
         if not use_ema:
             load_into_model(model, extract_state_dict(load_checkpoint_file(checkpoint), use_ema=False), MODEL,
@@ -185,7 +185,7 @@ class Study:
         return self.kept_of(path)
 
     def kept_of(self, checkpoint):
-        from tinyfusion.checkpoints import load_checkpoint_file, read_metadata
+        from tinyfusion.io.checkpoints import load_checkpoint_file, read_metadata
         return [int(i) for i in read_metadata(load_checkpoint_file(checkpoint))["kept_indices"]]
 
     # ------------------------------------------------------------------ recovery
@@ -208,7 +208,7 @@ class Study:
             if name.endswith(".pt") and int(name[:-3]) not in budgets:
                 os.remove(os.path.join(checkpoints, name))
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        from tinyfusion.atomic_files import atomic_write_text
+        from tinyfusion.io.atomic_files import atomic_write_text
         atomic_write_text(cache, json.dumps(curve) + "\n")
         return curve
 
@@ -255,7 +255,7 @@ class Study:
             with np.load(full) as batch:
                 images, labels = batch["arr_0"], batch["labels"]
             picks = balanced_picks(labels, self.budget["samples"], seed)
-            from tinyfusion.atomic_files import atomic_path
+            from tinyfusion.io.atomic_files import atomic_path
             with atomic_path(path) as tmp:
                 np.savez(tmp, arr_0=images[picks], labels=labels[picks])
         return path
@@ -276,8 +276,8 @@ def balanced_picks(labels, count, seed):
 def calibration_losses(study):
     """Held-out loss of every 1:2 sub-network right after pruning (in process: no training)."""
     from models import prune_to_kept_blocks
-    from tinyfusion.checkpoints import build_model
-    from tinyfusion.study import heldout_loss, pattern_subsets
+    from tinyfusion.io.checkpoints import build_model
+    from tinyfusion.study.measure import heldout_loss, pattern_subsets
     teacher, _ = build_model(MODEL, IMAGE_SIZE, 10, "none", ckpt=study.teacher_path)
     return [{"kept": kept, "calibration": heldout_loss(prune_to_kept_blocks(teacher, kept), study.triples)["loss"]}
             for kept in pattern_subsets([[1, 2]] * (DEPTH // 2))]
@@ -325,7 +325,7 @@ def gate_and_control(study, recovery):
     teacher = study.loss_of(study.teacher_path)
     students = {key: [curve[longest] for curve in seeds.values()] for key, seeds in recovery["curves"].items()}
     control = [study.teacher_control(seed) for seed in range(study.budget["seeds"])]
-    from tinyfusion.study import teacher_gate
+    from tinyfusion.study.measure import teacher_gate
     return dict(teacher_gate(teacher, students, GATE_SIGMAS), control=control, enforced=study.budget["enforce_gate"])
 
 
@@ -349,8 +349,8 @@ def fid_checks(study, choices):
 def activations(study):
     """max |h| / std and the masked share at k = 2 and 4 per teacher block: are there extreme
     activations for Masked KD to mask?"""
-    from tinyfusion.checkpoints import build_model
-    from tinyfusion.study import activation_statistics
+    from tinyfusion.io.checkpoints import build_model
+    from tinyfusion.study.measure import activation_statistics
     teacher, _ = build_model(MODEL, IMAGE_SIZE, 10, "none", ckpt=study.teacher_path)
     rows = activation_statistics(teacher, study.triples, mask_sigma=2.0)
     for row, wide in zip(rows, activation_statistics(teacher, study.triples, mask_sigma=4.0)):
@@ -371,7 +371,7 @@ def decisions(study):
 
 def run_study(study):
     """Every question in order; returns the results dict (the report is made from it alone)."""
-    from tinyfusion.study import primary_comparisons
+    from tinyfusion.study.measure import primary_comparisons
     results = {"schedule": study.schedule, "budget": study.budget, "model": MODEL, "image_size": IMAGE_SIZE,
                "declared": {"primary": PRIMARY, "smallest_effect": SMALLEST_EFFECT, "gate_sigmas": GATE_SIGMAS,
                             "extreme_ratio": EXTREME_RATIO, "cfg_scales": CFG_SCALES}}
@@ -390,7 +390,7 @@ def run_study(study):
 
 
 def main(args):
-    from tinyfusion import study_report
+    from tinyfusion.study import report as study_report
     out = os.path.abspath(args.out)
     if args.report_only:
         with open(os.path.join(out, "results.json")) as f:

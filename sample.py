@@ -22,7 +22,7 @@ A SiT (--model SiT-...) samples with --sampler ode or sde (SiT's ODE / SDE modes
 """
 import time
 
-from tinyfusion.cli import (SAMPLING_PRECISION_HELP, SOLVER_NAMES, ArgumentParser, add_guidance_args, add_model_args,
+from tinyfusion.flags import (SAMPLING_PRECISION_HELP, SOLVER_NAMES, ArgumentParser, add_guidance_args, add_model_args,
                             add_precision_arg, add_sampler_arg, add_sampling_compile_arg, add_sampling_steps_check,
                             add_timestep_spacing_arg, add_transport_args, autocast, nonnegative_int,
                             resolve_timestep_spacing, sampling_steps, unit_interval)
@@ -67,13 +67,13 @@ if __name__ == "__main__":
 import torch
 from torchvision.utils import save_image
 
-from tinyfusion.atomic_files import atomic_path
-from tinyfusion.checkpoints import build_model
-from tinyfusion.finite import check_finite_output
-from tinyfusion.grids import save_labeled_grid
-from tinyfusion.precision import cast_weights_once, resolve_sampling_precision
-from tinyfusion.sampling import compile_forward, generate, resolve_checkpoint, sample_generator, sampling_process
-from tinyfusion.vae import decode, load_vae, to_uint8_nhwc
+from tinyfusion.io.atomic_files import atomic_path
+from tinyfusion.io.checkpoints import build_model
+from tinyfusion.io.finite import check_finite_output
+from tinyfusion.sampling.grids import save_labeled_grid
+from tinyfusion.sampling.precision import cast_weights_once, resolve_sampling_precision
+from tinyfusion.sampling.generate import compile_forward, generate, resolve_checkpoint, sample_generator, sampling_process
+from tinyfusion.io.vae import decode, load_vae, to_uint8_nhwc
 from transport.cli import check_sampler_family, check_transport_flags, check_transport_record, flow_options
 
 

@@ -23,7 +23,7 @@ import shutil
 import time
 import zipfile
 
-from tinyfusion.cli import (SAMPLING_PRECISION_HELP, ArgumentParser, add_guidance_args, add_model_args,
+from tinyfusion.flags import (SAMPLING_PRECISION_HELP, ArgumentParser, add_guidance_args, add_model_args,
                             add_precision_arg, add_sampler_arg, add_sampling_compile_arg, add_sampling_steps_check,
                             add_timestep_spacing_arg, add_transport_args, nonnegative_int, positive_int,
                             resolve_timestep_spacing, sampling_steps, unit_interval)
@@ -74,16 +74,16 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from tinyfusion.atomic_files import atomic_path, atomic_write_json
-from tinyfusion.checkpoints import build_model, check_finite_weights, load_state_dict
+from tinyfusion.io.atomic_files import atomic_path, atomic_write_json
+from tinyfusion.io.checkpoints import build_model, check_finite_weights, load_state_dict
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
-from tinyfusion.finite import NonFiniteOutput, count_non_finite, non_finite_output_message
-from tinyfusion.precision import cast_weights_once, resolve_sampling_precision
-from tinyfusion.run_lock import lock_folder, release_folder
-from tinyfusion.runlog import MetricsLog, create_logger
-from tinyfusion.sampling import (compile_forward, generate, resolve_checkpoint, run_name, sample_generator,
+from tinyfusion.io.finite import NonFiniteOutput, count_non_finite, non_finite_output_message
+from tinyfusion.sampling.precision import cast_weights_once, resolve_sampling_precision
+from tinyfusion.io.run_lock import lock_folder, release_folder
+from tinyfusion.io.run_folder import MetricsLog, create_logger
+from tinyfusion.sampling.generate import (compile_forward, generate, resolve_checkpoint, run_name, sample_generator,
                                  sample_labels, sampling_process, spacing_identity, balanced_labels)
-from tinyfusion.vae import load_vae, to_uint8_nhwc
+from tinyfusion.io.vae import load_vae, to_uint8_nhwc
 from transport.cli import (check_sampler_family, check_transport_flags, check_transport_record, flow_identity,
                            flow_options, flow_run_suffix, transport_from_args)
 

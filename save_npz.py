@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from tinyfusion.atomic_files import atomic_path
-from tinyfusion.cli import positive_int
+from tinyfusion.io.atomic_files import atomic_path
+from tinyfusion.flags import positive_int
 from tinyfusion.errors import TinyFusionError, run_main
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -50,7 +50,7 @@ def read_rgb_pixels(path):
             if image.mode.startswith("I") or image.mode == "F":
                 # 16-bit grey is scaled to 8 bits (round(v * 255 / 65535)) as extract_features.py reads it:
                 # PIL's convert("RGB") would clip every value above 255, i.e. almost every pixel, to white
-                from tinyfusion.image_folder import to_rgb8
+                from tinyfusion.io.image_folder import to_rgb8
                 image = to_rgb8(image, path)
             if image.mode != "RGB":
                 raise ValueError(f"{path} is a {image.mode} image, not RGB; convert the folder to 8-bit "

@@ -16,7 +16,7 @@ A SiT (`--model SiT-...`) trains on SiT's transport loss (transport/loss.py) wit
 defaults: `--path-type Linear`, `--prediction velocity`, `--loss-weight None`, `--train-eps` /
 `--sample-eps` SiT's for the path; its checkpoints record that transport.
 """
-from tinyfusion.cli import (ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg,
+from tinyfusion.flags import (ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg,
                             add_eval_args, add_training_args, add_transport_training_args)
 from tinyfusion.errors import run_main
 
@@ -42,9 +42,9 @@ import torch
 
 from diffusion import create_diffusion
 from tinyfusion.distributed import cleanup_distributed, start_process_group
-from tinyfusion.loop import full_weights, train_loop
-from tinyfusion.quality import check_eval_args, eval_hooks
-from tinyfusion.run_setup import loop_keywords, prepare_training, training_metadata
+from tinyfusion.training.loop import full_weights, train_loop
+from tinyfusion.evaluation.quality import check_eval_args, eval_hooks
+from tinyfusion.training.run_setup import loop_keywords, prepare_training, training_metadata
 from transport.loss import training_losses
 
 

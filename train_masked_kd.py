@@ -14,7 +14,7 @@ A SiT student (`--model SiT-...`) distils from a SiT teacher (the two must be of
 SiT's transport: kd on the model outputs (velocities by default), gt the transport loss, the same
 masked features (transport/distillation.py), with train.py's SiT flags.
 """
-from tinyfusion.cli import (ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg,
+from tinyfusion.flags import (ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg,
                             add_eval_args, add_teacher_precision_arg, add_training_args, add_transport_training_args,
                             nonnegative_float, resolve_precision, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main
@@ -53,13 +53,13 @@ if __name__ == "__main__":
 from diffusion import create_diffusion
 from diffusion.distillation import (LAYER_MAP_RULES, feature_beta, masked_kd_losses, parse_layer_map, rule_layer_map,
                                     validate_layer_map)
-from tinyfusion.checkpoints import MODEL_FAMILIES, build_model
+from tinyfusion.io.checkpoints import MODEL_FAMILIES, build_model
 from tinyfusion.distributed import cleanup_distributed, start_process_group
-from tinyfusion.loop import full_weights, train_loop
-from tinyfusion.precision import FrozenForward, resolve_teacher_precision
-from tinyfusion.pruning import kept_indices_in_frame
-from tinyfusion.quality import check_eval_args, eval_hooks
-from tinyfusion.run_setup import loop_keywords, prepare_training, training_metadata
+from tinyfusion.training.loop import full_weights, train_loop
+from tinyfusion.sampling.precision import FrozenForward, resolve_teacher_precision
+from tinyfusion.pruning.pruned_models import kept_indices_in_frame
+from tinyfusion.evaluation.quality import check_eval_args, eval_hooks
+from tinyfusion.training.run_setup import loop_keywords, prepare_training, training_metadata
 from transport.cli import check_transport_record
 from transport.distillation import transport_kd_losses
 

@@ -24,7 +24,7 @@ x_t = alpha_t x1 + sigma_t x0 instead, t uniform on its training interval (or `-
 import argparse
 import os
 
-from tinyfusion.cli import (add_model_args, add_transport_training_args, diffusion_timestep, nonnegative_int,
+from tinyfusion.flags import (add_model_args, add_transport_training_args, diffusion_timestep, nonnegative_int,
                             positive_float, positive_int, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main
 
@@ -66,11 +66,11 @@ import torch
 from tqdm import tqdm
 
 from diffusion import create_diffusion
-from tinyfusion.atomic_files import atomic_path, atomic_write_json
-from tinyfusion.checkpoints import MODEL_FAMILIES
-from tinyfusion.pruning import calibration_latents, check_latents_fit, load_source_model, transport_noised
-from tinyfusion.sampling import resolve_checkpoint
-from tinyfusion.vae import load_vae
+from tinyfusion.io.atomic_files import atomic_path, atomic_write_json
+from tinyfusion.io.checkpoints import MODEL_FAMILIES
+from tinyfusion.pruning.pruned_models import calibration_latents, check_latents_fit, load_source_model, transport_noised
+from tinyfusion.sampling.generate import resolve_checkpoint
+from tinyfusion.io.vae import load_vae
 from transport.cli import check_transport_flags, check_transport_record, transport_record
 from transport.paths import interpolate
 from transport.settings import time_interval

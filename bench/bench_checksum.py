@@ -1,4 +1,4 @@
-"""Cost of the checkpoint checksum (tinyfusion/checkpoints.py `tensors_checksum`: CRC32 over the
+"""Cost of the checkpoint checksum (tinyfusion/io/checkpoints.py `tensors_checksum`: CRC32 over the
 raw bytes of every tensor) against blake2b over the same bytes, and of the non-finite check that
 every loaded model gets, on a state dict of --params float32 parameters shaped like DiT blocks
 (default 340M, about half of DiT-XL/2's 675M). Variants alternate ABBA in one run; the median and
@@ -17,7 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tinyfusion.checkpoints import check_finite_weights, tensors_checksum  # noqa: E402
+from tinyfusion.io.checkpoints import check_finite_weights, tensors_checksum  # noqa: E402
 
 
 def dit_like_state_dict(params, hidden=1152):

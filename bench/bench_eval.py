@@ -18,7 +18,7 @@ import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tinyfusion import metrics  # noqa: E402
+from tinyfusion.evaluation import metrics  # noqa: E402
 from bench.harness import alternate, summary  # noqa: E402
 
 
@@ -160,7 +160,7 @@ def main(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="tinyfusion.metrics vs a straightforward NumPy float64 ADM implementation.")
+    parser = argparse.ArgumentParser(description="tinyfusion.evaluation.metrics vs a straightforward NumPy float64 ADM implementation.")
     parser.add_argument("--num", type=int, default=10000, help="feature vectors per batch (reference and samples)")
     parser.add_argument("--dim", type=int, default=2048, help="feature dimension (Inception pool_3: 2048)")
     parser.add_argument("--seed", type=int, default=0)

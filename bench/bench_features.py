@@ -1,7 +1,7 @@
 """Feature extraction speed and file count: extract_features.py against the original recipe
 (batch 1, one features .npy and one labels .npy per image), same VAE, same images, same torch
 threads and DataLoader workers, in one process. Also times reading both results back through
-tinyfusion.feature_store (our memory-mapped shards vs the original one-file-per-sample layout).
+tinyfusion.io.feature_store (our memory-mapped shards vs the original one-file-per-sample layout).
 
     python bench/bench_features.py                       # tiny random SD-VAE-shaped VAE, digits at 32px
     python bench/bench_features.py --vae-path pretrained/sd-vae-ft-ema --image-size 256 --num-images 64
@@ -20,10 +20,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tools"), os.path.join(REPO, "tests")]
 
 import extract_features  # noqa: E402
-from tinyfusion import feature_store  # noqa: E402
-from tinyfusion.image_folder import image_folder  # noqa: E402
+from tinyfusion.io import feature_store  # noqa: E402
+from tinyfusion.io.image_folder import image_folder  # noqa: E402
 from make_digits import write_digits_folder  # noqa: E402
-from tinyfusion.vae import LATENT_SCALE, load_vae  # noqa: E402
+from tinyfusion.io.vae import LATENT_SCALE, load_vae  # noqa: E402
 from bench.harness import alternate, summary  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Our LoRA layer (tinyfusion/lora.py) against peft's injection on a small DiT: one forward +
+"""Our LoRA layer (tinyfusion/pruning/lora.py) against peft's injection on a small DiT: one forward +
 backward with frozen base weights, as in pruning, the two alternated (ABBA) so that a busy
 machine slows both alike. Prints the median of each and every pair, and the key names each
 produces (peft renames the wrapped weights).
@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import DiT_models  # noqa: E402
-from tinyfusion.lora import apply_lora  # noqa: E402
+from tinyfusion.pruning.lora import apply_lora  # noqa: E402
 
 
 def main(args=None):

@@ -1,6 +1,6 @@
 """Sampling speed in low precision vs fp32 on the same weights, measured alternately in one run.
 
-Variants, each a few DDPM steps of tinyfusion.sampling.generate with classifier-free guidance
+Variants, each a few DDPM steps of tinyfusion.sampling.generate.generate with classifier-free guidance
 (what sample.py / sample_ddp.py run per image):
   fp32          the reference sampler (fp32 weights, no autocast)
   autocast      --precision bf16 as before: fp32 weights under autocast, re-cast on every call
@@ -23,9 +23,9 @@ from bench.harness import alternate, machine_info, print_comparison, summary, wr
 from bench.bench_model import fill_random  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from models import DiT_models  # noqa: E402
-from tinyfusion.cli import PRECISIONS  # noqa: E402
-from tinyfusion.precision import cast_weights_once, native_low_precision  # noqa: E402
-from tinyfusion.sampling import generate, sample_generator  # noqa: E402
+from tinyfusion.flags import PRECISIONS  # noqa: E402
+from tinyfusion.sampling.precision import cast_weights_once, native_low_precision  # noqa: E402
+from tinyfusion.sampling.generate import generate, sample_generator  # noqa: E402
 
 
 def run(args):

@@ -32,12 +32,12 @@ import torch  # noqa: E402
 
 from bench.harness import alternate, load_average, machine_info, print_comparison, summary, write_json  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
-from tinyfusion.ema import ParameterEMA  # noqa: E402
-from tinyfusion.lora import apply_lora  # noqa: E402
+from tinyfusion.training.ema import ParameterEMA  # noqa: E402
+from tinyfusion.pruning.lora import apply_lora  # noqa: E402
 from models import DiT_models, StraightThroughGate  # noqa: E402
 from prune_by_learning import pruning_loss  # noqa: E402
-from tinyfusion.gradients import clip_grad_norm  # noqa: E402
-from tinyfusion.loop import AutocastForward  # noqa: E402
+from tinyfusion.training.gradients import clip_grad_norm  # noqa: E402
+from tinyfusion.training.loop import AutocastForward  # noqa: E402
 
 
 def rss_mb():

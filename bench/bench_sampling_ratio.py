@@ -2,7 +2,7 @@
 
 The paper reports 6.91 it/s for DiT-XL/2 and 13.54 it/s for TinyDiT-D14 (1.96x) with 250 DDPM
 steps, classifier-free guidance 1.5, batch 32, 256 px images (32 x 32 x 4 latents). Each timed
-call here is that: tinyfusion.sampling.generate (what sample_ddp.py runs per batch; no VAE
+call here is that: tinyfusion.sampling.generate.generate (what sample_ddp.py runs per batch; no VAE
 decode) of one batch, for DiT-XL/2 with random weights and for the D14 made of its even blocks.
 Random weights give the same speed as trained ones. The variants alternate ABBA; the figure is
 the median of the per-round ratios XL time / D14 time.
@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.bench_model import fill_random  # noqa: E402
 from bench.harness import alternate, machine_info, print_comparison, summary, write_json  # noqa: E402
 from models import DiT, DiT_models, prune_to_kept_blocks  # noqa: E402
-from tinyfusion.cli import PRECISIONS, SAMPLER_NAMES, resolve_timestep_spacing  # noqa: E402
-from tinyfusion.precision import cast_weights_once  # noqa: E402
-from tinyfusion.sampling import generate, sample_generator, sampling_process  # noqa: E402
+from tinyfusion.flags import PRECISIONS, SAMPLER_NAMES, resolve_timestep_spacing  # noqa: E402
+from tinyfusion.sampling.precision import cast_weights_once  # noqa: E402
+from tinyfusion.sampling.generate import generate, sample_generator, sampling_process  # noqa: E402
 
 PAPER_IT_PER_S = {"DiT-XL/2": 6.91, "DiT-D14/2": 13.54}
 PAPER_SPEEDUP = 1.96  # 13.54 / 6.91, as the paper rounds it

@@ -28,7 +28,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tinyfusion.cli import SAMPLER_NAMES  # noqa: E402
+from tinyfusion.flags import SAMPLER_NAMES  # noqa: E402
 
 DEFAULT_SETTINGS = ("ddpm:250,50;ddim:10,15,25,50;dpm-solver++:10,15,25,50;unipc:10,15,25,50")
 BASELINE = "ddpm:250"  # the original's sampler: what equal quality is measured against
@@ -119,7 +119,7 @@ def summarize(records, baseline=("ddpm", 250)):
     """One row per (model, sampler, steps): FID and accuracy mean, std and 95% t interval over the
     seeds, images/s, and the per-seed FID difference to the model's `baseline` (sampler, steps)
     with its interval."""
-    from tinyfusion.stats import mean_and_std, paired_difference
+    from tinyfusion.study.stats import mean_and_std, paired_difference
     rows = []
     keys = sorted({(r["model"], r["sampler"], r["steps"]) for r in records}, key=lambda k: (k[0], k[1], k[2]))
     for model, sampler, steps in keys:
@@ -194,7 +194,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from tinyfusion.atomic_files import atomic_save_figure
+    from tinyfusion.io.atomic_files import atomic_save_figure
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):

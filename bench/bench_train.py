@@ -28,14 +28,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
-from tinyfusion.cli import resolve_precision  # noqa: E402
+from tinyfusion.flags import resolve_precision  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from diffusion.distillation import masked_kd_losses, span_end_layer_map  # noqa: E402
-from tinyfusion.ema import ParameterEMA  # noqa: E402
+from tinyfusion.training.ema import ParameterEMA  # noqa: E402
 from models import DiT_models, prune_to_kept_blocks  # noqa: E402
-from tinyfusion.gradients import clip_grad_norm  # noqa: E402
-from tinyfusion.loop import AutocastForward  # noqa: E402
-from tinyfusion.precision import FrozenForward, resolve_teacher_precision  # noqa: E402
+from tinyfusion.training.gradients import clip_grad_norm  # noqa: E402
+from tinyfusion.training.loop import AutocastForward  # noqa: E402
+from tinyfusion.sampling.precision import FrozenForward, resolve_teacher_precision  # noqa: E402
 from bench.bench_model import fill_random  # noqa: E402
 from bench.harness import alternate, machine_info, print_comparison, summary  # noqa: E402
 

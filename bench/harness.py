@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from tinyfusion.precision import native_low_precision
+from tinyfusion.sampling.precision import native_low_precision
 
 
 def timed_call(fn, device="cpu"):

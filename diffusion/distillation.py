@@ -27,7 +27,7 @@ Student/teacher alignment (which teacher block each student block imitates), `--
   teacher's D blocks, student block i replaces the teacher span [k_i, k_{i+1}) (the last span
   ends at D), so it is aligned with the LAST block of that span, k_{i+1} - 1 (the last student
   block: D - 1). Kept [0, 2, ..., 26] of 28 gives 2i + 1. The kept indices must be in the frame
-  of the teacher actually loaded (tinyfusion.pruning.kept_indices_in_frame).
+  of the teacher actually loaded (tinyfusion.pruning.pruned_models.kept_indices_in_frame).
 - explicit pairs "0:1,1:3,...".
 """
 import ast

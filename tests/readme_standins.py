@@ -29,8 +29,8 @@ def install_standins():
         for name, build in list(registry.items()):
             patch = build.patch_size if build.family == "XS" else STANDIN_PATCH
             registry[name] = models._config(build.family, patch, build.default_groups, model_class)
-    import tinyfusion.vae
-    tinyfusion.vae.check_sd_vae_weights = lambda source: None  # the stand-in VAE is not the published one
+    import tinyfusion.io.vae
+    tinyfusion.io.vae.check_sd_vae_weights = lambda source: None  # the stand-in VAE is not the published one
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ from PIL import Image
 
 import train
 from models import DiT_models, SiT_models
-from tinyfusion.checkpoints import save_pruned_model
+from tinyfusion.io.checkpoints import save_pruned_model
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.gradients import HEALTHY_LOSS_FACTOR, NonFiniteGuard
+from tinyfusion.training.gradients import HEALTHY_LOSS_FACTOR, NonFiniteGuard
 from training_helpers import COMMON_FLAGS, MODEL, make_digits_store, make_teacher_and_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

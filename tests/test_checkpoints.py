@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.checkpoints import (build_model, describe_architecture, infer_architecture, load_state_dict,
+from tinyfusion.io.checkpoints import (build_model, describe_architecture, infer_architecture, load_state_dict,
                          read_metadata, save_checkpoint, save_pruned_model)
 from models import DiT_models, prune_to_kept_blocks
 from test_models import randomize
@@ -159,7 +159,7 @@ def test_metadata_survives_the_state_dict_metadata_of_torch():
     model = tiny_model()
     state = model.state_dict()
     assert isinstance(state, OrderedDict) and "" in state._metadata  # torch's own per-module versions
-    from tinyfusion.checkpoints import with_metadata
+    from tinyfusion.io.checkpoints import with_metadata
     tagged = with_metadata(state, {"kept_indices": [1]})
     assert tagged._metadata[""] == state._metadata[""] and read_metadata(tagged) == {"kept_indices": [1]}
     assert read_metadata(state) is None

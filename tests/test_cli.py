@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tinyfusion.cli import parse_groups, parse_index_list
+from tinyfusion.flags import parse_groups, parse_index_list
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,10 +66,12 @@ def test_parse_index_list():
 
 
 def test_choice_lists_of_the_help_are_the_code_s():
-    """The choice lists tinyfusion/cli.py repeats so that --help needs no torch are the registries
+    """The choice lists tinyfusion/flags.py repeats so that --help needs no torch are the registries
     the code runs (the model zoo, the samplers, the feature store's dtypes, SiT's interpolants)."""
     from models import DiT_models
-    from tinyfusion import cli, feature_store, sampling
+    from tinyfusion import flags as cli
+    from tinyfusion.io import feature_store
+    from tinyfusion.sampling import generate as sampling
     from transport import paths, samplers, settings
     assert cli.MODEL_NAMES == list(DiT_models)
     assert cli.SAMPLER_NAMES == tuple(sampling.SAMPLERS)
@@ -84,7 +86,7 @@ def test_choice_lists_of_the_help_are_the_code_s():
 
 def test_precision_flags_resolve_to_torch_dtypes():
     import torch
-    from tinyfusion.cli import resolve_precision
+    from tinyfusion.flags import resolve_precision
     assert resolve_precision("auto", "cpu") is torch.float32
     assert [resolve_precision(p, "cpu") for p in ("fp32", "bf16", "fp16")] == [torch.float32, torch.bfloat16,
                                                                                 torch.float16]

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from tinyfusion import downloads
+from tinyfusion.io import downloads
 from tinyfusion.errors import TinyFusionError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ PAYLOAD = bytes(range(256)) * 12289  # 3,145,984 bytes: several read chunks, not
 
 def download_script():
     """`python download.py` with the plausibility floors lowered to the stand-ins' sizes."""
-    prelude = ("import runpy, sys; from tinyfusion import downloads\n"
+    prelude = ("import runpy, sys; from tinyfusion.io import downloads\n"
                "for entry in downloads.RELEASED.values(): entry['min_size'] = 1\n"
                f"sys.argv[0] = {os.path.join(ROOT, 'download.py')!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
     return [sys.executable, "-c", prelude]
@@ -312,7 +312,7 @@ def test_first_download_pins_its_hash_and_later_ones_must_match(server, fast_ret
 
 
 def test_sit_and_inception_graph_download_through_the_same_path(server, fast_retries, tmp_path, monkeypatch):
-    from tinyfusion.sampling import resolve_checkpoint
+    from tinyfusion.sampling.generate import resolve_checkpoint
     monkeypatch.chdir(tmp_path)
     server.files = {"SiT-XL-2-256x256.pt": b"sit weights"}
     assert resolve_checkpoint(None, "SiT-XL/2", 256) == os.path.join("pretrained", "SiT-XL-2-256x256.pt")
@@ -374,7 +374,7 @@ def tiny_state_dict_bytes(tmp_path):
 
 def test_released_name_as_checkpoint_downloads_and_loads(server, fast_retries, tmp_path, monkeypatch):
     from download import find_model
-    from tinyfusion.checkpoints import build_model
+    from tinyfusion.io.checkpoints import build_model
     payload, weights = tiny_state_dict_bytes(tmp_path)
     server.files = {"TinyDiT-D14-MaskedKD-500K.pt": payload}
     monkeypatch.chdir(tmp_path)
@@ -389,7 +389,7 @@ def test_released_name_as_checkpoint_downloads_and_loads(server, fast_retries, t
 
 
 def test_sampling_without_ckpt_uses_the_released_dit(server, fast_retries, tmp_path, monkeypatch):
-    from tinyfusion.sampling import resolve_checkpoint
+    from tinyfusion.sampling.generate import resolve_checkpoint
     monkeypatch.chdir(tmp_path)
     server.files = {"DiT-XL-2-512x512.pt": b"weights"}
     assert resolve_checkpoint(None, "DiT-XL/2", 512) == os.path.join("pretrained", "DiT-XL-2-512x512.pt")
@@ -401,7 +401,7 @@ def test_sampling_without_ckpt_uses_the_released_dit(server, fast_retries, tmp_p
 
 
 def test_missing_checkpoint_names_the_right_url_or_none(tmp_path, monkeypatch):
-    from tinyfusion.checkpoints import load_checkpoint_file
+    from tinyfusion.io.checkpoints import load_checkpoint_file
     monkeypatch.delenv(downloads.URL_ENVIRONMENT_VARIABLE, raising=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TinyFusionError) as error:

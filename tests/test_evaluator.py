@@ -13,7 +13,8 @@ import scipy.linalg
 import torch
 
 import evaluator
-from tinyfusion import downloads, metrics
+from tinyfusion.io import downloads
+from tinyfusion.evaluation import metrics
 from tinyfusion.errors import TinyFusionError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ import torch
 
 from tinyfusion.errors import TinyFusionError
 import models
-from tinyfusion.checkpoints import save_checkpoint, save_pruned_model
+from tinyfusion.io.checkpoints import save_checkpoint, save_pruned_model
 from export_diffusers import main, match_original_timestep_embedding, parse_args, to_diffusers_transformer
 from models import DiT_models, prune_to_kept_blocks
 from tiny_vae import make_tiny_vae
@@ -196,8 +196,8 @@ def test_load_pipeline_checks_labels_and_matches_our_ddim_settings(tmp_path, mon
 
     from diffusion import create_diffusion
     from export_diffusers import load_pipeline
-    from tinyfusion.sampling import generate
-    from tinyfusion.vae import load_vae
+    from tinyfusion.sampling.generate import generate
+    from tinyfusion.io.vae import load_vae
     use_small_xl(monkeypatch)
     model = randomise(DiT_models["DiT-XL/2"](input_size=8, depth=3, num_classes=10), seed=6)
     ckpt = tmp_path / "small.pt"

@@ -10,7 +10,7 @@ import torch
 import sample
 from diffusion import create_diffusion
 from models import DiT_models, SiT_models
-from tinyfusion.checkpoints import build_model, family_from_weights
+from tinyfusion.io.checkpoints import build_model, family_from_weights
 from tinyfusion.errors import TinyFusionError
 from transport.loss import training_losses
 from transport.settings import create_transport

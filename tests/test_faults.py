@@ -14,16 +14,18 @@ import numpy as np
 import pytest
 import torch
 
-from tinyfusion import run_lock, runlog
-from tinyfusion.atomic_files import atomic_write_json
-from tinyfusion.checkpoints import load_checkpoint_file, save_checkpoint
+from tinyfusion.io import run_lock
+
+from tinyfusion.io import run_folder as runlog
+from tinyfusion.io.atomic_files import atomic_write_json
+from tinyfusion.io.checkpoints import load_checkpoint_file, save_checkpoint
 from tinyfusion.errors import TinyFusionError
 from training_helpers import COMMON_FLAGS, MODEL, ROOT, make_digits_store
 
 HOLD_LOCK = """
 import sys, time
 sys.path.insert(0, {root!r})
-from tinyfusion.run_lock import lock_folder
+from tinyfusion.io.run_lock import lock_folder
 lock_folder(sys.argv[1], log=print)
 print("locked", flush=True)
 time.sleep(600)
@@ -154,7 +156,7 @@ def test_two_concurrent_train_runs_one_fails(tmp_path, digits_features):
 WRITE_FOREVER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from tinyfusion.checkpoints import save_checkpoint
+from tinyfusion.io.checkpoints import save_checkpoint
 state = {{"model": {{"w": torch.arange(32 * 2 ** 20, dtype=torch.float32) / 2 ** 12}}, "train_steps": 10}}  # |w| < 1e4
 print("ready", flush=True)
 while True:
@@ -265,7 +267,7 @@ def read_only_folder(tmp_path):
 
 def tiny_dit_checkpoint(path):
     from models import DiT_models
-    from tinyfusion.checkpoints import save_pruned_model
+    from tinyfusion.io.checkpoints import save_pruned_model
     torch.manual_seed(0)
     model = DiT_models["DiT-XS/4"](input_size=8, in_channels=3, num_classes=10)
     save_pruned_model(model, str(path), {"kept_indices": list(range(model.depth)), "method": "test"})
@@ -325,7 +327,7 @@ def test_a_refused_operation_anywhere_in_a_script_is_one_line(capsys):
 
 def test_garbage_safetensors_checkpoint_is_one_line(tmp_path, capsys):
     import sample
-    from tinyfusion.checkpoints import CorruptCheckpointError
+    from tinyfusion.io.checkpoints import CorruptCheckpointError
     garbage = tmp_path / "model.safetensors"
     garbage.write_bytes(bytes(range(256)) * 40)
     with pytest.raises(CorruptCheckpointError, match=f"could not read checkpoint {garbage} as safetensors"):

@@ -19,11 +19,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 import extract_features  # noqa: E402
-from tinyfusion import feature_store  # noqa: E402
+from tinyfusion.io import feature_store  # noqa: E402
 from tinyfusion.errors import TinyFusionError  # noqa: E402
 from conftest import torch_threads  # noqa: E402
 from tinyfusion.distributed import DistributedContext  # noqa: E402
-from tinyfusion.image_folder import center_crop_arr, image_folder, list_image_folder, to_unit_range  # noqa: E402
+from tinyfusion.io.image_folder import center_crop_arr, image_folder, list_image_folder, to_unit_range  # noqa: E402
 from make_digits import digits_as_uint8, mnist5k_as_uint8, write_digits_folder  # noqa: E402
 from tiny_vae import SD_VAE_CONFIG, TINY_VAE_CONFIG, make_tiny_vae  # noqa: E402
 

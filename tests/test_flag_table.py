@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tinyfusion import cli
+from tinyfusion import flags as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

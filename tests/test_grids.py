@@ -1,11 +1,11 @@
-"""The readable sample grid (tinyfusion/grids.py): pixel geometry checked against hand-computed
+"""The readable sample grid (tinyfusion/sampling/grids.py): pixel geometry checked against hand-computed
 positions: tile size from the integer upscaling, gaps, one row per class in ascending order,
 images of a class in input order, nearest-neighbour blocks, and the class text left of each row."""
 import numpy as np
 import pytest
 
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.grids import grid_scale, labeled_grid
+from tinyfusion.sampling.grids import grid_scale, labeled_grid
 
 WHITE = (255, 255, 255)
 

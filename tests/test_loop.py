@@ -1,4 +1,4 @@
-"""The one training loop (tinyfusion/loop.py) through train.py: the default lr schedule is torch's
+"""The one training loop (tinyfusion/training/loop.py) through train.py: the default lr schedule is torch's
 CosineAnnealingLR step for step (also across --resume), a resume applies and logs changed
 settings, metrics.jsonl holds every step once after a resume, a diverged run writes no
 checkpoint of exploded weights (tests/test_advice.py: which one it recommends), the original
@@ -16,7 +16,7 @@ import torch
 
 import train
 from models import DiT_models
-from tinyfusion.checkpoints import load_checkpoint_file
+from tinyfusion.io.checkpoints import load_checkpoint_file
 from tinyfusion.errors import TinyFusionError
 from training_helpers import COMMON_FLAGS, IMAGE_SIZE, MODEL, make_digits_store, make_teacher_and_student, torchrun
 
@@ -180,7 +180,9 @@ def test_torchrun_bad_input_prints_one_line_once_and_leaves_no_run_folder(worksp
 # ------------------------------------------------------------------ experiment trackers
 def test_a_tracker_hook_gets_every_metrics_record_from_rank_0_and_is_closed(workspace, tmp_path):
     from diffusion import create_diffusion
-    from tinyfusion import loop, run_setup, trackers
+    from tinyfusion.training import loop
+    from tinyfusion.training import run_setup
+    from tinyfusion.training import trackers
 
     class FakeWriter:
         def __init__(self, run_dir):
@@ -212,7 +214,7 @@ def test_a_tracker_hook_gets_every_metrics_record_from_rank_0_and_is_closed(work
 
 
 def test_tracker_scalars_flatten_gate_confidences_and_skip_what_is_not_a_number():
-    from tinyfusion.trackers import scalars
+    from tinyfusion.training.trackers import scalars
     record = {"step": 7, "loss": 0.5, "tau": 0.1, "kept_indices": [0, 3], "confidences": [0.625, 0.875],
               "groups": [[1, 2], [1, 2]], "note": "x", "flag": True}
     assert scalars(record) == {"loss": 0.5, "tau": 0.1, "kept_indices/0": 0.0, "kept_indices/1": 3.0,
@@ -222,7 +224,7 @@ def test_tracker_scalars_flatten_gate_confidences_and_skip_what_is_not_a_number(
 def test_wandb_run_id_is_kept_in_the_run_folder_so_a_resume_continues_the_same_run(tmp_path, monkeypatch):
     import types
 
-    from tinyfusion.trackers import WandbWriter
+    from tinyfusion.training.trackers import WandbWriter
     calls = []
     fake = types.SimpleNamespace(init=lambda **kwargs: calls.append(kwargs) or types.SimpleNamespace(
         log=lambda values, step: None, finish=lambda: None))

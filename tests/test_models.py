@@ -426,7 +426,7 @@ def test_compiled_gated_blocks_give_eager_results_and_stop_compiling_after_the_f
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from tinyfusion.lora import apply_lora
+    from tinyfusion.pruning.lora import apply_lora
     model = gated_pair([[1, 2]] * 3 + [[2, 4]], depth=10)
     apply_lora(model, rank=4)
     with torch.no_grad():  # LoRA B starts at zero: make the update count

@@ -75,11 +75,11 @@ def test_wheel_holds_the_library_and_readme_imports_work_elsewhere(tmp_path):
         archive.extractall(tmp_path / "site")
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"tinyfusion", "diffusion", "transport", "models.py", "download.py", "export_diffusers.py"}
-    assert "tinyfusion/downloads.py" in names and "diffusion/gaussian_diffusion.py" in names
+    assert "tinyfusion/io/downloads.py" in names and "diffusion/gaussian_diffusion.py" in names
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     snippet = ("from models import DiT_models\nfrom download import find_model\nimport export_diffusers\n"
-               "from tinyfusion.checkpoints import build_model\nfrom diffusion import create_diffusion\n"
+               "from tinyfusion.io.checkpoints import build_model\nfrom diffusion import create_diffusion\n"
                "import models, download, tinyfusion\n"
                "print(models.__file__, download.__file__, tinyfusion.__file__)\n"
                "model, _ = build_model('DiT-XS/4', 8, 10, 'none')\n"

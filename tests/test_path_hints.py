@@ -1,11 +1,11 @@
-"""tinyfusion/path_hints.py: the hint names the run folder and checkpoint a user most likely meant,
+"""tinyfusion/io/path_hints.py: the hint names the run folder and checkpoint a user most likely meant,
 and load_checkpoint_file (behind --ckpt, --load-weight, --load-teacher) says it in its one line."""
 import pytest
 import torch
 
-from tinyfusion.checkpoints import load_checkpoint_file
+from tinyfusion.io.checkpoints import load_checkpoint_file
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.path_hints import closest_existing_path
+from tinyfusion.io.path_hints import closest_existing_path
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Low-precision inference of frozen models (tinyfusion/precision.py): weights cast once give
+"""Low-precision inference of frozen models (tinyfusion/sampling/precision.py): weights cast once give
 exactly autocast's result, stay within a stated tolerance of fp32, and keep the residual stream
 fp32; the teacher wrapper returns ordinary fp32 tensors a loss can backpropagate through.
 
@@ -13,10 +13,10 @@ import torch
 
 from diffusion import create_diffusion
 from models import DiT_models
-from tinyfusion.cli import autocast
+from tinyfusion.flags import autocast
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.precision import FrozenForward, cast_weights_once, resolve_teacher_precision
-from tinyfusion.sampling import generate, sample_generator
+from tinyfusion.sampling.precision import FrozenForward, cast_weights_once, resolve_teacher_precision
+from tinyfusion.sampling.generate import generate, sample_generator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -135,7 +135,7 @@ AMX_CPU = AVX512_BF16_CPU | {"amx_tile", "amx_bf16", "amx_int8"}              # 
 @pytest.mark.parametrize("flags, native", [(AVX2_CPU, False), (AVX512_CPU, False), (AVX512_BF16_CPU, True),
                                            (AMX_CPU | {"avx512_fp16"} - {"avx512_bf16"}, True)])
 def test_sampling_precision_auto_picks_bf16_only_where_the_cpu_has_it(flags, native):
-    from tinyfusion.precision import resolve_sampling_precision
+    from tinyfusion.sampling.precision import resolve_sampling_precision
     dtype, note = resolve_sampling_precision("auto", "cpu", flags=flags)
     assert dtype == (torch.bfloat16 if native else torch.float32)
     assert note.startswith(f"precision auto: {'bf16' if native else 'fp32'} (") and "\n" not in note
@@ -150,7 +150,7 @@ def test_sampling_precision_auto_picks_bf16_only_where_the_cpu_has_it(flags, nat
 
 
 def test_fp16_needs_its_own_cpu_flags_and_this_cpu_is_read():
-    from tinyfusion.precision import cpu_flags, native_low_precision
+    from tinyfusion.sampling.precision import cpu_flags, native_low_precision
     assert not native_low_precision(torch.float16, "cpu", flags=AMX_CPU)
     assert native_low_precision(torch.float16, "cpu", flags=AMX_CPU | {"amx_fp16"})
     with open("/proc/cpuinfo") as f:  # this machine's own answer follows its flags line
@@ -162,7 +162,7 @@ def test_fp16_needs_its_own_cpu_flags_and_this_cpu_is_read():
 def test_sample_scripts_say_what_auto_chose(tmp_path, monkeypatch, capsys):
     """sample.py --precision auto on a CPU without native bf16: fp32, said in one line."""
     import sample
-    import tinyfusion.precision as precision
+    import tinyfusion.sampling.precision as precision
     from test_sampling import PIXEL_FLAGS, save_tame_checkpoint, stop_at_generate
     monkeypatch.setattr(precision, "cpu_flags", lambda: set(AVX512_CPU))
     ckpt = save_tame_checkpoint(tmp_path / "tame.pt")

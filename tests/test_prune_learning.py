@@ -11,9 +11,9 @@ import torch
 
 from tinyfusion.errors import TinyFusionError
 import prune_by_learning
-from tinyfusion.checkpoints import load_checkpoint_file, read_metadata
+from tinyfusion.io.checkpoints import load_checkpoint_file, read_metadata
 from models import DiT_models
-from tinyfusion.runlog import read_metrics
+from tinyfusion.io.run_folder import read_metrics
 from tests.prune_helpers import make_digits_features, save_plain, set_block_gates, xs_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,7 +212,7 @@ def identity_teacher(workspace):
     one of them hurts while removing an identity block costs nothing."""
     folder, features, _ = workspace
     from diffusion import create_diffusion
-    from tinyfusion.feature_store import open_feature_dataset
+    from tinyfusion.io.feature_store import open_feature_dataset
     dataset = open_feature_dataset(features, flip_prob=0.0)
     data = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.stack([dataset[i][1] for i in range(len(dataset))])

@@ -1,4 +1,4 @@
-"""--eval-every (tinyfusion/quality.py): the FID it logs is evaluator.py's FID of the same samples
+"""--eval-every (tinyfusion/evaluation/quality.py): the FID it logs is evaluator.py's FID of the same samples
 computed independently from the checkpoint's EMA weights, and the training is untouched: a run
 with it ends with the bit-identical checkpoint of a run without it, also after a resume."""
 import json
@@ -49,9 +49,9 @@ def independent_fid(workspace, checkpoint_path):
     """The checkpoint's EMA weights sampled through generate and scored by evaluator.evaluate (the
     whole ADM path, from an .npz), sharing nothing with the hook but the sampler and the network."""
     import evaluator
-    from tinyfusion.checkpoints import build_model
-    from tinyfusion.sampling import generate, sample_generator, sample_labels, sampling_process
-    from tinyfusion.vae import to_uint8_nhwc
+    from tinyfusion.io.checkpoints import build_model
+    from tinyfusion.sampling.generate import generate, sample_generator, sample_labels, sampling_process
+    from tinyfusion.io.vae import to_uint8_nhwc
     model, _ = build_model("DiT-XS/4", 8, 10, "none", ckpt=checkpoint_path, use_ema=True)
     model.eval()
     labels = sample_labels(3, range(6), 10)

@@ -99,7 +99,7 @@ def test_quickstart_tiny_end_to_end_every_method(tmp_path):
 def test_quickstart_sit_family_has_the_stages_and_rows_of_the_dit_one(tmp_path):
     """--family sit: a SiT-XS/4 teacher through every stage (one process each, tiny schedules), the
     DiT table's rows, samples from SiT's ODE, and every checkpoint a SiT."""
-    from tinyfusion.checkpoints import load_checkpoint_file, read_metadata
+    from tinyfusion.io.checkpoints import load_checkpoint_file, read_metadata
     out = tmp_path / "run"
     result = run_quickstart(out, "--family", "sit", "--nproc", "1")
     names = ["teacher", "learned-masked-KD", "bi-score-masked-KD", "oracle-masked-KD", "learned-fine-tuning"]
@@ -130,7 +130,7 @@ def test_stage_status_reads_the_newest_progress_bar(tmp_path):
 def test_sample_file_names_are_the_ones_sample_ddp_writes():
     """The quick start finds a finished sampling stage by sample_ddp.py's own naming: the DiT's is
     the original folder name, the SiT's adds its sampler and solver."""
-    from tinyfusion.sampling import run_name
+    from tinyfusion.sampling.generate import run_name
     common = ["--image-size", "8", "--vae", "none", "--num-classes", "10", "--ckpt", "runs/x/0001500.pt",
               "--num-sampling-steps", "50", "--cfg-scale", "4.0", "--global-seed", "0"]
     assert quickstart.sample_file_name(["--model", "DiT-XS/4", *common]) == \

@@ -323,9 +323,9 @@ def run_folder_outputs(folder):
 
 def written_paths(script, args):
     """What `script` run with the parsed `args` writes (glob patterns), named by the scripts' own functions."""
-    from tinyfusion.runlog import run_folder_name
+    from tinyfusion.io.run_folder import run_folder_name
     if script == "download.py":
-        from tinyfusion.downloads import RELEASED
+        from tinyfusion.io.downloads import RELEASED
         return [os.path.join(args.folder, name) for name in (args.names or RELEASED)]
     if script == "extract_features.py":
         return [args.features_path]
@@ -347,7 +347,7 @@ def written_paths(script, args):
 
 def read_paths(script, args):
     """The files and folders `script` reads from its parsed `args` (a bare released name: its pretrained/ copy)."""
-    from tinyfusion.downloads import DOWNLOAD_FOLDER, is_released_name
+    from tinyfusion.io.downloads import DOWNLOAD_FOLDER, is_released_name
     reads = [getattr(args, flag) for flag in READ_FLAGS if getattr(args, flag, None)]
     if script != "extract_features.py" and getattr(args, "features_path", None):
         reads.append(args.features_path)  # prune_by_score.py / visualize_activation.py calibrate on a store

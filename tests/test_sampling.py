@@ -19,14 +19,14 @@ from PIL import Image
 from tinyfusion.errors import TinyFusionError
 import sample
 import sample_ddp
-from tinyfusion.checkpoints import save_pruned_model
+from tinyfusion.io.checkpoints import save_pruned_model
 from diffusion import create_diffusion, per_sample_noise_fn
 from models import DiT_models
-from tinyfusion.cli import resolve_timestep_spacing
-from tinyfusion.sampling import (generate, padded_rows, resolve_checkpoint, run_name, sample_generator,
+from tinyfusion.flags import resolve_timestep_spacing
+from tinyfusion.sampling.generate import (generate, padded_rows, resolve_checkpoint, run_name, sample_generator,
                                  sample_labels, sample_seed, sampling_process)
 from training_helpers import ROOT, torchrun
-from tinyfusion.vae import to_uint8_nhwc
+from tinyfusion.io.vae import to_uint8_nhwc
 
 STEPS = 5
 NUM_CLASSES = 10
@@ -431,8 +431,8 @@ def test_sample_py_grid_with_a_latent_model(tmp_path):
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 34 + 2, 4 * 34 + 2, 3)  # torchvision grid: 4 columns, 2-pixel padding
     # the tiles are the images of seeds (5, i), decoded by the VAE: same pixels as sample_ddp's uint8 conversion
-    from tinyfusion.checkpoints import build_model
-    from tinyfusion.vae import load_vae
+    from tinyfusion.io.checkpoints import build_model
+    from tinyfusion.io.vae import load_vae
     model, _ = build_model("DiT-XS/2", 32, 10, "ema", vae_dir, ckpt=ckpt)
     images = generate(model.eval(), create_diffusion(str(STEPS)), labels, seeded(range(5), seed=5), 4.0,
                       vae=load_vae("ema", vae_dir))
@@ -491,9 +491,9 @@ def test_sample_ddp_latent_model_two_ranks_match_one(tmp_path):
 
 def test_compile_on_an_avx512_cpu_generates_avx2_kernels(monkeypatch):
     """--compile on CPU: inductor's AVX-512 code is avoided (reported heap corruption, see
-    tinyfusion/cpu_compile.py); the decision follows the ISA inductor would pick, said in one line."""
+    tinyfusion/sampling/cpu_compile.py); the decision follows the ISA inductor would pick, said in one line."""
     from torch._inductor import cpu_vec_isa
-    from tinyfusion import cpu_compile
+    from tinyfusion.sampling import cpu_compile
     said = []
     monkeypatch.setattr(cpu_compile, "_announced", set())
     for isa, expected in ((cpu_vec_isa.VecAVX512(), {"cpp.simdlen": 256}), (cpu_vec_isa.VecAVX2(), {})):
@@ -509,6 +509,6 @@ def test_compile_on_an_avx512_cpu_generates_avx2_kernels(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
     monkeypatch.setattr(cpu_compile, "compile_options", lambda device, log=print: {"cpp.simdlen": 256})
-    from tinyfusion.sampling import compile_forward
+    from tinyfusion.sampling.generate import compile_forward
     compile_forward(tame_dit())
     assert calls == [{"options": {"cpp.simdlen": 256}}]

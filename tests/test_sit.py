@@ -204,7 +204,7 @@ def test_gated_sit_prunes_to_a_plain_sit_with_the_same_output():
 
 # --------------------------------------------------------------------------- sample.py, family checks
 def save_xs4(path, family, **metadata):
-    from tinyfusion.checkpoints import save_pruned_model
+    from tinyfusion.io.checkpoints import save_pruned_model
     registry = SiT_models if family == "SiT" else DiT_models
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -226,7 +226,7 @@ def test_sample_py_draws_a_sit_grid_from_per_sample_noise(tmp_path, flags):
     from PIL import Image
 
     import sample
-    from tinyfusion.sampling import sample_generator
+    from tinyfusion.sampling.generate import sample_generator
     model, ckpt = save_xs4(tmp_path / "sit.pt", "SiT")
     out = str(tmp_path / "grid.png")
     labels = [3, 1, 4, 1, 5]
@@ -259,7 +259,7 @@ def test_family_mismatch_and_sampler_errors_are_one_line(tmp_path, monkeypatch):
     import argparse
 
     import sample
-    from tinyfusion.checkpoints import build_model
+    from tinyfusion.io.checkpoints import build_model
     from tinyfusion.errors import TinyFusionError
     _, sit_ckpt = save_xs4(tmp_path / "sit.pt", "SiT")
     dit_model, dit_ckpt = save_xs4(tmp_path / "dit.pt", "DiT")

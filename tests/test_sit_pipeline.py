@@ -24,7 +24,7 @@ import train_masked_kd
 from models import SiT, SiT_models
 from test_models import randomize
 from test_train import assert_same_tensors, checkpoint
-from tinyfusion.checkpoints import read_metadata, save_checkpoint, with_metadata
+from tinyfusion.io.checkpoints import read_metadata, save_checkpoint, with_metadata
 from tinyfusion.errors import TinyFusionError
 from training_helpers import COMMON_FLAGS, IMAGE_SIZE, make_digits_store, torchrun
 from transport import create_transport
@@ -236,7 +236,7 @@ def test_every_script_on_a_tiny_sit(workspace, tmp_path, capsys, monkeypatch):
     (npz,) = glob.glob(str(tmp_path / "samples" / "*.npz"))
     with np.load(npz) as batch:
         assert batch["arr_0"].shape == (3, 8, 8, 3)
-    from tinyfusion.checkpoints import build_model
+    from tinyfusion.io.checkpoints import build_model
     model, _ = build_model(MODEL, 8, 10, "none", ckpt=student, families=("DiT", "SiT"))
     assert type(model) is SiT and model.depth == 2
 
@@ -244,7 +244,7 @@ def test_every_script_on_a_tiny_sit(workspace, tmp_path, capsys, monkeypatch):
 def test_bi_calibration_of_a_sit_is_its_transports_noising(tmp_path):
     """The model sees x_t = t x1 + (1 - t) x0 with its t in [0, 1], t then x0 drawn per batch from
     the generator of --seed; the clean (DiT-timestep) calibration is refused for a SiT."""
-    from tinyfusion.pruning import bi_scores
+    from tinyfusion.pruning.pruned_models import bi_scores
     model = tiny_sit().eval()
     latents, labels = torch.randn(6, 3, 8, 8), torch.arange(6)
     seen = []
@@ -266,7 +266,7 @@ def test_bi_calibration_of_a_sit_is_its_transports_noising(tmp_path):
 
 # ------------------------------------------------------------------ one-line refusals
 def test_the_other_family_and_another_interpolant_are_refused_in_one_line(workspace, tmp_path):
-    from tinyfusion.checkpoints import save_pruned_model
+    from tinyfusion.io.checkpoints import save_pruned_model
     from models import DiT_models
     dit = str(tmp_path / "dit.pt")
     save_pruned_model(DiT_models["DiT-XS/4"](input_size=8, in_channels=3, num_classes=10, depth=2), dit,

@@ -1,4 +1,4 @@
-"""The fast DiT solvers (tinyfusion/solvers.py, --sampler dpm-solver++ | unipc) against
+"""The fast DiT solvers (tinyfusion/sampling/solvers.py, --sampler dpm-solver++ | unipc) against
 computations that share no code with them:
 
 - DPM-Solver++(2M) written out here from its published update (Lu et al. 2022, "DPM-Solver++",
@@ -31,9 +31,9 @@ from models import DiT
 from test_sampling import NUM_CLASSES, PIXEL_FLAGS, STEPS, ddp_main, load_npz, pixel_ckpt, seeded, tame_dit  # noqa: F401
 from tinyfusion.errors import TinyFusionError
 from training_helpers import torchrun
-from tinyfusion.cli import SOLVER_NAMES
-from tinyfusion.sampling import generate, sampling_process
-from tinyfusion.solvers import FastSolver
+from tinyfusion.flags import SOLVER_NAMES
+from tinyfusion.sampling.generate import generate, sampling_process
+from tinyfusion.sampling.solvers import FastSolver
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -230,7 +230,7 @@ def test_sample_ddp_fast_solver_two_ranks_match_one_and_resume(tmp_path, pixel_c
 
 
 def test_solver_runs_are_named_apart_and_misfit_spacings_refused(tmp_path):
-    from tinyfusion.sampling import run_name
+    from tinyfusion.sampling.generate import run_name
     names = {run_name("DiT-XS/4", "a/b.pt", 8, "none", 1.5, 0, 20, sampler, "fp32", spacing)
              for sampler, spacing in [("ddpm", "dit"), ("ddpm", "leading"), ("ddim", "dit"), ("dpm-solver++", "linspace"),
                                       ("dpm-solver++", "trailing"), ("unipc", "linspace"), ("unipc", "leading")]}

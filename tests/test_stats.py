@@ -1,11 +1,11 @@
-"""tinyfusion.stats on constructed inputs: hand-computed values and scipy as a second path."""
+"""tinyfusion.study.stats on constructed inputs: hand-computed values and scipy as a second path."""
 import math
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from tinyfusion.stats import (average_ranks, bootstrap_interval, holm, mean_and_std, paired_difference, rank_among,
+from tinyfusion.study.stats import (average_ranks, bootstrap_interval, holm, mean_and_std, paired_difference, rank_among,
                               sign_flip_test, spearman, spearman_by_budget, spearman_permutation_test)
 
 

@@ -1,4 +1,4 @@
-"""The reproduction study's measurements (tinyfusion/study.py) and report (study_report.py) on
+"""The reproduction study's measurements (tinyfusion/study/measure.py) and report (study_report.py) on
 constructed inputs; `reproduce.py --quick` end to end under -m slow."""
 import json
 import os
@@ -10,9 +10,9 @@ import torch
 
 from diffusion import create_diffusion
 from models import DiT_models
-from tinyfusion.study import (activation_statistics, heldout_loss, make_heldout_triples, pattern_subsets,
+from tinyfusion.study.measure import (activation_statistics, heldout_loss, make_heldout_triples, pattern_subsets,
                               primary_comparisons, rank_by_budget, teacher_gate)
-from tinyfusion.study_report import write_report
+from tinyfusion.study.report import write_report
 from training_helpers import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,4 +1,4 @@
-"""train.py and the shared training machinery (tinyfusion/loop.py, resume.py, schedules.py,
+"""train.py and the shared training machinery (tinyfusion/training/loop.py, resume.py, schedules.py,
 gradients.py, run_setup.py): run folder and checkpoint format,
 bit-exact resume after an interruption, skipped non-finite steps, bad input, and the small
 helpers. The 2-rank end-to-end runs (loss goes down from scratch, resume under torchrun) are slow."""
@@ -16,7 +16,11 @@ import torch
 from tinyfusion.errors import TinyFusionError
 import train
 import train_masked_kd
-from tinyfusion import gradients, loop, resume, run_setup, schedules
+from tinyfusion.training import gradients
+from tinyfusion.training import loop
+from tinyfusion.training import resume
+from tinyfusion.training import run_setup
+from tinyfusion.training import lr_schedules as schedules
 from tinyfusion.distributed import DistributedContext
 from training_helpers import COMMON_FLAGS, IMAGE_SIZE, MODEL, make_digits_store, make_teacher_and_student, torchrun
 
@@ -41,7 +45,7 @@ def parse(script, workspace, results, *extra):
 
 
 def checkpoint(path):
-    from tinyfusion.checkpoints import load_checkpoint_file
+    from tinyfusion.io.checkpoints import load_checkpoint_file
     return load_checkpoint_file(str(path))
 
 
@@ -100,7 +104,7 @@ def test_interrupted_run_resumed_with_auto_ends_with_the_same_weights(workspace,
 
 # ------------------------------------------------------------------ run folder and checkpoint format
 def test_training_from_scratch_writes_the_run_folder_and_original_format_checkpoints(workspace, tmp_path):
-    from tinyfusion.checkpoints import build_model
+    from tinyfusion.io.checkpoints import build_model
     from models import DiT_models
     train.main(parse(train, workspace, tmp_path, "--max-steps", "4", "--ckpt-every", "3", "--log-every", "2",
                      "--prefix", "scratch"))

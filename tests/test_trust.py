@@ -18,12 +18,13 @@ import sample_ddp
 import train
 import train_masked_kd
 from models import DiT_models
-from tinyfusion import cli, feature_store
-from tinyfusion.checkpoints import (CorruptCheckpointError, build_model, load_checkpoint_file,
+from tinyfusion import flags as cli
+from tinyfusion.io import feature_store
+from tinyfusion.io.checkpoints import (CorruptCheckpointError, build_model, load_checkpoint_file,
                                     newest_loadable_checkpoint, save_checkpoint, save_pruned_model, tensors_checksum,
                                     with_checksum, with_metadata)
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.image_folder import load_image_uint8, to_rgb8
+from tinyfusion.io.image_folder import load_image_uint8, to_rgb8
 
 STEPS = 3
 PIXEL_FLAGS = ["--model", "DiT-XS/4", "--image-size", "8", "--vae", "none", "--num-classes", "10",

@@ -11,7 +11,7 @@ import pytest
 from tinyfusion.errors import TinyFusionError
 from diffusers.models import AutoencoderKL
 
-from tinyfusion import vae as vae_io
+from tinyfusion.io import vae as vae_io
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_a_local_sd_vae_copy_must_be_the_published_weights(tmp_path, monkeypatch
     """pretrained/sd-vae-ft-ema (where `hf download` puts it) is checked against the sha256 the hub
     publishes for diffusion_pytorch_model.safetensors; a folder of another name is the user's VAE."""
     from tiny_vae import make_tiny_vae
-    from tinyfusion.downloads import file_sha256
+    from tinyfusion.io.downloads import file_sha256
     copy = make_tiny_vae(tmp_path / "pretrained" / "sd-vae-ft-ema")
     with pytest.raises(TinyFusionError) as error:
         vae_io.load_vae("ema", vae_path=str(copy))

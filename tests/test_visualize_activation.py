@@ -10,7 +10,7 @@ import torch
 
 import visualize_activation
 from tests.prune_helpers import make_digits_features, save_plain, xs_model
-from tinyfusion.checkpoints import save_checkpoint, with_metadata
+from tinyfusion.io.checkpoints import save_checkpoint, with_metadata
 from tinyfusion.errors import TinyFusionError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -47,7 +47,7 @@ def tiny_model(workspace, family):
 
 def hand_statistics(workspace, nsamples, seed, k):
     """Per block (masked share, min, max, std, sorted |h|) of the same inputs, from forward hooks."""
-    from tinyfusion.pruning import calibration_latents
+    from tinyfusion.pruning.pruned_models import calibration_latents
     latents, labels = calibration_latents(nsamples, seed, workspace["features"])
     x_t, t, y = visualize_activation.model_inputs(latents, labels, seed)
     return hooked_statistics(tiny_model(workspace, "DiT"), x_t, t, y, k)
@@ -113,7 +113,7 @@ def test_image_folder_input_and_refusals(workspace, tmp_path):
 def sit_hand_inputs(workspace, nsamples, seed, time=None):
     """SiT's Linear path by hand: x_t = t x1 + (1 - t) x0 (t = 1 the data), t uniform on [0, 1]
     (a velocity model's training interval) then x0, from the generator of `seed`."""
-    from tinyfusion.pruning import calibration_latents
+    from tinyfusion.pruning.pruned_models import calibration_latents
     x1, labels = calibration_latents(nsamples, seed, workspace["features"])
     generator = torch.Generator().manual_seed(seed)
     t = torch.rand(nsamples, generator=generator) if time is None else torch.full((nsamples,), time)

@@ -30,7 +30,7 @@ def make_teacher_and_student(folder, kept_indices=(0, 3, 6, 9), seed=0):
     """(teacher.pt, student.pt): a random 12-block DiT-XS/4 (plain state dict, the official
     format) with non-zero adaLN/final weights so it predicts something, and the pruned student
     keeping `kept_indices` (pruning metadata attached)."""
-    from tinyfusion.checkpoints import save_checkpoint, save_pruned_model
+    from tinyfusion.io.checkpoints import save_checkpoint, save_pruned_model
     from models import DiT_models, prune_to_kept_blocks
     generator = torch.Generator().manual_seed(seed)
     teacher = DiT_models[MODEL](input_size=IMAGE_SIZE, in_channels=3, num_classes=10)

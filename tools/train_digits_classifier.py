@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tinyfusion.atomic_files import atomic_path  # noqa: E402
+from tinyfusion.io.atomic_files import atomic_path  # noqa: E402
 from tools.make_digits import load_digits_uint8, resize_digit  # noqa: E402
 
 SPATIAL_CHANNELS = 8  # channels of the 1/4-resolution map kept as "spatial" (sFID) features

@@ -1,5 +1,5 @@
 """What the scripts do with SiT's command-line flags (defined, with the names and defaults of
-SiT's scripts, by tinyfusion/cli.py add_interpolant_args / add_transport_training_args /
+SiT's scripts, by tinyfusion/flags.py add_interpolant_args / add_transport_training_args /
 add_transport_args, so that --help needs no torch): the interpolant (--path-type, --prediction,
 --train-eps, --sample-eps; SiT's train.py adds --loss-weight), shared by the training, pruning
 and sampling scripts, and the sampling flags of SiT's sample.py. SiT's mode argument (ODE / SDE)
@@ -11,7 +11,7 @@ metadata): a later script given other --path-type / --prediction stops with one 
 model's output would be read as another quantity. A DiT command given a SiT flag also stops."""
 import importlib.util
 
-from tinyfusion.cli import FLOW_SAMPLERS, is_sit_name
+from tinyfusion.flags import FLOW_SAMPLERS, is_sit_name
 from tinyfusion.errors import TinyFusionError
 from transport.samplers import FIXED_ODE_METHODS, SDE_METHODS
 from transport.settings import create_transport

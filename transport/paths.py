@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from tinyfusion.cli import SIT_PATHS as PATHS, SIT_PREDICTIONS as PREDICTIONS  # torch-free, for --help
+from tinyfusion.flags import SIT_PATHS as PATHS, SIT_PREDICTIONS as PREDICTIONS  # torch-free, for --help
 
 VP_BETA_MIN, VP_BETA_MAX = 0.1, 20.0
 

@@ -21,7 +21,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from tinyfusion.cli import SIT_DIFFUSION_FORMS, SIT_LAST_STEPS
+from tinyfusion.flags import SIT_DIFFUSION_FORMS, SIT_LAST_STEPS
 from tinyfusion.errors import TinyFusionError
 from transport.paths import alpha_sigma, expand_like, score_coefficients, velocity_and_score
 from transport.settings import time_interval

@@ -12,7 +12,7 @@ sample_eps given without a train_eps, and both eps for velocity on Linear / GVP)
 from dataclasses import dataclass
 
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.cli import SIT_LOSS_WEIGHTS as LOSS_WEIGHTS  # torch-free, for --help
+from tinyfusion.flags import SIT_LOSS_WEIGHTS as LOSS_WEIGHTS  # torch-free, for --help
 from transport.paths import PATHS, PREDICTIONS
 
 

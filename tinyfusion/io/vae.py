@@ -6,7 +6,7 @@ import os
 
 import torch
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.finite import check_finite_output
+from tinyfusion.io.finite import check_finite_output
 
 LATENT_SCALE = 0.18215  # SD-VAE latent scale factor used by DiT and TinyFusion
 HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -62,7 +62,7 @@ def check_sd_vae_weights(source):
     """Refuse SD-VAE weights other than the published ones: the hub cache's file of a hub id, or
     the file of a local folder named after the hub repository (pretrained/sd-vae-ft-ema, as
     `hf download` makes it). Other folders are the user's own VAEs and are not checked."""
-    from tinyfusion.downloads import file_sha256
+    from tinyfusion.io.downloads import file_sha256
     names = {hub_id.split("/")[1]: hub_id for hub_id in HUB_IDS.values()}
     hub_id = source if source in SD_VAE_SHA256 else names.get(os.path.basename(os.path.normpath(str(source))))
     if hub_id is None:

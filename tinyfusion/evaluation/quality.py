@@ -17,9 +17,9 @@ import os
 import numpy as np
 import torch
 
-from tinyfusion.cli import resolve_timestep_spacing
+from tinyfusion.flags import resolve_timestep_spacing
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.loop import LoopHooks
+from tinyfusion.training.loop import LoopHooks
 
 
 def check_eval_args(args):
@@ -51,8 +51,8 @@ class SampleQualityHook(LoopHooks):
         if not loop.ctx.is_main:
             return
         import evaluator
-        from tinyfusion.sampling import sampling_process
-        from tinyfusion.vae import load_vae
+        from tinyfusion.sampling.generate import sampling_process
+        from tinyfusion.io.vae import load_vae
         self.network = evaluator.load_feature_network(self.feature_net, device=loop.device)
         self.reference = evaluator.reference_activations(self.reference_path, self.network, self.batch_size,
                                                          log=loop.logger.info)
@@ -74,7 +74,7 @@ class SampleQualityHook(LoopHooks):
     @torch.no_grad()
     def measure(self, loop):
         """(FID, classifier accuracy or None) of the EMA weights' samples."""
-        from tinyfusion import metrics
+        from tinyfusion.evaluation import metrics
         model = copy.deepcopy(loop.model).eval().requires_grad_(False)
         model.load_state_dict(loop.ema.model_state_dict(loop.model))
         images, labels = self.sample(model)
@@ -92,8 +92,8 @@ class SampleQualityHook(LoopHooks):
 
     def sample(self, model):
         """uint8 NHWC images and labels of samples 0..num_samples-1 (per-sample seeds, as sample_ddp.py)."""
-        from tinyfusion.sampling import generate, sample_generator, sample_labels
-        from tinyfusion.vae import to_uint8_nhwc
+        from tinyfusion.sampling.generate import generate, sample_generator, sample_labels
+        from tinyfusion.io.vae import to_uint8_nhwc
         labels = sample_labels(self.seed, range(self.num_samples), model.num_classes)
         images = []
         for start in range(0, self.num_samples, self.batch_size):

@@ -68,7 +68,7 @@ def labeled_grid(images, labels, *, columns=None, min_tile=64, gap=4, label_widt
 
 def save_labeled_grid(path, images, labels, *, overwrite=True, **layout):
     """labeled_grid(...) written atomically as a PNG."""
-    from tinyfusion.atomic_files import atomic_path
+    from tinyfusion.io.atomic_files import atomic_path
 
     grid = labeled_grid(images, labels, **layout)
     with atomic_path(path, overwrite=overwrite) as tmp:

@@ -30,7 +30,7 @@ def weights_problem(state_dict):
             return f"non-finite weights ({bad} NaN/inf values in {key})"
         if largest > MAX_TRAINED_WEIGHT:
             return (f"a weight no trained model has: {key} holds |w| = {largest:.4e}, above {MAX_TRAINED_WEIGHT:.0e} "
-                    f"(the bound of tinyfusion/finite.py: AdamW training cannot move a weight that far)")
+                    f"(the bound of tinyfusion/io/finite.py: AdamW training cannot move a weight that far)")
     return None
 
 

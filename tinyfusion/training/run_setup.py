@@ -1,25 +1,25 @@
 """What the training and pruning scripts do before their loop starts: the translation of the
-shared flags (tinyfusion/cli.py add_training_args) into the loop's keywords, and the checks and loading that happen before the
+shared flags (tinyfusion/flags.py add_training_args) into the loop's keywords, and the checks and loading that happen before the
 process group starts and before anything is written, so that bad input is one line printed
 once (by rank 0) and leaves no run folder behind.
 """
 import os
 from dataclasses import dataclass
 
-from tinyfusion.checkpoints import (MODEL_FAMILIES, build_model, check_finite_weights, extract_state_dict,
+from tinyfusion.io.checkpoints import (MODEL_FAMILIES, build_model, check_finite_weights, extract_state_dict,
                                     load_into_model, newest_loadable_checkpoint, read_metadata)
-from tinyfusion.cli import is_sit_name
+from tinyfusion.flags import is_sit_name
 from tinyfusion.distributed import broadcast_object, check_global_batch, distributed_context
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.resume import (check_resume_compatible, load_training_checkpoint, resolve_resume, saved_args,
+from tinyfusion.training.resume import (check_resume_compatible, load_training_checkpoint, resolve_resume, saved_args,
                                seed_everything)
-from tinyfusion.runlog import MetricsLog, create_logger, latest_checkpoint, prepare_run_folder, run_folder_name
+from tinyfusion.io.run_folder import MetricsLog, create_logger, latest_checkpoint, prepare_run_folder, run_folder_name
 from transport.cli import check_transport_flags, check_transport_record, transport_record
-from tinyfusion.trackers import tracker_hooks
+from tinyfusion.training.trackers import tracker_hooks
 
 
 def loop_keywords(args):
-    """The keywords of tinyfusion.loop.train_loop that come straight from the shared flags."""
+    """The keywords of tinyfusion.training.loop.train_loop that come straight from the shared flags."""
     return dict(epochs=args.epochs, max_steps=args.max_steps, global_batch_size=args.global_batch_size,
                 global_seed=args.global_seed, num_workers=args.num_workers, log_every=args.log_every,
                 ckpt_every=args.ckpt_every, lr=args.lr, lr_schedule=args.lr_schedule, min_lr=args.min_lr,
@@ -36,7 +36,7 @@ def device_flag(args):
 # ------------------------------------------------------------------------------ data and model
 def open_training_data(data_path, seed):
     """The feature dataset of --data-path (one-line TinyFusionError when there is none)."""
-    from tinyfusion.feature_store import open_feature_dataset
+    from tinyfusion.io.feature_store import open_feature_dataset
     return open_feature_dataset(data_path, flip_prob=0.5, seed=seed)
 
 

@@ -15,7 +15,7 @@ Every checkpoint we write carries a CRC32 of all its tensors (and plain values) 
 `_metadata` of its top-level dict; loading recomputes it, so a file with flipped bytes is an
 error naming the file instead of a model with weights of 1e37. Files without it (the official
 DiT weights) are checked, as every loaded model is, for non-finite weights and for weights above
-MAX_TRAINED_WEIGHT (tinyfusion/finite.py), which no trained model has; no checkpoint holding
+MAX_TRAINED_WEIGHT (tinyfusion/io/finite.py), which no trained model has; no checkpoint holding
 either is ever written.
 """
 import argparse
@@ -28,11 +28,11 @@ from collections import OrderedDict
 
 import torch
 
-from tinyfusion.atomic_files import atomic_path
-from tinyfusion.downloads import missing_checkpoint_message, resolve_released
+from tinyfusion.io.atomic_files import atomic_path
+from tinyfusion.io.downloads import missing_checkpoint_message, resolve_released
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.finite import MAX_TRAINED_WEIGHT, weights_problem  # noqa: F401 (MAX_TRAINED_WEIGHT: re-exported)
-from tinyfusion.path_hints import did_you_mean
+from tinyfusion.io.finite import MAX_TRAINED_WEIGHT, weights_problem  # noqa: F401 (MAX_TRAINED_WEIGHT: re-exported)
+from tinyfusion.io.path_hints import did_you_mean
 
 METADATA_KEY = "__tinyfusion__"
 CHECKSUM_KEY = "__tinyfusion_checksum__"
@@ -130,7 +130,7 @@ def verify_checksum(obj, path):
 
 def check_finite_weights(state_dict, source):
     """Refuse weights holding NaN or inf (a diverged run, a damaged file) or larger than any trained
-    model has (tinyfusion/finite.py): they would sample black or constant images with exit code 0."""
+    model has (tinyfusion/io/finite.py): they would sample black or constant images with exit code 0."""
     problem = weights_problem(state_dict)
     if problem:
         raise TinyFusionError(f"checkpoint {source} holds {problem}; it is damaged or comes from a diverged run")
@@ -260,7 +260,7 @@ def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_pat
     DiT-S/2 is used with `--model DiT-S/2` by every later script. `families` lists the model
     families the calling script supports ("DiT", "SiT"). Returns (model, metadata)."""
     from models import DiT_models, SiT_models
-    from tinyfusion.vae import latent_geometry_from_flags
+    from tinyfusion.io.vae import latent_geometry_from_flags
     registry = {**DiT_models, **SiT_models}
     if model_name not in registry:
         raise TinyFusionError(f"unknown {flag} {model_name}; choose one of {', '.join(DiT_models)} "

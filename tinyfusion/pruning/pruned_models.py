@@ -13,10 +13,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from tinyfusion.checkpoints import (build_model, extract_state_dict, family_checked_kwargs, infer_architecture,
+from tinyfusion.io.checkpoints import (build_model, extract_state_dict, family_checked_kwargs, infer_architecture,
                                     load_checkpoint_file, load_into_model, read_metadata, save_pruned_model)
 from models import DiT_models, SiT_models, plain_model_name, prune_to_kept_blocks, validate_kept_indices  # noqa: F401
-from tinyfusion.cli import CALIBRATIONS  # the --calibration choices, listed there so that --help needs no torch
+from tinyfusion.flags import CALIBRATIONS  # the --calibration choices, listed there so that --help needs no torch
 from tinyfusion.errors import TinyFusionError
 
 
@@ -223,7 +223,7 @@ def calibration_latents(nsamples, seed, features_path=None, data_path=None, imag
     `nsamples`), then one horizontal-flip draw per sample (rand < 0.5) when `random_flip` (the
     original's RandomHorizontalFlip: the image is flipped before encoding; a feature store gives
     its stored flip's latent)."""
-    import tinyfusion.vae as vae_io
+    import tinyfusion.io.vae as vae_io
     generator = torch.Generator(device="cpu").manual_seed(seed)
     dataset, flipped = _calibration_dataset(features_path, data_path, image_size, seed)
     count = min(nsamples, len(dataset))
@@ -260,11 +260,11 @@ def _calibration_dataset(features_path, data_path, image_size, seed):
     """(data set, its flipped twin or None): a feature store read as stored and as its flips, or
     an ImageFolder; a one-line TinyFusionError when there is none."""
     if features_path:
-        from tinyfusion.feature_store import open_feature_dataset
+        from tinyfusion.io.feature_store import open_feature_dataset
         dataset = open_feature_dataset(features_path, flip_prob=0.0, seed=seed)
         flipped = open_feature_dataset(features_path, flip_prob=1.0, seed=seed)
     elif data_path:
-        from tinyfusion.image_folder import image_folder
+        from tinyfusion.io.image_folder import image_folder
         try:
             dataset, flipped = image_folder(data_path, image_size), None
         except ValueError as error:

@@ -19,17 +19,17 @@ import numpy as np
 import torch
 
 # FLOW_SAMPLERS: SiT's (transport/), run by flow_sample
-from tinyfusion.cli import FLOW_SAMPLERS, SOLVER_NAMES, autocast, resolve_timestep_spacing
-from tinyfusion.downloads import resolve_released
+from tinyfusion.flags import FLOW_SAMPLERS, SOLVER_NAMES, autocast, resolve_timestep_spacing
+from tinyfusion.io.downloads import resolve_released
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.vae import decode
+from tinyfusion.io.vae import decode
 
 ROW_MULTIPLE = 4
 NOISE_STREAM, LABEL_STREAM = 0, 1  # independent random streams of one sample
 # the sampler registry: name -> fn(diffusion, model_fn, shape, eta, loop keywords) -> final latents.
-# A new sampler is one entry here and its name in tinyfusion.cli.SAMPLER_NAMES (the --sampler choices,
+# A new sampler is one entry here and its name in tinyfusion.flags.SAMPLER_NAMES (the --sampler choices,
 # listed there so that --help needs no torch); unknown names are refused.
-# The fast solvers' `diffusion` is a tinyfusion.solvers.FastSolver (see sampling_process).
+# The fast solvers' `diffusion` is a tinyfusion.sampling.solvers.FastSolver (see sampling_process).
 def _solver_loop(solver, model_fn, shape, eta, kwargs):
     return solver.sample_loop(model_fn, kwargs["noise"], kwargs["model_kwargs"], progress=kwargs["progress"])
 
@@ -58,7 +58,7 @@ def resolve_checkpoint(ckpt, model_name, image_size):
 
 def _resolve_sit_checkpoint(model_name, image_size):
     """SiT released SiT-XL-2-256x256.pt only (the name SiT's download.py saves it under): a local
-    copy, else downloaded and verified like the DiT weights (tinyfusion.downloads)."""
+    copy, else downloaded and verified like the DiT weights (tinyfusion.io.downloads)."""
     if model_name == "SiT-XL/2" and image_size == 256:
         return resolve_released("SiT-XL-2-256x256.pt")
     raise TinyFusionError(f"no --ckpt given for --model {model_name} at --image-size {image_size}; the only released "
@@ -114,7 +114,7 @@ def sampling_process(sampler, num_steps, timestep_spacing):
     """What `generate` samples a DiT with: the respaced diffusion of ddpm / ddim ("dit" spacing:
     DiT's, "leading": diffusers' DiTPipeline's) or the FastSolver of dpm-solver++ / unipc."""
     if sampler in SOLVER_NAMES:
-        from tinyfusion.solvers import FastSolver
+        from tinyfusion.sampling.solvers import FastSolver
         return FastSolver(sampler, num_steps, timestep_spacing)
     from diffusion import create_diffusion
     return create_diffusion(("leading" if timestep_spacing == "leading" else "") + str(num_steps))
@@ -124,8 +124,8 @@ def compile_forward(model, log=print):
     """torch.compile the model's forward in place (sample.py / sample_ddp.py --compile): both
     model(x, t, y) and forward_with_cfg go through it. Sampling calls it with one batch shape and a
     new timestep tensor per step, so it compiles once per run (a last, smaller batch adds one).
-    On an AVX-512 CPU the kernels are AVX2 ones (tinyfusion.cpu_compile)."""
-    from tinyfusion.cpu_compile import compile_options
+    On an AVX-512 CPU the kernels are AVX2 ones (tinyfusion.sampling.cpu_compile)."""
+    from tinyfusion.sampling.cpu_compile import compile_options
     model.forward = torch.compile(model.forward, options=compile_options(next(model.parameters()).device, log))
     return model
 

@@ -4,8 +4,8 @@ of the report is written by hand; `python reproduce.py --out DIR --report-only` 
 import json
 import os
 
-from tinyfusion.atomic_files import atomic_path, atomic_write_text
-from tinyfusion.stats import mean_and_std
+from tinyfusion.io.atomic_files import atomic_path, atomic_write_text
+from tinyfusion.study.stats import mean_and_std
 
 
 def fmt_interval(low, high, digits=3):
@@ -96,7 +96,7 @@ def primary_lines(primary):
 
 
 def recovery_lines(results, out_dir):
-    from tinyfusion.study import rank_by_budget, seed_mean_losses
+    from tinyfusion.study.measure import rank_by_budget, seed_mean_losses
     recovery, budget = results["recovery"], results["budget"]
     table = rank_by_budget(results)
     longest = budget["budgets"][-1]
@@ -130,7 +130,7 @@ def scatter_figure(results, row, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tinyfusion.study import seed_mean_losses
+    from tinyfusion.study.measure import seed_mean_losses
     recovery, budget = results["recovery"], results["budget"]
     keys, longest = recovery["candidates"], budget["budgets"][-1]
     calibration = [recovery["calibration"][key] for key in keys]

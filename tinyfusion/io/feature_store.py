@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from tinyfusion.atomic_files import atomic_path
+from tinyfusion.io.atomic_files import atomic_path
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.vae import LATENT_SCALE
+from tinyfusion.io.vae import LATENT_SCALE
 
 STORE_FORMAT = "tinyfusion-features"
 STORE_VERSION = 1

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from tinyfusion.cli import LR_SCHEDULES  # the --lr-schedule choices, listed there so that --help needs no torch
+from tinyfusion.flags import LR_SCHEDULES  # the --lr-schedule choices, listed there so that --help needs no torch
 
 
 def total_training_steps(epochs, batches_per_epoch, max_steps=None):

@@ -7,7 +7,7 @@ A training checkpoint is the original's dict `{model, ema, opt, sched, train_ste
 `loop` (the optimisation settings it was written with, so a resume can tell which of them the
 command line changes). `args` is a plain dict, so `torch.load(path)` reads it with its default
 weights_only=True; checkpoints whose `args` is an argparse.Namespace (the original's and our
-older ones) are still read (the class is allow-listed in tinyfusion.checkpoints).
+older ones) are still read (the class is allow-listed in tinyfusion.io.checkpoints).
 
 The original train.py saves the state of an AdamW over every parameter of the model, including
 the frozen `pos_embed`; ours covers only what trains. `map_full_model_optimizer_state`
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tinyfusion.checkpoints import load_checkpoint_file, save_checkpoint
+from tinyfusion.io.checkpoints import load_checkpoint_file, save_checkpoint
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.runlog import latest_checkpoint
+from tinyfusion.io.run_folder import latest_checkpoint
 
 CHECKPOINT_KEYS = ("model", "ema", "opt", "train_steps")
 
@@ -214,7 +214,7 @@ SCHEDULE_SETTINGS = {"lr", "lr_schedule", "min_lr", "total_steps", "lr_scales"}
 
 
 def restore_loop_state(loop, checkpoint, path):
-    """Continue a freshly set-up tinyfusion.loop.TrainingLoop from `checkpoint` (the model's
+    """Continue a freshly set-up tinyfusion.training.loop.TrainingLoop from `checkpoint` (the model's
     weights are already loaded): EMA, optimizer, lr schedule, loss scaler, loop position, skip
     count and RNG. Settings the command line changes (lr, schedule, weight decay, EMA decay,
     clipping, run length) are applied, each with a line in the log."""
@@ -259,7 +259,7 @@ def _describe(value):
 
 
 def _apply_settings(loop, checkpoint, path):
-    from tinyfusion.schedules import restart_lr_schedule
+    from tinyfusion.training.lr_schedules import restart_lr_schedule
     previous, current = checkpoint.get("loop"), loop.settings()
     if previous is None:
         changed = {"weight_decay"} | SCHEDULE_SETTINGS

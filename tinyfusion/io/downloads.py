@@ -255,7 +255,7 @@ def _pinned(folder, name):
 
 
 def _pin(folder, name, digest, size, url):
-    from tinyfusion.atomic_files import atomic_write_json
+    from tinyfusion.io.atomic_files import atomic_write_json
     path = os.path.join(folder, MANIFEST_NAME)
     with lock_file(os.path.join(folder, f".{MANIFEST_NAME}.lock")):  # files downloaded at once pin one by one
         manifest = read_manifest(folder)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.finite import MAX_TRAINED_WEIGHT
+from tinyfusion.io.finite import MAX_TRAINED_WEIGHT
 
 
 def all_reduce_gradients(parameters, ctx, bucket_bytes=25 * 2 ** 20):

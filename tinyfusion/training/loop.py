@@ -24,15 +24,15 @@ from dataclasses import dataclass
 
 import torch
 
-from tinyfusion.cli import autocast, resolve_precision
-from tinyfusion.checkpoints import with_metadata
-from tinyfusion.ema import ParameterEMA
+from tinyfusion.flags import autocast, resolve_precision
+from tinyfusion.io.checkpoints import with_metadata
+from tinyfusion.training.ema import ParameterEMA
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.finite import MAX_TRAINED_WEIGHT
-from tinyfusion.gradients import NonFiniteGuard, all_reduce_gradients, largest_magnitude, step_unless_nonfinite
-from tinyfusion.resume import restore_loop_state, save_training_checkpoint
-from tinyfusion.runlog import checkpoint_path, latest_checkpoint
-from tinyfusion.schedules import make_lr_scheduler, total_training_steps
+from tinyfusion.io.finite import MAX_TRAINED_WEIGHT
+from tinyfusion.training.gradients import NonFiniteGuard, all_reduce_gradients, largest_magnitude, step_unless_nonfinite
+from tinyfusion.training.resume import restore_loop_state, save_training_checkpoint
+from tinyfusion.io.run_folder import checkpoint_path, latest_checkpoint
+from tinyfusion.training.lr_schedules import make_lr_scheduler, total_training_steps
 
 
 @dataclass
@@ -144,7 +144,7 @@ class TrainingLoop:
         self, *,
         model,                      # the network; its requires_grad flags say what trains (and what the EMA covers)
         compute_losses,             # fn(forward, x, y, epoch) -> {"loss": fp32 scalar minimised, other terms logged}
-        dataset,                    # (x, y) feature dataset (tinyfusion.feature_store)
+        dataset,                    # (x, y) feature dataset (tinyfusion.io.feature_store)
         ctx,                        # tinyfusion.distributed.DistributedContext (process group already started)
         run_dir,                    # run folder, created when the loop starts (after every check passed)
         run_args,                   # plain dict of the command line: args.json and every checkpoint's "args"
@@ -184,7 +184,7 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------ setup
     def _setup(self):
-        from tinyfusion.feature_store import batches_per_epoch, make_loader
+        from tinyfusion.io.feature_store import batches_per_epoch, make_loader
         self.device = self.ctx.device
         self.dtype = resolve_precision(self.precision, self.device)
         self.model.to(self.device).train()
@@ -220,7 +220,7 @@ class TrainingLoop:
                     lr_scales=[scale for _, scale in self.param_groups or [(None, 1.0)]])
 
     def _open_run(self):
-        from tinyfusion.run_setup import open_run_folder
+        from tinyfusion.training.run_setup import open_run_folder
         # a folder this fresh run creates is removed again if the run fails before its first checkpoint
         self.created_run_dir = self.ctx.is_main and self.resume_checkpoint is None and not os.path.exists(self.run_dir)
         self.logger, self.metrics = open_run_folder(self.run_args, self.ctx, self.run_dir,
@@ -242,7 +242,7 @@ class TrainingLoop:
             wrapped = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                               if self.device.type == "cuda" else None)
         if self.compile_model:
-            from tinyfusion.cpu_compile import compile_options  # AVX2 kernels on an AVX-512 CPU
+            from tinyfusion.sampling.cpu_compile import compile_options  # AVX2 kernels on an AVX-512 CPU
             wrapped = torch.compile(wrapped, options=compile_options(self.device, self.logger.info))
         return AutocastForward(wrapped, self.dtype, self.device)
 
@@ -368,7 +368,7 @@ class TrainingLoop:
     def _discard_unsaved_run_folder(self):
         """A fresh run that failed before its first checkpoint (a damaged feature shard, a loss
         that diverged at once: failures no check can see before the loop) leaves no folder."""
-        from tinyfusion.runlog import release_run_folder
+        from tinyfusion.io.run_folder import release_run_folder
         if not getattr(self, "created_run_dir", False) or latest_checkpoint(self.run_dir) is not None:
             return
         for handler in list(self.logger.handlers):  # log.txt is inside the folder

@@ -26,7 +26,7 @@ function of (seed, i) for any world size and after a resume).
 """
 import torch
 
-from tinyfusion.cli import DIFFUSION_STEPS, SOLVER_NAMES, SOLVER_SPACINGS
+from tinyfusion.flags import DIFFUSION_STEPS, SOLVER_NAMES, SOLVER_SPACINGS
 
 DEFAULT_SPACING = "linspace"  # diffusers' default timestep_spacing for both schedulers
 

@@ -20,14 +20,14 @@ MODEL_NAMES = ["DiT-XL/2", "DiT-XL/4", "DiT-XL/8", "DiT-L/2", "DiT-L/4", "DiT-L/
 # choice lists of flags whose values are names defined by torch code: listed here so that `--help`
 # needs no torch. Those the code reads from here are the only copy (SiT's names: transport/ imports
 # them); the others repeat a registry (tests/test_cli.py checks each against it).
-LR_SCHEDULES = ("cosine", "constant")           # tinyfusion/schedules.py
+LR_SCHEDULES = ("cosine", "constant")           # tinyfusion/training/lr_schedules.py
 CALIBRATIONS = ("clean", "noised")              # tinyfusion/pruning.bi_scores
-FLOW_SAMPLERS = ("ode", "sde")                  # SiT's samplers (transport/), tinyfusion/sampling.py
-SOLVER_NAMES = ("dpm-solver++", "unipc")        # DiT's fast ODE solvers (tinyfusion/solvers.py)
-SAMPLER_NAMES = ("ddpm", "ddim", *SOLVER_NAMES)  # the keys of tinyfusion.sampling.SAMPLERS
+FLOW_SAMPLERS = ("ode", "sde")                  # SiT's samplers (transport/), tinyfusion/sampling/generate.py
+SOLVER_NAMES = ("dpm-solver++", "unipc")        # DiT's fast ODE solvers (tinyfusion/sampling/solvers.py)
+SAMPLER_NAMES = ("ddpm", "ddim", *SOLVER_NAMES)  # the keys of tinyfusion.sampling.generate.SAMPLERS
 DIFFUSION_SPACINGS = ("dit", "leading")         # ddpm / ddim: diffusion.respace.space_timesteps
 SOLVER_SPACINGS = ("linspace", "trailing", "leading")  # the fast solvers: diffusers' timestep_spacing
-STORE_DTYPE_NAMES = ("fp16", "fp32")            # the keys of tinyfusion.feature_store.STORE_DTYPES
+STORE_DTYPE_NAMES = ("fp16", "fp32")            # the keys of tinyfusion.io.feature_store.STORE_DTYPES
 SIT_PATHS = ("Linear", "GVP", "VP")             # transport.paths.PATHS
 SIT_PREDICTIONS = ("velocity", "score", "noise")  # transport.paths.PREDICTIONS
 SIT_LOSS_WEIGHTS = (None, "velocity", "likelihood")  # transport.settings.LOSS_WEIGHTS
@@ -352,7 +352,7 @@ def check_min_lr(args):
 
 
 def add_eval_args(parser):
-    """--eval-every and its settings (tinyfusion/quality.py): FID of EMA samples while training."""
+    """--eval-every and its settings (tinyfusion/evaluation/quality.py): FID of EMA samples while training."""
     group = parser.add_argument_group("sample quality while training (ours; rank 0, the training is unchanged)")
     group.add_argument("--eval-every", type=positive_int, default=None,
                        help="every N steps (a multiple of --log-every) and at the last step: sample --eval-samples "
@@ -380,7 +380,7 @@ def check_eval_steps(args):
 
 
 def add_tracker_args(parser):
-    """--wandb / --tensorboard (tinyfusion/trackers.py)."""
+    """--wandb / --tensorboard (tinyfusion/training/trackers.py)."""
     parser.add_argument("--wandb", action="store_true", help="also log every metrics record to Weights & Biases")
     parser.add_argument("--wandb-project", type=str, default="tinyfusion")
     parser.add_argument("--wandb-run-name", type=str, default=None, help="default: the run folder's name")

@@ -10,9 +10,9 @@ import os
 import sys
 import time
 
-from tinyfusion.atomic_files import atomic_path, atomic_write_json
+from tinyfusion.io.atomic_files import atomic_path, atomic_write_json
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.run_lock import lock_folder, release_folder
+from tinyfusion.io.run_lock import lock_folder, release_folder
 
 
 def run_folder_name(results_dir, prefix, model_name):
@@ -57,7 +57,7 @@ def log_to_run_folder(run_dir, message):
 
 
 def lock_run_folder(run_dir):
-    """Take the exclusive lock of a run folder (see tinyfusion/run_lock.py); a TinyFusionError
+    """Take the exclusive lock of a run folder (see tinyfusion/io/run_lock.py); a TinyFusionError
     naming the holder (host, pid, start time) when another live run has it."""
     return lock_folder(run_dir, what="run folder", log=lambda message: log_to_run_folder(run_dir, message))
 

@@ -115,7 +115,7 @@ def seed_mean_losses(curves, keys, budget):
 
 def paired_comparison(results, a, b, smallest_loss):
     """One-sided exact sign-flip test of loss(a) < loss(b) at the longest budget, paired by seed."""
-    from tinyfusion.stats import paired_difference, sign_flip_test
+    from tinyfusion.study.stats import paired_difference, sign_flip_test
     longest = str(results["budget"]["budgets"][-1])
     curves, choices = results["recovery"]["curves"], results["choices"]
     seeds = range(len(choices[a]))
@@ -132,7 +132,7 @@ def paired_comparison(results, a, b, smallest_loss):
 
 def rank_comparison(results, smallest_rho):
     """Permutation test of Spearman's rho(calibration, loss at the longest budget) > 0 over the candidates."""
-    from tinyfusion.stats import bootstrap_interval, spearman, spearman_permutation_test
+    from tinyfusion.study.stats import bootstrap_interval, spearman, spearman_permutation_test
     recovery = results["recovery"]
     keys = recovery["candidates"]
     calibration = [recovery["calibration"][key] for key in keys]
@@ -148,7 +148,7 @@ def primary_comparisons(results, smallest_effect, alpha=0.05):
     """The declared comparisons (results["declared"]["primary"]) with Holm-adjusted p-values; a
     hypothesis is "supported" only when its adjusted p < alpha and its effect reaches the smallest
     effect of interest."""
-    from tinyfusion.stats import holm
+    from tinyfusion.study.stats import holm
     smallest_loss = smallest_effect["loss_fraction"] * results["gate"]["teacher"]
     rows = []
     for declared in results["declared"]["primary"]:
@@ -166,7 +166,7 @@ def primary_comparisons(results, smallest_effect, alpha=0.05):
 def rank_by_budget(results):
     """Per budget over the candidates: Spearman of calibration loss with the seed-mean loss (with
     a bootstrap interval), and of that budget's ranking with the longest budget's (has it settled?)."""
-    from tinyfusion.stats import spearman, spearman_by_budget
+    from tinyfusion.study.stats import spearman, spearman_by_budget
     recovery = results["recovery"]
     keys = recovery["candidates"]
     calibration = [recovery["calibration"][key] for key in keys]

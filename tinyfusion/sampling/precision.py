@@ -17,7 +17,7 @@ it and are many times slower (`native_low_precision` tells which).
 import torch
 import torch.nn as nn
 
-from tinyfusion.cli import PRECISIONS, autocast
+from tinyfusion.flags import PRECISIONS, autocast
 from tinyfusion.errors import TinyFusionError
 
 CAST_ONCE_MODULES = (nn.Linear, nn.Conv2d)  # what autocast runs in low precision in a DiT

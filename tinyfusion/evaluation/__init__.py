@@ -1,0 +1,1 @@
+"""Evaluation: the ADM evaluator's maths and the FID measured while training."""

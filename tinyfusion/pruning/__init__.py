@@ -1,0 +1,1 @@
+"""TinyFusion's pruning: source models and pruned checkpoints, the BI baseline, LoRA, the gate search."""

@@ -1,0 +1,1 @@
+"""Generation: per-sample-seeded sampling, fast solvers, precision, labelled grids."""

@@ -1,0 +1,1 @@
+"""The training loop of the three trainings (fine-tuning, Masked KD, the gate search), its resume, schedules and hooks."""
