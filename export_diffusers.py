@@ -302,8 +302,13 @@ def write_folder_atomically(out, overwrite, write):
 
 def main(args):
     from tinyfusion.io.vae import LATENT_SCALE, is_pixel_space, load_vae
-    from tinyfusion.io.checkpoints import build_model
+    from tinyfusion.families.build import build_model
     from tinyfusion.io.downloads import resolve_released
+    from tinyfusion.families import family_for_model
+    family = family_for_model(args.model)
+    if not family.exports_to_diffusers:
+        raise TinyFusionError(f"--model {args.model} is a {family.entry.name}; this script supports DiT models only "
+                              f"(diffusers' DiTPipeline samples a DiT)")
     if os.path.exists(args.out) and not args.overwrite:
         raise TinyFusionError(f"{args.out} already exists; choose another --out or pass --overwrite")
     from tinyfusion.io.checkpoints import load_checkpoint_file

@@ -14,7 +14,8 @@ from tinyfusion.errors import TinyFusionError, run_main
 
 def main(args):
     # imported here, not at the top, so that `--help` and a bad flag answer without loading torch
-    from tinyfusion.io.checkpoints import MODEL_FAMILIES
+
+    from tinyfusion.families import family_for_model
     from tinyfusion.pruning.pruned_models import (check_output_path, load_source_model, plain_name, save_pruned, source_lineage,
                                     validate_kept_indices)
     if not args.ckpt:
@@ -24,15 +25,15 @@ def main(args):
     check_output_path(args.save_model, args.overwrite)
     model_name = plain_name(args.model)
     model, source_metadata = load_source_model(model_name, args.ckpt, args.image_size, args.num_classes, args.vae,
-                                               args.vae_path, use_ema=not args.no_ema, families=MODEL_FAMILIES)
+                                               args.vae_path, use_ema=not args.no_ema)
     try:
         kept = validate_kept_indices(args.kept_indices, model.depth)
     except ValueError as error:
         raise TinyFusionError(f"--kept-indices: {error}") from None
     metadata = dict(method="index", source_model=model_name, source_checkpoint=args.ckpt, source_depth=model.depth,
                     groups=None, confidences=None, scores=None, steps=0, **source_lineage(source_metadata, kept))
-    if (source_metadata or {}).get("transport"):  # a SiT keeps the record of the transport it was trained with
-        metadata["transport"] = source_metadata["transport"]
+    # a SiT keeps the record of the transport it was trained with
+    metadata.update(family_for_model(model_name).recorded_in(source_metadata))
     pruned = save_pruned(model, kept, args.save_model, metadata, overwrite=args.overwrite)
     print(f"kept blocks {kept} of {model.depth}; saved the {pruned.depth}-block model to {args.save_model}")
 

@@ -62,8 +62,9 @@ if __name__ == "__main__":
 import torch
 import torch.distributed as dist
 
-from diffusion import create_diffusion
-from models import DiT_models, SiT_models, gate_decision
+from models import ALL_MODELS, gate_decision
+from tinyfusion.families import family_from_args
+from tinyfusion.families.build import unknown_model_message
 from tinyfusion.distributed import check_global_batch, cleanup_distributed, distributed_context, start_process_group
 from tinyfusion.sampling.cpu_compile import compile_options
 from tinyfusion.pruning.lora import apply_lora
@@ -72,20 +73,16 @@ from tinyfusion.pruning.pruned_models import (check_output_path, linear_schedule
                                 source_lineage)
 from tinyfusion.training.resume import seed_everything
 from tinyfusion.training.trackers import tracker_hooks
-from tinyfusion.io.checkpoints import MODEL_FAMILIES
+
 from tinyfusion.training.run_setup import (PreparedRun, check_dataset_fits, device_flag, loop_keywords, open_training_data,
                                   resolve_run, resumed_flag)
-from transport.cli import check_transport_flags, check_transport_record, transport_record
-from transport.loss import training_losses
 
 
 def gated_groups(args):
     """The gating pattern: --groups, else the gated --model's own."""
-    registry = {**DiT_models, **SiT_models}
-    if args.model not in registry:
-        raise TinyFusionError(f"unknown --model {args.model}; choose one of {', '.join(DiT_models)} (or their SiT- "
-                              f"twins)")
-    groups = args.groups or registry[args.model].default_groups
+    if args.model not in ALL_MODELS:
+        raise TinyFusionError(unknown_model_message(args.model))
+    groups = args.groups or ALL_MODELS[args.model].default_groups
     if groups is None:
         raise TinyFusionError(f"--model {args.model} has no gates; use a gated model (DiT-XL-1-2, DiT-XL-2-4, "
                               f"DiT-XL-7-14, DiT-XL-1-4, DiT-D14-1-2, DiT-D14-2-4) or pass --groups \"[[1,2]]*14\"")
@@ -96,7 +93,7 @@ def build_gated_model(args, groups):
     """The gated model on the original weights with what trains marked requires_grad:
     gate logits always; with --delta-w also LoRA factors (--lora) or all weights."""
     model, source_metadata = load_source_model(args.model, args.load_weight, args.image_size, args.num_classes,
-                                               args.vae, args.vae_path, groups=groups, families=MODEL_FAMILIES)
+                                               args.vae, args.vae_path, groups=groups)
     if args.delta_w and args.lora:
         apply_lora(model, rank=args.lora_rank, seed=args.global_seed)  # freezes everything else
     else:
@@ -138,18 +135,6 @@ def trained_weights(model, ema):
     return {name: param.detach().cpu().clone() for name, param in zip(ema.names, ema.sources)}, ema.state_dict()
 
 
-def pruning_loss(forward, diffusion, x, y):
-    """The diffusion training loss at uniformly drawn timesteps; the gated model draws each
-    sample's block mask itself (train mode)."""
-    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
-    return diffusion.training_losses(forward, x, t, dict(y=y))["loss"].mean()
-
-
-def transport_pruning_loss(forward, transport, x, y):
-    """A gated SiT's search loss: SiT's transport loss (t and noise from the global generator)."""
-    return training_losses(forward, x, transport, dict(y=y))["loss"].mean()
-
-
 class GateSearch(LoopHooks):
     """The loop hooks of the search: tau and scaling annealed linearly over the run, and the
     decision of the EMA logits (kept blocks, confidences) in the log and in every checkpoint."""
@@ -187,11 +172,11 @@ def prepare_search(args):
     if args.compile and args.recompute_elementwise:
         raise TinyFusionError("--recompute-elementwise is for eager runs: with --compile the compiler already "
                               "recomputes elementwise ops in backward; pass one of the two")
-    transport = check_transport_flags(args)  # a SiT's transport; a DiT refuses SiT flags
+    family = family_from_args(args)  # --model's family with its flags (another family's flags are refused)
     ctx = distributed_context(device_flag(args))
     groups = gated_groups(args)
     check_global_batch(args.global_batch_size, ctx)
-    run_dir, resume_path, resume = resolve_run(args, ctx)
+    run_dir, resume_path, resume = resolve_run(args, ctx, family)
     args.load_weight = args.load_weight or resumed_flag(resume, "load_weight")
     if not args.load_weight:
         raise TinyFusionError("--load-weight is required: the checkpoint to prune, e.g. pretrained/DiT-XL-2-256x256.pt")
@@ -199,14 +184,14 @@ def prepare_search(args):
     check_output_path(save_path, args.overwrite)
     seed_everything(args.global_seed, ctx)
     model, source_metadata = build_gated_model(args, groups)
-    check_transport_record(source_metadata, transport, args.load_weight)
+    family.check_record(source_metadata, args.load_weight)
     if resume is not None:
         restore_trained_parameters(model, resume, resume_path)
     dataset = open_training_data(args.data_path, args.global_seed)
     check_dataset_fits(dataset, model, data_path=args.data_path, model_name=args.model, vae=args.vae,
                        image_size=args.image_size)
     return PreparedSearch(ctx, dataset, run_dir, resume_path, resume, model, source_metadata, tracker_hooks(args),
-                          transport=transport, groups=groups, save_path=save_path)
+                          family=family, groups=groups, save_path=save_path)
 
 
 def describe_search(args, groups, model):
@@ -223,20 +208,18 @@ def describe_search(args, groups, model):
 
 
 def save_decision(args, groups, kept, choices, confidences, final_logits, result, run_dir, save_path,
-                  source_metadata, transport=None):
+                  source_metadata, family):
     """Apply the decision to the ORIGINAL weights (the LoRA / weight update only estimated how well
     each choice recovers and is discarded) and save the shallow model with its metadata."""
     source_name = plain_name(args.model)
     original, _ = load_source_model(source_name, args.load_weight, args.image_size, args.num_classes, args.vae,
-                                    args.vae_path, families=MODEL_FAMILIES)
+                                    args.vae_path)
     metadata = dict(method="learnable", source_model=source_name, source_checkpoint=args.load_weight,
                     source_depth=original.depth, groups=groups, choices=choices, confidences=confidences,
                     scores=final_logits, steps=result.train_steps, skipped_steps=result.skipped_steps,
                     delta_w=bool(args.delta_w), lora=bool(args.delta_w and args.lora), lora_rank=args.lora_rank,
                     tau_range=list(args.tau_range), scaling_range=list(args.scaling_range),
-                    run_dir=run_dir, **source_lineage(source_metadata, kept))
-    if transport is not None:
-        metadata["transport"] = transport_record(transport)
+                    run_dir=run_dir, **source_lineage(source_metadata, kept), **family.record())
     save_pruned(original, kept, save_path, metadata, overwrite=args.overwrite)
     result.logger.info(f"saved the {len(kept)}-block model to {save_path}")
 
@@ -255,14 +238,8 @@ def search_loop_keywords(args, model):
 def main(args):
     run = prepare_search(args)
     start_process_group(run.ctx)
-    if run.transport is not None:
-        def search_loss(forward, x, y, epoch):
-            return {"loss": transport_pruning_loss(forward, run.transport, x, y)}
-    else:
-        diffusion = create_diffusion("")
-
-        def search_loss(forward, x, y, epoch):
-            return {"loss": pruning_loss(forward, diffusion, x, y)}
+    def search_loss(forward, x, y, epoch):  # the family's training loss; the gated model draws each
+        return {"loss": run.family.training_losses(forward, x, y)["loss"]}  # sample's block mask itself
     search = GateSearch(run.groups, args.tau_range, args.scaling_range)
     weights, logits = trainable_groups(run.model)
     param_groups = ([([p for _, p in weights], 1.0)] if weights else []) + \
@@ -282,7 +259,7 @@ def main(args):
     if run.ctx.is_main:
         final_logits = [[float(v) for v in group_logits] for group_logits in ema_logits(result.ema, len(run.groups))]
         save_decision(args, run.groups, kept, choices, confidences, final_logits, result, run.run_dir, run.save_path,
-                      run.metadata, run.transport)
+                      run.metadata, run.family)
     if run.ctx.is_distributed:
         dist.barrier()
     cleanup_distributed()

@@ -20,7 +20,7 @@ the model called with t in [0, 1]. Its --sample-grid uses SiT's default SDE samp
 import os
 
 from tinyfusion.flags import (CALIBRATIONS, ArgumentParser, add_interpolant_args, add_model_args,
-                            add_sampling_steps_check, is_sit_name, nonnegative_float, nonnegative_int, positive_int,
+                            add_sampling_steps_check, default_calibration, nonnegative_float, nonnegative_int, positive_int,
                             sampling_steps)
 from tinyfusion.errors import TinyFusionError, run_main
 
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     add_sampling_steps_check(parser)
     args = parser.parse_args(argv)
     if args.calibration is None:
-        args.calibration = "noised" if is_sit_name(args.model) else "clean"
+        args.calibration = default_calibration(args.model)
     return args
 
 
@@ -64,38 +64,23 @@ if __name__ == "__main__":
 
 import torch
 
-from diffusion import create_diffusion
+from tinyfusion.families import family_from_args
 from tinyfusion.io.atomic_files import atomic_write_json
-from tinyfusion.io.checkpoints import MODEL_FAMILIES
 from tinyfusion.sampling.grids import save_labeled_grid
 from tinyfusion.pruning.pruned_models import (bi_scores, calibration_latents, check_latents_fit, check_output_path, load_source_model,
                                 plain_name, save_pruned, select_by_bi_score, source_lineage)
-from tinyfusion.io.vae import decode, load_vae, to_uint8_nhwc
-from transport.cli import check_transport_flags, check_transport_record, transport_record
-from transport.settings import time_interval
+from tinyfusion.io.vae import load_vae, to_uint8_nhwc
 
 
-def save_sample_grid(model, vae, path, args, device, transport=None):
-    """An 8-image class-conditional grid from the pruned model (DiT's sample.py recipe; a SiT:
-    SiT's default SDE from per-sample noise), laid out readably: one row per class with its
-    label, gaps, small images upscaled to >= 64 px."""
-    labels = torch.tensor([c % model.num_classes for c in (207, 360, 387, 974, 88, 979, 417, 279)], device=device)
+def save_sample_grid(model, vae, path, args, device, family):
+    """An 8-image class-conditional grid from the pruned model (the family's preview: DiT's
+    sample.py recipe, a SiT's default SDE from per-sample noise), laid out readably: one row per
+    class with its label, gaps, small images upscaled to >= 64 px."""
+    labels = [c % model.num_classes for c in (207, 360, 387, 974, 88, 979, 417, 279)]
     model.eval()
-    if transport is not None:
-        from tinyfusion.sampling.generate import generate, sample_generator
-        images = generate(model, transport, labels.tolist(), [sample_generator(args.seed, i) for i in range(len(labels))],
-                          args.cfg_scale, "sde", vae=vae, flow_options=dict(num_steps=args.num_sampling_steps))
-        save_labeled_grid(path, to_uint8_nhwc(images.float()).numpy(), labels.tolist(), overwrite=args.overwrite)
-        return
-    torch.manual_seed(args.seed)
-    diffusion = create_diffusion(str(args.num_sampling_steps))
-    z = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size, device=device)
-    z = torch.cat([z, z], 0)
-    y = torch.cat([labels, torch.full_like(labels, model.num_classes)], 0)
-    samples = diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, clip_denoised=False,
-                                      model_kwargs=dict(y=y, cfg_scale=args.cfg_scale), device=device)
-    images = decode(vae, samples.chunk(2)[0])
-    save_labeled_grid(path, to_uint8_nhwc(images.float()).numpy(), labels.tolist(), overwrite=args.overwrite)
+    images = family.preview_samples(model, labels, seed=args.seed, cfg_scale=args.cfg_scale,
+                                    num_steps=args.num_sampling_steps, vae=vae, device=device)
+    save_labeled_grid(path, to_uint8_nhwc(images.float()).numpy(), labels, overwrite=args.overwrite)
 
 
 def scores_path(save_model):
@@ -104,14 +89,11 @@ def scores_path(save_model):
 
 
 def check_inputs(args):
-    """Every one-line refusal that needs no model or data, before any work; returns a SiT's
-    transport (None for a DiT)."""
-    transport = check_transport_flags(args)
-    if transport is not None and args.calibration == "clean":
-        raise TinyFusionError("--calibration clean gives the model DiT timesteps 0..N-1; a SiT is calibrated on its "
-                              "transport's noised inputs (--calibration noised, its default)")
-    if transport is not None and args.sample_grid and args.num_sampling_steps < 2:
-        raise TinyFusionError("--num-sampling-steps must be >= 2 for a SiT's --sample-grid (SiT's SDE)")
+    """Every one-line refusal that needs no model or data, before any work; returns --model's family."""
+    family = family_from_args(args)  # another family's flags are refused
+    family.check_calibration(args.calibration)
+    if args.sample_grid:
+        family.check_preview_steps(args.num_sampling_steps)
     if not args.ckpt:
         raise TinyFusionError("--ckpt is required: the checkpoint to prune, e.g. pretrained/DiT-XL-2-256x256.pt")
     if not args.data_path and not args.features_path:
@@ -121,17 +103,15 @@ def check_inputs(args):
         raise TinyFusionError("--nsamples, --batch-size and --num-sampling-steps must be >= 1")
     for path in (args.save_model, scores_path(args.save_model), args.sample_grid):
         check_output_path(path, args.overwrite)
-    return transport
+    return family
 
 
-def calibration_record(args, nsamples, transport):
+def calibration_record(args, nsamples, family):
     """How the scores were calibrated (the metadata and the .scores.json record it)."""
-    record = dict(calibration=args.calibration, nsamples=nsamples, batch_size=args.batch_size,
-                  timesteps=args.num_sampling_steps if args.calibration == "clean" else 1000, seed=args.seed)
-    if transport is not None:
-        record.update(timesteps=None, time_interval=list(time_interval(transport, sampling=False)),
-                      transport=transport_record(transport))
-    return record
+    """(record, the range of t in words)."""
+    process_record, t_range = family.calibration_record(args.calibration, args.num_sampling_steps)
+    return dict(calibration=args.calibration, nsamples=nsamples, batch_size=args.batch_size, **process_record,
+                seed=args.seed), t_range
 
 
 def load_calibration(args, model, device):
@@ -147,27 +127,23 @@ def load_calibration(args, model, device):
 
 
 def main(args):
-    transport = check_inputs(args)
+    family = check_inputs(args)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)  # the VAE posterior samples
     model_name = plain_name(args.model)
     model, source_metadata = load_source_model(model_name, args.ckpt, args.image_size, args.num_classes, args.vae,
-                                               args.vae_path, use_ema=not args.no_ema, families=MODEL_FAMILIES)
-    check_transport_record(source_metadata, transport, args.ckpt)
+                                               args.vae_path, use_ema=not args.no_ema)
+    family.check_record(source_metadata, args.ckpt)
     model.to(device).eval()
     latents, labels, vae = load_calibration(args, model, device)
-    similarities = bi_scores(model, latents, labels, calibration=args.calibration,
+    similarities = bi_scores(model, latents, labels, family=family, calibration=args.calibration,
                              num_timesteps=args.num_sampling_steps, batch_size=args.batch_size, seed=args.seed,
-                             progress=True, transport=transport)
+                             progress=True)
     try:
         kept = select_by_bi_score(similarities, args.n_pruned)
     except ValueError as error:
         raise TinyFusionError(str(error)) from None
-    calibration = calibration_record(args, len(latents), transport)
-    if transport is not None:
-        t_range = "t in [{}, {}] of the transport".format(*calibration["time_interval"])
-    else:
-        t_range = f"t in [0, {args.num_sampling_steps})" if args.calibration == "clean" else "t in [0, 1000)"
+    calibration, t_range = calibration_record(args, len(latents), family)
     print(f"input/output cosine similarity of each block over {len(latents)} {args.calibration} calibration samples, "
           f"{t_range} (BI score = 1 - similarity; the most similar blocks are removed):")
     for index, similarity in enumerate(similarities):
@@ -186,7 +162,7 @@ def main(args):
         score_definition=metadata["score_definition"]), overwrite=args.overwrite)
     print(f"saved the {pruned.depth}-block model to {args.save_model} and the scores to {scores_path(args.save_model)}")
     if args.sample_grid:
-        save_sample_grid(pruned, vae, args.sample_grid, args, device, transport)
+        save_sample_grid(pruned, vae, args.sample_grid, args, device, family)
         print(f"saved a sample grid to {args.sample_grid}")
 
 

@@ -274,13 +274,13 @@ def sample_file_name(flags):
     sys.path.insert(0, ROOT)
     import sample_ddp
     args = sample_ddp.parse_args(flags)
-    return sample_ddp.output_name(args, sample_ddp.check_args(args))
+    return sample_ddp.output_name(args, *sample_ddp.check_args(args))
 
 
 def describe_checkpoint(model_name, path):
     sys.path.insert(0, ROOT)
-    from tinyfusion.io.checkpoints import MODEL_FAMILIES, build_model
-    model, metadata = build_model(model_name, 8, 10, "none", ckpt=path, families=MODEL_FAMILIES)
+    from tinyfusion.families.build import build_model
+    model, metadata = build_model(model_name, 8, 10, "none", ckpt=path)
     kept = metadata.get("kept_indices") if metadata else None
     return dict(depth=model.depth, params=sum(p.numel() for p in model.parameters()),
                 kept=" ".join(map(str, kept)) if kept else "all")

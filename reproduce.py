@@ -148,7 +148,8 @@ class Study:
         self.teacher_path = os.path.join(checkpoints, f"{self.budget['teacher']:07d}.pt")
 
     def loss_of(self, checkpoint, use_ema=True):
-        from tinyfusion.io.checkpoints import build_model, extract_state_dict, load_checkpoint_file, load_into_model
+        from tinyfusion.io.checkpoints import extract_state_dict, load_checkpoint_file, load_into_model
+        from tinyfusion.families.build import build_model
         from tinyfusion.study.measure import heldout_loss
         model, _ = build_model(MODEL, IMAGE_SIZE, 10, "none", ckpt=checkpoint)
         if not use_ema:
@@ -276,7 +277,7 @@ def balanced_picks(labels, count, seed):
 def calibration_losses(study):
     """Held-out loss of every 1:2 sub-network right after pruning (in process: no training)."""
     from models import prune_to_kept_blocks
-    from tinyfusion.io.checkpoints import build_model
+    from tinyfusion.families.build import build_model
     from tinyfusion.study.measure import heldout_loss, pattern_subsets
     teacher, _ = build_model(MODEL, IMAGE_SIZE, 10, "none", ckpt=study.teacher_path)
     return [{"kept": kept, "calibration": heldout_loss(prune_to_kept_blocks(teacher, kept), study.triples)["loss"]}
@@ -349,7 +350,7 @@ def fid_checks(study, choices):
 def activations(study):
     """max |h| / std and the masked share at k = 2 and 4 per teacher block: are there extreme
     activations for Masked KD to mask?"""
-    from tinyfusion.io.checkpoints import build_model
+    from tinyfusion.families.build import build_model
     from tinyfusion.study.measure import activation_statistics
     teacher, _ = build_model(MODEL, IMAGE_SIZE, 10, "none", ckpt=study.teacher_path)
     rows = activation_statistics(teacher, study.triples, mask_sigma=2.0)

@@ -22,9 +22,9 @@ A SiT (--model SiT-...) samples with --sampler ode or sde (SiT's ODE / SDE modes
 """
 import time
 
-from tinyfusion.flags import (SAMPLING_PRECISION_HELP, SOLVER_NAMES, ArgumentParser, add_guidance_args, add_model_args,
+from tinyfusion.flags import (SAMPLING_PRECISION_HELP, ArgumentParser, add_guidance_args, add_model_args,
                             add_precision_arg, add_sampler_arg, add_sampling_compile_arg, add_sampling_steps_check,
-                            add_timestep_spacing_arg, add_transport_args, autocast, nonnegative_int,
+                            add_timestep_spacing_arg, add_transport_args, nonnegative_int,
                             resolve_timestep_spacing, sampling_steps, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main
 
@@ -68,53 +68,22 @@ import torch
 from torchvision.utils import save_image
 
 from tinyfusion.io.atomic_files import atomic_path
-from tinyfusion.io.checkpoints import build_model
+from tinyfusion.families.build import build_model
 from tinyfusion.io.finite import check_finite_output
 from tinyfusion.sampling.grids import save_labeled_grid
 from tinyfusion.sampling.precision import cast_weights_once, resolve_sampling_precision
-from tinyfusion.sampling.generate import compile_forward, generate, resolve_checkpoint, sample_generator, sampling_process
-from tinyfusion.io.vae import decode, load_vae, to_uint8_nhwc
-from transport.cli import check_sampler_family, check_transport_flags, check_transport_record, flow_options
-
-
-@torch.no_grad()
-def original_grid(model, diffusion, labels, args, vae, amp_dtype, device):
-    """The original procedure: one global seed, z ~ randn(n, C, L, L) on the device for the
-    whole grid, [z; z] with labels [y; null], the sampling loop over model.forward_with_cfg with
-    clip_denoised=False, the first half decoded (latents / 0.18215)."""
-    torch.manual_seed(args.seed)
-    z = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size, device=device)
-    y = torch.tensor(labels, device=device)
-    z = torch.cat([z, z], 0)
-    y = torch.cat([y, torch.tensor([model.num_classes] * len(labels), device=device)], 0)
-    model_kwargs = dict(y=y, cfg_scale=args.cfg_scale)
-    if args.guide_all_channels:  # not the original's: it guides the first 3 channels
-        model_kwargs["guide_all_channels"] = True
-    forward = model.forward_with_cfg
-    if amp_dtype != torch.float32:
-        def forward(x, t, **kwargs):
-            with autocast(amp_dtype, device):
-                return model.forward_with_cfg(x, t, **kwargs).float()
-    if args.sampler in SOLVER_NAMES:  # not the original's: a fast ODE solver from the same z
-        samples = diffusion.sample_loop(forward, z, model_kwargs, progress=True)
-    elif args.sampler == "ddpm":
-        samples = diffusion.p_sample_loop(forward, z.shape, z, clip_denoised=False, model_kwargs=model_kwargs,
-                                          progress=True, device=device)
-    else:
-        samples = diffusion.ddim_sample_loop(forward, z.shape, z, clip_denoised=False, model_kwargs=model_kwargs,
-                                             progress=True, device=device, eta=args.ddim_eta)
-    samples, _ = samples.chunk(2, dim=0)
-    return decode(vae, samples)
+from tinyfusion.sampling.generate import compile_forward, generate, sample_generator
+from tinyfusion.io.vae import load_vae, to_uint8_nhwc
+from tinyfusion.families import family_from_args
 
 
 def main(args):
     """Sample one image per --class-labels entry and save them as a 4-column grid PNG."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    is_sit = args.model.startswith("SiT-")
-    args.sampler = args.sampler or ("ddpm" if not is_sit else None)
-    check_sampler_family(args.sampler, args.model, is_sit)
-    transport = check_transport_flags(args)  # a SiT's interpolant; a DiT refuses SiT flags
-    options = flow_options(args) if is_sit else None
+    family = family_from_args(args)  # --model's family (another family's flags are refused)
+    args.sampler = args.sampler or family.entry.default_sampler
+    family.check_sampler(args.model, args.sampler)
+    options = family.sampling_options(args)
     if args.sampler != "ddim" and args.ddim_eta != 0.0:
         raise TinyFusionError("--ddim-eta is for --sampler ddim")
     try:
@@ -125,10 +94,10 @@ def main(args):
     if bad_labels:
         raise TinyFusionError(f"--class-labels {bad_labels} outside [0, {args.num_classes}); pass labels of the "
                               f"model's classes (or the right --num-classes)")
-    ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
+    ckpt = args.ckpt or family.default_checkpoint(args.model, args.image_size)
     model, metadata = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
-                                  use_ema=not args.no_ema, groups=args.groups, families=("DiT", "SiT"))
-    check_transport_record(metadata, transport, ckpt)
+                                  use_ema=not args.no_ema, groups=args.groups)
+    family.check_record(metadata, ckpt)
     amp_dtype, precision_note = resolve_sampling_precision(args.precision, device)
     model = cast_weights_once(model.to(device).eval().requires_grad_(False), amp_dtype)  # bf16/fp16: cast once
     if args.compile:
@@ -136,16 +105,19 @@ def main(args):
     if precision_note:  # what auto chose, or that the precision asked for is emulated here
         print(precision_note)
     vae = load_vae(args.vae, args.vae_path, device)
-    diffusion = transport if is_sit else sampling_process(args.sampler, args.num_sampling_steps, spacing)
+    process = family.sampling_process(args.sampler, args.num_sampling_steps, spacing, options)
 
     start = time.time()
-    if args.per_sample_seeds or is_sit:  # a SiT has no original grid procedure here: per-sample noise
+    if args.per_sample_seeds or not family.original_grid:  # a SiT has no original grid procedure: per-sample noise
         generators = [sample_generator(args.seed, i) for i in range(len(args.class_labels))]
-        images = generate(model, diffusion, args.class_labels, generators, args.cfg_scale, args.sampler,
+        images = generate(model, process, args.class_labels, generators, args.cfg_scale, args.sampler,
                           args.ddim_eta, vae, amp_dtype=amp_dtype, progress=True,
                           guide_all_channels=args.guide_all_channels, flow_options=options)
     else:
-        images = original_grid(model, diffusion, args.class_labels, args, vae, amp_dtype, device)
+        images = family.original_grid_samples(model, process, args.class_labels, seed=args.seed,
+                                              cfg_scale=args.cfg_scale, sampler=args.sampler, eta=args.ddim_eta,
+                                              guide_all_channels=args.guide_all_channels, amp_dtype=amp_dtype,
+                                              vae=vae, device=device, progress=True)
     check_finite_output(images, f"the {len(images)} samples of {args.ckpt or ckpt}")  # NaN would be saved as black
     # normalize to [-1, 1] then *255 + 0.5: the same uint8 values as sample_ddp.py's clamp(127.5 x + 128)
     if args.grid == "labeled":  # one row per class, labelled, gaps, tiny images upscaled

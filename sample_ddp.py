@@ -75,17 +75,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from tinyfusion.io.atomic_files import atomic_path, atomic_write_json
-from tinyfusion.io.checkpoints import build_model, check_finite_weights, load_state_dict
+from tinyfusion.io.checkpoints import check_finite_weights, load_state_dict
+from tinyfusion.families.build import build_model
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
 from tinyfusion.io.finite import NonFiniteOutput, count_non_finite, non_finite_output_message
 from tinyfusion.sampling.precision import cast_weights_once, resolve_sampling_precision
 from tinyfusion.io.run_lock import lock_folder, release_folder
 from tinyfusion.io.run_folder import MetricsLog, create_logger
-from tinyfusion.sampling.generate import (compile_forward, generate, resolve_checkpoint, run_name, sample_generator,
-                                 sample_labels, sampling_process, spacing_identity, balanced_labels)
+from tinyfusion.sampling.generate import (compile_forward, generate, run_name, sample_generator, sample_labels,
+                                          spacing_identity, balanced_labels)
 from tinyfusion.io.vae import load_vae, to_uint8_nhwc
-from transport.cli import (check_sampler_family, check_transport_flags, check_transport_record, flow_identity,
-                           flow_options, flow_run_suffix, transport_from_args)
+from tinyfusion.families import family_from_args
 
 # settings that change the images: a run may only be resumed (or reported complete) with the same
 # values (--num-fid-samples, --per-proc-batch-size and the world size may change). The checkpoint
@@ -98,13 +98,13 @@ IDENTITY_KEYS = ("model", "weights_sha256", "no_ema", "image_size", "num_classes
 ADDED_IDENTITY_DEFAULTS = {"compile": False, "timestep_spacing": None}
 
 
-def weights_sha256(ckpt, use_ema=True, transport=None):
+def weights_sha256(ckpt, family, use_ema=True):
     """sha256 of the weights a run samples from (names, dtypes, shapes, bytes; about 1.5 s per GB
     on one core): the file's bytes would not do, since torch.save records the file name it wrote.
-    Refuses a SiT checkpoint recording another interpolant than `transport`."""
+    Refuses a checkpoint whose record does not fit `family` (a SiT trained on another interpolant)."""
     state_dict, metadata = load_state_dict(ckpt, use_ema=use_ema)
     check_finite_weights(state_dict, ckpt)  # before any folder is made
-    check_transport_record(metadata, transport, ckpt)
+    family.check_record(metadata, ckpt)
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name].contiguous()
@@ -236,34 +236,35 @@ def plan_run(args, run_dir, final_path, settings, image_shape):
 
 
 def check_args(args):
+    """(family, its sampler keywords) once every flag is checked, before any work."""
     if args.cfg_scale < 1.0:
         raise TinyFusionError(f"--cfg-scale must be >= 1.0 (1.0 = no guidance), got {args.cfg_scale}")
     if min(args.num_fid_samples, args.per_proc_batch_size, args.cpu_threads) <= 0 or args.global_seed < 0:
         raise TinyFusionError("--num-fid-samples, --per-proc-batch-size and --cpu-threads must be positive, "
                          "--global-seed >= 0")
-    args.sampler = args.sampler or ("ddpm" if not args.model.startswith("SiT-") else None)
-    check_sampler_family(args.sampler, args.model, args.model.startswith("SiT-"))
-    check_transport_flags(args)
+    family = family_from_args(args)  # --model's family (another family's flags are refused)
+    args.sampler = args.sampler or family.entry.default_sampler
+    family.check_sampler(args.model, args.sampler)
     if args.sampler != "ddim" and args.ddim_eta != 0.0:
         raise TinyFusionError("--ddim-eta is for --sampler ddim")
     try:
         args.timestep_spacing = resolve_timestep_spacing(args.sampler, args.timestep_spacing)
     except ValueError as error:
         raise TinyFusionError(str(error)) from None
-    return flow_options(args) if args.model.startswith("SiT-") else None
+    return family, family.sampling_options(args)
 
 
-def output_name(args, options, precision="fp32"):
-    """The run folder / .npz name of these settings (after check_args; `options` what it returned)."""
+def output_name(args, family, options, precision="fp32"):
+    """The run folder / .npz name of these settings (after check_args; family and options what it returned)."""
     return run_name(args.model, args.ckpt, args.image_size, args.vae, args.cfg_scale, args.global_seed,
                     args.num_sampling_steps, args.sampler, precision, args.timestep_spacing) + (
-        flow_run_suffix(args) if options else "") + ("-balanced" if getattr(args, "balanced_labels", False) else "")
+        family.sample_name_suffix(args, options)) + ("-balanced" if getattr(args, "balanced_labels", False) else "")
 
 
 def main(args):
     """Sample --num-fid-samples images over all ranks and write them as one .npz."""
-    options = check_args(args)
-    ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
+    family, options = check_args(args)
+    ckpt = args.ckpt or family.default_checkpoint(args.model, args.image_size)
     ctx = setup_distributed()
     if ctx.device.type == "cuda":  # TF32 (the original's default) is fast on A100+; --no-tf32 for full fp32
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -272,22 +273,21 @@ def main(args):
         torch.set_num_threads(args.cpu_threads)
     amp_dtype, _ = resolve_sampling_precision(args.precision, ctx.device)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-    run_dir = os.path.join(args.sample_dir, output_name(args, options, precision))
+    run_dir = os.path.join(args.sample_dir, output_name(args, family, options, precision))
     final_path = f"{run_dir}.npz"
     image_shape = (args.image_size, args.image_size, 3)
     settings = {key: getattr(args, key) for key in IDENTITY_KEYS if hasattr(args, key)}
     settings.update(ckpt=os.path.abspath(ckpt), precision=precision, tf32=bool(args.tf32),
                     compile=bool(args.compile), timestep_spacing=spacing_identity(args.sampler, args.timestep_spacing))
-    settings.update(flow_identity(args) if options else {})
+    settings.update(family.sample_identity(args, options))
 
-    sampler = build_sampler(args, ckpt, ctx, amp_dtype, options)  # refuses a mismatch before any folder exists
+    sampler = build_sampler(args, ckpt, ctx, amp_dtype, family, options)  # refuses a mismatch before any folder exists
     # rank 0 locks the run folder and decides (and creates folders); every rank gets the same
     # plan or the same error. The lock is held until the .npz is written (or the run fails).
     plan = None
     if ctx.is_main:
         try:
-            settings["weights_sha256"] = weights_sha256(ckpt, use_ema=not args.no_ema,
-                                                        transport=transport_from_args(args) if options else None)
+            settings["weights_sha256"] = weights_sha256(ckpt, family, use_ema=not args.no_ema)
             plan = plan_run(args, run_dir, final_path, settings, image_shape)
         except (TinyFusionError, OSError) as error:
             plan = ("error", unwritable_message(error) or str(error))
@@ -319,20 +319,18 @@ def refuse_non_finite_batch(images, ctx, indices):
         raise NonFiniteOutput(non_finite_output_message(bad.item(), what))
 
 
-def build_sampler(args, ckpt, ctx, amp_dtype, options=None):
-    """(model, vae, diffusion or transport) of the run, built on every rank before the run folder
+def build_sampler(args, ckpt, ctx, amp_dtype, family, options=None):
+    """(model, vae, the family's sampling process) of the run, built on every rank before the run folder
     exists: a checkpoint of another family or size is refused without leaving a folder behind."""
     model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, ckpt=ckpt,
-                           use_ema=not args.no_ema, groups=args.groups,
-                           families=("DiT", "SiT"))
+                           use_ema=not args.no_ema, groups=args.groups)
     model = model.to(ctx.device).eval().requires_grad_(False)
     model = cast_weights_once(model, amp_dtype)  # bf16/fp16: weights cast once, not on every call
     if args.compile:
         model = compile_forward(model)
     vae = load_vae(args.vae, args.vae_path, ctx.device)
-    diffusion = transport_from_args(args) if options else sampling_process(args.sampler, args.num_sampling_steps,
-                                                                           args.timestep_spacing)
-    return model, vae, diffusion
+    process = family.sampling_process(args.sampler, args.num_sampling_steps, args.timestep_spacing, options)
+    return model, vae, process
 
 
 def sample_and_assemble(args, ctx, run_dir, final_path, status, todo, sampler, amp_dtype, image_shape, options=None):

@@ -38,28 +38,10 @@ if __name__ == "__main__":
     # --help or a bad flag should answer at once
     ARGS = build_parser().parse_args()
 
-import torch
-
-from diffusion import create_diffusion
 from tinyfusion.distributed import cleanup_distributed, start_process_group
 from tinyfusion.training.loop import full_weights, train_loop
 from tinyfusion.evaluation.quality import check_eval_args, eval_hooks
 from tinyfusion.training.run_setup import loop_keywords, prepare_training, training_metadata
-from transport.loss import training_losses
-
-
-def diffusion_losses(model, diffusion, x, y):
-    """The standard DiT loss of a batch (mse + vb), as fp32 scalars."""
-    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
-    terms = diffusion.training_losses(model, x, t, dict(y=y))
-    return {"loss": terms["loss"].mean(), "gt": terms["loss"].mean().detach(), "mse": terms["mse"].mean().detach(),
-            "vb": terms["vb"].mean().detach()}
-
-
-def transport_losses(model, transport, x, y):
-    """SiT's training loss of a batch (t and noise drawn from the global generator), fp32 scalars."""
-    loss = training_losses(model, x, transport, dict(y=y))["loss"].mean()
-    return {"loss": loss, "gt": loss.detach()}
 
 
 def main(args):
@@ -68,20 +50,14 @@ def main(args):
     start_process_group(run.ctx)
     intro = (f"run folder {run.run_dir}; model {args.model} (depth {run.model.depth})"
              + (f" from {args.load_weight}" if args.load_weight and run.resume is None else ""))
-    if run.transport is not None:
-        transport = run.transport
-        intro += f"; transport {transport}"
+    if run.family.describe():
+        intro += f"; {run.family.describe()}"
 
-        def compute_losses(student, x, y, epoch):
-            return transport_losses(student, transport, x, y)
-    else:
-        diffusion = create_diffusion(timestep_respacing="")  # default: 1000 steps, linear, learned sigma
-
-        def compute_losses(student, x, y, epoch):
-            return diffusion_losses(student, diffusion, x, y)
+    def compute_losses(student, x, y, epoch):  # the family's loss: DiT's mse + vb, a SiT's transport loss
+        return run.family.training_losses(student, x, y)
     train_loop(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run.run_dir, intro=[intro],
                compute_losses=compute_losses,
-               checkpoint_weights=full_weights(training_metadata(run.metadata, run.model, run.transport)),
+               checkpoint_weights=full_weights(training_metadata(run.metadata, run.model, run.family)),
                hooks=run.trackers + eval_hooks(args), resume_checkpoint=run.resume,
                resume_path=run.resume_path, **loop_keywords(args))
     cleanup_distributed()

@@ -50,29 +50,25 @@ if __name__ == "__main__":
     # --help or a bad flag should answer at once
     ARGS = build_parser().parse_args()
 
-from diffusion import create_diffusion
-from diffusion.distillation import (LAYER_MAP_RULES, feature_beta, masked_kd_losses, parse_layer_map, rule_layer_map,
-                                    validate_layer_map)
-from tinyfusion.io.checkpoints import MODEL_FAMILIES, build_model
+from diffusion.distillation import LAYER_MAP_RULES, feature_beta, parse_layer_map, rule_layer_map, validate_layer_map
+from tinyfusion.families.build import build_model
 from tinyfusion.distributed import cleanup_distributed, start_process_group
 from tinyfusion.training.loop import full_weights, train_loop
 from tinyfusion.sampling.precision import FrozenForward, resolve_teacher_precision
 from tinyfusion.pruning.pruned_models import kept_indices_in_frame
 from tinyfusion.evaluation.quality import check_eval_args, eval_hooks
 from tinyfusion.training.run_setup import loop_keywords, prepare_training, training_metadata
-from transport.cli import check_transport_record
-from transport.distillation import transport_kd_losses
 
 
-def build_teacher(args, device, transport=None):
-    """The frozen teacher: --teacher with --load-teacher weights, eval mode, no grad, no DDP (a
-    SiT teacher's recorded transport must be the student's)."""
+def build_teacher(args, device, family):
+    """The frozen teacher: --teacher with --load-teacher weights, eval mode, no grad, no DDP (what
+    its checkpoint records of the process must be the student's: a SiT teacher's transport)."""
     if not args.load_teacher:
         raise TinyFusionError("--load-teacher is required (the dense teacher's weights, e.g. "
                               "pretrained/DiT-XL-2-256x256.pt)")
     teacher, metadata = build_model(args.teacher, args.image_size, args.num_classes, args.vae, args.vae_path,
-                                    ckpt=args.load_teacher, flag="--teacher", families=MODEL_FAMILIES)
-    check_transport_record(metadata, transport, args.load_teacher)
+                                    ckpt=args.load_teacher, flag="--teacher")
+    family.check_record(metadata, args.load_teacher)
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
 
@@ -112,11 +108,10 @@ def main(args):
     check_eval_args(args)
     run = prepare_training(args)  # every check before the process group starts and before any file is written
     student = run.model
-    teacher = build_teacher(args, run.ctx.device, run.transport)
+    teacher = build_teacher(args, run.ctx.device, run.family)
     check_teacher_fits(args, student, teacher)
     layer_pairs, map_source = resolve_layer_map(args, student, run.metadata, teacher)
     start_process_group(run.ctx)
-    diffusion = create_diffusion(timestep_respacing="") if run.transport is None else None
     teacher_dtype = resolve_teacher_precision(args.teacher_precision,
                                               resolve_precision(args.precision, run.ctx.device), run.ctx.device)
     teacher_forward = FrozenForward(teacher, teacher_dtype, run.ctx.device)  # inference mode, weights cast once
@@ -125,9 +120,7 @@ def main(args):
         settings = dict(alpha=args.alpha_kd, beta=feature_beta(epoch, args.epochs, args.beta_feat),
                         mask_sigma=args.mask_sigma, layer_pairs=layer_pairs,
                         class_dropout_prob=student.class_dropout_prob)
-        if run.transport is not None:
-            return transport_kd_losses(student_forward, teacher_forward, run.transport, x, y, **settings)
-        return masked_kd_losses(student_forward, teacher_forward, diffusion, x, y, **settings)
+        return run.family.kd_losses(student_forward, teacher_forward, x, y, **settings)
 
     intro = [f"run folder {run.run_dir}; student {args.model} (depth {student.depth}), teacher {args.teacher} "
              f"(depth {teacher.depth}) from {args.load_teacher}",
@@ -135,7 +128,7 @@ def main(args):
              f"teacher precision {str(teacher_dtype).replace('torch.', '')}"]
     train_loop(model=student, dataset=run.dataset, ctx=run.ctx, run_dir=run.run_dir, intro=intro,
                compute_losses=compute_losses,
-               checkpoint_weights=full_weights(training_metadata(run.metadata, student, run.transport)),
+               checkpoint_weights=full_weights(training_metadata(run.metadata, student, run.family)),
                hooks=run.trackers + eval_hooks(args), resume_checkpoint=run.resume, resume_path=run.resume_path,
                **loop_keywords(args))
     cleanup_distributed()

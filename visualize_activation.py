@@ -65,15 +65,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusion import create_diffusion
+from tinyfusion.families import family_from_args
 from tinyfusion.io.atomic_files import atomic_path, atomic_write_json
-from tinyfusion.io.checkpoints import MODEL_FAMILIES
-from tinyfusion.pruning.pruned_models import calibration_latents, check_latents_fit, load_source_model, transport_noised
-from tinyfusion.sampling.generate import resolve_checkpoint
+from tinyfusion.pruning.pruned_models import calibration_latents, check_latents_fit, load_source_model
 from tinyfusion.io.vae import load_vae
-from transport.cli import check_transport_flags, check_transport_record, transport_record
-from transport.paths import interpolate
-from transport.settings import time_interval
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # after choosing the backend
@@ -86,41 +81,6 @@ def histogram_edges():
     land in the outermost bins."""
     outer = np.logspace(0, EDGE_DECADES, EDGE_DECADES * BINS_PER_DECADE + 1)
     return np.concatenate([-outer[::-1], np.linspace(-1, 1, 21)[1:-1], outer])
-
-
-def model_inputs(latents, labels, seed, timestep=None, num_timesteps=1000):
-    """(x_t, t, y) for all samples: t uniform in [0, num_timesteps) (or fixed), x_t = q_sample
-    with seeded noise, so the same flags give the same inputs on any device or batch size."""
-    generator = torch.Generator().manual_seed(seed)
-    if timestep is None:
-        t = torch.randint(0, num_timesteps, (len(latents),), generator=generator)
-    else:
-        t = torch.full((len(latents),), timestep, dtype=torch.long)
-    noise = torch.randn(latents.shape, generator=generator)
-    x_t = create_diffusion("").q_sample(latents, t, noise=noise)
-    return x_t, t, labels
-
-
-def sit_model_inputs(latents, labels, seed, transport, time=None):
-    """(x_t, t, y) of a SiT: its transport's x_t = alpha_t x1 + sigma_t x0, t uniform on the
-    training interval then x0 (as training draws them), or t = `time` for all samples and x0,
-    from a CPU generator seeded with `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    if time is None:
-        x_t, t = transport_noised(transport, latents, generator)
-        return x_t, t, labels
-    t = torch.full((len(latents),), time, dtype=latents.dtype)
-    noise = torch.randn(latents.shape, generator=generator)
-    return interpolate(transport.path, t, noise, latents)[0], t, labels
-
-
-def noising_record(args, transport):
-    """What the JSON says of the noising: a DiT's timesteps, a SiT's times and transport."""
-    if transport is None:
-        return dict(timesteps="uniform [0, 1000)" if args.timestep is None else args.timestep)
-    times = args.time if args.time is not None else "uniform on [{}, {}]".format(
-        *time_interval(transport, sampling=False))
-    return dict(times=times, transport=transport_record(transport))
 
 
 class BlockStatistics:
@@ -211,39 +171,34 @@ def save_figure(fig, path):
 
 
 def check_args(args):
-    """Every one-line refusal that needs no model or data; returns a SiT's transport (None: a DiT)."""
-    transport = check_transport_flags(args)  # a DiT given a SiT flag stops here
-    if transport is not None and args.timestep is not None:
-        raise TinyFusionError(f"--timestep is a DiT timestep; {args.model} is a SiT: pass --time in [0, 1] (1 = data)")
-    if transport is None and args.time is not None:
-        raise TinyFusionError(f"--time is a SiT time; {args.model} is a DiT: pass --timestep in [0, 1000)")
+    """Every one-line refusal that needs no model or data; returns --model's family."""
+    family = family_from_args(args)  # another family's flags are refused
+    family.check_noising_flags(args.model, timestep=args.timestep, time=args.time)
     if not args.data_path and not args.features_path:
         raise TinyFusionError("pass --data-path (an ImageFolder, encoded with --vae) or --features-path (a feature store)")
     if os.path.exists(os.path.join(args.out, "activations.json")) and not args.overwrite:
         raise TinyFusionError(f"{args.out} already holds activations.json; pass --overwrite or another --out")
-    return transport
+    return family
 
 
 def main(args):
     args.out = args.out or os.path.join("activations", args.model.replace("/", "-") + (
         "-" + os.path.splitext(os.path.basename(args.ckpt))[0] if args.ckpt else ""))
-    transport = check_args(args)
+    family = check_args(args)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    ckpt = resolve_checkpoint(args.ckpt, args.model, args.image_size)
+    ckpt = args.ckpt or family.default_checkpoint(args.model, args.image_size)
     # the depth comes from the checkpoint, so a pruned file without metadata loads under its family's name
     model, metadata = load_source_model(args.model, ckpt, args.image_size, args.num_classes, args.vae, args.vae_path,
-                                        groups=args.groups, use_ema=not args.no_ema, families=MODEL_FAMILIES)
-    check_transport_record(metadata, transport, ckpt)
+                                        groups=args.groups, use_ema=not args.no_ema)
+    family.check_record(metadata, ckpt)
     model = model.to(device).eval()
     vae = load_vae(args.vae, args.vae_path, device) if args.data_path and not args.features_path else None
     latents, labels = calibration_latents(args.nsamples, args.seed, args.features_path, args.data_path,
                                           args.image_size, vae, args.batch_size, device)
     check_latents_fit(latents, labels, model)
-    if transport is None:
-        x_t, t, y = model_inputs(latents, labels, args.seed, args.timestep)
-    else:
-        x_t, t, y = sit_model_inputs(latents, labels, args.seed, transport, args.time)
-    stats = collect(model, x_t, t, y, args.batch_size, args.topk, args.mask_sigma, device)
+    when = args.timestep if args.time is None else args.time  # the one the family takes (check_args)
+    x_t, t = family.activation_inputs(latents, torch.Generator().manual_seed(args.seed), when=when)
+    stats = collect(model, x_t, t, labels, args.batch_size, args.topk, args.mask_sigma, device)
     summaries = [block.summary(index) for index, block in enumerate(stats)]
     name = f"{args.model} {os.path.basename(ckpt)}"
     for index, (block, summary) in enumerate(zip(stats, summaries)):
@@ -252,7 +207,7 @@ def main(args):
     plot_summary(summaries, args.mask_sigma, os.path.join(args.out, "summary.png"),
                  f"{name}: extreme activations per block ({len(latents)} samples)")
     record = dict(model=args.model, ckpt=ckpt, nsamples=len(latents), seed=args.seed, mask_sigma=args.mask_sigma,
-                  **noising_record(args, transport), topk=args.topk, blocks=summaries)
+                  **family.noising_record(when), topk=args.topk, blocks=summaries)
     atomic_write_json(os.path.join(args.out, "activations.json"), record)
     for summary in summaries:
         print(f"block {summary['block']:2d}: min {summary['min']:10.3f} max {summary['max']:10.3f} "

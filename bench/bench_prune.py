@@ -31,11 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.harness import alternate, load_average, machine_info, print_comparison, summary, write_json  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
 from tinyfusion.training.ema import ParameterEMA  # noqa: E402
 from tinyfusion.pruning.lora import apply_lora  # noqa: E402
 from models import DiT_models, StraightThroughGate  # noqa: E402
-from prune_by_learning import pruning_loss  # noqa: E402
+from tinyfusion.families import dit  # noqa: E402
 from tinyfusion.training.gradients import clip_grad_norm  # noqa: E402
 from tinyfusion.training.loop import AutocastForward  # noqa: E402
 
@@ -90,10 +89,10 @@ class OursStep:
         self.optimizer = make_optimizer(self.model)
         self.ema = ParameterEMA([(n, p) for n, p in self.model.named_parameters() if p.requires_grad], 0.999)
         self.forward = AutocastForward(self.model, torch.float32, torch.device("cpu"))
-        self.diffusion = create_diffusion("")
+        self.family = dit.Family()  # DiT's loss: the search's on a DiT
 
     def __call__(self, x, y):
-        loss = pruning_loss(self.forward, self.diffusion, x, y)
+        loss = self.family.training_losses(self.forward, x, y)["loss"]
         loss.backward()
         clip_grad_norm(self.trainable, 1.0)
         self.optimizer.step()
@@ -111,7 +110,7 @@ class OriginalStep:
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.model)
-        self.diffusion = create_diffusion("")
+        self.family = dit.Family()  # DiT's loss: the search's on a DiT
 
     def gated_forward(self, x, t, y):
         model = self.model

@@ -28,7 +28,8 @@ from bench.harness import alternate, machine_info, print_comparison, summary, wr
 from models import DiT, DiT_models, prune_to_kept_blocks  # noqa: E402
 from tinyfusion.flags import PRECISIONS, SAMPLER_NAMES, resolve_timestep_spacing  # noqa: E402
 from tinyfusion.sampling.precision import cast_weights_once  # noqa: E402
-from tinyfusion.sampling.generate import generate, sample_generator, sampling_process  # noqa: E402
+from tinyfusion.sampling.generate import generate, sample_generator  # noqa: E402
+from tinyfusion.families.dit import sampling_process  # noqa: E402
 
 PAPER_IT_PER_S = {"DiT-XL/2": 6.91, "DiT-D14/2": 13.54}
 PAPER_SPEEDUP = 1.96  # 13.54 / 6.91, as the paper rounds it

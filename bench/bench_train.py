@@ -4,8 +4,8 @@ config, and the KD step's cost relative to the plain step, measured in one run.
     python bench/bench_train.py                      # 14-block student, 28-block teacher, hidden 384
     python bench/bench_train.py --input-size 32 --batch-size 32 --device cuda --precision bf16
 
-A step is what the training loop does per batch: the script's loss function (train.diffusion_losses
-or diffusion.distillation.masked_kd_losses), backward, grad clipping, AdamW, EMA. Variants,
+A step is what the training loop does per batch: the DiT family's loss (its training_losses
+or kd_losses, diffusion.distillation.masked_kd_losses), backward, grad clipping, AdamW, EMA. Variants,
 alternated ABBA (bench/harness.py), median of per-round ratios to the plain step:
   plain       train.py's step
   kd-before   the KD step with the teacher as before (no_grad + autocast re-casting its weights)
@@ -27,10 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import train  # noqa: E402
 from tinyfusion.flags import resolve_precision  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
-from diffusion.distillation import masked_kd_losses, span_end_layer_map  # noqa: E402
+from tinyfusion.families import dit  # noqa: E402
+from diffusion.distillation import span_end_layer_map  # noqa: E402
 from tinyfusion.training.ema import ParameterEMA  # noqa: E402
 from models import DiT_models, prune_to_kept_blocks  # noqa: E402
 from tinyfusion.training.gradients import clip_grad_norm  # noqa: E402
@@ -60,7 +59,7 @@ def main(args):
     teacher_dtype = resolve_teacher_precision(args.teacher_precision, precision, device)
     teacher, student, kept = build(args, device, precision)
     pairs = span_end_layer_map(kept, args.teacher_depth)
-    diffusion = create_diffusion("")
+    family = dit.Family()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=device.type == "cuda")
     ema = ParameterEMA([(n, p) for n, p in student.named_parameters() if p.requires_grad], 0.9999)
@@ -74,7 +73,7 @@ def main(args):
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
 
     def kd_losses(teacher_forward, **draws):
-        return masked_kd_losses(student_forward, teacher_forward, diffusion, x, y, alpha=0.9, beta=1e-2,
+        return family.kd_losses(student_forward, teacher_forward, x, y, alpha=0.9, beta=1e-2,
                                 mask_sigma=2.0, layer_pairs=pairs, class_dropout_prob=0.1, **draws)
 
     def step(compute):
@@ -86,7 +85,7 @@ def main(args):
             ema.update()
             optimizer.zero_grad(set_to_none=True)
         return run
-    variants = {"plain": step(lambda: train.diffusion_losses(student_forward, diffusion, x, y))}
+    variants = {"plain": step(lambda: family.training_losses(student_forward, x, y))}
     variants.update({f"kd-{name}": step(lambda forward=forward: kd_losses(forward)) for name, forward in teachers.items()})
     times = alternate(variants, rounds=args.rounds, warmup=args.warmup, device=device)
 

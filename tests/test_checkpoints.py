@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.io.checkpoints import (build_model, describe_architecture, infer_architecture, load_state_dict,
-                         read_metadata, save_checkpoint, save_pruned_model)
+from tinyfusion.io.checkpoints import (describe_architecture, infer_architecture, load_state_dict, read_metadata,
+                                       save_checkpoint, save_pruned_model)
+from tinyfusion.families.build import build_model
 from models import DiT_models, prune_to_kept_blocks
 from test_models import randomize
 

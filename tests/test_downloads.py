@@ -312,10 +312,10 @@ def test_first_download_pins_its_hash_and_later_ones_must_match(server, fast_ret
 
 
 def test_sit_and_inception_graph_download_through_the_same_path(server, fast_retries, tmp_path, monkeypatch):
-    from tinyfusion.sampling.generate import resolve_checkpoint
+    from tinyfusion.families import default_checkpoint
     monkeypatch.chdir(tmp_path)
     server.files = {"SiT-XL-2-256x256.pt": b"sit weights"}
-    assert resolve_checkpoint(None, "SiT-XL/2", 256) == os.path.join("pretrained", "SiT-XL-2-256x256.pt")
+    assert default_checkpoint("SiT-XL/2", 256) == os.path.join("pretrained", "SiT-XL-2-256x256.pt")
     assert downloads.read_manifest("pretrained")["SiT-XL-2-256x256.pt"]["sha256"] == sha256_of(b"sit weights")
     monkeypatch.delenv(downloads.URL_ENVIRONMENT_VARIABLE)
     assert downloads.release_url("SiT-XL-2-256x256.pt") == downloads.SIT_RELEASE_URL
@@ -374,7 +374,7 @@ def tiny_state_dict_bytes(tmp_path):
 
 def test_released_name_as_checkpoint_downloads_and_loads(server, fast_retries, tmp_path, monkeypatch):
     from download import find_model
-    from tinyfusion.io.checkpoints import build_model
+    from tinyfusion.families.build import build_model
     payload, weights = tiny_state_dict_bytes(tmp_path)
     server.files = {"TinyDiT-D14-MaskedKD-500K.pt": payload}
     monkeypatch.chdir(tmp_path)
@@ -389,14 +389,14 @@ def test_released_name_as_checkpoint_downloads_and_loads(server, fast_retries, t
 
 
 def test_sampling_without_ckpt_uses_the_released_dit(server, fast_retries, tmp_path, monkeypatch):
-    from tinyfusion.sampling.generate import resolve_checkpoint
+    from tinyfusion.families import default_checkpoint
     monkeypatch.chdir(tmp_path)
     server.files = {"DiT-XL-2-512x512.pt": b"weights"}
-    assert resolve_checkpoint(None, "DiT-XL/2", 512) == os.path.join("pretrained", "DiT-XL-2-512x512.pt")
+    assert default_checkpoint("DiT-XL/2", 512) == os.path.join("pretrained", "DiT-XL-2-512x512.pt")
     with pytest.raises(TinyFusionError, match="--ckpt is required for --model DiT-D14/2.*TinyDiT-D14-MaskedKD-500K.pt"):
-        resolve_checkpoint(None, "DiT-D14/2", 256)
+        default_checkpoint("DiT-D14/2", 256)
     with pytest.raises(TinyFusionError) as error:
-        resolve_checkpoint(None, "DiT-S/2", 256)
+        default_checkpoint("DiT-S/2", 256)
     assert "TinyDiT" not in str(error.value) and "http" not in str(error.value)
 
 

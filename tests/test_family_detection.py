@@ -10,7 +10,7 @@ import torch
 import sample
 from diffusion import create_diffusion
 from models import DiT_models, SiT_models
-from tinyfusion.io.checkpoints import build_model, family_from_weights
+from tinyfusion.families.build import build_model, family_from_weights
 from tinyfusion.errors import TinyFusionError
 from transport.loss import training_losses
 from transport.settings import create_transport
@@ -49,7 +49,7 @@ def test_a_trained_sit_saved_as_model_pt_is_not_sampled_as_a_dit(tmp_path):
         sample.main(sample.parse_args(["--model", "DiT-XS/4", *PIXEL, "--ckpt", path, "--out", str(out),
                                        "--class-labels", "1", "2"]))
     assert not out.exists()
-    model, _ = build_model("SiT-XS/4", 8, 10, "none", ckpt=path, families=("DiT", "SiT"))  # the right flag loads
+    model, _ = build_model("SiT-XS/4", 8, 10, "none", ckpt=path)  # the right flag loads
     assert model.model_family == "SiT"
 
 
@@ -59,15 +59,15 @@ def test_a_trained_dit_is_not_loaded_as_a_sit(tmp_path):
     assert family_from_weights(torch.load(path))[0] == "DiT"
     with pytest.raises(TinyFusionError, match=r"holds DiT weights \(the sigma half of its final layer is trained.*"
                                               r"pass --model DiT-XS/4"):
-        build_model("SiT-XS/4", 8, 10, "none", ckpt=path, families=("DiT", "SiT"))
-    assert build_model("DiT-XS/4", 8, 10, "none", ckpt=path, families=("DiT", "SiT"))[0].model_family == "DiT"
+        build_model("SiT-XS/4", 8, 10, "none", ckpt=path)
+    assert build_model("DiT-XS/4", 8, 10, "none", ckpt=path)[0].model_family == "DiT"
 
 
 def test_where_the_weights_cannot_tell_the_flag_to_pass_is_named(tmp_path, capsys):
     path = str(tmp_path / "fresh.pt")  # untrained: the whole final layer is zero in both families
     torch.save(SiT_models["SiT-XS/4"](input_size=8, in_channels=3, num_classes=10).state_dict(), path)
     assert family_from_weights(torch.load(path)) == (None, None)
-    build_model("DiT-XS/4", 8, 10, "none", ckpt=path, families=("DiT", "SiT"))
+    build_model("DiT-XS/4", 8, 10, "none", ckpt=path)
     note = capsys.readouterr().out
     assert note.count("\n") == 1 and "fresh.pt does not say whether it holds DiT or SiT weights" in note
     assert "loaded as a DiT (--model DiT-XS/4); if it is a SiT, pass --model SiT-XS/4" in note

@@ -11,8 +11,9 @@ import prune_by_index
 import sample
 import sample_ddp
 from models import DiT_models
-from tinyfusion.io.checkpoints import (MAX_TRAINED_WEIGHT, build_model, check_finite_weights, load_checkpoint_file,
-                                    save_checkpoint, save_pruned_model)
+from tinyfusion.io.checkpoints import (MAX_TRAINED_WEIGHT, check_finite_weights, load_checkpoint_file,
+                                       save_checkpoint, save_pruned_model)
+from tinyfusion.families.build import build_model
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.io.vae import to_uint8_nhwc
 

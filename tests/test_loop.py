@@ -179,7 +179,7 @@ def test_torchrun_bad_input_prints_one_line_once_and_leaves_no_run_folder(worksp
 
 # ------------------------------------------------------------------ experiment trackers
 def test_a_tracker_hook_gets_every_metrics_record_from_rank_0_and_is_closed(workspace, tmp_path):
-    from diffusion import create_diffusion
+    from tinyfusion.families import dit
     from tinyfusion.training import loop
     from tinyfusion.training import run_setup
     from tinyfusion.training import trackers
@@ -195,7 +195,7 @@ def test_a_tracker_hook_gets_every_metrics_record_from_rank_0_and_is_closed(work
         def close(self):
             self.closed = True
 
-    made, diffusion = [], create_diffusion("")
+    made, family = [], dit.Family()
     args = train.build_parser().parse_args(
         ["--model", MODEL, "--data-path", workspace["features"], "--results-dir", str(tmp_path),
          "--global-batch-size", "8", "--load-weight", workspace["student"], "--max-steps", "4", "--log-every", "2",
@@ -203,7 +203,7 @@ def test_a_tracker_hook_gets_every_metrics_record_from_rank_0_and_is_closed(work
     run = run_setup.prepare_training(args)
     run_dir = str(tmp_path / "run")
     loop.train_loop(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run_dir,
-                    compute_losses=lambda forward, x, y, epoch: train.diffusion_losses(forward, diffusion, x, y),
+                    compute_losses=lambda forward, x, y, epoch: family.training_losses(forward, x, y),
                     hooks=[trackers.TrackerHook(FakeWriter)], **run_setup.loop_keywords(args))
     (writer,) = made
     assert writer.run_dir == run_dir and writer.closed

@@ -182,7 +182,7 @@ def test_mask_sigma_zero_is_plain_repkd_and_masks_remove_planted_outliers():
 
 
 def test_teacher_gets_no_gradient_and_an_identical_student_has_zero_distillation_loss(tmp_path):
-    from tinyfusion.io.checkpoints import build_model
+    from tinyfusion.families.build import build_model
     teacher_path, _ = make_teacher_and_student(str(tmp_path))
     teacher, _ = build_model(MODEL, IMAGE_SIZE, 10, "none", ckpt=teacher_path)
     student, _ = build_model(MODEL, IMAGE_SIZE, 10, "none", ckpt=teacher_path)
@@ -356,7 +356,8 @@ def test_kd_bad_input_is_one_line_and_writes_nothing(workspace, tmp_path, case):
 
 
 def test_kd_run_logs_terms_follows_the_cosine_schedule_and_saves_a_loadable_student(workspace, tmp_path):
-    from tinyfusion.io.checkpoints import build_model, load_checkpoint_file
+    from tinyfusion.io.checkpoints import load_checkpoint_file
+    from tinyfusion.families.build import build_model
     results = run_kd(workspace, tmp_path, "--load-weight", workspace["student"], "--load-teacher",
                      workspace["teacher"], "--max-steps", "6", "--log-every", "2", "--ckpt-every", "3",
                      "--epochs", "2", "--prefix", "kd")
@@ -385,7 +386,8 @@ def test_distillation_beats_fine_tuning_against_the_teacher(tmp_path):
     """2 ranks (gloo): train a 12-block teacher from scratch on digits, prune it to 4 blocks, then
     recover the student for the same number of steps with train.py and with train_masked_kd.py;
     the distilled student is closer to the teacher (held-out eps distance)."""
-    from tinyfusion.io.checkpoints import build_model, save_checkpoint, save_pruned_model
+    from tinyfusion.io.checkpoints import save_checkpoint, save_pruned_model
+    from tinyfusion.families.build import build_model
     from models import prune_to_kept_blocks
     features = make_digits_store(str(tmp_path), limit=512)
     common = ["--data-path", features, "--results-dir", str(tmp_path / "results"), "--global-batch-size", "32",

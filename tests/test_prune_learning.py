@@ -134,14 +134,15 @@ def test_resume_continues_from_the_same_step_logits_and_optimizer(workspace, lor
 def test_nan_step_is_skipped_and_counted_and_logits_only_ema(workspace, monkeypatch):
     folder, features, teacher = workspace
     calls = {"n": 0}
-    original_loss = prune_by_learning.pruning_loss
+    from tinyfusion.families import dit
+    original_losses = dit.Family.training_losses
 
-    def loss_with_one_nan(forward, diffusion, x, y):
+    def losses_with_one_nan(family, forward, x, y):
         calls["n"] += 1
-        loss = original_loss(forward, diffusion, x, y)
-        return loss * float("nan") if calls["n"] == 2 else loss
+        losses = original_losses(family, forward, x, y)
+        return dict(losses, loss=losses["loss"] * float("nan")) if calls["n"] == 2 else losses
 
-    monkeypatch.setattr(prune_by_learning, "pruning_loss", loss_with_one_nan)
+    monkeypatch.setattr(dit.Family, "training_losses", losses_with_one_nan)
     args = prune_by_learning.parse_args(run_args(folder, features, teacher, "nan", "--max-steps", "3",
                                                  "--log-every", "1", "--ckpt-every", "1"))
     prune_by_learning.main(args)

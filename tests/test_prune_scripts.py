@@ -10,7 +10,8 @@ from PIL import Image
 
 import prune_by_index
 import prune_by_score
-from tinyfusion.io.checkpoints import build_model, load_checkpoint_file, read_metadata
+from tinyfusion.io.checkpoints import load_checkpoint_file, read_metadata
+from tinyfusion.families.build import build_model
 from models import DiT_models
 from tests.prune_helpers import make_digits_features, save_plain, set_block_gates, xs_model
 from tests.tiny_vae import make_tiny_vae

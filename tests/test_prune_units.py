@@ -188,10 +188,11 @@ def test_bi_score_hooks_match_a_manual_block_loop():
 
 
 def test_bi_score_removes_the_most_similar_blocks_never_the_last():
+    from tinyfusion.families import dit
     model = _known_similarity_model()
     latents, labels = torch.randn(12, 3, 8, 8), torch.randint(0, 10, (12,))
     for calibration in ("clean", "noised"):
-        scores = bi_scores(model, latents, labels, calibration=calibration, batch_size=5, seed=0)
+        scores = bi_scores(model, latents, labels, family=dit.Family(), calibration=calibration, batch_size=5, seed=0)
         assert scores[1] == pytest.approx(1.0, abs=1e-6) and scores[5] == pytest.approx(1.0, abs=1e-6)
         assert scores[3] > scores[4] > scores[2] and scores[3] > scores[0] > scores[2]
     assert select_by_bi_score(scores, 2) == [0, 2, 4, 5]  # blocks 1 and 3; block 5 is as similar but last

@@ -49,8 +49,9 @@ def independent_fid(workspace, checkpoint_path):
     """The checkpoint's EMA weights sampled through generate and scored by evaluator.evaluate (the
     whole ADM path, from an .npz), sharing nothing with the hook but the sampler and the network."""
     import evaluator
-    from tinyfusion.io.checkpoints import build_model
-    from tinyfusion.sampling.generate import generate, sample_generator, sample_labels, sampling_process
+    from tinyfusion.families.build import build_model
+    from tinyfusion.sampling.generate import generate, sample_generator, sample_labels
+    from tinyfusion.families.dit import sampling_process
     from tinyfusion.io.vae import to_uint8_nhwc
     model, _ = build_model("DiT-XS/4", 8, 10, "none", ckpt=checkpoint_path, use_ema=True)
     model.eval()

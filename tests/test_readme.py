@@ -337,7 +337,7 @@ def written_paths(script, args):
         return [args.save_model if script != "export_diffusers.py" else args.out]
     if script == "sample_ddp.py":
         import sample_ddp
-        folder = os.path.join(args.sample_dir, sample_ddp.output_name(args, sample_ddp.check_args(args), args.precision))
+        folder = os.path.join(args.sample_dir, sample_ddp.output_name(args, *sample_ddp.check_args(args), args.precision))
         return [folder, f"{folder}.npz"]
     if script == "save_npz.py":
         import save_npz

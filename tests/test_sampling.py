@@ -23,8 +23,9 @@ from tinyfusion.io.checkpoints import save_pruned_model
 from diffusion import create_diffusion, per_sample_noise_fn
 from models import DiT_models
 from tinyfusion.flags import resolve_timestep_spacing
-from tinyfusion.sampling.generate import (generate, padded_rows, resolve_checkpoint, run_name, sample_generator,
-                                 sample_labels, sample_seed, sampling_process)
+from tinyfusion.families import default_checkpoint
+from tinyfusion.families.dit import sampling_process
+from tinyfusion.sampling.generate import generate, padded_rows, run_name, sample_generator, sample_labels, sample_seed
 from training_helpers import ROOT, torchrun
 from tinyfusion.io.vae import to_uint8_nhwc
 
@@ -111,13 +112,13 @@ def test_missing_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
         offline = f"http://127.0.0.1:{probe.getsockname()[1]}"
     monkeypatch.setenv("TINYFUSION_DOWNLOAD_URL", offline)
     with pytest.raises(TinyFusionError, match=f"cannot download DiT-XL-2-512x512.pt from {offline}/DiT-XL-2-512x512.pt"):
-        resolve_checkpoint(None, "DiT-XL/2", 512)
+        default_checkpoint("DiT-XL/2", 512)
     with pytest.raises(TinyFusionError, match="--ckpt is required for --model DiT-D14/2"):
-        resolve_checkpoint(None, "DiT-D14/2", 256)
+        default_checkpoint("DiT-D14/2", 256)
     # the original downloads into pretrained_models/: a copy there is used as it would be
     os.makedirs("pretrained_models")
     open("pretrained_models/DiT-XL-2-256x256.pt", "wb").close()
-    assert resolve_checkpoint(None, "DiT-XL/2", 256) == os.path.join("pretrained_models", "DiT-XL-2-256x256.pt")
+    assert default_checkpoint("DiT-XL/2", 256) == os.path.join("pretrained_models", "DiT-XL-2-256x256.pt")
     # both scripts fail before building anything
     with pytest.raises(TinyFusionError, match=f"wget -c {offline}/DiT-XL-2-512x512.pt -P pretrained"):
         sample.main(sample.parse_args(["--image-size", "512"]))
@@ -431,7 +432,7 @@ def test_sample_py_grid_with_a_latent_model(tmp_path):
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 * 34 + 2, 4 * 34 + 2, 3)  # torchvision grid: 4 columns, 2-pixel padding
     # the tiles are the images of seeds (5, i), decoded by the VAE: same pixels as sample_ddp's uint8 conversion
-    from tinyfusion.io.checkpoints import build_model
+    from tinyfusion.families.build import build_model
     from tinyfusion.io.vae import load_vae
     model, _ = build_model("DiT-XS/2", 32, 10, "ema", vae_dir, ckpt=ckpt)
     images = generate(model.eval(), create_diffusion(str(STEPS)), labels, seeded(range(5), seed=5), 4.0,

@@ -259,29 +259,31 @@ def test_family_mismatch_and_sampler_errors_are_one_line(tmp_path, monkeypatch):
     import argparse
 
     import sample
-    from tinyfusion.io.checkpoints import build_model
+    from tinyfusion.families.build import build_model
     from tinyfusion.errors import TinyFusionError
     _, sit_ckpt = save_xs4(tmp_path / "sit.pt", "SiT")
     dit_model, dit_ckpt = save_xs4(tmp_path / "dit.pt", "DiT")
     with pytest.raises(TinyFusionError, match="holds DiT weights but --model SiT-XS/4 is a SiT; pass --model DiT-XS/4"):
-        build_model("SiT-XS/4", 8, 10, "none", families=BOTH, ckpt=dit_ckpt)
+        build_model("SiT-XS/4", 8, 10, "none", ckpt=dit_ckpt)
     with pytest.raises(TinyFusionError, match="holds SiT weights but --model DiT-XS/4 is a DiT"):
-        build_model("DiT-XS/4", 8, 10, "none", families=BOTH, ckpt=sit_ckpt)
+        build_model("DiT-XS/4", 8, 10, "none", ckpt=sit_ckpt)
     training = str(tmp_path / "0000010.pt")  # a training checkpoint names its model in args
     torch.save({"model": dit_model.state_dict(), "ema": dit_model.state_dict(),
                 "args": argparse.Namespace(model="DiT-XS/4")}, training)
     with pytest.raises(TinyFusionError, match="holds DiT weights"):
-        build_model("SiT-XS/4", 8, 10, "none", families=BOTH, ckpt=training)
+        build_model("SiT-XS/4", 8, 10, "none", ckpt=training)
     plain = str(tmp_path / "plain.pt")  # no metadata, args or name: its trained sigma half says DiT
     torch.save(dit_model.state_dict(), plain)
     with pytest.raises(TinyFusionError, match="holds DiT weights \\(the sigma half of its final layer is trained"):
-        build_model("SiT-XS/4", 8, 10, "none", families=BOTH, ckpt=plain, depth=2)
+        build_model("SiT-XS/4", 8, 10, "none", ckpt=plain, depth=2)
     no_sigma = str(tmp_path / "no-sigma.pt")  # p*p*C outputs (SiT trained with learn_sigma=False)
     torch.save(SiT_models["SiT-XS/4"](input_size=8, in_channels=3, num_classes=10, depth=2, learn_sigma=False)
                .state_dict(), no_sigma)
-    assert build_model("SiT-XS/4", 8, 10, "none", families=BOTH, ckpt=no_sigma, depth=2)[0].learn_sigma is False
-    with pytest.raises(TinyFusionError, match="supports DiT models only"):
-        build_model("SiT-XS/4", 8, 10, "none", ckpt=sit_ckpt)
+    assert build_model("SiT-XS/4", 8, 10, "none", ckpt=no_sigma, depth=2)[0].learn_sigma is False
+    import export_diffusers  # a script of one family refuses the other's --model
+    with pytest.raises(TinyFusionError, match="--model SiT-XS/4 is a SiT; this script supports DiT models only"):
+        export_diffusers.main(export_diffusers.parse_args(["--model", "SiT-XS/4", "--ckpt", sit_ckpt,
+                                                           "--out", str(tmp_path / "never")]))
     out = str(tmp_path / "never.png")
     for flags, message in ((["--ckpt", sit_ckpt], "is a SiT: pass --sampler ode or --sampler sde"),
                            (["--ckpt", sit_ckpt, "--sampler", "ddpm"], "is a SiT"),

@@ -24,6 +24,7 @@ import train_masked_kd
 from models import SiT, SiT_models
 from test_models import randomize
 from test_train import assert_same_tensors, checkpoint
+from tinyfusion.families import sit
 from tinyfusion.io.checkpoints import read_metadata, save_checkpoint, with_metadata
 from tinyfusion.errors import TinyFusionError
 from training_helpers import COMMON_FLAGS, IMAGE_SIZE, make_digits_store, torchrun
@@ -92,7 +93,7 @@ def closed_form_loss(model, x1, y, t, x0, path, prediction, weight):
 
 @pytest.mark.parametrize("path, prediction, weight", [("Linear", "velocity", None), ("GVP", "noise", "velocity")])
 def test_the_training_loss_is_sits_closed_form_on_a_fixed_batch(path, prediction, weight):
-    """train.transport_losses (what the loop minimises for a SiT) draws t ~ U[t0, t1] then x0 from
+    """A SiT family's training_losses (what the loop minimises for a SiT) draws t ~ U[t0, t1] then x0 from
     the global generator (as SiT, in that order on the CPU) and returns SiT's loss."""
     torch.manual_seed(0)
     model = tiny_sit().eval()
@@ -100,7 +101,7 @@ def test_the_training_loss_is_sits_closed_form_on_a_fixed_batch(path, prediction
     transport = create_transport(path, prediction, weight)
     t0, t1 = (0.0, 1.0) if prediction == "velocity" else (1e-3, 1 - 1e-3)
     torch.manual_seed(7)
-    got = train.transport_losses(model, transport, x1, y)
+    got = sit.Family(transport).training_losses(model, x1, y)
     torch.manual_seed(7)
     t = torch.rand(5) * (t1 - t0) + t0
     x0 = torch.randn(5, 3, 8, 8)
@@ -113,11 +114,11 @@ def test_the_loop_minimises_and_logs_exactly_that_loss(workspace, tmp_path, monk
     """Inside train.py's loop: each step's loss (with the model in train mode, label dropout
     included) equals the closed form recomputed from the same generator state, and is the
     logged loss."""
-    real, recomputed = train.transport_losses, []
+    real, recomputed = sit.Family.training_losses, []
 
-    def checked(model, transport, x, y):
+    def checked(family, model, x, y):
         state = torch.get_rng_state()
-        result = real(model, transport, x, y)
+        result = real(family, model, x, y)
         after = torch.get_rng_state()
         torch.set_rng_state(state)
         with torch.no_grad():
@@ -126,7 +127,7 @@ def test_the_loop_minimises_and_logs_exactly_that_loss(workspace, tmp_path, monk
                                result["loss"].item()))
         torch.set_rng_state(after)
         return result
-    monkeypatch.setattr(train, "transport_losses", checked)
+    monkeypatch.setattr(sit.Family, "training_losses", checked)
     train.main(parse(train, workspace, tmp_path, "--load-weight", workspace["teacher"], "--max-steps", "3",
                      "--log-every", "1"))
     logged = [json.loads(line)["loss"] for line in open(tmp_path / RUN / "metrics.jsonl")]
@@ -159,8 +160,8 @@ def test_kd_terms_by_hand():
 
 
 # ------------------------------------------------------------------ resume, checkpoints
-@pytest.mark.parametrize("script, loss_name", [(train, "transport_losses"),
-                                               pytest.param(train_masked_kd, "transport_kd_losses",
+@pytest.mark.parametrize("script, loss_name", [(train, "training_losses"),
+                                               pytest.param(train_masked_kd, "kd_losses",
                                                             marks=pytest.mark.slow)])
 def test_interrupted_sit_run_resumed_with_auto_ends_with_the_same_weights(workspace, tmp_path, monkeypatch, script,
                                                                           loss_name):
@@ -168,17 +169,17 @@ def test_interrupted_sit_run_resumed_with_auto_ends_with_the_same_weights(worksp
     flags = ["--load-weight", workspace["student"], "--max-steps", "5", "--ckpt-every", "2", "--log-every", "1",
              "--epochs", "3"]
     script.main(parse(script, workspace, tmp_path / "a", *flags))
-    real_losses, calls = getattr(script, loss_name), []
+    real_losses, calls = getattr(sit.Family, loss_name), []  # the family's loss the script calls
 
     def dies_in_step_3(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real_losses(*args, **kwargs)
-    monkeypatch.setattr(script, loss_name, dies_in_step_3)
+    monkeypatch.setattr(sit.Family, loss_name, dies_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         script.main(parse(script, workspace, tmp_path / "b", *flags))
-    monkeypatch.setattr(script, loss_name, real_losses)
+    monkeypatch.setattr(sit.Family, loss_name, real_losses)
     assert sorted(os.listdir(tmp_path / "b" / RUN / "checkpoints")) == ["0000002.pt"]
     script.main(parse(script, workspace, tmp_path / "b", *flags, "--resume", "auto"))
     final_a = checkpoint(tmp_path / "a" / RUN / "checkpoints" / "0000005.pt")
@@ -207,8 +208,9 @@ def test_every_script_on_a_tiny_sit(workspace, tmp_path, capsys, monkeypatch):
     results, teacher = tmp_path / "results", workspace["teacher"]
     train.main(parse(train, workspace, results, "--load-weight", teacher, "--max-steps", "2", "--prefix", "teacher"))
     trained = str(results / "teacher-SiT-XS-4" / "checkpoints" / "0000002.pt")
-    calls, real_search_loss = [], prune_by_learning.transport_pruning_loss
-    monkeypatch.setattr(prune_by_learning, "transport_pruning_loss", lambda *a: calls.append(1) or real_search_loss(*a))
+    from tinyfusion.families import sit
+    calls, real_losses = [], sit.Family.training_losses
+    monkeypatch.setattr(sit.Family, "training_losses", lambda *a: calls.append(1) or real_losses(*a))
     prune_by_learning.main(prune_by_learning.parse_args(training_flags(
         workspace, results, "--groups", "[[1,6]]*2", "--load-weight", trained, "--max-steps", "2", "--delta-w",
         "--lora", "--lora-rank", "2", "--prefix", "prune", "--save-model", str(tmp_path / "learned.pt"))))
@@ -236,20 +238,22 @@ def test_every_script_on_a_tiny_sit(workspace, tmp_path, capsys, monkeypatch):
     (npz,) = glob.glob(str(tmp_path / "samples" / "*.npz"))
     with np.load(npz) as batch:
         assert batch["arr_0"].shape == (3, 8, 8, 3)
-    from tinyfusion.io.checkpoints import build_model
-    model, _ = build_model(MODEL, 8, 10, "none", ckpt=student, families=("DiT", "SiT"))
+    from tinyfusion.families.build import build_model
+    model, _ = build_model(MODEL, 8, 10, "none", ckpt=student)
     assert type(model) is SiT and model.depth == 2
 
 
 def test_bi_calibration_of_a_sit_is_its_transports_noising(tmp_path):
     """The model sees x_t = t x1 + (1 - t) x0 with its t in [0, 1], t then x0 drawn per batch from
     the generator of --seed; the clean (DiT-timestep) calibration is refused for a SiT."""
+    from tinyfusion.families import sit
     from tinyfusion.pruning.pruned_models import bi_scores
     model = tiny_sit().eval()
     latents, labels = torch.randn(6, 3, 8, 8), torch.arange(6)
     seen = []
     model.register_forward_pre_hook(lambda module, inputs: seen.append([v.clone() for v in inputs]))
-    bi_scores(model, latents, labels, calibration="noised", batch_size=4, seed=3, transport=create_transport())
+    family = sit.Family(create_transport())
+    bi_scores(model, latents, labels, family=family, calibration="noised", batch_size=4, seed=3)
     generator = torch.Generator().manual_seed(3)
     for (x, t, y), start in zip(seen, (0, 4)):
         x1 = latents[start:start + 4]

@@ -32,7 +32,8 @@ from test_sampling import NUM_CLASSES, PIXEL_FLAGS, STEPS, ddp_main, load_npz, p
 from tinyfusion.errors import TinyFusionError
 from training_helpers import torchrun
 from tinyfusion.flags import SOLVER_NAMES
-from tinyfusion.sampling.generate import generate, sampling_process
+from tinyfusion.sampling.generate import generate
+from tinyfusion.families.dit import sampling_process
 from tinyfusion.sampling.solvers import FastSolver
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -16,6 +16,7 @@ import torch
 from tinyfusion.errors import TinyFusionError
 import train
 import train_masked_kd
+from tinyfusion.families import dit
 from tinyfusion.training import gradients
 from tinyfusion.training import loop
 from tinyfusion.training import resume
@@ -65,7 +66,7 @@ def assert_same_tensors(a, b, where=""):
 
 
 # ------------------------------------------------------------------ resume
-@pytest.mark.parametrize("script, loss_name", [(train, "diffusion_losses"), (train_masked_kd, "masked_kd_losses")])
+@pytest.mark.parametrize("script, loss_name", [(train, "training_losses"), (train_masked_kd, "kd_losses")])
 def test_interrupted_run_resumed_with_auto_ends_with_the_same_weights(workspace, tmp_path, monkeypatch, script,
                                                                       loss_name):
     # 14 steps over 12-batch epochs, checkpoints at 5, 10, 14; the interrupted run dies in step 8
@@ -73,17 +74,17 @@ def test_interrupted_run_resumed_with_auto_ends_with_the_same_weights(workspace,
              "--epochs", "3"]
     script.main(parse(script, workspace, tmp_path / "a", *flags))
 
-    real_losses, calls = getattr(script, loss_name), []
+    real_losses, calls = getattr(dit.Family, loss_name), []  # the family's loss the script calls
 
     def dies_in_step_8(*args, **kwargs):
         calls.append(1)
         if len(calls) == 8:
             raise KeyboardInterrupt
         return real_losses(*args, **kwargs)
-    monkeypatch.setattr(script, loss_name, dies_in_step_8)
+    monkeypatch.setattr(dit.Family, loss_name, dies_in_step_8)
     with pytest.raises(KeyboardInterrupt):
         script.main(parse(script, workspace, tmp_path / "b", *flags))
-    monkeypatch.setattr(script, loss_name, real_losses)
+    monkeypatch.setattr(dit.Family, loss_name, real_losses)
     run_b = tmp_path / "b" / "run-DiT-XS-4"
     assert sorted(os.listdir(run_b / "checkpoints")) == ["0000005.pt"]
     script.main(parse(script, workspace, tmp_path / "b", *flags, "--resume", "auto"))
@@ -104,7 +105,7 @@ def test_interrupted_run_resumed_with_auto_ends_with_the_same_weights(workspace,
 
 # ------------------------------------------------------------------ run folder and checkpoint format
 def test_training_from_scratch_writes_the_run_folder_and_original_format_checkpoints(workspace, tmp_path):
-    from tinyfusion.io.checkpoints import build_model
+    from tinyfusion.families.build import build_model
     from models import DiT_models
     train.main(parse(train, workspace, tmp_path, "--max-steps", "4", "--ckpt-every", "3", "--log-every", "2",
                      "--prefix", "scratch"))
@@ -179,9 +180,9 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(workspace
         args.data_path = flip_a_latent_byte(workspace["features"], tmp_path / "features")
         expected = "damaged"
     else:
-        def diverged(model, diffusion, x, y):
+        def diverged(family, model, x, y):
             return {"loss": model(x, torch.zeros(len(x), dtype=torch.long), y).mean() * float("inf")}
-        monkeypatch.setattr(train, "diffusion_losses", diverged)
+        monkeypatch.setattr(dit.Family, "training_losses", diverged)
         args.max_skipped_in_a_row = 2
         expected = "2 non-finite losses in a row"
     with pytest.raises(TinyFusionError, match=expected) as error:
@@ -202,15 +203,14 @@ def make_fit_inputs(workspace, tmp_path, *extra):
 
 
 def test_non_finite_losses_skip_the_step_and_are_counted(workspace, tmp_path):
-    from diffusion import create_diffusion
     model, keywords = make_fit_inputs(workspace, tmp_path, "--max-steps", "6")
     run_dir = keywords["run_dir"]
-    diffusion = create_diffusion("")
+    family = dit.Family()
     snapshots = []
 
     def losses_nan_in_steps_3_and_4(student, x, y, epoch):
         snapshots.append(model.final_layer.linear.weight.detach().clone())
-        losses = train.diffusion_losses(student, diffusion, x, y)
+        losses = family.training_losses(student, x, y)
         if len(snapshots) in (3, 4):
             losses["loss"] = losses["loss"] * float("nan")
         return losses

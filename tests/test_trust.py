@@ -20,9 +20,10 @@ import train_masked_kd
 from models import DiT_models
 from tinyfusion import flags as cli
 from tinyfusion.io import feature_store
-from tinyfusion.io.checkpoints import (CorruptCheckpointError, build_model, load_checkpoint_file,
-                                    newest_loadable_checkpoint, save_checkpoint, save_pruned_model, tensors_checksum,
-                                    with_checksum, with_metadata)
+from tinyfusion.io.checkpoints import (CorruptCheckpointError, load_checkpoint_file, newest_loadable_checkpoint,
+                                       save_checkpoint, save_pruned_model, tensors_checksum, with_checksum,
+                                       with_metadata)
+from tinyfusion.families.build import build_model
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.io.image_folder import load_image_uint8, to_rgb8
 

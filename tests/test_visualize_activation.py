@@ -49,8 +49,9 @@ def hand_statistics(workspace, nsamples, seed, k):
     """Per block (masked share, min, max, std, sorted |h|) of the same inputs, from forward hooks."""
     from tinyfusion.pruning.pruned_models import calibration_latents
     latents, labels = calibration_latents(nsamples, seed, workspace["features"])
-    x_t, t, y = visualize_activation.model_inputs(latents, labels, seed)
-    return hooked_statistics(tiny_model(workspace, "DiT"), x_t, t, y, k)
+    from tinyfusion.families import dit
+    x_t, t = dit.Family().activation_inputs(latents, torch.Generator().manual_seed(seed))
+    return hooked_statistics(tiny_model(workspace, "DiT"), x_t, t, labels, k)
 
 
 def hooked_statistics(model, x_t, t, y, k):

@@ -10,6 +10,9 @@ import os
 import re
 import sys
 
+from tinyfusion.families import DIFFUSION_SAMPLERS, REGISTRY, SOLVER_NAMES, entry_for_model
+from tinyfusion.errors import TinyFusionError
+
 # every name of models.DiT_models, listed here so that `--help` needs neither models.py nor torch
 # (tests/test_cli.py checks the two lists agree)
 MODEL_NAMES = ["DiT-XL/2", "DiT-XL/4", "DiT-XL/8", "DiT-L/2", "DiT-L/4", "DiT-L/8", "DiT-B/2", "DiT-B/4", "DiT-B/8",
@@ -18,13 +21,11 @@ MODEL_NAMES = ["DiT-XL/2", "DiT-XL/4", "DiT-XL/8", "DiT-L/2", "DiT-L/4", "DiT-L/
 
 
 # choice lists of flags whose values are names defined by torch code: listed here so that `--help`
-# needs no torch. Those the code reads from here are the only copy (SiT's names: transport/ imports
-# them); the others repeat a registry (tests/test_cli.py checks each against it).
+# needs no torch. Each repeats a registry (tests/test_cli.py checks each against it).
 LR_SCHEDULES = ("cosine", "constant")           # tinyfusion/training/lr_schedules.py
 CALIBRATIONS = ("clean", "noised")              # tinyfusion/pruning.bi_scores
-FLOW_SAMPLERS = ("ode", "sde")                  # SiT's samplers (transport/), tinyfusion/sampling/generate.py
-SOLVER_NAMES = ("dpm-solver++", "unipc")        # DiT's fast ODE solvers (tinyfusion/sampling/solvers.py)
-SAMPLER_NAMES = ("ddpm", "ddim", *SOLVER_NAMES)  # the keys of tinyfusion.sampling.generate.SAMPLERS
+SAMPLER_NAMES = (*DIFFUSION_SAMPLERS, *SOLVER_NAMES)  # the keys of tinyfusion.families.dit.SAMPLERS
+ALL_SAMPLERS = tuple(sampler for entry in REGISTRY for sampler in entry.samplers)  # every family's
 DIFFUSION_SPACINGS = ("dit", "leading")         # ddpm / ddim: diffusion.respace.space_timesteps
 SOLVER_SPACINGS = ("linspace", "trailing", "leading")  # the fast solvers: diffusers' timestep_spacing
 STORE_DTYPE_NAMES = ("fp16", "fp32")            # the keys of tinyfusion.io.feature_store.STORE_DTYPES
@@ -164,11 +165,18 @@ def sampling_steps(text):
 
 
 def add_sampling_steps_check(parser):
-    """--num-sampling-steps <= 1000 for a DiT (--model DiT-...); a SiT's time grid takes any count."""
+    """--num-sampling-steps <= 1000 for a DiT (--model DiT-...); a SiT's time grid takes any count
+    (the registry entry's max_sampling_steps)."""
     def check(args):
-        if not str(args.model).startswith("SiT-") and args.num_sampling_steps > DIFFUSION_STEPS:
-            return (f"argument --num-sampling-steps: must be at most the diffusion's {DIFFUSION_STEPS} steps for a "
-                    f"DiT, got {args.num_sampling_steps} (a SiT's --sampler ode / sde takes any number)")
+        try:
+            entry = entry_for_model(args.model)
+        except TinyFusionError:
+            return None  # an unknown --model is refused when the model is built
+        if entry.max_sampling_steps is not None and args.num_sampling_steps > entry.max_sampling_steps:
+            unlimited = "; ".join(f"a {other.name}'s --sampler {' / '.join(other.samplers)}" for other in REGISTRY
+                                  if other.max_sampling_steps is None)
+            return (f"argument --num-sampling-steps: must be at most the diffusion's {entry.max_sampling_steps} steps "
+                    f"for a {entry.name}, got {args.num_sampling_steps} ({unlimited} takes any number)")
         return None
     return parser.add_check(check)
 
@@ -180,7 +188,7 @@ NUMERIC_TYPES = (positive_int, nonnegative_int, positive_float, nonnegative_floa
 
 def add_sampler_arg(parser):
     """--sampler of sample.py and sample_ddp.py."""
-    parser.add_argument("--sampler", choices=[*SAMPLER_NAMES, *FLOW_SAMPLERS], default=None,
+    parser.add_argument("--sampler", choices=ALL_SAMPLERS, default=None,
                         help="DiT: ddpm (default, the original), ddim, or the fast ODE solvers dpm-solver++ "
                              "(2nd order multistep) and unipc (one model evaluation per step: pass e.g. "
                              "--num-sampling-steps 20); SiT: ode or sde (required)")
@@ -396,14 +404,18 @@ def add_teacher_precision_arg(parser):
     return parser
 
 
+def default_calibration(model_name):
+    """prune_by_score.py's --calibration when none is given: the family's (a DiT: clean, the original's)."""
+    try:
+        return entry_for_model(model_name).calibration
+    except TinyFusionError:
+        return "clean"  # an unknown --model is refused when the model is built
+
+
 # ------------------------------------------------------------------ SiT (transport/)
 def none_or_str(value):
     """SiT's `--last-step None` / `--loss-weight None`."""
     return None if value == "None" else value
-
-
-def is_sit_name(model_name):
-    return model_name.startswith("SiT-")
 
 
 def add_interpolant_args(group):
@@ -416,7 +428,7 @@ def add_interpolant_args(group):
 
 def add_transport_training_args(parser):
     """The transport flags of the training and pruning scripts (for --model SiT-...), as SiT's
-    train.py (transport/cli.py turns them into a transport)."""
+    train.py (tinyfusion/families/sit.py turns them into a transport)."""
     group = parser.add_argument_group("SiT (--model SiT-...): the transport, as SiT's train.py")
     add_interpolant_args(group)
     group.add_argument("--loss-weight", type=none_or_str, default=None, choices=SIT_LOSS_WEIGHTS,
@@ -424,7 +436,7 @@ def add_transport_training_args(parser):
 
 
 def add_transport_args(parser):
-    """SiT's sampling flags, with the names and defaults of SiT's sample.py (transport/cli.py
+    """SiT's sampling flags, with the names and defaults of SiT's sample.py (tinyfusion/families/sit.py
     turns them into a transport and the solver's keywords)."""
     group = parser.add_argument_group("SiT (--sampler ode | sde)")
     add_interpolant_args(group)

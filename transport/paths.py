@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from tinyfusion.flags import SIT_PATHS as PATHS, SIT_PREDICTIONS as PREDICTIONS  # torch-free, for --help
+PATHS = ("Linear", "GVP", "VP")                   # tinyfusion/flags.py repeats them, torch-free, for --help
+PREDICTIONS = ("velocity", "score", "noise")
 
 VP_BETA_MIN, VP_BETA_MAX = 0.1, 20.0
 

@@ -21,14 +21,13 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from tinyfusion.flags import SIT_DIFFUSION_FORMS, SIT_LAST_STEPS
-from tinyfusion.errors import TinyFusionError
 from transport.paths import alpha_sigma, expand_like, score_coefficients, velocity_and_score
 from transport.settings import time_interval
 
 FIXED_ODE_METHODS = ("euler", "heun2")
 SDE_METHODS = ("Euler", "Heun")
-DIFFUSION_FORMS, LAST_STEPS = SIT_DIFFUSION_FORMS, SIT_LAST_STEPS  # defined torch-free, for --help
+DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")  # flags.py repeats
+LAST_STEPS = ("Mean", "Tweedie", "Euler", None)  # tinyfusion/flags.py repeats them, torch-free, for --help
 
 
 def velocity_and_score_fn(model_fn, transport):
@@ -53,7 +52,7 @@ def diffusion_coefficient(transport, form, norm, x, t):
         return 0.25 * (norm * torch.cos(math.pi * t) + 1) ** 2
     if form == "increasing-decreasing":
         return norm * torch.sin(math.pi * t) ** 2
-    raise TinyFusionError(f"unknown --diffusion-form {form}; choose one of {', '.join(DIFFUSION_FORMS)}")
+    raise ValueError(f"unknown --diffusion-form {form}; choose one of {', '.join(DIFFUSION_FORMS)}")
 
 
 def _times(t, x):
@@ -65,7 +64,7 @@ def sample_ode(model_fn, x, transport, method="dopri5", num_steps=50, atol=1e-6,
                progress=False):
     """The end point of the probability-flow ODE started at x (noise; data if reverse)."""
     if num_steps < 2:
-        raise TinyFusionError(f"--num-sampling-steps must be >= 2 for the ODE (the grid has that many times), "
+        raise ValueError(f"--num-sampling-steps must be >= 2 for the ODE (the grid has that many times), "
                               f"got {num_steps}")
     t0, t1 = time_interval(transport, sampling=True, reverse=reverse)
     grid = torch.linspace(t0, t1, num_steps).to(x.device)
@@ -88,7 +87,7 @@ def _adaptive_ode(field, x, grid, method, atol, rtol):
     try:
         from torchdiffeq import odeint
     except ImportError:
-        raise TinyFusionError(f"the ODE method {method} needs the torchdiffeq package, one of the requirements, which is not installed (pip install -r requirements.txt); "
+        raise ValueError(f"the ODE method {method} needs the torchdiffeq package, one of the requirements, which is not installed (pip install -r requirements.txt); "
                               f"without it use {' or '.join(FIXED_ODE_METHODS)}") from None
     return odeint(lambda t, state: field(state, _times(t, state))[0], x, grid, method=method,
                   atol=[atol], rtol=[rtol])[-1]
@@ -100,16 +99,16 @@ def sample_sde(model_fn, x, transport, method="Euler", num_steps=250, diffusion_
     """The end point of the SDE started at noise x. noise_fn(x) draws each step's standard normal
     noise like x (default torch.randn from the global generator, as SiT)."""
     if method not in SDE_METHODS:
-        raise TinyFusionError(f"unknown SDE --sampling-method {method}; choose one of {', '.join(SDE_METHODS)}")
+        raise ValueError(f"unknown SDE --sampling-method {method}; choose one of {', '.join(SDE_METHODS)}")
     if last_step not in LAST_STEPS:
-        raise TinyFusionError(f"unknown --last-step {last_step}; choose one of Mean, Tweedie, Euler, None")
+        raise ValueError(f"unknown --last-step {last_step}; choose one of Mean, Tweedie, Euler, None")
     if num_steps < 2:
-        raise TinyFusionError(f"--num-sampling-steps must be >= 2 for the SDE, got {num_steps}")
+        raise ValueError(f"--num-sampling-steps must be >= 2 for the SDE, got {num_steps}")
     last_step_size = 0.0 if last_step is None else last_step_size
     t0, t1 = time_interval(transport, sampling=True, sde=True, diffusion_form=diffusion_form,
                            last_step_size=last_step_size)
     if diffusion_form == "SBDM" and t0 == 0 and transport.path != "VP":
-        raise TinyFusionError(f"--diffusion-form SBDM is infinite at t = 0 on the {transport.path} path; pass "
+        raise ValueError(f"--diffusion-form SBDM is infinite at t = 0 on the {transport.path} path; pass "
                               f"--sample-eps > 0 (e.g. 1e-3) or another --diffusion-form")
     noise_fn = noise_fn or (lambda like: torch.randn(like.shape).to(like))
     field = velocity_and_score_fn(model_fn, transport)

@@ -11,9 +11,9 @@ sample_eps given without a train_eps, and both eps for velocity on Linear / GVP)
 """
 from dataclasses import dataclass
 
-from tinyfusion.errors import TinyFusionError
-from tinyfusion.flags import SIT_LOSS_WEIGHTS as LOSS_WEIGHTS  # torch-free, for --help
 from transport.paths import PATHS, PREDICTIONS
+
+LOSS_WEIGHTS = (None, "velocity", "likelihood")  # tinyfusion/flags.py repeats them, torch-free, for --help
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,11 @@ class Transport:
 def create_transport(path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None):
     """A Transport with SiT's eps defaults for this path and prediction (see the module docstring)."""
     if path_type not in PATHS:
-        raise TinyFusionError(f"unknown --path-type {path_type}; choose one of {', '.join(PATHS)}")
+        raise ValueError(f"unknown --path-type {path_type}; choose one of {', '.join(PATHS)}")
     if prediction not in PREDICTIONS:
-        raise TinyFusionError(f"unknown --prediction {prediction}; choose one of {', '.join(PREDICTIONS)}")
+        raise ValueError(f"unknown --prediction {prediction}; choose one of {', '.join(PREDICTIONS)}")
     if loss_weight not in LOSS_WEIGHTS:
-        raise TinyFusionError(f"unknown --loss-weight {loss_weight}; choose None, velocity or likelihood")
+        raise ValueError(f"unknown --loss-weight {loss_weight}; choose None, velocity or likelihood")
     if path_type == "VP":
         default_train, default_sample = 1e-5, 1e-3
     elif prediction != "velocity":
@@ -43,7 +43,7 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
     sample_eps = default_sample if sample_eps is None else float(sample_eps)
     for name, value in (("--train-eps", train_eps), ("--sample-eps", sample_eps)):
         if not 0 <= value < 0.5:
-            raise TinyFusionError(f"{name} must lie in [0, 0.5), got {value}")
+            raise ValueError(f"{name} must lie in [0, 0.5), got {value}")
     return Transport(path_type, prediction, loss_weight, train_eps, sample_eps)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from tinyfusion.flags import resolve_timestep_spacing
 from tinyfusion.errors import TinyFusionError
+from tinyfusion.families import family_for_model
 from tinyfusion.training.loop import LoopHooks
 
 
@@ -34,8 +35,9 @@ def check_eval_args(args):
     if args.eval_every % args.log_every:
         raise TinyFusionError(f"--eval-every {args.eval_every} must be a multiple of --log-every {args.log_every} "
                               f"(the measurements go into the log records)")
-    if args.model.startswith("SiT-"):
-        raise TinyFusionError("--eval-every samples with DiT's samplers; it is not available for a SiT")
+    family = family_for_model(args.model)
+    if not family.measures_quality_while_training:
+        raise TinyFusionError(f"--eval-every samples with DiT's samplers; it is not available for a {family.entry.name}")
 
 
 class SampleQualityHook(LoopHooks):
@@ -51,7 +53,7 @@ class SampleQualityHook(LoopHooks):
         if not loop.ctx.is_main:
             return
         import evaluator
-        from tinyfusion.sampling.generate import sampling_process
+        from tinyfusion.families.dit import sampling_process
         from tinyfusion.io.vae import load_vae
         self.network = evaluator.load_feature_network(self.feature_net, device=loop.device)
         self.reference = evaluator.reference_activations(self.reference_path, self.network, self.batch_size,

@@ -1,5 +1,4 @@
-"""Every checkpoint read and write of TinyFusion, and the one function that builds a model for a
-script from its flags and (optionally) a checkpoint.
+"""Every checkpoint read and write of TinyFusion (building a model from one: tinyfusion/families/build.py).
 
 Formats read: the official plain state dict, training checkpoints
 `{"model", "ema", "opt", ..., "args": Namespace}` (ema unless --no-ema, else model), state dicts
@@ -36,7 +35,6 @@ from tinyfusion.io.path_hints import did_you_mean
 
 METADATA_KEY = "__tinyfusion__"
 CHECKSUM_KEY = "__tinyfusion_checksum__"
-MODEL_FAMILIES = ("DiT", "SiT")  # every family of models.py (build_model's `families` of scripts that take both)
 CHECKSUM_ALGORITHM = "crc32-v1"  # zlib.crc32 chained over (key path, dtype, shape, raw bytes) in storage order
 torch.serialization.add_safe_globals([argparse.Namespace])
 
@@ -163,20 +161,6 @@ def extract_state_dict(obj, use_ema=True):
             for key, value in state_dict.items() if torch.is_tensor(value)}
 
 
-def checkpoint_model_family(obj, metadata, path):
-    """"DiT" or "SiT" as far as a checkpoint tells (the two have the same keys and shapes): our
-    metadata, else a training checkpoint's args.model, else the released file names
-    (DiT-XL-2-256x256.pt, SiT-XL-2-256x256.pt); None when nothing says."""
-    if metadata and metadata.get("model_family"):
-        return metadata["model_family"]
-    args = obj.get("args") if isinstance(obj, dict) else None
-    name = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)  # ours: dict; original: Namespace
-    if isinstance(name, str) and name[:4] in ("DiT-", "SiT-"):
-        return name[:3]
-    base = os.path.basename(os.fspath(path))
-    return base[:3] if re.fullmatch(r"(DiT|SiT)-XL-2-\d+x\d+\.pt", base) else None
-
-
 def load_state_dict(path, use_ema=True):
     """(state dict, metadata or None) of a checkpoint file in any supported format."""
     obj = load_checkpoint_file(path)
@@ -248,90 +232,6 @@ def load_into_model(model, state_dict, model_name, source, flag="--model"):
     check_finite_weights(state_dict, source)
     model.load_state_dict(state_dict, strict=True)
     return model
-
-
-# ----------------------------------------------------------------------- building
-def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_path=None, ckpt=None,
-                use_ema=True, groups=None, flag="--model", families=("DiT",), **model_kwargs):
-    """The DiT every script uses: architecture from --model, latent geometry from --vae and
-    --image-size (4 x image/8 for the SD-VAE, 3 x image for --vae none), weights from `ckpt`.
-
-    A checkpoint carrying our pruning metadata sets the depth, so a 6-block student pruned from
-    DiT-S/2 is used with `--model DiT-S/2` by every later script. `families` lists the model
-    families the calling script supports ("DiT", "SiT"). Returns (model, metadata)."""
-    from models import DiT_models, SiT_models
-    from tinyfusion.io.vae import latent_geometry_from_flags
-    registry = {**DiT_models, **SiT_models}
-    if model_name not in registry:
-        raise TinyFusionError(f"unknown {flag} {model_name}; choose one of {', '.join(DiT_models)} "
-                              f"(or their SiT- twins)")
-    if model_name in SiT_models and "SiT" not in families:
-        raise TinyFusionError(f"{flag} {model_name} is a SiT; this script supports DiT models only (SiT: the "
-                              f"training, pruning and sampling scripts)")
-    channels, latent_size = latent_geometry_from_flags(vae, image_size, vae_path)
-    kwargs = dict(input_size=latent_size, num_classes=num_classes, in_channels=channels, **model_kwargs)
-    if groups is not None:
-        kwargs["groups"] = groups
-    state_dict, metadata = (None, None)
-    if ckpt:
-        obj = load_checkpoint_file(ckpt)
-        state_dict, metadata = extract_state_dict(obj, use_ema=use_ema), read_metadata(obj)
-        kwargs.update(family_checked_kwargs(obj, metadata, state_dict, ckpt, model_name, flag))
-        if metadata and metadata.get("kept_indices") is not None:
-            kwargs["depth"] = len(metadata["kept_indices"])
-            kwargs.pop("groups", None)
-    try:
-        model = registry[model_name](**kwargs)
-    except ValueError as error:
-        raise TinyFusionError(f"{error}") from None
-    if state_dict is not None:
-        load_into_model(model, state_dict, model_name, ckpt, flag)
-    return model, metadata
-
-
-def family_checked_kwargs(obj, metadata, state_dict, ckpt, model_name, flag):
-    """Refuses a DiT checkpoint for a SiT model and the reverse (told by our metadata, training
-    args, the released file name, else the weights: family_from_weights); a SiT state dict without
-    the unused sigma half (p*p*C outputs) gets learn_sigma=False. Returns extra model kwargs."""
-    from models import SiT_models
-    wanted = "SiT" if model_name in SiT_models else "DiT"
-    family, reason = checkpoint_model_family(obj, metadata, ckpt), None
-    if family is None:
-        family, reason = family_from_weights(state_dict)
-    twin = f"{'SiT' if wanted == 'DiT' else 'DiT'}-{model_name[4:]}"
-    if family is not None and family != wanted:
-        raise TinyFusionError(f"checkpoint {ckpt} holds {family} weights{f' ({reason})' if reason else ''} but {flag} "
-                              f"{model_name} is a {wanted}; pass {flag} {twin} (and the matching sampler)")
-    if family is None and int(os.environ.get("RANK", "0")) == 0:
-        print(f"note: {ckpt} does not say whether it holds DiT or SiT weights (a plain state dict with an untrained "
-              f"final layer); loaded as a {wanted} ({flag} {model_name}); if it is a {twin[:3]}, pass {flag} {twin}")
-    arch = infer_architecture(state_dict) if wanted == "SiT" else None
-    return {"learn_sigma": False} if arch and arch["learn_sigma"] is False else {}
-
-
-def family_from_weights(state_dict):
-    """("DiT" | "SiT", why) from a state dict's final layer, or (None, None) when it cannot tell.
-    Both families keep p*p*2C outputs (channel fastest), but only DiT's diffusion loss trains the
-    sigma half (channels C..2C-1): a SiT drops it, so its rows stay exactly at their zero
-    initialisation while the mean half trains. A final layer of p*p*C outputs is a SiT built
-    without the sigma half. An untrained final layer (all zero) fits both."""
-    weight, bias = state_dict.get("final_layer.linear.weight"), state_dict.get("final_layer.linear.bias")
-    proj = state_dict.get("x_embedder.proj.weight")
-    if weight is None or bias is None or proj is None or proj.dim() != 4:
-        return None, None
-    channels, patch_area = proj.shape[1], proj.shape[2] * proj.shape[3]
-    out_channels = weight.shape[0] // patch_area
-    if out_channels == channels:
-        return "SiT", "its final layer has no sigma half, which only a SiT is built without"
-    if out_channels != 2 * channels:
-        return None, None
-    rows = torch.cat([weight.reshape(patch_area, out_channels, -1), bias.reshape(patch_area, out_channels, 1)], 2)
-    if bool(rows[:, channels:].any()):
-        return "DiT", "the sigma half of its final layer is trained, which only a DiT's diffusion loss does"
-    if bool(rows[:, :channels].any()):
-        return "SiT", ("the sigma half of its final layer is exactly zero while the rest is trained: a SiT never "
-                       "trains it")
-    return None, None
 
 
 # ----------------------------------------------------------------------- writing

@@ -13,9 +13,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from tinyfusion.io.checkpoints import (build_model, extract_state_dict, family_checked_kwargs, infer_architecture,
-                                    load_checkpoint_file, load_into_model, read_metadata, save_pruned_model)
-from models import DiT_models, SiT_models, plain_model_name, prune_to_kept_blocks, validate_kept_indices  # noqa: F401
+from tinyfusion.io.checkpoints import (extract_state_dict, infer_architecture, load_checkpoint_file, load_into_model,
+                                       read_metadata, save_pruned_model)
+from tinyfusion.families.build import build_model, family_checked_kwargs, unknown_model_message
+from models import ALL_MODELS, plain_model_name, prune_to_kept_blocks, validate_kept_indices  # noqa: F401
 from tinyfusion.flags import CALIBRATIONS  # the --calibration choices, listed there so that --help needs no torch
 from tinyfusion.errors import TinyFusionError
 
@@ -32,14 +33,13 @@ def check_output_path(path, overwrite=False):
 def plain_name(model_name):
     """The ungated architecture name of --model (DiT-XL-1-2 -> DiT-XL/2, SiT-XL-1-2 -> SiT-XL/2);
     one line if unknown."""
-    if model_name not in DiT_models and model_name not in SiT_models:
-        raise TinyFusionError(f"unknown --model {model_name}; choose one of {', '.join(DiT_models)} (or their SiT- "
-                              f"twins)")
+    if model_name not in ALL_MODELS:
+        raise TinyFusionError(unknown_model_message(model_name))
     return plain_model_name(model_name)
 
 
 def load_source_model(model_name, checkpoint, image_size=256, num_classes=1000, vae="ema", vae_path=None,
-                      groups=None, use_ema=True, families=("DiT",)):
+                      groups=None, use_ema=True):
     """(model, metadata): `model_name`'s architecture at the depth of the DiT in `checkpoint`
     (so DiT-XL/2 also reads a 14-block file and a gated config takes a custom --groups), with the
     checkpoint's weights; a gated model keeps its freshly initialised gate logits. `families`:
@@ -49,7 +49,7 @@ def load_source_model(model_name, checkpoint, image_size=256, num_classes=1000, 
     arch = infer_architecture(state_dict)
     kwargs = {"depth": arch["depth"]} if arch and arch["depth"] else {}
     kwargs.update(family_checked_kwargs(obj, metadata, state_dict, checkpoint, model_name, "--model"))
-    model, _ = build_model(model_name, image_size, num_classes, vae, vae_path, groups=groups, families=families,
+    model, _ = build_model(model_name, image_size, num_classes, vae, vae_path, groups=groups,
                            **kwargs)
     load_into_model(model, state_dict, model_name, checkpoint)
     return model, metadata
@@ -144,8 +144,8 @@ def block_input_output_similarity(model, x_t, t, y):
 
 
 @torch.no_grad()
-def bi_scores(model, latents, labels, *, calibration="clean", num_timesteps=250, batch_size=16, seed=0,
-              progress=False, transport=None):
+def bi_scores(model, latents, labels, *, family, calibration="clean", num_timesteps=250, batch_size=16, seed=0,
+              progress=False):
     """Per-block mean input/output cosine similarity (ShortGPT's Block Influence is 1 minus it)
     over calibration `latents` (N, C, H, W) with their true `labels`, in eval mode.
 
@@ -159,19 +159,13 @@ def bi_scores(model, latents, labels, *, calibration="clean", num_timesteps=250,
     result is the mean over batches. t (and, noised, then the noise) of each batch are drawn
     in that order from a CPU generator seeded with `seed`.
 
-    A SiT (`transport` given) is calibrated only "noised", on its own interpolant: per batch
-    (t, x0) = transport.sample_time_and_noise(generator) (t uniform on the training interval),
-    x_t = alpha_t x1 + sigma_t x0, the model called with that t in [0, 1]."""
+    `family` (tinyfusion.families) draws the inputs: the above for a DiT; a SiT is calibrated only
+    "noised", on its own interpolant: per batch (t, x0) = transport.sample_time_and_noise(generator)
+    (t uniform on the training interval), x_t = alpha_t x1 + sigma_t x0, the model called with that
+    t in [0, 1]."""
     from tqdm import tqdm
     if calibration not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {calibration!r}; use one of {', '.join(CALIBRATIONS)}")
-    if transport is not None and calibration != "noised":
-        raise ValueError("a SiT is calibrated on its transport's noised inputs (calibration 'noised')")
-    diffusion = None
-    if calibration == "noised" and transport is None:
-        from diffusion import create_diffusion
-        diffusion = create_diffusion("")
-        num_timesteps = diffusion.num_timesteps
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     was_training = model.training
@@ -179,25 +173,12 @@ def bi_scores(model, latents, labels, *, calibration="clean", num_timesteps=250,
     batch_means = []
     for start in tqdm(range(0, len(latents), batch_size), disable=not progress, desc="BI score"):
         x = latents[start:start + batch_size].float()
-        if transport is not None:
-            x, t = transport_noised(transport, x, generator)
-        else:
-            t = torch.randint(0, num_timesteps, (len(x),), generator=generator)
-        if diffusion is not None:
-            x = diffusion.q_sample(x, t, noise=torch.randn(x.shape, generator=generator))
+        x, t = family.calibration_inputs(x, generator, calibration=calibration, num_timesteps=num_timesteps)
         sums = block_input_output_similarity(model, x.to(device), t.to(device),
                                              labels[start:start + batch_size].to(device))
         batch_means.append(sums / len(x))
     model.train(was_training)
     return torch.stack(batch_means).mean(dim=0).tolist()
-
-
-def transport_noised(transport, x1, generator):
-    """(x_t, t) of a SiT's transport for data x1: t and the noise from `generator`."""
-    from transport.loss import sample_time_and_noise
-    from transport.paths import interpolate
-    t, noise = sample_time_and_noise(transport, x1, generator)
-    return interpolate(transport.path, t, noise, x1)[0], t
 
 
 def select_by_bi_score(similarities, n_pruned):

@@ -18,52 +18,12 @@ import os
 import numpy as np
 import torch
 
-# FLOW_SAMPLERS: SiT's (transport/), run by flow_sample
-from tinyfusion.flags import FLOW_SAMPLERS, SOLVER_NAMES, autocast, resolve_timestep_spacing
-from tinyfusion.io.downloads import resolve_released
-from tinyfusion.errors import TinyFusionError
+from tinyfusion.families import entry_named, family_class
+from tinyfusion.flags import autocast, resolve_timestep_spacing
 from tinyfusion.io.vae import decode
 
 ROW_MULTIPLE = 4
 NOISE_STREAM, LABEL_STREAM = 0, 1  # independent random streams of one sample
-# the sampler registry: name -> fn(diffusion, model_fn, shape, eta, loop keywords) -> final latents.
-# A new sampler is one entry here and its name in tinyfusion.flags.SAMPLER_NAMES (the --sampler choices,
-# listed there so that --help needs no torch); unknown names are refused.
-# The fast solvers' `diffusion` is a tinyfusion.sampling.solvers.FastSolver (see sampling_process).
-def _solver_loop(solver, model_fn, shape, eta, kwargs):
-    return solver.sample_loop(model_fn, kwargs["noise"], kwargs["model_kwargs"], progress=kwargs["progress"])
-
-
-SAMPLERS = {
-    "ddpm": lambda diffusion, model_fn, shape, eta, kwargs: diffusion.p_sample_loop(model_fn, shape, **kwargs),
-    "ddim": lambda diffusion, model_fn, shape, eta, kwargs: diffusion.ddim_sample_loop(model_fn, shape, eta=eta,
-                                                                                       **kwargs),
-    "dpm-solver++": _solver_loop,
-    "unipc": _solver_loop,
-}
-# ----------------------------------------------------------------------- checkpoints
-def resolve_checkpoint(ckpt, model_name, image_size):
-    """The checkpoint to load. Without --ckpt the original uses the released DiT-XL-2-{size}x{size}.pt:
-    a copy in pretrained/ (or the original's pretrained_models/), else it is downloaded."""
-    if ckpt:
-        return ckpt
-    if model_name.startswith("SiT-"):
-        return _resolve_sit_checkpoint(model_name, image_size)
-    if model_name == "DiT-XL/2" and image_size in (256, 512):
-        return resolve_released(f"DiT-XL-2-{image_size}x{image_size}.pt")
-    tiny = " (the released TinyDiT: --ckpt TinyDiT-D14-MaskedKD-500K.pt)" if (model_name, image_size) == ("DiT-D14/2", 256) else ""
-    raise TinyFusionError(f"--ckpt is required for --model {model_name} at --image-size {image_size}: only DiT-XL/2 "
-                          f"at 256/512 has a default checkpoint; pass your trained or pruned checkpoint{tiny}")
-
-
-def _resolve_sit_checkpoint(model_name, image_size):
-    """SiT released SiT-XL-2-256x256.pt only (the name SiT's download.py saves it under): a local
-    copy, else downloaded and verified like the DiT weights (tinyfusion.io.downloads)."""
-    if model_name == "SiT-XL/2" and image_size == 256:
-        return resolve_released("SiT-XL-2-256x256.pt")
-    raise TinyFusionError(f"no --ckpt given for --model {model_name} at --image-size {image_size}; the only released "
-                          f"SiT is SiT-XL/2 at 256 (--model SiT-XL/2 --image-size 256 downloads it): pass --ckpt "
-                          f"with your own SiT checkpoint")
 
 
 # ----------------------------------------------------------------------- per-sample seeds
@@ -110,16 +70,6 @@ def padded_rows(rows, pad_to=0):
 
 
 # ----------------------------------------------------------------------- generation
-def sampling_process(sampler, num_steps, timestep_spacing):
-    """What `generate` samples a DiT with: the respaced diffusion of ddpm / ddim ("dit" spacing:
-    DiT's, "leading": diffusers' DiTPipeline's) or the FastSolver of dpm-solver++ / unipc."""
-    if sampler in SOLVER_NAMES:
-        from tinyfusion.sampling.solvers import FastSolver
-        return FastSolver(sampler, num_steps, timestep_spacing)
-    from diffusion import create_diffusion
-    return create_diffusion(("leading" if timestep_spacing == "leading" else "") + str(num_steps))
-
-
 def compile_forward(model, log=print):
     """torch.compile the model's forward in place (sample.py / sample_ddp.py --compile): both
     model(x, t, y) and forward_with_cfg go through it. Sampling calls it with one batch shape and a
@@ -141,16 +91,13 @@ def generate(model, diffusion, labels, generators, cfg_scale=1.0, sampler="ddpm"
     [y; null class]; cfg_scale == 1 is the plain conditional model, one forward per step.
     clip_denoised=False as in DiT. The batch is padded to padded_rows(len(labels), pad_to)
     rows (see the module docstring); padding rows are dropped from the result.
-    A SiT samples with sampler "ode" or "sde": `diffusion` is then its transport.Transport and
-    flow_options the keyword arguments of transport.sample_ode / sample_sde."""
-    if sampler not in (*SAMPLERS, *FLOW_SAMPLERS):
-        raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join((*SAMPLERS, *FLOW_SAMPLERS))}")
-    if (sampler in FLOW_SAMPLERS) != (getattr(model, "model_family", "DiT") == "SiT"):
-        raise ValueError(f"sampler {sampler!r} does not fit a {getattr(model, 'model_family', 'DiT')} model "
-                         f"(SiT: ode, sde; DiT: ddpm, ddim, {', '.join(SOLVER_NAMES)})")
-    solver_name = getattr(diffusion, "name", None)  # a FastSolver's; diffusions and transports have none
-    if (sampler in SOLVER_NAMES or solver_name in SOLVER_NAMES) and solver_name != sampler:
-        raise ValueError(f"sampler {sampler!r} needs its own sampling process: sampling_process({sampler!r}, ...)")
+    `diffusion` is the model family's sampling process for `sampler` (its sampling_process: a DiT's
+    respaced diffusion or fast solver, a SiT's transport.Transport) and flow_options a SiT's
+    keyword arguments of transport.sample_ode / sample_sde."""
+    entry = entry_named(model.model_family)
+    if sampler not in entry.samplers:
+        raise ValueError(f"sampler {sampler!r} does not fit a {entry.name} model (use one of "
+                         f"{', '.join(entry.samplers)})")
     if len(generators) != len(labels):
         raise ValueError(f"need one generator per label, got {len(generators)} generators for {len(labels)} labels")
     if cfg_scale < 0:
@@ -186,22 +133,11 @@ def generate(model, diffusion, labels, generators, cfg_scale=1.0, sampler="ddpm"
 
     loop_kwargs = dict(noise=x_start.repeat(copies, 1, 1, 1).to(device), clip_denoised=False,
                        model_kwargs=dict(y=y), device=device, progress=progress, noise_fn=noise_fn)
-    if sampler in FLOW_SAMPLERS:
-        latents = flow_sample(diffusion, sampler, lambda x, t: model_fn(x, t, y), loop_kwargs["noise"], noise_fn,
-                              progress, flow_options or {})
-    else:
-        latents = SAMPLERS[sampler](diffusion, model_fn, (len(y), *shape), eta, loop_kwargs)
+    latents = family_class(entry).run_sampler(diffusion, sampler, model_fn, (len(y), *shape), loop_kwargs, eta,
+                                              flow_options)
     latents = latents[: rows + pad]
     images = decode(vae, latents.float()) if vae is not None else latents
     return images[:rows]
-
-
-def flow_sample(transport, sampler, model_fn, noise, noise_fn, progress, options):
-    """A SiT's ODE or SDE sample from `noise` (the SDE's per-step noise from noise_fn)."""
-    from transport import sample_ode, sample_sde
-    if sampler == "ode":
-        return sample_ode(model_fn, noise, transport, progress=progress, **options)
-    return sample_sde(model_fn, noise, transport, noise_fn=noise_fn, progress=progress, **options)
 
 
 # ----------------------------------------------------------------------- naming

@@ -6,15 +6,15 @@ once (by rank 0) and leaves no run folder behind.
 import os
 from dataclasses import dataclass
 
-from tinyfusion.io.checkpoints import (MODEL_FAMILIES, build_model, check_finite_weights, extract_state_dict,
-                                    load_into_model, newest_loadable_checkpoint, read_metadata)
-from tinyfusion.flags import is_sit_name
+from tinyfusion.io.checkpoints import (check_finite_weights, extract_state_dict, load_into_model,
+                                       newest_loadable_checkpoint, read_metadata)
+from tinyfusion.families.build import build_model
+from tinyfusion.families import family_from_args
 from tinyfusion.distributed import broadcast_object, check_global_batch, distributed_context
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.training.resume import (check_resume_compatible, load_training_checkpoint, resolve_resume, saved_args,
                                seed_everything)
 from tinyfusion.io.run_folder import MetricsLog, create_logger, latest_checkpoint, prepare_run_folder, run_folder_name
-from transport.cli import check_transport_flags, check_transport_record, transport_record
 from tinyfusion.training.trackers import tracker_hooks
 
 
@@ -57,13 +57,12 @@ def build_training_model(args, resume_checkpoint=None, resume_path=None):
     else --load-weight (a pruned checkpoint's metadata sets the depth), else a fresh init."""
     if resume_checkpoint is None:
         return build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path,
-                           ckpt=args.load_weight, families=MODEL_FAMILIES)
+                           ckpt=args.load_weight)
     metadata = read_metadata(resume_checkpoint)
     kwargs = {}
     if metadata and metadata.get("kept_indices") is not None:
         kwargs["depth"] = len(metadata["kept_indices"])
-    model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path,
-                           families=MODEL_FAMILIES, **kwargs)
+    model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, **kwargs)
     load_into_model(model, extract_state_dict(resume_checkpoint, use_ema=False), args.model, resume_path)
     return model, metadata
 
@@ -78,10 +77,10 @@ class PreparedRun:
     model: object = None
     metadata: dict = None
     trackers: list = None      # TrackerHooks of --wandb / --tensorboard
-    transport: object = None   # a SiT's transport.Transport (None for a DiT)
+    family: object = None      # the ModelFamily of --model, configured by its flags
 
 
-def resolve_run(args, ctx):
+def resolve_run(args, ctx, family):
     """(run_dir, resume path or None, loaded resume checkpoint or None), checked against the
     flags; a folder that already holds checkpoints is only reused with --resume."""
     run_dir = run_folder_name(args.results_dir, args.prefix, args.model)
@@ -96,10 +95,9 @@ def resolve_run(args, ctx):
         resume = load_training_checkpoint(resume_path) if resume_path else None
     if resume is not None:
         check_finite_weights(resume["ema"], resume_path)  # a diverged EMA is no state to go on from
-        interpolant = {key: getattr(args, key) for key in ("path_type", "prediction")} if is_sit_name(args.model) else {}
         check_resume_compatible(resume, resume_path, model=args.model, global_batch_size=args.global_batch_size,
                                 image_size=args.image_size, num_classes=args.num_classes,
-                                global_seed=args.global_seed, **interpolant)  # the seed orders the data
+                                global_seed=args.global_seed, **family.resume_identity())  # the seed orders the data
     return run_dir, resume_path, resume
 
 
@@ -107,28 +105,26 @@ def prepare_training(args, build_model_fn=build_training_model):
     """Everything train.py and train_masked_kd.py check and load before the process group starts:
     flags, the global batch, seeds, data, run folder name, `--resume`, and the model (resumed,
     from --load-weight, or fresh) checked against the data. Returns a PreparedRun."""
-    transport = check_transport_flags(args)  # a SiT's transport; a DiT refuses SiT flags
+    family = family_from_args(args)  # --model's family with its flags (another family's flags are refused)
     ctx = distributed_context(device_flag(args))
     check_global_batch(args.global_batch_size, ctx)
     seed_everything(args.global_seed, ctx)
     dataset = open_training_data(args.data_path, args.global_seed)
-    run_dir, resume_path, resume = resolve_run(args, ctx)
+    run_dir, resume_path, resume = resolve_run(args, ctx, family)
     model, metadata = build_model_fn(args, resume, resume_path)
-    check_transport_record(metadata, transport, resume_path or args.load_weight)
+    family.check_record(metadata, resume_path or args.load_weight)
     check_dataset_fits(dataset, model, data_path=args.data_path, model_name=args.model, vae=args.vae,
                        image_size=args.image_size)
     return PreparedRun(ctx, dataset, run_dir, resume_path, resume, model, metadata, tracker_hooks(args),
-                       transport=transport)
+                       family=family)
 
 
-def training_metadata(metadata, model, transport):
+def training_metadata(metadata, model, family):
     """What every checkpoint of a training run records besides the weights: the loaded weights'
     metadata (e.g. a pruned student's kept indices), the model family (so that later scripts
-    build the right class and refuse the other family), and a SiT's training transport."""
-    record = dict(metadata or {}, model_family=model.model_family)
-    if transport is not None:
-        record["transport"] = transport_record(transport)
-    return record
+    build the right class and refuse the other family), and what the family records of its
+    process (a SiT's training transport)."""
+    return dict(metadata or {}, model_family=model.model_family, **family.record())
 
 
 def resumed_flag(resume, name):
