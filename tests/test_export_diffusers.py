@@ -31,6 +31,7 @@ def use_small_xl(monkeypatch):
         return original(**{**SMALL_XL, **kwargs})
     build.family, build.patch_size, build.default_groups = original.family, original.patch_size, None
     monkeypatch.setitem(models.DiT_models, "DiT-XL/2", build)
+    monkeypatch.setitem(models.ALL_MODELS, "DiT-XL/2", build)
 
 
 def randomise(model, seed):
@@ -142,6 +143,7 @@ def use_small(monkeypatch, name):
         return original(**{**SMALL_XL, **kwargs})
     build.family, build.patch_size, build.default_groups = original.family, original.patch_size, original.default_groups
     monkeypatch.setitem(models.DiT_models, name, build)
+    monkeypatch.setitem(models.ALL_MODELS, name, build)
 
 
 def test_gated_export_needs_trained_gates_and_records_kept_blocks(tmp_path, monkeypatch):

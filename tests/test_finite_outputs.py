@@ -99,7 +99,8 @@ def healthy_checkpoint(tmp_path):
 def test_sample_py_writes_no_grid_of_nan_samples(tmp_path, monkeypatch):
     ckpt = healthy_checkpoint(tmp_path)
     monkeypatch.setattr(sample, "generate", nan_generate(sample.generate))
-    monkeypatch.setattr(sample, "original_grid", nan_generate(sample.original_grid))
+    from tinyfusion.families import dit
+    monkeypatch.setattr(dit.Family, "original_grid_samples", nan_generate(dit.Family.original_grid_samples))
     for extra in ([], ["--per-sample-seeds"], ["--grid", "labeled"]):
         out = tmp_path / "grid.png"
         with pytest.raises(TinyFusionError, match=r"NaN/inf values"):
