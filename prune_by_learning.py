@@ -67,7 +67,8 @@ from models import DiT_models, SiT_models, gate_decision
 from tinyfusion.distributed import check_global_batch, cleanup_distributed, distributed_context, start_process_group
 from tinyfusion.sampling.cpu_compile import compile_options
 from tinyfusion.pruning.lora import apply_lora
-from tinyfusion.training.loop import LoopHooks, train_loop
+from tinyfusion.training.hooks import LoopHooks
+from tinyfusion.training.loop import train_loop
 from tinyfusion.pruning.pruned_models import (check_output_path, linear_schedule, load_source_model, plain_name, save_pruned,
                                 source_lineage)
 from tinyfusion.training.resume import seed_everything

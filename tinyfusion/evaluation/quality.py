@@ -19,7 +19,7 @@ import torch
 
 from tinyfusion.flags import resolve_timestep_spacing
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.training.loop import LoopHooks
+from tinyfusion.training.hooks import LoopHooks
 
 
 def check_eval_args(args):

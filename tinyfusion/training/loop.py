@@ -31,7 +31,7 @@ from tinyfusion.errors import TinyFusionError
 from tinyfusion.io.finite import MAX_TRAINED_WEIGHT
 from tinyfusion.training.gradients import NonFiniteGuard, all_reduce_gradients, largest_magnitude, step_unless_nonfinite
 from tinyfusion.training.resume import restore_loop_state, save_training_checkpoint
-from tinyfusion.io.run_folder import checkpoint_path, latest_checkpoint
+from tinyfusion.io.run_folder import checkpoint_path, latest_checkpoint, open_run_folder
 from tinyfusion.training.lr_schedules import make_lr_scheduler, total_training_steps
 
 
@@ -42,31 +42,6 @@ class LoopResult:
     final_checkpoint: str
     ema: ParameterEMA
     logger: logging.Logger
-
-
-class LoopHooks:
-    """What a script adds to the loop; override what it needs. Called on every rank with the
-    running TrainingLoop (`loop.model`, `loop.ema`, `loop.total_steps`, ...)."""
-
-    def start(self, loop):
-        """The run folder exists and the first step is about to run."""
-
-    def before_step(self, loop, step):
-        """Step `step` (0-based) is about to run."""
-
-    def log_fields(self, loop, step):
-        """(dict of extra metrics, text appended to the log line) at a log step."""
-        return {}, ""
-
-    def checkpoint_extra(self, loop):
-        """Plain values / tensors stored in every checkpoint besides the weights."""
-        return {}
-
-    def on_log(self, loop, record):
-        """A metrics record was written (rank 0): e.g. forward it to an experiment tracker."""
-
-    def close(self, loop):
-        """The loop ended (normally or not)."""
 
 
 class AutocastForward:
@@ -220,7 +195,6 @@ class TrainingLoop:
                     lr_scales=[scale for _, scale in self.param_groups or [(None, 1.0)]])
 
     def _open_run(self):
-        from tinyfusion.training.run_setup import open_run_folder
         # a folder this fresh run creates is removed again if the run fails before its first checkpoint
         self.created_run_dir = self.ctx.is_main and self.resume_checkpoint is None and not os.path.exists(self.run_dir)
         self.logger, self.metrics = open_run_folder(self.run_args, self.ctx, self.run_dir,

@@ -3,17 +3,16 @@ shared flags (tinyfusion/flags.py add_training_args) into the loop's keywords, a
 process group starts and before anything is written, so that bad input is one line printed
 once (by rank 0) and leaves no run folder behind.
 """
-import os
 from dataclasses import dataclass
 
 from tinyfusion.io.checkpoints import (MODEL_FAMILIES, build_model, check_finite_weights, extract_state_dict,
                                     load_into_model, newest_loadable_checkpoint, read_metadata)
 from tinyfusion.flags import is_sit_name
-from tinyfusion.distributed import broadcast_object, check_global_batch, distributed_context
+from tinyfusion.distributed import check_global_batch, distributed_context
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.training.resume import (check_resume_compatible, load_training_checkpoint, resolve_resume, saved_args,
                                seed_everything)
-from tinyfusion.io.run_folder import MetricsLog, create_logger, latest_checkpoint, prepare_run_folder, run_folder_name
+from tinyfusion.io.run_folder import latest_checkpoint, run_folder_name
 from transport.cli import check_transport_flags, check_transport_record, transport_record
 from tinyfusion.training.trackers import tracker_hooks
 
@@ -134,21 +133,3 @@ def training_metadata(metadata, model, transport):
 def resumed_flag(resume, name):
     """A flag's value in the checkpoint being resumed (None without one)."""
     return saved_args(resume).get(name) if resume is not None else None
-
-
-# ------------------------------------------------------------------------------ run folder
-def open_run_folder(run_args, ctx, run_dir, resuming):
-    """Create the run folder on rank 0 (args.json; refuses to reuse a folder holding checkpoints
-    unless resuming) and return (logger, metrics); an error reaches every rank as one line."""
-    error = None
-    if ctx.is_main:
-        try:
-            prepare_run_folder(run_dir, run_args, resuming, ctx.is_main)
-        except TinyFusionError as refused:
-            error = str(refused)
-    error = broadcast_object(error, ctx)
-    if error:
-        raise TinyFusionError(error)
-    logger = create_logger(run_dir, ctx.is_main)
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), ctx.is_main)
-    return logger, metrics
