@@ -19,7 +19,7 @@ A gated SiT (`--model SiT-XL-1-2`, or a SiT with --groups) searches on SiT's tra
 train.py's SiT flags (--path-type, --prediction, --loss-weight, --train-eps, --sample-eps).
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tinyfusion.flags import (ArgumentParser, add_model_args, add_precision_arg, add_training_args,
                             add_transport_training_args, positive_float, positive_int)
@@ -74,7 +74,7 @@ from tinyfusion.pruning.pruned_models import (check_output_path, linear_schedule
 from tinyfusion.training.resume import seed_everything
 from tinyfusion.training.trackers import tracker_hooks
 from tinyfusion.io.checkpoints import MODEL_FAMILIES
-from tinyfusion.training.run_setup import (PreparedRun, check_dataset_fits, device_flag, loop_keywords, open_training_data,
+from tinyfusion.training.run_setup import (PreparedRun, check_dataset_fits, device_flag, loop_config, open_training_data,
                                   resolve_run, resumed_flag)
 from transport.cli import check_transport_flags, check_transport_record, transport_record
 from transport.loss import training_losses
@@ -242,15 +242,15 @@ def save_decision(args, groups, kept, choices, confidences, final_logits, result
     result.logger.info(f"saved the {len(kept)}-block model to {save_path}")
 
 
-def search_loop_keywords(args, model):
-    """The loop's keywords from the flags; --compile compiles the gated model's blocks one by one
+def search_loop_config(args, model):
+    """The loop's configuration from the flags; --compile compiles the gated model's blocks one by one
     (models.DiT.compile_gated_blocks) instead of the loop's whole-model graph."""
-    keywords = loop_keywords(args)
+    config = loop_config(args)
     model.gate_recompute_elementwise = args.recompute_elementwise
     if args.compile:
         model.compile_gated_blocks(options=compile_options(next(model.parameters()).device))
-        keywords["compile_model"] = False
-    return keywords
+        config = replace(config, compile_model=False)
+    return config
 
 
 def main(args):
@@ -273,7 +273,7 @@ def main(args):
                         compute_losses=search_loss,
                         param_groups=param_groups, gradient_sync="all_reduce", checkpoint_weights=trained_weights,
                         hooks=[search, *run.trackers], resume_checkpoint=run.resume, resume_path=run.resume_path,
-                        **search_loop_keywords(args, run.model))
+                        config=search_loop_config(args, run.model))
     run.model = None  # the gated model with its LoRA adapters is not needed any more
     # the decision of the EMA logits at the final scaling
     final_scaling = linear_schedule(*args.scaling_range, result.train_steps - 1, result.train_steps)

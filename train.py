@@ -44,7 +44,7 @@ from diffusion import create_diffusion
 from tinyfusion.distributed import cleanup_distributed, start_process_group
 from tinyfusion.training.loop import full_weights, train_loop
 from tinyfusion.evaluation.quality import check_eval_args, eval_hooks
-from tinyfusion.training.run_setup import loop_keywords, prepare_training, training_metadata
+from tinyfusion.training.run_setup import loop_config, prepare_training, training_metadata
 from transport.loss import training_losses
 
 
@@ -83,7 +83,7 @@ def main(args):
                compute_losses=compute_losses,
                checkpoint_weights=full_weights(training_metadata(run.metadata, run.model, run.transport)),
                hooks=run.trackers + eval_hooks(args), resume_checkpoint=run.resume,
-               resume_path=run.resume_path, **loop_keywords(args))
+               resume_path=run.resume_path, config=loop_config(args))
     cleanup_distributed()
 
 

@@ -59,7 +59,7 @@ from tinyfusion.training.loop import full_weights, train_loop
 from tinyfusion.sampling.precision import FrozenForward, resolve_teacher_precision
 from tinyfusion.pruning.pruned_models import kept_indices_in_frame
 from tinyfusion.evaluation.quality import check_eval_args, eval_hooks
-from tinyfusion.training.run_setup import loop_keywords, prepare_training, training_metadata
+from tinyfusion.training.run_setup import loop_config, prepare_training, training_metadata
 from transport.cli import check_transport_record
 from transport.distillation import transport_kd_losses
 
@@ -137,7 +137,7 @@ def main(args):
                compute_losses=compute_losses,
                checkpoint_weights=full_weights(training_metadata(run.metadata, student, run.transport)),
                hooks=run.trackers + eval_hooks(args), resume_checkpoint=run.resume, resume_path=run.resume_path,
-               **loop_keywords(args))
+               config=loop_config(args))
     cleanup_distributed()
 
 

@@ -204,7 +204,7 @@ def test_a_tracker_hook_gets_every_metrics_record_from_rank_0_and_is_closed(work
     run_dir = str(tmp_path / "run")
     loop.train_loop(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run_dir,
                     compute_losses=lambda forward, x, y, epoch: train.diffusion_losses(forward, diffusion, x, y),
-                    hooks=[trackers.TrackerHook(FakeWriter)], **run_setup.loop_keywords(args))
+                    hooks=[trackers.TrackerHook(FakeWriter)], config=run_setup.loop_config(args))
     (writer,) = made
     assert writer.run_dir == run_dir and writer.closed
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]

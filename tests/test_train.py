@@ -198,7 +198,7 @@ def make_fit_inputs(workspace, tmp_path, *extra):
     run = run_setup.prepare_training(args)
     run_dir = str(tmp_path / "run")
     return run.model, dict(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run_dir,
-                           checkpoint_weights=loop.full_weights(run.metadata), **run_setup.loop_keywords(args))
+                           checkpoint_weights=loop.full_weights(run.metadata), config=run_setup.loop_config(args))
 
 
 def test_non_finite_losses_skip_the_step_and_are_counted(workspace, tmp_path):

@@ -14,17 +14,19 @@ from tinyfusion.training.resume import (check_resume_compatible, load_training_c
                                seed_everything)
 from tinyfusion.io.run_folder import latest_checkpoint, run_folder_name
 from transport.cli import check_transport_flags, check_transport_record, transport_record
+from tinyfusion.training.loop import LoopConfig
 from tinyfusion.training.trackers import tracker_hooks
 
 
-def loop_keywords(args):
-    """The keywords of tinyfusion.training.loop.train_loop that come straight from the shared flags."""
-    return dict(epochs=args.epochs, max_steps=args.max_steps, global_batch_size=args.global_batch_size,
-                global_seed=args.global_seed, num_workers=args.num_workers, log_every=args.log_every,
-                ckpt_every=args.ckpt_every, lr=args.lr, lr_schedule=args.lr_schedule, min_lr=args.min_lr,
-                weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
-                max_skipped_in_a_row=args.max_skipped_in_a_row, precision=args.precision,
-                grad_checkpointing=args.grad_checkpointing, compile_model=args.compile, run_args=vars(args))
+def loop_config(args):
+    """The training loop's LoopConfig from the shared flags (the one place that reads them for the loop)."""
+    return LoopConfig(epochs=args.epochs, max_steps=args.max_steps, global_batch_size=args.global_batch_size,
+                      global_seed=args.global_seed, lr=args.lr, lr_schedule=args.lr_schedule, min_lr=args.min_lr,
+                      weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
+                      log_every=args.log_every, ckpt_every=args.ckpt_every, precision=args.precision,
+                      grad_checkpointing=args.grad_checkpointing, compile_model=args.compile,
+                      num_workers=args.num_workers, max_skipped_in_a_row=args.max_skipped_in_a_row,
+                      run_args=vars(args))
 
 
 def device_flag(args):
