@@ -38,53 +38,15 @@ if __name__ == "__main__":
     # --help or a bad flag should answer at once
     ARGS = build_parser().parse_args()
 
-import torch
-
-from diffusion import create_diffusion
-from tinyfusion.distributed import cleanup_distributed, start_process_group
-from tinyfusion.training.loop import full_weights, train_loop
 from tinyfusion.evaluation.quality import check_eval_args, eval_hooks
-from tinyfusion.training.run_setup import loop_config, prepare_training, training_metadata
-from transport.loss import training_losses
-
-
-def diffusion_losses(model, diffusion, x, y):
-    """The standard DiT loss of a batch (mse + vb), as fp32 scalars."""
-    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
-    terms = diffusion.training_losses(model, x, t, dict(y=y))
-    return {"loss": terms["loss"].mean(), "gt": terms["loss"].mean().detach(), "mse": terms["mse"].mean().detach(),
-            "vb": terms["vb"].mean().detach()}
-
-
-def transport_losses(model, transport, x, y):
-    """SiT's training loss of a batch (t and noise drawn from the global generator), fp32 scalars."""
-    loss = training_losses(model, x, transport, dict(y=y))["loss"].mean()
-    return {"loss": loss, "gt": loss.detach()}
+from tinyfusion.training.fine_tuning import FineTuning
+from tinyfusion.training.run_setup import loop_config
+from tinyfusion.training.task import run_task
 
 
 def main(args):
     check_eval_args(args)
-    run = prepare_training(args)  # every check before the process group starts and before any file is written
-    start_process_group(run.ctx)
-    intro = (f"run folder {run.run_dir}; model {args.model} (depth {run.model.depth})"
-             + (f" from {args.load_weight}" if args.load_weight and run.resume is None else ""))
-    if run.transport is not None:
-        transport = run.transport
-        intro += f"; transport {transport}"
-
-        def compute_losses(student, x, y, epoch):
-            return transport_losses(student, transport, x, y)
-    else:
-        diffusion = create_diffusion(timestep_respacing="")  # default: 1000 steps, linear, learned sigma
-
-        def compute_losses(student, x, y, epoch):
-            return diffusion_losses(student, diffusion, x, y)
-    train_loop(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run.run_dir, intro=[intro],
-               compute_losses=compute_losses,
-               checkpoint_weights=full_weights(training_metadata(run.metadata, run.model, run.transport)),
-               hooks=run.trackers + eval_hooks(args), resume_checkpoint=run.resume,
-               resume_path=run.resume_path, config=loop_config(args))
-    cleanup_distributed()
+    run_task(FineTuning(args), loop_config(args), hooks=eval_hooks(args))
 
 
 if __name__ == "__main__":

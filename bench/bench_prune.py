@@ -35,7 +35,7 @@ from diffusion import create_diffusion  # noqa: E402
 from tinyfusion.training.ema import ParameterEMA  # noqa: E402
 from tinyfusion.pruning.lora import apply_lora  # noqa: E402
 from models import DiT_models, StraightThroughGate  # noqa: E402
-from prune_by_learning import pruning_loss  # noqa: E402
+from tinyfusion.pruning.gate_search import pruning_loss  # noqa: E402
 from tinyfusion.training.gradients import clip_grad_norm  # noqa: E402
 from tinyfusion.training.loop import AutocastForward  # noqa: E402
 

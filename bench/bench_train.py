@@ -4,7 +4,7 @@ config, and the KD step's cost relative to the plain step, measured in one run.
     python bench/bench_train.py                      # 14-block student, 28-block teacher, hidden 384
     python bench/bench_train.py --input-size 32 --batch-size 32 --device cuda --precision bf16
 
-A step is what the training loop does per batch: the script's loss function (train.diffusion_losses
+A step is what the training loop does per batch: the task's loss function (fine_tuning.diffusion_losses
 or diffusion.distillation.masked_kd_losses), backward, grad clipping, AdamW, EMA. Variants,
 alternated ABBA (bench/harness.py), median of per-round ratios to the plain step:
   plain       train.py's step
@@ -27,13 +27,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import train  # noqa: E402
 from tinyfusion.flags import resolve_precision  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from diffusion.distillation import masked_kd_losses, span_end_layer_map  # noqa: E402
 from tinyfusion.training.ema import ParameterEMA  # noqa: E402
 from models import DiT_models, prune_to_kept_blocks  # noqa: E402
 from tinyfusion.training.gradients import clip_grad_norm  # noqa: E402
+from tinyfusion.training.fine_tuning import diffusion_losses  # noqa: E402
 from tinyfusion.training.loop import AutocastForward  # noqa: E402
 from tinyfusion.sampling.precision import FrozenForward, resolve_teacher_precision  # noqa: E402
 from bench.bench_model import fill_random  # noqa: E402
@@ -86,7 +86,7 @@ def main(args):
             ema.update()
             optimizer.zero_grad(set_to_none=True)
         return run
-    variants = {"plain": step(lambda: train.diffusion_losses(student_forward, diffusion, x, y))}
+    variants = {"plain": step(lambda: diffusion_losses(student_forward, diffusion, x, y))}
     variants.update({f"kd-{name}": step(lambda forward=forward: kd_losses(forward)) for name, forward in teachers.items()})
     times = alternate(variants, rounds=args.rounds, warmup=args.warmup, device=device)
 

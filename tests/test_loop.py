@@ -4,6 +4,7 @@ settings, metrics.jsonl holds every step once after a resume, a diverged run wri
 checkpoint of exploded weights (tests/test_advice.py: which one it recommends), the original
 train.py's checkpoints resume, and bad input under torchrun is one line printed once (slow)."""
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,8 @@ import train
 from models import DiT_models
 from tinyfusion.io.checkpoints import load_checkpoint_file
 from tinyfusion.errors import TinyFusionError
-from training_helpers import COMMON_FLAGS, IMAGE_SIZE, MODEL, make_digits_store, make_teacher_and_student, torchrun
+from training_helpers import (COMMON_FLAGS, IMAGE_SIZE, MODEL, loss_task, make_digits_store, make_teacher_and_student,
+                              torchrun)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RUN = "run-DiT-XS-4"
@@ -180,7 +182,7 @@ def test_torchrun_bad_input_prints_one_line_once_and_leaves_no_run_folder(worksp
 # ------------------------------------------------------------------ experiment trackers
 def test_a_tracker_hook_gets_every_metrics_record_from_rank_0_and_is_closed(workspace, tmp_path):
     from diffusion import create_diffusion
-    from tinyfusion.training import loop
+    from tinyfusion.training import fine_tuning, loop
     from tinyfusion.training import run_setup
     from tinyfusion.training import trackers
 
@@ -202,9 +204,9 @@ def test_a_tracker_hook_gets_every_metrics_record_from_rank_0_and_is_closed(work
          *COMMON_FLAGS])
     run = run_setup.prepare_training(args)
     run_dir = str(tmp_path / "run")
-    loop.train_loop(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run_dir,
-                    compute_losses=lambda forward, x, y, epoch: train.diffusion_losses(forward, diffusion, x, y),
-                    hooks=[trackers.TrackerHook(FakeWriter)], config=run_setup.loop_config(args))
+    task = loss_task(lambda forward, x, y, epoch: fine_tuning.diffusion_losses(forward, diffusion, x, y))
+    loop.TrainingLoop(task=task, run=dataclasses.replace(run, run_dir=run_dir), config=run_setup.loop_config(args),
+                      hooks=[trackers.TrackerHook(FakeWriter)]).run()
     (writer,) = made
     assert writer.run_dir == run_dir and writer.closed
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]

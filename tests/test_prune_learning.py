@@ -14,6 +14,7 @@ import prune_by_learning
 from tinyfusion.io.checkpoints import load_checkpoint_file, read_metadata
 from models import DiT_models
 from tinyfusion.io.run_folder import read_metrics
+from tinyfusion.pruning import gate_search
 from tests.prune_helpers import make_digits_features, save_plain, set_block_gates, xs_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +91,7 @@ def test_log_has_schedules_decisions_and_confidences(lora_run):
 def test_ema_covers_exactly_the_trainable_parameters(lora_run):
     args, _, run_dir = lora_run
     checkpoint = load_checkpoint_file(os.path.join(run_dir, "checkpoints", "0000004.pt"))
-    model, _ = prune_by_learning.build_gated_model(args, [[1, 2], [1, 2]])
+    model, _ = gate_search.build_gated_model(args, [[1, 2], [1, 2]])
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     linears = [name for name, module in model.named_modules() if type(module).__name__ == "LoRALinear"]
     assert trainable == {f"{n}.{f}" for n in linears for f in ("lora_A", "lora_B")} | {"gate_logits.0", "gate_logits.1"}
@@ -134,14 +135,14 @@ def test_resume_continues_from_the_same_step_logits_and_optimizer(workspace, lor
 def test_nan_step_is_skipped_and_counted_and_logits_only_ema(workspace, monkeypatch):
     folder, features, teacher = workspace
     calls = {"n": 0}
-    original_loss = prune_by_learning.pruning_loss
+    original_loss = gate_search.pruning_loss
 
     def loss_with_one_nan(forward, diffusion, x, y):
         calls["n"] += 1
         loss = original_loss(forward, diffusion, x, y)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(prune_by_learning, "pruning_loss", loss_with_one_nan)
+    monkeypatch.setattr(gate_search, "pruning_loss", loss_with_one_nan)
     args = prune_by_learning.parse_args(run_args(folder, features, teacher, "nan", "--max-steps", "3",
                                                  "--log-every", "1", "--ckpt-every", "1"))
     prune_by_learning.main(args)

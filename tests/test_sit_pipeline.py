@@ -24,7 +24,10 @@ import train_masked_kd
 from models import SiT, SiT_models
 from test_models import randomize
 from test_train import assert_same_tensors, checkpoint
+from tinyfusion.distillation import masked_kd
 from tinyfusion.io.checkpoints import read_metadata, save_checkpoint, with_metadata
+from tinyfusion.pruning import gate_search
+from tinyfusion.training import fine_tuning
 from tinyfusion.errors import TinyFusionError
 from training_helpers import COMMON_FLAGS, IMAGE_SIZE, make_digits_store, torchrun
 from transport import create_transport
@@ -92,7 +95,7 @@ def closed_form_loss(model, x1, y, t, x0, path, prediction, weight):
 
 @pytest.mark.parametrize("path, prediction, weight", [("Linear", "velocity", None), ("GVP", "noise", "velocity")])
 def test_the_training_loss_is_sits_closed_form_on_a_fixed_batch(path, prediction, weight):
-    """train.transport_losses (what the loop minimises for a SiT) draws t ~ U[t0, t1] then x0 from
+    """fine_tuning.transport_losses (what the loop minimises for a SiT) draws t ~ U[t0, t1] then x0 from
     the global generator (as SiT, in that order on the CPU) and returns SiT's loss."""
     torch.manual_seed(0)
     model = tiny_sit().eval()
@@ -100,7 +103,7 @@ def test_the_training_loss_is_sits_closed_form_on_a_fixed_batch(path, prediction
     transport = create_transport(path, prediction, weight)
     t0, t1 = (0.0, 1.0) if prediction == "velocity" else (1e-3, 1 - 1e-3)
     torch.manual_seed(7)
-    got = train.transport_losses(model, transport, x1, y)
+    got = fine_tuning.transport_losses(model, transport, x1, y)
     torch.manual_seed(7)
     t = torch.rand(5) * (t1 - t0) + t0
     x0 = torch.randn(5, 3, 8, 8)
@@ -113,7 +116,7 @@ def test_the_loop_minimises_and_logs_exactly_that_loss(workspace, tmp_path, monk
     """Inside train.py's loop: each step's loss (with the model in train mode, label dropout
     included) equals the closed form recomputed from the same generator state, and is the
     logged loss."""
-    real, recomputed = train.transport_losses, []
+    real, recomputed = fine_tuning.transport_losses, []
 
     def checked(model, transport, x, y):
         state = torch.get_rng_state()
@@ -126,7 +129,7 @@ def test_the_loop_minimises_and_logs_exactly_that_loss(workspace, tmp_path, monk
                                result["loss"].item()))
         torch.set_rng_state(after)
         return result
-    monkeypatch.setattr(train, "transport_losses", checked)
+    monkeypatch.setattr(fine_tuning, "transport_losses", checked)
     train.main(parse(train, workspace, tmp_path, "--load-weight", workspace["teacher"], "--max-steps", "3",
                      "--log-every", "1"))
     logged = [json.loads(line)["loss"] for line in open(tmp_path / RUN / "metrics.jsonl")]
@@ -159,26 +162,26 @@ def test_kd_terms_by_hand():
 
 
 # ------------------------------------------------------------------ resume, checkpoints
-@pytest.mark.parametrize("script, loss_name", [(train, "transport_losses"),
-                                               pytest.param(train_masked_kd, "transport_kd_losses",
-                                                            marks=pytest.mark.slow)])
+@pytest.mark.parametrize("script, task_module, loss_name", [(train, fine_tuning, "transport_losses"),
+                                                            pytest.param(train_masked_kd, masked_kd, "transport_kd_losses",
+                                                                         marks=pytest.mark.slow)])
 def test_interrupted_sit_run_resumed_with_auto_ends_with_the_same_weights(workspace, tmp_path, monkeypatch, script,
-                                                                          loss_name):
+                                                                          task_module, loss_name):
     # 5 steps over 4-batch epochs, checkpoints at 2, 4, 5; the interrupted run dies in step 3
     flags = ["--load-weight", workspace["student"], "--max-steps", "5", "--ckpt-every", "2", "--log-every", "1",
              "--epochs", "3"]
     script.main(parse(script, workspace, tmp_path / "a", *flags))
-    real_losses, calls = getattr(script, loss_name), []
+    real_losses, calls = getattr(task_module, loss_name), []
 
     def dies_in_step_3(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real_losses(*args, **kwargs)
-    monkeypatch.setattr(script, loss_name, dies_in_step_3)
+    monkeypatch.setattr(task_module, loss_name, dies_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         script.main(parse(script, workspace, tmp_path / "b", *flags))
-    monkeypatch.setattr(script, loss_name, real_losses)
+    monkeypatch.setattr(task_module, loss_name, real_losses)
     assert sorted(os.listdir(tmp_path / "b" / RUN / "checkpoints")) == ["0000002.pt"]
     script.main(parse(script, workspace, tmp_path / "b", *flags, "--resume", "auto"))
     final_a = checkpoint(tmp_path / "a" / RUN / "checkpoints" / "0000005.pt")
@@ -207,8 +210,8 @@ def test_every_script_on_a_tiny_sit(workspace, tmp_path, capsys, monkeypatch):
     results, teacher = tmp_path / "results", workspace["teacher"]
     train.main(parse(train, workspace, results, "--load-weight", teacher, "--max-steps", "2", "--prefix", "teacher"))
     trained = str(results / "teacher-SiT-XS-4" / "checkpoints" / "0000002.pt")
-    calls, real_search_loss = [], prune_by_learning.transport_pruning_loss
-    monkeypatch.setattr(prune_by_learning, "transport_pruning_loss", lambda *a: calls.append(1) or real_search_loss(*a))
+    calls, real_search_loss = [], gate_search.transport_pruning_loss
+    monkeypatch.setattr(gate_search, "transport_pruning_loss", lambda *a: calls.append(1) or real_search_loss(*a))
     prune_by_learning.main(prune_by_learning.parse_args(training_flags(
         workspace, results, "--groups", "[[1,6]]*2", "--load-weight", trained, "--max-steps", "2", "--delta-w",
         "--lora", "--lora-rank", "2", "--prefix", "prune", "--save-model", str(tmp_path / "learned.pt"))))

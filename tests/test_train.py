@@ -2,6 +2,7 @@
 gradients.py, run_setup.py): run folder and checkpoint format,
 bit-exact resume after an interruption, skipped non-finite steps, bad input, and the small
 helpers. The 2-rank end-to-end runs (loss goes down from scratch, resume under torchrun) are slow."""
+import dataclasses
 import io
 import json
 import math
@@ -16,13 +17,15 @@ import torch
 from tinyfusion.errors import TinyFusionError
 import train
 import train_masked_kd
-from tinyfusion.training import gradients
+from tinyfusion.distillation import masked_kd
+from tinyfusion.training import fine_tuning, gradients
 from tinyfusion.training import loop
 from tinyfusion.training import resume
 from tinyfusion.training import run_setup
 from tinyfusion.training import lr_schedules as schedules
 from tinyfusion.distributed import DistributedContext
-from training_helpers import COMMON_FLAGS, IMAGE_SIZE, MODEL, make_digits_store, make_teacher_and_student, torchrun
+from training_helpers import (COMMON_FLAGS, IMAGE_SIZE, MODEL, loss_task, make_digits_store, make_teacher_and_student,
+                              torchrun)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -65,25 +68,26 @@ def assert_same_tensors(a, b, where=""):
 
 
 # ------------------------------------------------------------------ resume
-@pytest.mark.parametrize("script, loss_name", [(train, "diffusion_losses"), (train_masked_kd, "masked_kd_losses")])
+@pytest.mark.parametrize("script, task_module, loss_name", [(train, fine_tuning, "diffusion_losses"),
+                                                            (train_masked_kd, masked_kd, "masked_kd_losses")])
 def test_interrupted_run_resumed_with_auto_ends_with_the_same_weights(workspace, tmp_path, monkeypatch, script,
-                                                                      loss_name):
+                                                                      task_module, loss_name):
     # 14 steps over 12-batch epochs, checkpoints at 5, 10, 14; the interrupted run dies in step 8
     flags = ["--load-weight", workspace["student"], "--max-steps", "14", "--ckpt-every", "5", "--log-every", "1",
              "--epochs", "3"]
     script.main(parse(script, workspace, tmp_path / "a", *flags))
 
-    real_losses, calls = getattr(script, loss_name), []
+    real_losses, calls = getattr(task_module, loss_name), []
 
     def dies_in_step_8(*args, **kwargs):
         calls.append(1)
         if len(calls) == 8:
             raise KeyboardInterrupt
         return real_losses(*args, **kwargs)
-    monkeypatch.setattr(script, loss_name, dies_in_step_8)
+    monkeypatch.setattr(task_module, loss_name, dies_in_step_8)
     with pytest.raises(KeyboardInterrupt):
         script.main(parse(script, workspace, tmp_path / "b", *flags))
-    monkeypatch.setattr(script, loss_name, real_losses)
+    monkeypatch.setattr(task_module, loss_name, real_losses)
     run_b = tmp_path / "b" / "run-DiT-XS-4"
     assert sorted(os.listdir(run_b / "checkpoints")) == ["0000005.pt"]
     script.main(parse(script, workspace, tmp_path / "b", *flags, "--resume", "auto"))
@@ -181,7 +185,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(workspace
     else:
         def diverged(model, diffusion, x, y):
             return {"loss": model(x, torch.zeros(len(x), dtype=torch.long), y).mean() * float("inf")}
-        monkeypatch.setattr(train, "diffusion_losses", diverged)
+        monkeypatch.setattr(fine_tuning, "diffusion_losses", diverged)
         args.max_skipped_in_a_row = 2
         expected = "2 non-finite losses in a row"
     with pytest.raises(TinyFusionError, match=expected) as error:
@@ -192,30 +196,29 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(workspace
 
 # ------------------------------------------------------------------ non-finite losses
 def make_fit_inputs(workspace, tmp_path, *extra):
-    """The keywords of a train_loop call as train.py makes them."""
+    """The keywords of a TrainingLoop as train.py makes them (the run folder is tmp_path/run)."""
     args = parse(train, workspace, tmp_path, "--load-weight", workspace["student"], "--log-every", "1",
                  "--ckpt-every", "100", *extra)
     run = run_setup.prepare_training(args)
-    run_dir = str(tmp_path / "run")
-    return run.model, dict(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run_dir,
-                           checkpoint_weights=loop.full_weights(run.metadata), config=run_setup.loop_config(args))
+    return run.model, dict(run=dataclasses.replace(run, run_dir=str(tmp_path / "run")),
+                           config=run_setup.loop_config(args))
 
 
 def test_non_finite_losses_skip_the_step_and_are_counted(workspace, tmp_path):
     from diffusion import create_diffusion
     model, keywords = make_fit_inputs(workspace, tmp_path, "--max-steps", "6")
-    run_dir = keywords["run_dir"]
+    run_dir = keywords["run"].run_dir
     diffusion = create_diffusion("")
     snapshots = []
 
     def losses_nan_in_steps_3_and_4(student, x, y, epoch):
         snapshots.append(model.final_layer.linear.weight.detach().clone())
-        losses = train.diffusion_losses(student, diffusion, x, y)
+        losses = fine_tuning.diffusion_losses(student, diffusion, x, y)
         if len(snapshots) in (3, 4):
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    result = loop.train_loop(compute_losses=losses_nan_in_steps_3_and_4, **keywords)
+    result = loop.TrainingLoop(task=loss_task(losses_nan_in_steps_3_and_4), **keywords).run()
     assert result.skipped_steps == 2 and result.train_steps == 6
     assert not torch.equal(snapshots[1], snapshots[2])  # step 2 updated the weights
     assert torch.equal(snapshots[2], snapshots[3]) and torch.equal(snapshots[3], snapshots[4])  # 3, 4 did not
@@ -234,7 +237,7 @@ def test_too_many_non_finite_losses_in_a_row_stop_the_run(workspace, tmp_path):
         return {"loss": out.mean() * float("inf")}
 
     with pytest.raises(TinyFusionError, match="3 non-finite losses in a row at step 3"):
-        loop.train_loop(compute_losses=always_nan, **keywords)
+        loop.TrainingLoop(task=loss_task(always_nan), **keywords).run()
 
 
 # ------------------------------------------------------------------ small helpers

@@ -1,10 +1,11 @@
 """The one training loop of train.py, train_masked_kd.py and prune_by_learning.py.
 
-The scripts differ in three things, passed in: the loss of a batch (`compute_losses`), what
-trains (the model's requires_grad flags and `param_groups`) and what a checkpoint holds
-(`checkpoint_weights`, `LoopHooks.checkpoint_extra`); learnable pruning adds per-step hooks
-(the tau / scaling annealing, the gate decisions in the log). Everything else lives only here:
-AdamW, the lr schedule, EMA, the non-finite guard, resume, checkpoint cadence and logging.
+The three trainings are tasks (tinyfusion/training/task.py): a task says what the loss of a batch
+is, what trains (the model's requires_grad flags and its parameter groups) and what a checkpoint
+holds; as LoopHooks it may add per-step work (the gate search anneals tau / scaling and logs its
+decisions). Everything else lives only here: the configuration (LoopConfig, from the flags),
+AdamW, the lr schedule, EMA, the non-finite guard, resume (the resumable state is
+tinyfusion/training/state.py's LoopState), checkpoint cadence and logging.
 
 Determinism: with the same world size on CPU, a run interrupted after any checkpoint and
 resumed with `--resume auto` ends with bit-identical weights to an uninterrupted run.
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from tinyfusion.flags import autocast, resolve_precision
-from tinyfusion.io.checkpoints import with_metadata
 from tinyfusion.training.ema import ParameterEMA
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.io.finite import MAX_TRAINED_WEIGHT
@@ -99,17 +99,6 @@ def iterate_epoch(loader, sampler, epoch, start_batch=0):
     return iterator
 
 
-def full_weights(metadata=None):
-    """checkpoint_weights of a run that trains a whole model: its state dict and the EMA model's,
-    both carrying `metadata` (e.g. the kept indices of a pruned student)."""
-    def weights(model, ema):
-        model_state, ema_state = model.state_dict(), ema.model_state_dict(model)
-        if metadata:
-            return with_metadata(model_state, metadata), with_metadata(ema_state, metadata)
-        return model_state, ema_state
-    return weights
-
-
 @dataclass(frozen=True)
 class LoopConfig:
     """The loop's settings from the command line: tinyfusion.training.run_setup.loop_config builds
@@ -134,36 +123,21 @@ class LoopConfig:
     run_args: dict              # plain dict of the command line: args.json and every checkpoint's "args"
 
 
-def train_loop(**kwargs):
-    """Run the training loop; see TrainingLoop for the keywords. Returns a LoopResult."""
-    return TrainingLoop(**kwargs).run()
-
-
 class TrainingLoop:
-    def __init__(
-        self, *,
-        model,                      # the network; its requires_grad flags say what trains (and what the EMA covers)
-        compute_losses,             # fn(forward, x, y, epoch) -> {"loss": fp32 scalar minimised, other terms logged}
-        dataset,                    # (x, y) feature dataset (tinyfusion.io.feature_store)
-        ctx,                        # tinyfusion.distributed.DistributedContext (process group already started)
-        run_dir,                    # run folder, created when the loop starts (after every check passed)
-        config,                     # LoopConfig
-        param_groups=None,          # [(params, lr_scale)]; default: every trained parameter at scale 1
-        gradient_sync="ddp",        # "ddp" wraps the model; "all_reduce" averages the trained grads by hand
-        checkpoint_weights=None,    # fn(model, ema) -> (model state, ema state); default full_weights()
-        hooks=(),                   # LoopHooks of the script (and metric writers)
-        intro=(),                   # lines logged first in the run folder's log
-        resume_checkpoint=None,     # a loaded training checkpoint to continue (model weights already loaded)
-        resume_path=None,           # its path (for messages)
-        progress_label="train",     # tqdm description
-    ):
-        self.model, self.compute_losses, self.dataset, self.ctx, self.run_dir = model, compute_losses, dataset, ctx, run_dir
-        self.config, self.param_groups, self.gradient_sync = config, param_groups, gradient_sync
-        self.checkpoint_weights = checkpoint_weights or full_weights()
-        self.hooks, self.intro, self.progress_label = list(hooks), list(intro), progress_label
-        self.resume_checkpoint, self.resume_path = resume_checkpoint, resume_path
+    """One training run of a TrainingTask (tinyfusion/training/task.py) from a prepared run
+    (run_setup.PreparedRun: the model, whose requires_grad flags say what trains and what the
+    EMA covers, the dataset, the distributed context with its process group started, the run
+    folder, created when the loop starts, and the training checkpoint to continue, if any, whose
+    model weights are already loaded). `hooks` (LoopHooks: trackers, --eval-every) follow the
+    task's own; `intro` are the lines logged first. `run()` returns a LoopResult."""
+
+    def __init__(self, *, task, run, config, hooks=(), intro=()):
+        self.task, self.config = task, config
+        self.model, self.dataset, self.ctx, self.run_dir = run.model, run.dataset, run.ctx, run.run_dir
+        self.resume_checkpoint = run.resume
+        self.hooks, self.intro = [task, *hooks], list(intro)
         self._setup()
-        self.notes = self.state.load_state_dict(resume_checkpoint, resume_path) if resume_checkpoint is not None else []
+        self.notes = self.state.load_state_dict(run.resume, run.resume_path) if run.resume is not None else []
 
     @property
     def ema(self):
@@ -187,7 +161,7 @@ class TrainingLoop:
         except ValueError as error:
             raise TinyFusionError(str(error).removeprefix("error: ")) from None
         steps_per_epoch = batches_per_epoch(self.sampler)
-        self.state = LoopState(self.model, config=config, param_groups=self.param_groups,
+        self.state = LoopState(self.model, config=config, param_groups=self.task.param_groups(self.model),
                                total_steps=total_training_steps(config.epochs, steps_per_epoch, config.max_steps),
                                steps_per_epoch=steps_per_epoch, ctx=self.ctx, dtype=self.dtype)
 
@@ -209,7 +183,7 @@ class TrainingLoop:
 
     def _forward_model(self):
         wrapped = self.model
-        if self.gradient_sync == "ddp" and self.ctx.is_distributed:
+        if self.task.gradient_sync == "ddp" and self.ctx.is_distributed:
             from torch.nn.parallel import DistributedDataParallel
             wrapped = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                               if self.device.type == "cuda" else None)
@@ -223,10 +197,10 @@ class TrainingLoop:
         state = self.state
         for hook in self.hooks:
             hook.before_step(self, state.train_steps)
-        losses = self.compute_losses(forward, x, y, state.epoch)
+        losses = self.task.losses(forward, x, y, state.epoch)
         names = sorted(losses)
         (state.scaler.scale(losses["loss"]) if state.scaler is not None else losses["loss"]).backward()
-        if self.gradient_sync == "all_reduce":
+        if self.task.gradient_sync == "all_reduce":
             all_reduce_gradients(state.trainable, self.ctx)  # zero-fills grads of blocks this rank skipped
         stats = torch.stack([losses[name].detach().float() for name in names])
         stats, self.grad_norm, stepped = step_unless_nonfinite(
@@ -303,7 +277,7 @@ class TrainingLoop:
         extra = {}
         for hook in self.hooks:
             extra.update(hook.checkpoint_extra(self))
-        save_training_checkpoint(path, self.ctx, weights=lambda: self.checkpoint_weights(self.model, state.ema),
+        save_training_checkpoint(path, self.ctx, weights=lambda: self.task.checkpoint_weights(self.model, state.ema),
                                  state=state.state_dict(), extra=extra)
         self.logger.info(f"saved checkpoint {path}")
         self.last_saved, self.save_pending = state.train_steps, False
@@ -322,7 +296,7 @@ class TrainingLoop:
         self.grad_norm, self.save_pending = torch.zeros(()), False
         self.last_saved = state.train_steps if self.resume_checkpoint is not None else None
         self.progress = tqdm(total=state.total_steps, initial=state.train_steps, disable=not self.ctx.is_main,
-                             desc=self.progress_label, dynamic_ncols=True)
+                             desc=self.task.progress_label, dynamic_ncols=True)
         try:
             self._run_epochs(forward)
             if self.last_saved != state.train_steps:  # e.g. --epochs reached before a multiple of --ckpt-every

@@ -1,7 +1,7 @@
 """What the training and pruning scripts do before their loop starts: the translation of the
-shared flags (tinyfusion/flags.py add_training_args) into the loop's keywords, and the checks and loading that happen before the
-process group starts and before anything is written, so that bad input is one line printed
-once (by rank 0) and leaves no run folder behind.
+shared flags (tinyfusion/flags.py add_training_args) into the loop's LoopConfig, and the checks
+and loading that happen before the process group starts and before anything is written, so
+that bad input is one line printed once (by rank 0) and leaves no run folder behind.
 """
 from dataclasses import dataclass
 
@@ -53,7 +53,7 @@ def check_dataset_fits(dataset, model, *, data_path, model_name, vae, image_size
                               f"--num-classes is {model.num_classes}; pass --num-classes {dataset.num_classes}")
 
 
-def build_training_model(args, resume_checkpoint=None, resume_path=None):
+def load_training_model(args, resume_checkpoint=None, resume_path=None):
     """(model, metadata) of the model to train: the "model" weights of the resume checkpoint,
     else --load-weight (a pruned checkpoint's metadata sets the depth), else a fresh init."""
     if resume_checkpoint is None:
@@ -66,6 +66,14 @@ def build_training_model(args, resume_checkpoint=None, resume_path=None):
     model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path,
                            families=MODEL_FAMILIES, **kwargs)
     load_into_model(model, extract_state_dict(resume_checkpoint, use_ema=False), args.model, resume_path)
+    return model, metadata
+
+
+def build_training_model(args, run):
+    """prepare_training's default model: load_training_model's, whose recorded SiT transport
+    must be the flags'."""
+    model, metadata = load_training_model(args, run.resume, run.resume_path)
+    check_transport_record(metadata, run.transport, run.resume_path or args.load_weight)
     return model, metadata
 
 
@@ -105,21 +113,23 @@ def resolve_run(args, ctx):
 
 
 def prepare_training(args, build_model_fn=build_training_model):
-    """Everything train.py and train_masked_kd.py check and load before the process group starts:
-    flags, the global batch, seeds, data, run folder name, `--resume`, and the model (resumed,
-    from --load-weight, or fresh) checked against the data. Returns a PreparedRun."""
+    """Everything the training scripts check and load before the process group starts: flags,
+    the global batch, seeds, data, run folder name, `--resume`, and the model checked against
+    the data. `build_model_fn(args, run)` returns (model, metadata) from the run prepared so far
+    (the fine-tunes' model: resumed, from --load-weight, or fresh; the gate search's gated
+    model). Returns a PreparedRun."""
     transport = check_transport_flags(args)  # a SiT's transport; a DiT refuses SiT flags
     ctx = distributed_context(device_flag(args))
     check_global_batch(args.global_batch_size, ctx)
     seed_everything(args.global_seed, ctx)
     dataset = open_training_data(args.data_path, args.global_seed)
     run_dir, resume_path, resume = resolve_run(args, ctx)
-    model, metadata = build_model_fn(args, resume, resume_path)
-    check_transport_record(metadata, transport, resume_path or args.load_weight)
-    check_dataset_fits(dataset, model, data_path=args.data_path, model_name=args.model, vae=args.vae,
+    run = PreparedRun(ctx, dataset, run_dir, resume_path, resume, transport=transport)
+    run.model, run.metadata = build_model_fn(args, run)
+    check_dataset_fits(dataset, run.model, data_path=args.data_path, model_name=args.model, vae=args.vae,
                        image_size=args.image_size)
-    return PreparedRun(ctx, dataset, run_dir, resume_path, resume, model, metadata, tracker_hooks(args),
-                       transport=transport)
+    run.trackers = tracker_hooks(args)
+    return run
 
 
 def training_metadata(metadata, model, transport):
