@@ -80,6 +80,27 @@ def test_default_lr_is_cosine_annealing_lr_step_for_step_also_across_resume(work
     assert [r["loss"] for r in records] == [r["loss"] for r in metrics(finished_run)]
 
 
+# every training checkpoint's entries, key for key in this order, as checkpoints written before the
+# loop's state was one object (tinyfusion/training/state.py) have them: those still resume, and
+# other tools (sample.py, export_diffusers.py, the original's loaders) read these keys
+TRAINING_CHECKPOINT_KEYS = ["model", "ema", "opt", "sched", "train_steps", "epoch", "batches_into_epoch", "args",
+                            "loop", "world_size", "rng", "skipped_steps"]
+
+
+def test_checkpoints_keep_their_format_key_for_key(finished_run):
+    saved = torch.load(finished_run / "checkpoints" / "0000003.pt", map_location="cpu", weights_only=True)
+    assert list(saved) == TRAINING_CHECKPOINT_KEYS
+    assert (saved["train_steps"], saved["epoch"], saved["batches_into_epoch"], saved["world_size"],
+            saved["skipped_steps"]) == (3, 0, 3, 1, 0)
+    assert saved["loop"] == dict(lr=2e-4, lr_schedule="cosine", min_lr=1e-4, weight_decay=0.0, ema_decay=0.9999,
+                                 grad_clip=1.0, total_steps=6, lr_scales=[1.0])
+    assert list(saved["loop"]) == ["lr", "lr_schedule", "min_lr", "weight_decay", "ema_decay", "grad_clip",
+                                   "total_steps", "lr_scales"]
+    assert saved["sched"]["last_epoch"] == 3 and saved["args"]["max_steps"] == 6
+    assert len(saved["rng"]) == 1 and list(saved["rng"][0]) == ["python", "numpy", "torch", "cuda"]
+    assert {float(state["step"]) for state in saved["opt"]["state"].values()} == {3.0}
+
+
 def test_resume_applies_changed_settings_and_logs_each(workspace, finished_run, tmp_path):
     resumed = tmp_path / RUN
     keep_only_checkpoint(finished_run, resumed, 3)

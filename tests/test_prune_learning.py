@@ -15,6 +15,7 @@ from tinyfusion.io.checkpoints import load_checkpoint_file, read_metadata
 from models import DiT_models
 from tinyfusion.io.run_folder import read_metrics
 from tinyfusion.pruning import gate_search
+from test_loop import TRAINING_CHECKPOINT_KEYS
 from tests.prune_helpers import make_digits_features, save_plain, set_block_gates, xs_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +97,8 @@ def test_ema_covers_exactly_the_trainable_parameters(lora_run):
     linears = [name for name, module in model.named_modules() if type(module).__name__ == "LoRALinear"]
     assert trainable == {f"{n}.{f}" for n in linears for f in ("lora_A", "lora_B")} | {"gate_logits.0", "gate_logits.1"}
     assert set(checkpoint["ema"]) == trainable and set(checkpoint["model"]) == trainable
+    # the training checkpoint format (tests/test_loop.py) plus the decision, key for key
+    assert list(checkpoint) == TRAINING_CHECKPOINT_KEYS + ["kept_indices", "confidences", "groups"]
     assert checkpoint["train_steps"] == 4 and checkpoint["kept_indices"] == read_metadata(
         load_checkpoint_file(os.path.join(run_dir, "pruned.pt")))["kept_indices"]
 

@@ -251,6 +251,51 @@ def test_rng_state_survives_a_weights_only_checkpoint():
     assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(4), expected[2])
 
 
+def test_loop_state_continues_from_its_state_dict_as_if_never_stopped():
+    """LoopState.state_dict() + the weights, loaded into a fresh LoopState: the next step of the
+    continued state equals the next step of the original (parameters, EMA, lr, RNG draws)."""
+    from tinyfusion.training.loop import LoopConfig
+    from tinyfusion.training.state import LoopState
+    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    config = LoopConfig(epochs=2, max_steps=None, global_batch_size=8, global_seed=0, lr=1e-2, lr_schedule="cosine",
+                        min_lr=1e-3, weight_decay=0.01, grad_clip=1.0, ema_decay=0.9, log_every=1, ckpt_every=1,
+                        precision="fp32", grad_checkpointing=False, compile_model=False, num_workers=0,
+                        max_skipped_in_a_row=3, run_args={"model": "m"})
+
+    def fresh(model):
+        return LoopState(model, config=config, param_groups=None, total_steps=10, steps_per_epoch=5, ctx=ctx,
+                         dtype=torch.float32)
+
+    def step(state, model):
+        model.weight.grad = torch.rand(model.weight.shape)  # a draw from the global generator
+        model.bias.grad = torch.ones_like(model.bias)
+        state.optimizer.step(), state.scheduler.step(), state.ema.update()
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    state = fresh(model)
+    for _ in range(3):
+        step(state, model)
+    state.train_steps, state.epoch, state.batch, state.guard.skipped_total = 3, 0, 3, 1
+    buffer = io.BytesIO()  # through a file, as a checkpoint (the state dicts hold live tensors)
+    torch.save({"model": model.state_dict(), "ema": state.ema.state_dict(), **state.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    step(state, model)  # the original goes on ...
+    torch.manual_seed(123)  # ... and the global RNG moves on: the continued state must restore it
+    continued_model = torch.nn.Linear(3, 2)
+    continued_model.load_state_dict(saved["model"])
+    continued = fresh(continued_model)
+    notes = continued.load_state_dict(saved, "ckpt.pt")
+    assert notes == ["resumed ckpt.pt at step 3 of 10 (epoch 0, batch 3 of 5)"]
+    assert (continued.train_steps, continued.epoch, continued.batch, continued.guard.skipped_total) == (3, 0, 3, 1)
+    assert continued.guard.last_good_checkpoint == "ckpt.pt"
+    step(continued, continued_model)
+    assert_same_tensors(continued_model.state_dict(), model.state_dict())
+    assert_same_tensors(continued.ema.state_dict(), state.ema.state_dict())
+    assert continued.optimizer.param_groups[0]["lr"] == state.optimizer.param_groups[0]["lr"]
+
+
 def test_cosine_schedule_is_cosine_annealing_lr_step_for_step_and_restarts_on_its_closed_form():
     def optimizer():
         return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
