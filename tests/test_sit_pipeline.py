@@ -162,9 +162,9 @@ def test_kd_terms_by_hand():
 
 
 # ------------------------------------------------------------------ resume, checkpoints
-@pytest.mark.parametrize("script, task_module, loss_name", [(train, fine_tuning, "transport_losses"),
-                                                            pytest.param(train_masked_kd, masked_kd, "transport_kd_losses",
-                                                                         marks=pytest.mark.slow)])
+@pytest.mark.parametrize("script, task_module, loss_name", [
+    (train, fine_tuning, "transport_losses"),
+    pytest.param(train_masked_kd, masked_kd, "transport_kd_losses", marks=pytest.mark.slow)])
 def test_interrupted_sit_run_resumed_with_auto_ends_with_the_same_weights(workspace, tmp_path, monkeypatch, script,
                                                                           task_module, loss_name):
     # 5 steps over 4-batch epochs, checkpoints at 2, 4, 5; the interrupted run dies in step 3

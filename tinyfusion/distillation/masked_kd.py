@@ -77,7 +77,8 @@ class MaskedKD(FineTuning):
         self.diffusion = create_diffusion(timestep_respacing="") if run.transport is None else None
         teacher_dtype = resolve_teacher_precision(args.teacher_precision,
                                                   resolve_precision(args.precision, run.ctx.device), run.ctx.device)
-        self.teacher_forward = FrozenForward(teacher, teacher_dtype, run.ctx.device)  # inference mode, weights cast once
+        # inference mode, weights cast once
+        self.teacher_forward = FrozenForward(teacher, teacher_dtype, run.ctx.device)
         return [f"run folder {run.run_dir}; student {args.model} (depth {student.depth}), teacher {args.teacher} "
                 f"(depth {teacher.depth}) from {args.load_teacher}",
                 f"layer map ({self.map_source}): " + ", ".join(f"{s}:{t}" for s, t in self.layer_pairs),

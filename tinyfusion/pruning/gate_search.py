@@ -224,7 +224,8 @@ class GateSearch(TrainingTask):
         result.logger.info(f"decision after {result.train_steps} steps: keep blocks {kept} (confidence per group "
                            f"[{', '.join(f'{c:.3f}' for c in confidences)}])")
         if run.ctx.is_main:
-            final_logits = [[float(v) for v in group_logits] for group_logits in ema_logits(result.ema, len(self.groups))]
+            final_logits = [[float(v) for v in group_logits]
+                            for group_logits in ema_logits(result.ema, len(self.groups))]
             save_decision(args, self.groups, kept, choices, confidences, final_logits, result, run.run_dir,
                           self.save_path, run.metadata, run.transport)
         if run.ctx.is_distributed:
