@@ -1,10 +1,10 @@
-"""What a script adds to the training loop (tinyfusion/training/loop.py): per-step work, log
-fields, checkpoint entries, metric forwarding. Its own module so that the trackers and the
-sample-quality hook import it without importing the loop."""
+"""What a task or a script adds to the training loop (tinyfusion/training/loop.py): per-step
+work, log fields, checkpoint entries, metric forwarding. Its own module so that the trackers and
+the sample-quality hook import it without importing the loop."""
 
 
 class LoopHooks:
-    """What a script adds to the loop; override what it needs. Called on every rank with the
+    """What a task or script adds to the loop; override what it needs. Called on every rank with the
     running TrainingLoop (`loop.model`, `loop.ema`, `loop.total_steps`, ...)."""
 
     def start(self, loop):
