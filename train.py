@@ -38,29 +38,15 @@ if __name__ == "__main__":
     # --help or a bad flag should answer at once
     ARGS = build_parser().parse_args()
 
-from tinyfusion.distributed import cleanup_distributed, start_process_group
-from tinyfusion.training.loop import full_weights, train_loop
 from tinyfusion.evaluation.quality import check_eval_args, eval_hooks
-from tinyfusion.training.run_setup import loop_keywords, prepare_training, training_metadata
+from tinyfusion.training.fine_tuning import FineTuning
+from tinyfusion.training.run_setup import loop_config
+from tinyfusion.training.task import run_task
 
 
 def main(args):
     check_eval_args(args)
-    run = prepare_training(args)  # every check before the process group starts and before any file is written
-    start_process_group(run.ctx)
-    intro = (f"run folder {run.run_dir}; model {args.model} (depth {run.model.depth})"
-             + (f" from {args.load_weight}" if args.load_weight and run.resume is None else ""))
-    if run.family.describe():
-        intro += f"; {run.family.describe()}"
-
-    def compute_losses(student, x, y, epoch):  # the family's loss: DiT's mse + vb, a SiT's transport loss
-        return run.family.training_losses(student, x, y)
-    train_loop(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run.run_dir, intro=[intro],
-               compute_losses=compute_losses,
-               checkpoint_weights=full_weights(training_metadata(run.metadata, run.model, run.family)),
-               hooks=run.trackers + eval_hooks(args), resume_checkpoint=run.resume,
-               resume_path=run.resume_path, **loop_keywords(args))
-    cleanup_distributed()
+    run_task(FineTuning(args), loop_config(args), hooks=eval_hooks(args))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ masked features (transport/distillation.py), with train.py's SiT flags.
 """
 from tinyfusion.flags import (ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg,
                             add_eval_args, add_teacher_precision_arg, add_training_args, add_transport_training_args,
-                            nonnegative_float, resolve_precision, unit_interval)
-from tinyfusion.errors import TinyFusionError, run_main
+                            nonnegative_float, unit_interval)
+from tinyfusion.errors import run_main
 
 
 def build_parser():
@@ -50,88 +50,15 @@ if __name__ == "__main__":
     # --help or a bad flag should answer at once
     ARGS = build_parser().parse_args()
 
-from diffusion.distillation import LAYER_MAP_RULES, feature_beta, parse_layer_map, rule_layer_map, validate_layer_map
-from tinyfusion.families.build import build_model
-from tinyfusion.distributed import cleanup_distributed, start_process_group
-from tinyfusion.training.loop import full_weights, train_loop
-from tinyfusion.sampling.precision import FrozenForward, resolve_teacher_precision
-from tinyfusion.pruning.pruned_models import kept_indices_in_frame
+from tinyfusion.distillation.masked_kd import MaskedKD
 from tinyfusion.evaluation.quality import check_eval_args, eval_hooks
-from tinyfusion.training.run_setup import loop_keywords, prepare_training, training_metadata
-
-
-def build_teacher(args, device, family):
-    """The frozen teacher: --teacher with --load-teacher weights, eval mode, no grad, no DDP (what
-    its checkpoint records of the process must be the student's: a SiT teacher's transport)."""
-    if not args.load_teacher:
-        raise TinyFusionError("--load-teacher is required (the dense teacher's weights, e.g. "
-                              "pretrained/DiT-XL-2-256x256.pt)")
-    teacher, metadata = build_model(args.teacher, args.image_size, args.num_classes, args.vae, args.vae_path,
-                                    ckpt=args.load_teacher, flag="--teacher")
-    family.check_record(metadata, args.load_teacher)
-    teacher.requires_grad_(False)
-    return teacher.to(device).eval()
-
-
-def check_teacher_fits(args, student, teacher):
-    """One-line errors when the teacher cannot teach this student."""
-    if student.model_family != teacher.model_family:
-        raise TinyFusionError(f"--teacher {args.teacher} is a {teacher.model_family} but the student --model "
-                              f"{args.model} a {student.model_family}; distil from a teacher of the same family")
-    if student.depth > teacher.depth:
-        raise TinyFusionError(f"the student has {student.depth} blocks but the teacher --teacher {args.teacher} only "
-                              f"{teacher.depth}; distil a pruned (shallower) student from its dense source model")
-    if (student.in_channels, student.input_size, student.num_classes, student.learn_sigma) != \
-            (teacher.in_channels, teacher.input_size, teacher.num_classes, teacher.learn_sigma):
-        raise TinyFusionError(f"teacher {args.teacher} and student {args.model} predict different things "
-                              f"(channels/input size/classes/learned sigma); use the teacher the student was pruned from")
-    if args.beta_feat > 0 and student.hidden_size != teacher.hidden_size:
-        raise TinyFusionError(f"the feature loss needs equal hidden sizes (student {student.hidden_size}, teacher "
-                              f"{teacher.hidden_size}); pass --beta-feat 0")
-
-
-def resolve_layer_map(args, student, metadata, teacher):
-    """(pairs, how they were chosen) for --kd-layer-map: original (the default), span-end (kept
-    indices in the loaded teacher's frame) or explicit pairs; one-line errors."""
-    try:
-        if args.kd_layer_map in LAYER_MAP_RULES:
-            pairs, source = rule_layer_map(args.kd_layer_map, student.depth, teacher.depth,
-                                           lambda: kept_indices_in_frame(metadata, teacher.depth))
-        else:
-            pairs, source = parse_layer_map(args.kd_layer_map), "--kd-layer-map"
-        return validate_layer_map(pairs, student.depth, teacher.depth), source
-    except ValueError as error:
-        raise TinyFusionError(str(error)) from None
+from tinyfusion.training.run_setup import loop_config
+from tinyfusion.training.task import run_task
 
 
 def main(args):
     check_eval_args(args)
-    run = prepare_training(args)  # every check before the process group starts and before any file is written
-    student = run.model
-    teacher = build_teacher(args, run.ctx.device, run.family)
-    check_teacher_fits(args, student, teacher)
-    layer_pairs, map_source = resolve_layer_map(args, student, run.metadata, teacher)
-    start_process_group(run.ctx)
-    teacher_dtype = resolve_teacher_precision(args.teacher_precision,
-                                              resolve_precision(args.precision, run.ctx.device), run.ctx.device)
-    teacher_forward = FrozenForward(teacher, teacher_dtype, run.ctx.device)  # inference mode, weights cast once
-
-    def compute_losses(student_forward, x, y, epoch):
-        settings = dict(alpha=args.alpha_kd, beta=feature_beta(epoch, args.epochs, args.beta_feat),
-                        mask_sigma=args.mask_sigma, layer_pairs=layer_pairs,
-                        class_dropout_prob=student.class_dropout_prob)
-        return run.family.kd_losses(student_forward, teacher_forward, x, y, **settings)
-
-    intro = [f"run folder {run.run_dir}; student {args.model} (depth {student.depth}), teacher {args.teacher} "
-             f"(depth {teacher.depth}) from {args.load_teacher}",
-             f"layer map ({map_source}): " + ", ".join(f"{s}:{t}" for s, t in layer_pairs),
-             f"teacher precision {str(teacher_dtype).replace('torch.', '')}"]
-    train_loop(model=student, dataset=run.dataset, ctx=run.ctx, run_dir=run.run_dir, intro=intro,
-               compute_losses=compute_losses,
-               checkpoint_weights=full_weights(training_metadata(run.metadata, student, run.family)),
-               hooks=run.trackers + eval_hooks(args), resume_checkpoint=run.resume, resume_path=run.resume_path,
-               **loop_keywords(args))
-    cleanup_distributed()
+    run_task(MaskedKD(args), loop_config(args), hooks=eval_hooks(args))
 
 
 if __name__ == "__main__":

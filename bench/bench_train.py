@@ -4,8 +4,8 @@ config, and the KD step's cost relative to the plain step, measured in one run.
     python bench/bench_train.py                      # 14-block student, 28-block teacher, hidden 384
     python bench/bench_train.py --input-size 32 --batch-size 32 --device cuda --precision bf16
 
-A step is what the training loop does per batch: the DiT family's loss (its training_losses
-or kd_losses, diffusion.distillation.masked_kd_losses), backward, grad clipping, AdamW, EMA. Variants,
+A step is what the training loop does per batch: the DiT family's losses (its training_losses
+or diffusion.distillation.masked_kd_losses), backward, grad clipping, AdamW, EMA. Variants,
 alternated ABBA (bench/harness.py), median of per-round ratios to the plain step:
   plain       train.py's step
   kd-before   the KD step with the teacher as before (no_grad + autocast re-casting its weights)
@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tinyfusion.flags import resolve_precision  # noqa: E402
-from tinyfusion.families import dit  # noqa: E402
 from diffusion.distillation import span_end_layer_map  # noqa: E402
+from tinyfusion.families import dit  # noqa: E402
 from tinyfusion.training.ema import ParameterEMA  # noqa: E402
 from models import DiT_models, prune_to_kept_blocks  # noqa: E402
 from tinyfusion.training.gradients import clip_grad_norm  # noqa: E402

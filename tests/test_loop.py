@@ -4,6 +4,7 @@ settings, metrics.jsonl holds every step once after a resume, a diverged run wri
 checkpoint of exploded weights (tests/test_advice.py: which one it recommends), the original
 train.py's checkpoints resume, and bad input under torchrun is one line printed once (slow)."""
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,8 @@ import train
 from models import DiT_models
 from tinyfusion.io.checkpoints import load_checkpoint_file
 from tinyfusion.errors import TinyFusionError
-from training_helpers import COMMON_FLAGS, IMAGE_SIZE, MODEL, make_digits_store, make_teacher_and_student, torchrun
+from training_helpers import (COMMON_FLAGS, IMAGE_SIZE, MODEL, loss_task, make_digits_store, make_teacher_and_student,
+                              torchrun)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RUN = "run-DiT-XS-4"
@@ -76,6 +78,27 @@ def test_default_lr_is_cosine_annealing_lr_step_for_step_also_across_resume(work
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert [r["lr"] for r in records] == expected
     assert [r["loss"] for r in records] == [r["loss"] for r in metrics(finished_run)]
+
+
+# every training checkpoint's entries, key for key in this order, as checkpoints written before the
+# loop's state was one object (tinyfusion/training/state.py) have them: those still resume, and
+# other tools (sample.py, export_diffusers.py, the original's loaders) read these keys
+TRAINING_CHECKPOINT_KEYS = ["model", "ema", "opt", "sched", "train_steps", "epoch", "batches_into_epoch", "args",
+                            "loop", "world_size", "rng", "skipped_steps"]
+
+
+def test_checkpoints_keep_their_format_key_for_key(finished_run):
+    saved = torch.load(finished_run / "checkpoints" / "0000003.pt", map_location="cpu", weights_only=True)
+    assert list(saved) == TRAINING_CHECKPOINT_KEYS
+    assert (saved["train_steps"], saved["epoch"], saved["batches_into_epoch"], saved["world_size"],
+            saved["skipped_steps"]) == (3, 0, 3, 1, 0)
+    assert saved["loop"] == dict(lr=2e-4, lr_schedule="cosine", min_lr=1e-4, weight_decay=0.0, ema_decay=0.9999,
+                                 grad_clip=1.0, total_steps=6, lr_scales=[1.0])
+    assert list(saved["loop"]) == ["lr", "lr_schedule", "min_lr", "weight_decay", "ema_decay", "grad_clip",
+                                   "total_steps", "lr_scales"]
+    assert saved["sched"]["last_epoch"] == 3 and saved["args"]["max_steps"] == 6
+    assert len(saved["rng"]) == 1 and list(saved["rng"][0]) == ["python", "numpy", "torch", "cuda"]
+    assert {float(state["step"]) for state in saved["opt"]["state"].values()} == {3.0}
 
 
 def test_resume_applies_changed_settings_and_logs_each(workspace, finished_run, tmp_path):
@@ -202,9 +225,9 @@ def test_a_tracker_hook_gets_every_metrics_record_from_rank_0_and_is_closed(work
          *COMMON_FLAGS])
     run = run_setup.prepare_training(args)
     run_dir = str(tmp_path / "run")
-    loop.train_loop(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run_dir,
-                    compute_losses=lambda forward, x, y, epoch: family.training_losses(forward, x, y),
-                    hooks=[trackers.TrackerHook(FakeWriter)], **run_setup.loop_keywords(args))
+    task = loss_task(lambda forward, x, y, epoch: family.training_losses(forward, x, y))
+    loop.TrainingLoop(task=task, run=dataclasses.replace(run, run_dir=run_dir), config=run_setup.loop_config(args),
+                      hooks=[trackers.TrackerHook(FakeWriter)]).run()
     (writer,) = made
     assert writer.run_dir == run_dir and writer.closed
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]

@@ -296,10 +296,11 @@ def test_kept_indices_are_read_in_the_frame_of_the_loaded_teacher(tmp_path):
     assert rule_layer_map("original", 7, 14, never_called)[0] == [(i, 2 * i + 1) for i in range(7)]
     assert rule_layer_map("span-end", 7, 14, lambda: kept_indices_in_frame(d7, 14))[0] == \
         span_end_layer_map(d7_kept, 14) == [(0, 2), (1, 4), (2, 6), (3, 8), (4, 10), (5, 12), (6, 13)]
-    # the script's resolution: the same maps, and a one-line refusal for a teacher of another depth
-    import train_masked_kd
+    # the task's resolution: the same maps, and a one-line refusal for a teacher of another depth
     from types import SimpleNamespace
-    resolve = lambda rule, teacher_depth: train_masked_kd.resolve_layer_map(  # noqa: E731
+
+    from tinyfusion.distillation.masked_kd import resolve_layer_map
+    resolve = lambda rule, teacher_depth: resolve_layer_map(  # noqa: E731
         SimpleNamespace(kd_layer_map=rule), SimpleNamespace(depth=7), d7, SimpleNamespace(depth=teacher_depth))
     assert resolve("span-end", 28)[0] == span_end_layer_map(root_frame, 28)
     assert "relative to the 28-block root" in resolve("original", 28)[1]

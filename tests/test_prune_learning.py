@@ -14,6 +14,8 @@ import prune_by_learning
 from tinyfusion.io.checkpoints import load_checkpoint_file, read_metadata
 from models import DiT_models
 from tinyfusion.io.run_folder import read_metrics
+from tinyfusion.pruning import gate_search
+from test_loop import TRAINING_CHECKPOINT_KEYS
 from tests.prune_helpers import make_digits_features, save_plain, set_block_gates, xs_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,11 +92,13 @@ def test_log_has_schedules_decisions_and_confidences(lora_run):
 def test_ema_covers_exactly_the_trainable_parameters(lora_run):
     args, _, run_dir = lora_run
     checkpoint = load_checkpoint_file(os.path.join(run_dir, "checkpoints", "0000004.pt"))
-    model, _ = prune_by_learning.build_gated_model(args, [[1, 2], [1, 2]])
+    model, _ = gate_search.build_gated_model(args, [[1, 2], [1, 2]])
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     linears = [name for name, module in model.named_modules() if type(module).__name__ == "LoRALinear"]
     assert trainable == {f"{n}.{f}" for n in linears for f in ("lora_A", "lora_B")} | {"gate_logits.0", "gate_logits.1"}
     assert set(checkpoint["ema"]) == trainable and set(checkpoint["model"]) == trainable
+    # the training checkpoint format (tests/test_loop.py) plus the decision, key for key
+    assert list(checkpoint) == TRAINING_CHECKPOINT_KEYS + ["kept_indices", "confidences", "groups"]
     assert checkpoint["train_steps"] == 4 and checkpoint["kept_indices"] == read_metadata(
         load_checkpoint_file(os.path.join(run_dir, "pruned.pt")))["kept_indices"]
 

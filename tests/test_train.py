@@ -2,6 +2,7 @@
 gradients.py, run_setup.py): run folder and checkpoint format,
 bit-exact resume after an interruption, skipped non-finite steps, bad input, and the small
 helpers. The 2-rank end-to-end runs (loss goes down from scratch, resume under torchrun) are slow."""
+import dataclasses
 import io
 import json
 import math
@@ -23,7 +24,8 @@ from tinyfusion.training import resume
 from tinyfusion.training import run_setup
 from tinyfusion.training import lr_schedules as schedules
 from tinyfusion.distributed import DistributedContext
-from training_helpers import COMMON_FLAGS, IMAGE_SIZE, MODEL, make_digits_store, make_teacher_and_student, torchrun
+from training_helpers import (COMMON_FLAGS, IMAGE_SIZE, MODEL, loss_task, make_digits_store, make_teacher_and_student,
+                              torchrun)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -68,7 +70,7 @@ def assert_same_tensors(a, b, where=""):
 # ------------------------------------------------------------------ resume
 @pytest.mark.parametrize("script, loss_name", [(train, "training_losses"), (train_masked_kd, "kd_losses")])
 def test_interrupted_run_resumed_with_auto_ends_with_the_same_weights(workspace, tmp_path, monkeypatch, script,
-                                                                      loss_name):
+                                                                      task_module, loss_name):
     # 14 steps over 12-batch epochs, checkpoints at 5, 10, 14; the interrupted run dies in step 8
     flags = ["--load-weight", workspace["student"], "--max-steps", "14", "--ckpt-every", "5", "--log-every", "1",
              "--epochs", "3"]
@@ -193,18 +195,17 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(workspace
 
 # ------------------------------------------------------------------ non-finite losses
 def make_fit_inputs(workspace, tmp_path, *extra):
-    """The keywords of a train_loop call as train.py makes them."""
+    """The keywords of a TrainingLoop as train.py makes them (the run folder is tmp_path/run)."""
     args = parse(train, workspace, tmp_path, "--load-weight", workspace["student"], "--log-every", "1",
                  "--ckpt-every", "100", *extra)
     run = run_setup.prepare_training(args)
-    run_dir = str(tmp_path / "run")
-    return run.model, dict(model=run.model, dataset=run.dataset, ctx=run.ctx, run_dir=run_dir,
-                           checkpoint_weights=loop.full_weights(run.metadata), **run_setup.loop_keywords(args))
+    return run.model, dict(run=dataclasses.replace(run, run_dir=str(tmp_path / "run")),
+                           config=run_setup.loop_config(args))
 
 
 def test_non_finite_losses_skip_the_step_and_are_counted(workspace, tmp_path):
     model, keywords = make_fit_inputs(workspace, tmp_path, "--max-steps", "6")
-    run_dir = keywords["run_dir"]
+    run_dir = keywords["run"].run_dir
     family = dit.Family()
     snapshots = []
 
@@ -215,7 +216,7 @@ def test_non_finite_losses_skip_the_step_and_are_counted(workspace, tmp_path):
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    result = loop.train_loop(compute_losses=losses_nan_in_steps_3_and_4, **keywords)
+    result = loop.TrainingLoop(task=loss_task(losses_nan_in_steps_3_and_4), **keywords).run()
     assert result.skipped_steps == 2 and result.train_steps == 6
     assert not torch.equal(snapshots[1], snapshots[2])  # step 2 updated the weights
     assert torch.equal(snapshots[2], snapshots[3]) and torch.equal(snapshots[3], snapshots[4])  # 3, 4 did not
@@ -234,7 +235,7 @@ def test_too_many_non_finite_losses_in_a_row_stop_the_run(workspace, tmp_path):
         return {"loss": out.mean() * float("inf")}
 
     with pytest.raises(TinyFusionError, match="3 non-finite losses in a row at step 3"):
-        loop.train_loop(compute_losses=always_nan, **keywords)
+        loop.TrainingLoop(task=loss_task(always_nan), **keywords).run()
 
 
 # ------------------------------------------------------------------ small helpers
@@ -246,6 +247,51 @@ def test_rng_state_survives_a_weights_only_checkpoint():
     buffer.seek(0)
     resume.restore_rng_state(torch.load(buffer, weights_only=True)["rng"][0])
     assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(4), expected[2])
+
+
+def test_loop_state_continues_from_its_state_dict_as_if_never_stopped():
+    """LoopState.state_dict() + the weights, loaded into a fresh LoopState: the next step of the
+    continued state equals the next step of the original (parameters, EMA, lr, RNG draws)."""
+    from tinyfusion.training.loop import LoopConfig
+    from tinyfusion.training.state import LoopState
+    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    config = LoopConfig(epochs=2, max_steps=None, global_batch_size=8, global_seed=0, lr=1e-2, lr_schedule="cosine",
+                        min_lr=1e-3, weight_decay=0.01, grad_clip=1.0, ema_decay=0.9, log_every=1, ckpt_every=1,
+                        precision="fp32", grad_checkpointing=False, compile_model=False, num_workers=0,
+                        max_skipped_in_a_row=3, run_args={"model": "m"})
+
+    def fresh(model):
+        return LoopState(model, config=config, param_groups=None, total_steps=10, steps_per_epoch=5, ctx=ctx,
+                         dtype=torch.float32)
+
+    def step(state, model):
+        model.weight.grad = torch.rand(model.weight.shape)  # a draw from the global generator
+        model.bias.grad = torch.ones_like(model.bias)
+        state.optimizer.step(), state.scheduler.step(), state.ema.update()
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    state = fresh(model)
+    for _ in range(3):
+        step(state, model)
+    state.train_steps, state.epoch, state.batch, state.guard.skipped_total = 3, 0, 3, 1
+    buffer = io.BytesIO()  # through a file, as a checkpoint (the state dicts hold live tensors)
+    torch.save({"model": model.state_dict(), "ema": state.ema.state_dict(), **state.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    step(state, model)  # the original goes on ...
+    torch.manual_seed(123)  # ... and the global RNG moves on: the continued state must restore it
+    continued_model = torch.nn.Linear(3, 2)
+    continued_model.load_state_dict(saved["model"])
+    continued = fresh(continued_model)
+    notes = continued.load_state_dict(saved, "ckpt.pt")
+    assert notes == ["resumed ckpt.pt at step 3 of 10 (epoch 0, batch 3 of 5)"]
+    assert (continued.train_steps, continued.epoch, continued.batch, continued.guard.skipped_total) == (3, 0, 3, 1)
+    assert continued.guard.last_good_checkpoint == "ckpt.pt"
+    step(continued, continued_model)
+    assert_same_tensors(continued_model.state_dict(), model.state_dict())
+    assert_same_tensors(continued.ema.state_dict(), state.ema.state_dict())
+    assert continued.optimizer.param_groups[0]["lr"] == state.optimizer.param_groups[0]["lr"]
 
 
 def test_cosine_schedule_is_cosine_annealing_lr_step_for_step_and_restarts_on_its_closed_form():

@@ -53,3 +53,14 @@ def torchrun(script, args, nproc=2, timeout=900):
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
                "--standalone", os.path.join(ROOT, script), *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def loss_task(compute_losses):
+    """A TrainingTask whose loss of a batch is `compute_losses(forward, x, y, epoch)`, for tests
+    that run tinyfusion.training.loop.TrainingLoop on a run they prepared."""
+    from tinyfusion.training.task import TrainingTask
+
+    class LossTask(TrainingTask):
+        def losses(self, forward, x, y, epoch):
+            return compute_losses(forward, x, y, epoch)
+    return LossTask()

@@ -20,7 +20,7 @@ import torch
 from tinyfusion.flags import resolve_timestep_spacing
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.families import family_for_model
-from tinyfusion.training.loop import LoopHooks
+from tinyfusion.training.hooks import LoopHooks
 
 
 def check_eval_args(args):

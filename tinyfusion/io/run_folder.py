@@ -140,3 +140,21 @@ class MetricsLog:
 def read_metrics(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def open_run_folder(run_args, ctx, run_dir, resuming):
+    """Create the run folder on rank 0 (args.json; refuses to reuse a folder holding checkpoints
+    unless resuming) and return (logger, metrics); an error reaches every rank as one line."""
+    from tinyfusion.distributed import broadcast_object  # imports torch; the rest of this module does not
+    error = None
+    if ctx.is_main:
+        try:
+            prepare_run_folder(run_dir, run_args, resuming, ctx.is_main)
+        except TinyFusionError as refused:
+            error = str(refused)
+    error = broadcast_object(error, ctx)
+    if error:
+        raise TinyFusionError(error)
+    logger = create_logger(run_dir, ctx.is_main)
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), ctx.is_main)
+    return logger, metrics

@@ -1,1 +1,3 @@
-"""The training loop of the three trainings (fine-tuning, Masked KD, the gate search), its resume, schedules and hooks."""
+"""The one training loop (its configuration, resumable state, tasks, resume, schedules and hooks)
+and fine-tuning, one of its three tasks (Masked KD is tinyfusion.distillation's, the gate search
+tinyfusion.pruning's)."""

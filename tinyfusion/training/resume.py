@@ -1,6 +1,7 @@
-"""Everything a resumed run needs to continue exactly where it stopped: the RNG state of every
-rank, training checkpoints (written atomically by rank 0, read back with weights_only=True),
-`--resume PATH|auto`, and the loop position (epoch, batches consumed in it).
+"""Training checkpoint files and `--resume`: the RNG state of every rank, training checkpoints
+(written atomically by rank 0, read back with weights_only=True), `--resume PATH|auto`, the loop
+position (epoch, batches consumed in it) and the original's optimizer state. The loop's state
+itself, what it saves and restores, is tinyfusion/training/state.py's LoopState.
 
 A training checkpoint is the original's dict `{model, ema, opt, sched, train_steps, args}` plus
 `epoch`, `batches_into_epoch`, `rng` (one state per rank), `world_size`, `skipped_steps` and
@@ -94,32 +95,15 @@ def restore_rank_rng(checkpoint, ctx, global_seed):
 
 
 # ------------------------------------------------------------------------------ checkpoints
-def save_training_checkpoint(path, ctx, *, weights, optimizer, scheduler, train_steps, epoch, batches_into_epoch,
-                             run_args, loop_settings, scaler=None, extra=None):
-    """Write a training checkpoint atomically. COLLECTIVE: call on every rank (the RNG states of
-    all ranks are gathered); only rank 0 writes. `weights()` returns (model state, ema state) and
-    is called on rank 0 only (the state dicts may be large). `run_args` (a dict of plain values)
-    and `loop_settings` are stored as given; `extra` (plain values / tensors) is merged in.
+def save_training_checkpoint(path, ctx, *, weights, state, extra=None):
+    """Write a training checkpoint atomically. COLLECTIVE: call on every rank, with `state` the
+    loop's LoopState.state_dict() (which gathers every rank's RNG state); only rank 0 writes.
+    `weights()` returns (model state, ema state) and is called on rank 0 only (the state dicts
+    may be large); `extra` (plain values / tensors, e.g. the gate decision) is merged in last.
     Returns `path`."""
-    rng_states = gather_rng_states(ctx)
     if ctx.is_main:
         model_state, ema_state = weights()
-        checkpoint = {
-            "model": model_state,
-            "ema": ema_state,
-            "opt": optimizer.state_dict(),
-            "sched": scheduler.state_dict() if scheduler is not None else None,
-            "train_steps": int(train_steps),
-            "epoch": int(epoch),
-            "batches_into_epoch": int(batches_into_epoch),
-            "args": dict(run_args),
-            "loop": dict(loop_settings),
-            "world_size": ctx.world_size,
-            "rng": rng_states,
-        }
-        if scaler is not None:
-            checkpoint["scaler"] = scaler.state_dict()
-        checkpoint.update(extra or {})
+        checkpoint = {"model": model_state, "ema": ema_state, **state, **(extra or {})}
         save_checkpoint(checkpoint, path, overwrite=True)
     if ctx.is_distributed:
         dist.barrier()
@@ -203,91 +187,3 @@ def map_full_model_optimizer_state(saved_state, *, all_names, trained_names, pat
              if name_of[index] in position}
     group = dict(groups[0], params=list(range(len(trained_names))))
     return {"state": state, "param_groups": [group]}
-
-
-# ------------------------------------------------------------------------------ continuing a loop
-SETTING_FLAGS = {"lr": "--lr", "lr_schedule": "--lr-schedule", "min_lr": "--min-lr", "weight_decay": "--weight-decay",
-                 "ema_decay": "--ema-decay", "grad_clip": "--grad-clip",
-                 "total_steps": "steps in total (--epochs/--max-steps)",
-                 "lr_scales": "lr scale per parameter group (--logits-lr-scale)"}
-SCHEDULE_SETTINGS = {"lr", "lr_schedule", "min_lr", "total_steps", "lr_scales"}
-
-
-def restore_loop_state(loop, checkpoint, path):
-    """Continue a freshly set-up tinyfusion.training.loop.TrainingLoop from `checkpoint` (the model's
-    weights are already loaded): EMA, optimizer, lr schedule, loss scaler, loop position, skip
-    count and RNG. Settings the command line changes (lr, schedule, weight decay, EMA decay,
-    clipping, run length) are applied, each with a line in the log."""
-    try:
-        loop.ema.load_state_dict(checkpoint["ema"])
-    except ValueError as error:
-        raise TinyFusionError(f"{path}: {error}") from None
-    _load_optimizer(loop, checkpoint["opt"], path)
-    if loop.scaler is not None and checkpoint.get("scaler") is not None:
-        loop.scaler.load_state_dict(checkpoint["scaler"])
-    loop.train_steps = int(checkpoint["train_steps"])
-    loop.epoch, loop.start_batch = checkpoint_position(checkpoint, loop.steps_per_epoch)
-    _apply_settings(loop, checkpoint, path)
-    _note_other_changed_flags(loop, checkpoint)
-    loop.guard.skipped_total = int(checkpoint.get("skipped_steps", 0))
-    loop.guard.last_good_checkpoint = path
-    if not restore_rank_rng(checkpoint, loop.ctx, loop.global_seed):
-        loop.notes.append(f"the checkpoint was written with {checkpoint.get('world_size')} ranks, this run has "
-                          f"{loop.ctx.world_size}: RNG streams re-seeded (the run continues, but not bit-identically)")
-    loop.notes.append(f"resumed {path} at step {loop.train_steps} of {loop.total_steps} (epoch {loop.epoch}, "
-                      f"batch {loop.start_batch} of {loop.steps_per_epoch})")
-
-
-def _load_optimizer(loop, saved, path):
-    count = sum(len(group["params"]) for group in saved.get("param_groups", []))
-    if count != len(loop.trainable) and len(loop.optimizer.param_groups) == 1:
-        saved = map_full_model_optimizer_state(saved, all_names=[name for name, _ in loop.model.named_parameters()],
-                                               trained_names=loop.trainable_names, path=path)
-        loop.notes.append(f"{path}: optimizer state over all {count} parameter tensors (the original train.py's) "
-                          f"mapped by position onto the {len(loop.trainable)} that train")
-    try:
-        loop.optimizer.load_state_dict(saved)
-    except (ValueError, KeyError) as error:
-        raise TinyFusionError(f"{path}: its optimizer state does not fit this run ({error}); resume with the flags "
-                              f"it was started with, or start from its weights with --load-weight {path}") from None
-
-
-def _describe(value):
-    if isinstance(value, list):
-        return "[" + ", ".join(_describe(v) for v in value) + "]"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _apply_settings(loop, checkpoint, path):
-    from tinyfusion.training.lr_schedules import restart_lr_schedule
-    previous, current = checkpoint.get("loop"), loop.settings()
-    if previous is None:
-        changed = {"weight_decay"} | SCHEDULE_SETTINGS
-        loop.notes.append(f"{path} does not record its optimisation settings (the original's or an older format): "
-                          f"lr schedule and weight decay from the command line")
-    else:
-        changed = {key for key, value in current.items() if key in previous and previous[key] != value}
-        for key in sorted(changed):
-            loop.notes.append(f"{SETTING_FLAGS[key]} {_describe(previous[key])} -> {_describe(current[key])} "
-                              f"from the command line")
-    if changed & SCHEDULE_SETTINGS or checkpoint.get("sched") is None:
-        for group, scale in zip(loop.optimizer.param_groups, current["lr_scales"]):
-            group["lr_scale"] = scale
-        loop.scheduler = restart_lr_schedule(loop.optimizer, step=loop.train_steps, lr=loop.lr,
-                                             schedule=loop.lr_schedule, total_steps=loop.total_steps,
-                                             min_lr=loop.min_lr)
-    else:
-        loop.scheduler.load_state_dict(checkpoint["sched"])
-    if "weight_decay" in changed:
-        for group in loop.optimizer.param_groups:
-            group["weight_decay"] = loop.weight_decay
-
-
-def _note_other_changed_flags(loop, checkpoint):
-    """One log line listing the other flags that differ from the run being resumed (they apply)."""
-    saved = saved_args(checkpoint)
-    skip = set(SETTING_FLAGS) | {"resume", "epochs", "max_steps", "load_weight"}  # load_weight: unused on resume
-    changed = [f"--{key.replace('_', '-')} {_describe(saved[key])} -> {_describe(value)}"
-               for key, value in loop.run_args.items() if key in saved and key not in skip and saved[key] != value]
-    if changed:
-        loop.notes.append("flags changed since the resumed checkpoint (applied as given): " + ", ".join(changed))

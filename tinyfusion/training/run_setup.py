@@ -1,31 +1,32 @@
 """What the training and pruning scripts do before their loop starts: the translation of the
-shared flags (tinyfusion/flags.py add_training_args) into the loop's keywords, and the checks and loading that happen before the
-process group starts and before anything is written, so that bad input is one line printed
-once (by rank 0) and leaves no run folder behind.
+shared flags (tinyfusion/flags.py add_training_args) into the loop's LoopConfig, and the checks
+and loading that happen before the process group starts and before anything is written, so
+that bad input is one line printed once (by rank 0) and leaves no run folder behind.
 """
-import os
 from dataclasses import dataclass
 
 from tinyfusion.io.checkpoints import (check_finite_weights, extract_state_dict, load_into_model,
                                        newest_loadable_checkpoint, read_metadata)
-from tinyfusion.families.build import build_model
 from tinyfusion.families import family_from_args
-from tinyfusion.distributed import broadcast_object, check_global_batch, distributed_context
+from tinyfusion.families.build import build_model
+from tinyfusion.distributed import check_global_batch, distributed_context
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.training.resume import (check_resume_compatible, load_training_checkpoint, resolve_resume, saved_args,
                                seed_everything)
-from tinyfusion.io.run_folder import MetricsLog, create_logger, latest_checkpoint, prepare_run_folder, run_folder_name
+from tinyfusion.io.run_folder import latest_checkpoint, run_folder_name
+from tinyfusion.training.loop import LoopConfig
 from tinyfusion.training.trackers import tracker_hooks
 
 
-def loop_keywords(args):
-    """The keywords of tinyfusion.training.loop.train_loop that come straight from the shared flags."""
-    return dict(epochs=args.epochs, max_steps=args.max_steps, global_batch_size=args.global_batch_size,
-                global_seed=args.global_seed, num_workers=args.num_workers, log_every=args.log_every,
-                ckpt_every=args.ckpt_every, lr=args.lr, lr_schedule=args.lr_schedule, min_lr=args.min_lr,
-                weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
-                max_skipped_in_a_row=args.max_skipped_in_a_row, precision=args.precision,
-                grad_checkpointing=args.grad_checkpointing, compile_model=args.compile, run_args=vars(args))
+def loop_config(args):
+    """The training loop's LoopConfig from the shared flags (the one place that reads them for the loop)."""
+    return LoopConfig(epochs=args.epochs, max_steps=args.max_steps, global_batch_size=args.global_batch_size,
+                      global_seed=args.global_seed, lr=args.lr, lr_schedule=args.lr_schedule, min_lr=args.min_lr,
+                      weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
+                      log_every=args.log_every, ckpt_every=args.ckpt_every, precision=args.precision,
+                      grad_checkpointing=args.grad_checkpointing, compile_model=args.compile,
+                      num_workers=args.num_workers, max_skipped_in_a_row=args.max_skipped_in_a_row,
+                      run_args=vars(args))
 
 
 def device_flag(args):
@@ -52,7 +53,7 @@ def check_dataset_fits(dataset, model, *, data_path, model_name, vae, image_size
                               f"--num-classes is {model.num_classes}; pass --num-classes {dataset.num_classes}")
 
 
-def build_training_model(args, resume_checkpoint=None, resume_path=None):
+def load_training_model(args, resume_checkpoint=None, resume_path=None):
     """(model, metadata) of the model to train: the "model" weights of the resume checkpoint,
     else --load-weight (a pruned checkpoint's metadata sets the depth), else a fresh init."""
     if resume_checkpoint is None:
@@ -62,8 +63,17 @@ def build_training_model(args, resume_checkpoint=None, resume_path=None):
     kwargs = {}
     if metadata and metadata.get("kept_indices") is not None:
         kwargs["depth"] = len(metadata["kept_indices"])
-    model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path, **kwargs)
+    model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path,
+                           **kwargs)
     load_into_model(model, extract_state_dict(resume_checkpoint, use_ema=False), args.model, resume_path)
+    return model, metadata
+
+
+def build_training_model(args, run):
+    """prepare_training's default model: load_training_model's, whose record must fit the
+    family's flags (a SiT's recorded transport)."""
+    model, metadata = load_training_model(args, run.resume, run.resume_path)
+    run.family.check_record(metadata, run.resume_path or args.load_weight)
     return model, metadata
 
 
@@ -102,21 +112,23 @@ def resolve_run(args, ctx, family):
 
 
 def prepare_training(args, build_model_fn=build_training_model):
-    """Everything train.py and train_masked_kd.py check and load before the process group starts:
-    flags, the global batch, seeds, data, run folder name, `--resume`, and the model (resumed,
-    from --load-weight, or fresh) checked against the data. Returns a PreparedRun."""
+    """Everything the training scripts check and load before the process group starts: flags,
+    the global batch, seeds, data, run folder name, `--resume`, and the model checked against
+    the data. `build_model_fn(args, run)` returns (model, metadata) from the run prepared so far
+    (the fine-tunes' model: resumed, from --load-weight, or fresh; the gate search's gated
+    model). Returns a PreparedRun."""
     family = family_from_args(args)  # --model's family with its flags (another family's flags are refused)
     ctx = distributed_context(device_flag(args))
     check_global_batch(args.global_batch_size, ctx)
     seed_everything(args.global_seed, ctx)
     dataset = open_training_data(args.data_path, args.global_seed)
     run_dir, resume_path, resume = resolve_run(args, ctx, family)
-    model, metadata = build_model_fn(args, resume, resume_path)
-    family.check_record(metadata, resume_path or args.load_weight)
-    check_dataset_fits(dataset, model, data_path=args.data_path, model_name=args.model, vae=args.vae,
+    run = PreparedRun(ctx, dataset, run_dir, resume_path, resume, family=family)
+    run.model, run.metadata = build_model_fn(args, run)
+    check_dataset_fits(dataset, run.model, data_path=args.data_path, model_name=args.model, vae=args.vae,
                        image_size=args.image_size)
-    return PreparedRun(ctx, dataset, run_dir, resume_path, resume, model, metadata, tracker_hooks(args),
-                       family=family)
+    run.trackers = tracker_hooks(args)
+    return run
 
 
 def training_metadata(metadata, model, family):
@@ -130,21 +142,3 @@ def training_metadata(metadata, model, family):
 def resumed_flag(resume, name):
     """A flag's value in the checkpoint being resumed (None without one)."""
     return saved_args(resume).get(name) if resume is not None else None
-
-
-# ------------------------------------------------------------------------------ run folder
-def open_run_folder(run_args, ctx, run_dir, resuming):
-    """Create the run folder on rank 0 (args.json; refuses to reuse a folder holding checkpoints
-    unless resuming) and return (logger, metrics); an error reaches every rank as one line."""
-    error = None
-    if ctx.is_main:
-        try:
-            prepare_run_folder(run_dir, run_args, resuming, ctx.is_main)
-        except TinyFusionError as refused:
-            error = str(refused)
-    error = broadcast_object(error, ctx)
-    if error:
-        raise TinyFusionError(error)
-    logger = create_logger(run_dir, ctx.is_main)
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), ctx.is_main)
-    return logger, metrics

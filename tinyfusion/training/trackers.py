@@ -11,7 +11,7 @@ import os
 import uuid
 
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.training.loop import LoopHooks
+from tinyfusion.training.hooks import LoopHooks
 
 WANDB_ID_FILE = "wandb_run_id.txt"
 
