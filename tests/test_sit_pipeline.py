@@ -164,7 +164,7 @@ def test_kd_terms_by_hand():
                                                pytest.param(train_masked_kd, "kd_losses",
                                                             marks=pytest.mark.slow)])
 def test_interrupted_sit_run_resumed_with_auto_ends_with_the_same_weights(workspace, tmp_path, monkeypatch, script,
-                                                                          task_module, loss_name):
+                                                                          loss_name):
     # 5 steps over 4-batch epochs, checkpoints at 2, 4, 5; the interrupted run dies in step 3
     flags = ["--load-weight", workspace["student"], "--max-steps", "5", "--ckpt-every", "2", "--log-every", "1",
              "--epochs", "3"]

@@ -70,7 +70,7 @@ def assert_same_tensors(a, b, where=""):
 # ------------------------------------------------------------------ resume
 @pytest.mark.parametrize("script, loss_name", [(train, "training_losses"), (train_masked_kd, "kd_losses")])
 def test_interrupted_run_resumed_with_auto_ends_with_the_same_weights(workspace, tmp_path, monkeypatch, script,
-                                                                      task_module, loss_name):
+                                                                      loss_name):
     # 14 steps over 12-batch epochs, checkpoints at 5, 10, 14; the interrupted run dies in step 8
     flags = ["--load-weight", workspace["student"], "--max-steps", "14", "--ckpt-every", "5", "--log-every", "1",
              "--epochs", "3"]
