@@ -63,6 +63,7 @@ from tqdm import tqdm
 
 from tinyfusion.io import feature_store as store
 from tinyfusion.io.atomic_files import atomic_write_json
+from tinyfusion.io.checkpoints import state_dict_sha256
 from tinyfusion.distributed import all_reduce_mean, barrier, cleanup_distributed, setup_distributed
 from tinyfusion.io.image_folder import list_image_folder, load_image_uint8, to_unit_range
 from tinyfusion.io.run_lock import LOCK_FILE, lock_folder, release_folder
@@ -135,14 +136,6 @@ def sha256_of_lines(lines):
     return digest.hexdigest()
 
 
-def vae_weights_sha256(vae):
-    digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
-        digest.update(name.encode("utf-8"))
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def build_plan(args, samples, classes, vae, sample_shape):
     data_root = os.path.abspath(args.data_path)
     listing = (f"{os.path.relpath(path, data_root)}\t{label}" for path, label in samples)
@@ -155,7 +148,7 @@ def build_plan(args, samples, classes, vae, sample_shape):
         "classes": classes, "image_size": args.image_size,
         "vae": "none" if pixel_space else args.vae,
         "vae_source": None if pixel_space else (os.path.abspath(source) if os.path.isdir(source) else source),
-        "vae_weights_sha256": None if pixel_space else vae_weights_sha256(vae),
+        "vae_weights_sha256": None if pixel_space else state_dict_sha256(vae.state_dict(), layout=False),
         "scale_factor": None if pixel_space else LATENT_SCALE,
         "global_seed": args.global_seed, "shard_size": args.shard_size, "batch_size": args.batch_size,
         "store_dtype": args.store_dtype, "sample_shape": list(sample_shape), "num_shards": num_shards,

@@ -16,7 +16,6 @@ Across nodes, --sample-dir must be on a filesystem every node sees (as in the or
 import argparse
 import functools
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -75,7 +74,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tinyfusion.io.atomic_files import atomic_path, atomic_write_json
-from tinyfusion.io.checkpoints import check_finite_weights, load_state_dict
+from tinyfusion.io.checkpoints import check_finite_weights, load_state_dict, state_dict_sha256
 from tinyfusion.families.build import build_model
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
 from tinyfusion.io.finite import NonFiniteOutput, count_non_finite, non_finite_output_message
@@ -105,12 +104,7 @@ def weights_sha256(ckpt, family, use_ema=True):
     state_dict, metadata = load_state_dict(ckpt, use_ema=use_ema)
     check_finite_weights(state_dict, ckpt)  # before any folder is made
     family.check_record(metadata, ckpt)
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name].contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
-    return digest.hexdigest()
+    return state_dict_sha256(state_dict)
 
 
 # ----------------------------------------------------------------------- part files

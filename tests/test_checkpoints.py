@@ -164,3 +164,25 @@ def test_metadata_survives_the_state_dict_metadata_of_torch():
     tagged = with_metadata(state, {"kept_indices": [1]})
     assert tagged._metadata[""] == state._metadata[""] and read_metadata(tagged) == {"kept_indices": [1]}
     assert read_metadata(state) is None
+
+
+def hash_fixture():
+    """Weights of every kind a hash meets: a non-contiguous view, 0-d, empty, int, bf16, bool."""
+    weights = {"proj.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3).t(),
+               "proj.bias": torch.tensor([0.5, -2.0]), "scale": torch.tensor(3.0, dtype=torch.float64),
+               "empty": torch.zeros(0, 4), "count": torch.tensor([7], dtype=torch.int64)}
+    return weights, dict(weights, half=torch.tensor([1.5, -0.25], dtype=torch.bfloat16),
+                         flag=torch.tensor([True, False]))
+
+
+def test_weight_hashes_keep_the_values_recorded_before_they_shared_one_core():
+    """The digests the three hashes gave before they were folded into one (computed by the code of
+    then: sample_ddp.py's weights_sha256, extract_features.py's vae_weights_sha256, the checkpoint
+    CRC): sample folders, feature stores and checkpoints written earlier still match."""
+    from tinyfusion.io.checkpoints import state_dict_sha256, tensors_checksum
+    weights, mixed = hash_fixture()
+    assert state_dict_sha256(mixed) == "be11390776c524bed0debc0637b2f5254c5e4c9624f29f414d9e948e30e4f21b"
+    assert state_dict_sha256(weights, layout=False) == "7527328b2ee37c065f5ce124a1f81f27da063fe7845777b0f9ec373959c15063"
+    assert tensors_checksum({"model": mixed, "steps": 3, "args": None}) == "84740c34"
+    assert state_dict_sha256(dict(mixed, scale=torch.tensor(3.0))) != state_dict_sha256(mixed)  # dtype counts
+
