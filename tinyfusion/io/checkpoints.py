@@ -254,6 +254,19 @@ def load_into_model(model, state_dict, model_name, source, flag="--model"):
     return model
 
 
+def check_data_fits(model, sample_shape, num_classes, *, data, model_flags="the model"):
+    """One-line TinyFusionError when samples of `sample_shape` labelled 0..num_classes-1 cannot
+    feed `model` (another latent geometry, or labels past its classes). `data` names the samples
+    in the message ("the features in X"), `model_flags` how the model was asked for."""
+    expected = (model.in_channels, model.input_size, model.input_size)
+    if tuple(sample_shape) != expected:
+        raise TinyFusionError(f"{data} are {tuple(sample_shape)} but {model_flags} expects {expected}; pass the "
+                              f"--vae/--image-size they were made with")
+    if num_classes > model.num_classes:
+        raise TinyFusionError(f"{data} have labels up to {num_classes - 1} but --num-classes is {model.num_classes}; "
+                              f"pass --num-classes {num_classes}")
+
+
 # ----------------------------------------------------------------------- writing
 def with_metadata(state_dict, metadata):
     """A copy of `state_dict` that carries `metadata` (JSON-like values) invisibly to

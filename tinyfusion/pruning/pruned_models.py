@@ -13,8 +13,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from tinyfusion.io.checkpoints import (extract_state_dict, infer_architecture, load_checkpoint_file, load_into_model,
-                                       read_metadata, save_pruned_model)
+from tinyfusion.io.checkpoints import (check_data_fits, extract_state_dict, infer_architecture, load_checkpoint_file,
+                                       load_into_model, read_metadata, save_pruned_model)
 from tinyfusion.families.build import build_model, family_checked_kwargs, unknown_model_message
 from models import ALL_MODELS, plain_model_name, prune_to_kept_blocks, validate_kept_indices  # noqa: F401
 from tinyfusion.flags import CALIBRATIONS  # the --calibration choices, listed there so that --help needs no torch
@@ -228,13 +228,7 @@ def calibration_latents(nsamples, seed, features_path=None, data_path=None, imag
 
 def check_latents_fit(latents, labels, model):
     """One-line TinyFusionError when calibration latents/labels cannot feed `model` (geometry, classes)."""
-    expected = (model.in_channels, model.input_size, model.input_size)
-    if tuple(latents.shape[1:]) != expected:
-        raise TinyFusionError(f"the calibration latents are {tuple(latents.shape[1:])} but the model expects "
-                              f"{expected}; pass the --vae/--image-size the data was made with")
-    if int(labels.max()) >= model.num_classes:
-        raise TinyFusionError(f"the calibration data has labels up to {int(labels.max())} but the model has "
-                              f"{model.num_classes} classes; pass --num-classes {int(labels.max()) + 1}")
+    check_data_fits(model, latents.shape[1:], int(labels.max()) + 1, data="the calibration latents")
 
 
 def _calibration_dataset(features_path, data_path, image_size, seed):

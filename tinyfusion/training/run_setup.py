@@ -5,7 +5,7 @@ that bad input is one line printed once (by rank 0) and leaves no run folder beh
 """
 from dataclasses import dataclass
 
-from tinyfusion.io.checkpoints import (check_finite_weights, extract_state_dict, load_into_model,
+from tinyfusion.io.checkpoints import (check_data_fits, check_finite_weights, extract_state_dict, load_into_model,
                                        newest_loadable_checkpoint, read_metadata)
 from tinyfusion.families import family_from_args
 from tinyfusion.families.build import build_model
@@ -43,14 +43,8 @@ def open_training_data(data_path, seed):
 
 def check_dataset_fits(dataset, model, *, data_path, model_name, vae, image_size):
     """One-line TinyFusionError when the features cannot feed the model (geometry or labels)."""
-    expected = (model.in_channels, model.input_size, model.input_size)
-    if tuple(dataset.sample_shape) != expected:
-        raise TinyFusionError(f"the features in {data_path} are {tuple(dataset.sample_shape)} but --model "
-                              f"{model_name} with --vae {vae} --image-size {image_size} expects {expected}; "
-                              f"pass the --vae/--image-size the features were extracted with")
-    if dataset.num_classes > model.num_classes:
-        raise TinyFusionError(f"the features in {data_path} have {dataset.num_classes} classes but "
-                              f"--num-classes is {model.num_classes}; pass --num-classes {dataset.num_classes}")
+    check_data_fits(model, dataset.sample_shape, dataset.num_classes, data=f"the features in {data_path}",
+                    model_flags=f"--model {model_name} with --vae {vae} --image-size {image_size}")
 
 
 def load_training_model(args, resume_checkpoint=None, resume_path=None):
