@@ -63,11 +63,11 @@ if __name__ == "__main__":
 import matplotlib
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from tinyfusion.families import family_from_args
 from tinyfusion.io.atomic_files import atomic_path, atomic_write_json
 from tinyfusion.pruning.pruned_models import calibration_latents, check_latents_fit, load_source_model
+from tinyfusion.study.activations import block_statistics
 from tinyfusion.io.vae import load_vae
 
 matplotlib.use("Agg")  # files only, no display
@@ -81,49 +81,6 @@ def histogram_edges():
     land in the outermost bins."""
     outer = np.logspace(0, EDGE_DECADES, EDGE_DECADES * BINS_PER_DECADE + 1)
     return np.concatenate([-outer[::-1], np.linspace(-1, 1, 21)[1:-1], outer])
-
-
-class BlockStatistics:
-    """Running statistics of one block's hidden states over batches (float64)."""
-
-    def __init__(self, edges, topk, mask_sigma):
-        self.edges = torch.as_tensor(edges, dtype=torch.float64)
-        self.counts = torch.zeros(len(edges) + 1, dtype=torch.int64)
-        self.topk, self.mask_sigma = topk, mask_sigma
-        self.entries, self.masked, self.total, self.total_sq = 0, 0, 0.0, 0.0
-        self.low, self.high, self.top = float("inf"), float("-inf"), torch.zeros(0, dtype=torch.float64)
-
-    def add(self, hidden):
-        h = hidden.detach().to("cpu", torch.float64).flatten(1)  # (B, T*D)
-        self.entries += h.numel()
-        self.total += float(h.sum())
-        self.total_sq += float((h * h).sum())
-        self.low, self.high = min(self.low, float(h.min())), max(self.high, float(h.max()))
-        self.top = torch.cat([self.top, h.abs().flatten()]).topk(min(self.topk, self.top.numel() + h.numel())).values
-        self.counts += torch.bincount(torch.bucketize(h.flatten(), self.edges), minlength=len(self.counts))
-        mu = h.mean(dim=1, keepdim=True)
-        std = h.var(dim=1, unbiased=False, keepdim=True).sqrt()
-        self.masked += int(((h - mu).abs() >= self.mask_sigma * std).sum())
-
-    def summary(self, index):
-        mean = self.total / self.entries
-        std = max(self.total_sq / self.entries - mean * mean, 0.0) ** 0.5
-        return dict(block=index, entries=self.entries, min=self.low, max=self.high, mean=mean, std=std,
-                    topk_abs=self.top.tolist(), masked_share=self.masked / self.entries)
-
-
-@torch.no_grad()
-def collect(model, x_t, t, y, batch_size, topk, mask_sigma, device):
-    """One BlockStatistics per block of `model` over all samples, in batches of batch_size."""
-    edges = histogram_edges()
-    stats = [BlockStatistics(edges, topk, mask_sigma) for _ in range(model.depth)]
-    for start in tqdm(range(0, len(x_t), batch_size), desc="activations", unit="batch"):
-        batch = slice(start, start + batch_size)
-        _, hiddens = model(x_t[batch].to(device), t[batch].to(device), y[batch].to(device),
-                           hidden_indices=list(range(model.depth)))
-        for block_stats, hidden in zip(stats, hiddens):
-            block_stats.add(hidden)
-    return stats
 
 
 def plot_block(stats, summary, path, title):
@@ -198,7 +155,8 @@ def main(args):
     check_latents_fit(latents, labels, model)
     when = args.timestep if args.time is None else args.time  # the one the family takes (check_args)
     x_t, t = family.activation_inputs(latents, torch.Generator().manual_seed(args.seed), when=when)
-    stats = collect(model, x_t, t, labels, args.batch_size, args.topk, args.mask_sigma, device)
+    stats = block_statistics(model, x_t, t, labels, batch_size=args.batch_size, mask_sigma=args.mask_sigma,
+                             topk=args.topk, edges=histogram_edges(), progress=True)
     summaries = [block.summary(index) for index, block in enumerate(stats)]
     name = f"{args.model} {os.path.basename(ckpt)}"
     for index, (block, summary) in enumerate(zip(stats, summaries)):

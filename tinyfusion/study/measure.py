@@ -10,7 +10,7 @@ import itertools
 import torch
 
 from diffusion import create_diffusion
-from diffusion.distillation import outlier_mask
+from tinyfusion.study.activations import block_statistics
 
 
 def pattern_subsets(groups):
@@ -59,28 +59,16 @@ def activation_statistics(model, triples, mask_sigma=2.0, batch_size=256):
     """Per block of `model`, over the hidden states (B, T, D) of the noised held-out images:
     max |h|, the overall std, their ratio, and the share of entries the Masked KD outlier mask
     (|h - mu| >= k * std per sample, k = mask_sigma) removes."""
-    diffusion = create_diffusion("")
     model.eval()
-    depth = model.depth
-    stats = [{"max_abs": 0.0, "sum": 0.0, "sum_sq": 0.0, "count": 0, "masked": 0} for _ in range(depth)]
-    for start in range(0, len(triples["x"]), batch_size):
-        part = slice(start, start + batch_size)
-        x_t = diffusion.q_sample(triples["x"][part], triples["t"][part], noise=triples["noise"][part])
-        _, hiddens = model(x_t, triples["t"][part], triples["y"][part], hidden_indices=list(range(depth)))
-        for block, hidden in zip(stats, hiddens):
-            hidden = hidden.double()
-            block["max_abs"] = max(block["max_abs"], float(hidden.abs().max()))
-            block["sum"] += float(hidden.sum())
-            block["sum_sq"] += float((hidden ** 2).sum())
-            block["count"] += hidden.numel()
-            block["masked"] += int((outlier_mask(hidden, mask_sigma) == 0).sum())
+    x_t = create_diffusion("").q_sample(triples["x"], triples["t"], noise=triples["noise"])
     rows = []
-    for index, block in enumerate(stats):
-        mean = block["sum"] / block["count"]
-        std = max(block["sum_sq"] / block["count"] - mean ** 2, 0.0) ** 0.5
-        rows.append({"block": index, "max_abs": block["max_abs"], "std": std,
-                     "max_over_std": block["max_abs"] / std if std > 0 else float("nan"),
-                     "masked_share": block["masked"] / block["count"]})
+    for index, block in enumerate(block_statistics(model, x_t, triples["t"], triples["y"], batch_size=batch_size,
+                                                   mask_sigma=mask_sigma)):
+        summary = block.summary(index)
+        max_abs, std = summary["topk_abs"][0], summary["std"]
+        rows.append({"block": index, "max_abs": max_abs, "std": std,
+                     "max_over_std": max_abs / std if std > 0 else float("nan"),
+                     "masked_share": summary["masked_share"]})
     return rows
 
 
