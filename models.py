@@ -687,10 +687,3 @@ SiT_models = {name.replace("DiT-", "SiT-", 1): _config(build.family, build.patch
               for name, build in DiT_models.items()}
 
 ALL_MODELS = {**DiT_models, **SiT_models}  # every --model name of every family
-
-
-def plain_model_name(name):
-    """The ungated name whose weights a gated config starts from (DiT-XL-1-2 -> DiT-XL/2,
-    SiT-XL-1-2 -> SiT-XL/2)."""
-    build = ALL_MODELS[name]
-    return f"{build.model_family}-{build.family}/{build.patch_size}"

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from models import (DiT, DiT_models, DiTBlock, TimestepEmbedder, candidate_masks, get_2d_sincos_pos_embed,
-                    modulate, plain_model_name, prune_to_kept_blocks, straight_through_gumbel_onehot)
+                    modulate, prune_to_kept_blocks, straight_through_gumbel_onehot)
+from tinyfusion.pruning.pruned_models import plain_name
 
 
 def randomize(model, std=0.05, seed=0):
@@ -116,7 +117,7 @@ def test_custom_groups_and_their_errors():
         small("DiT-XL/2", groups=[[1, 2]] * 13)
     with pytest.raises(ValueError, match="keep between 1 and 2"):
         small("DiT-XL/2", groups=[[3, 2]] * 14)
-    assert plain_model_name("DiT-XL-1-2") == "DiT-XL/2" and plain_model_name("DiT-D14-2-4") == "DiT-D14/2"
+    assert plain_name("DiT-XL-1-2") == "DiT-XL/2" and plain_name("DiT-D14-2-4") == "DiT-D14/2"
 
 
 # --------------------------------------------------------------------------- numerics

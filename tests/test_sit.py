@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import DiT_models, SiT, SiT_models, plain_model_name, prune_to_kept_blocks
+from models import DiT_models, SiT, SiT_models, prune_to_kept_blocks
 from test_models import ORIGINAL_BLOCK_KEYS, ORIGINAL_OTHER_KEYS, randomize
+from tinyfusion.pruning.pruned_models import plain_name
 from transport import create_transport, sample_ode, sample_sde, training_losses
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,7 +47,7 @@ def test_every_dit_name_has_a_sit_twin_with_the_same_state_dict():
         sit = SiT_models[f"SiT-{name}"](input_size=8, num_classes=10, hidden_size=32, num_heads=4)
         sit.load_state_dict(dit.state_dict(), strict=True)  # same names and shapes
         assert type(sit) is SiT and type(dit).__name__ == "DiT"
-    assert plain_model_name("SiT-XL-1-2") == "SiT-XL/2" and plain_model_name("DiT-XL-1-2") == "DiT-XL/2"
+    assert plain_name("SiT-XL-1-2") == "SiT-XL/2" and plain_name("DiT-XL-1-2") == "DiT-XL/2"
 
 
 # --------------------------------------------------------------------------- forward

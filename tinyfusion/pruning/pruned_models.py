@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tinyfusion.io.checkpoints import (check_data_fits, extract_state_dict, infer_architecture, load_checkpoint_file,
                                        load_into_model, read_metadata, save_pruned_model)
 from tinyfusion.families.build import build_model, family_checked_kwargs, unknown_model_message
-from models import ALL_MODELS, plain_model_name, prune_to_kept_blocks, validate_kept_indices  # noqa: F401
+from models import ALL_MODELS, prune_to_kept_blocks, validate_kept_indices  # noqa: F401
 from tinyfusion.flags import CALIBRATIONS  # the --calibration choices, listed there so that --help needs no torch
 from tinyfusion.errors import TinyFusionError
 
@@ -31,11 +31,12 @@ def check_output_path(path, overwrite=False):
 
 # ----------------------------------------------------------------------- models
 def plain_name(model_name):
-    """The ungated architecture name of --model (DiT-XL-1-2 -> DiT-XL/2, SiT-XL-1-2 -> SiT-XL/2);
-    one line if unknown."""
+    """The ungated name whose weights a gated config of --model starts from (DiT-XL-1-2 ->
+    DiT-XL/2, SiT-XL-1-2 -> SiT-XL/2); one line if unknown."""
     if model_name not in ALL_MODELS:
         raise TinyFusionError(unknown_model_message(model_name))
-    return plain_model_name(model_name)
+    build = ALL_MODELS[model_name]
+    return f"{build.model_family}-{build.family}/{build.patch_size}"
 
 
 def load_source_model(model_name, checkpoint, image_size=256, num_classes=1000, vae="ema", vae_path=None,
