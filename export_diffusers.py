@@ -48,7 +48,7 @@ import os
 import shutil
 import tempfile
 
-from tinyfusion.flags import add_model_args
+from tinyfusion.flags import add_checkpoint_args, add_model_args
 from tinyfusion.errors import TinyFusionError, run_main
 
 # torch, diffusers and the model code are imported inside the functions that use them, so that
@@ -385,8 +385,7 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser, default_model="DiT-XL/2")
-    parser.add_argument("--ckpt", type=str, required=True, help="plain, training or pruned DiT checkpoint")
-    parser.add_argument("--no-ema", action="store_true", help="export a training checkpoint's `model`, not `ema`")
+    add_checkpoint_args(parser, help="plain, training or pruned DiT checkpoint", required=True)
     parser.add_argument("--out", type=str, required=True, help="output folder (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--id2label", type=str, default=None,

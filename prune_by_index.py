@@ -7,8 +7,8 @@ paper) and save the shallow model as a plain state dict with its metadata.
 """
 import argparse
 
-from tinyfusion.flags import (add_compatibility_flags, add_model_args, nonnegative_float, nonnegative_int, parse_index_list,
-                            positive_int)
+from tinyfusion.flags import (add_checkpoint_args, add_compatibility_flags, add_model_args, nonnegative_float,
+                            nonnegative_int, parse_index_list, positive_int)
 from tinyfusion.errors import TinyFusionError, run_main
 
 
@@ -41,8 +41,7 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser, default_model="DiT-XL/2")
-    parser.add_argument("--ckpt", type=str, default=None, help="checkpoint to prune (plain, training or pruned)")
-    parser.add_argument("--no-ema", action="store_true", help="prune a training checkpoint's 'model', not its 'ema'")
+    add_checkpoint_args(parser, help="checkpoint to prune (plain, training or pruned)")
     parser.add_argument("--kept-indices", type=parse_index_list, default=None,
                         help="blocks to keep, sorted, e.g. \"[0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]\"")
     parser.add_argument("--save-model", type=str, default="outputs/pruned/pruned-by-index.pt")

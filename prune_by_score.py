@@ -19,7 +19,7 @@ the model called with t in [0, 1]. Its --sample-grid uses SiT's default SDE samp
 """
 import os
 
-from tinyfusion.flags import (CALIBRATIONS, ArgumentParser, add_interpolant_args, add_model_args,
+from tinyfusion.flags import (CALIBRATIONS, ArgumentParser, add_checkpoint_args, add_interpolant_args, add_model_args,
                             add_sampling_steps_check, default_calibration, nonnegative_float, nonnegative_int, positive_int,
                             sampling_steps)
 from tinyfusion.errors import TinyFusionError, run_main
@@ -28,8 +28,7 @@ from tinyfusion.errors import TinyFusionError, run_main
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser, default_model="DiT-XL/2")
-    parser.add_argument("--ckpt", type=str, default=None, help="checkpoint to prune (plain, training or pruned)")
-    parser.add_argument("--no-ema", action="store_true", help="prune a training checkpoint's 'model', not its 'ema'")
+    add_checkpoint_args(parser, help="checkpoint to prune (plain, training or pruned)")
     parser.add_argument("--data-path", type=str, default=None, help="calibration ImageFolder (encoded with --vae)")
     parser.add_argument("--features-path", type=str, default=None,
                         help="calibrate on a feature store from extract_features.py instead (no VAE needed)")

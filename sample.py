@@ -22,9 +22,9 @@ A SiT (--model SiT-...) samples with --sampler ode or sde (SiT's ODE / SDE modes
 """
 import time
 
-from tinyfusion.flags import (SAMPLING_PRECISION_HELP, ArgumentParser, add_guidance_args, add_model_args,
-                            add_precision_arg, add_sampler_arg, add_sampling_compile_arg, add_sampling_steps_check,
-                            add_timestep_spacing_arg, add_transport_args, nonnegative_int,
+from tinyfusion.flags import (SAMPLING_PRECISION_HELP, ArgumentParser, add_checkpoint_args, add_guidance_args,
+                            add_model_args, add_precision_arg, add_sampler_arg, add_sampling_compile_arg,
+                            add_sampling_steps_check, add_timestep_spacing_arg, add_transport_args, nonnegative_int,
                             resolve_timestep_spacing, sampling_steps, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main
 
@@ -37,9 +37,7 @@ def parse_args(argv=None):
     add_guidance_args(parser, cfg_scale=4.0)
     parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
     parser.add_argument("--seed", type=nonnegative_int, default=0)
-    parser.add_argument("--ckpt", type=str, default=None,
-                        help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
+    add_checkpoint_args(parser, help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
     parser.add_argument("--class-labels", type=nonnegative_int, nargs="+", default=DEFAULT_CLASS_LABELS)
     parser.add_argument("--per-sample-seeds", action="store_true",
                         help="image i gets its own noise from (--seed, i), as sample i of sample_ddp.py, instead of "

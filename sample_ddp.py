@@ -22,10 +22,10 @@ import shutil
 import time
 import zipfile
 
-from tinyfusion.flags import (SAMPLING_PRECISION_HELP, ArgumentParser, add_guidance_args, add_model_args,
-                            add_precision_arg, add_sampler_arg, add_sampling_compile_arg, add_sampling_steps_check,
-                            add_timestep_spacing_arg, add_transport_args, nonnegative_int, positive_int,
-                            resolve_timestep_spacing, sampling_steps, unit_interval)
+from tinyfusion.flags import (SAMPLING_PRECISION_HELP, ArgumentParser, add_checkpoint_args, add_guidance_args,
+                            add_model_args, add_precision_arg, add_sampler_arg, add_sampling_compile_arg,
+                            add_sampling_steps_check, add_timestep_spacing_arg, add_transport_args, nonnegative_int,
+                            positive_int, resolve_timestep_spacing, sampling_steps, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main, unwritable_message
 
 
@@ -40,9 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--global-seed", type=nonnegative_int, default=0, help="sample i uses seeds derived from (this, i)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="TF32 matmuls on Ampere+ GPUs: faster, as the original; --no-tf32 for full fp32")
-    parser.add_argument("--ckpt", type=str, default=None,
-                        help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw weights of a training checkpoint")
+    add_checkpoint_args(parser, help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
     add_sampler_arg(parser)
     parser.add_argument("--ddim-eta", type=unit_interval, default=0.0)
     add_timestep_spacing_arg(parser)

@@ -24,18 +24,16 @@ x_t = alpha_t x1 + sigma_t x0 instead, t uniform on its training interval (or `-
 import argparse
 import os
 
-from tinyfusion.flags import (add_model_args, add_transport_training_args, diffusion_timestep, nonnegative_int,
-                            positive_float, positive_int, unit_interval)
+from tinyfusion.flags import (add_checkpoint_args, add_model_args, add_transport_training_args, diffusion_timestep,
+                            nonnegative_int, positive_float, positive_int, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser, default_model="DiT-XL/2")
-    parser.add_argument("--ckpt", type=str, default=None,
-                        help="checkpoint (a path, or a released name such as DiT-XL-2-256x256.pt); "
-                             "omitted: the released DiT-XL/2 of --image-size")
-    parser.add_argument("--no-ema", action="store_true", help="a training checkpoint's 'model', not its 'ema'")
+    add_checkpoint_args(parser, help="checkpoint (a path, or a released name such as DiT-XL-2-256x256.pt); "
+                                     "omitted: the released DiT-XL/2 of --image-size")
     parser.add_argument("--data-path", type=str, default=None, help="ImageFolder of real images (encoded with --vae)")
     parser.add_argument("--features-path", type=str, default=None, help="or a feature store from extract_features.py")
     parser.add_argument("--nsamples", type=positive_int, default=128, help="real samples to run")

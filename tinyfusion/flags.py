@@ -251,6 +251,15 @@ def add_model_args(parser, default_model="DiT-XL/2"):
     return parser
 
 
+def add_checkpoint_args(parser, *, help="plain, training or pruned checkpoint", required=False):
+    """--ckpt, the checkpoint a script reads (`help`: what it is for and what omitting it does),
+    and --no-ema."""
+    parser.add_argument("--ckpt", type=str, default=None, required=required, help=help)
+    parser.add_argument("--no-ema", action="store_true",
+                        help="a training checkpoint's raw 'model' weights instead of its 'ema'")
+    return parser
+
+
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # flag -> torch dtype name
 
 
