@@ -304,8 +304,6 @@ def plan_extraction(args, ctx, logger):
     error = samples = vae = plan = None
     try:
         latent_geometry_from_flags(args.vae, args.image_size, args.vae_path)  # size check before loading
-        if args.shard_size < 1 or args.batch_size < 1:
-            raise TinyFusionError("--shard-size and --batch-size must be positive")
         try:
             samples, classes, ignored = list_image_folder(args.data_path)
         except ValueError as listing_error:

@@ -98,8 +98,6 @@ def check_inputs(args):
     if not args.data_path and not args.features_path:
         raise TinyFusionError("--data-path is required: the BI score calibrates on real images (an ImageFolder such "
                               "as /data/imagenet/train, encoded with --vae), or pass --features-path (a feature store)")
-    if args.nsamples < 1 or args.batch_size < 1 or args.num_sampling_steps < 1:
-        raise TinyFusionError("--nsamples, --batch-size and --num-sampling-steps must be >= 1")
     for path in (args.save_model, scores_path(args.save_model), args.sample_grid):
         check_output_path(path, args.overwrite)
     return family

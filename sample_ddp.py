@@ -231,9 +231,6 @@ def check_args(args):
     """(family, its sampler keywords) once every flag is checked, before any work."""
     if args.cfg_scale < 1.0:
         raise TinyFusionError(f"--cfg-scale must be >= 1.0 (1.0 = no guidance), got {args.cfg_scale}")
-    if min(args.num_fid_samples, args.per_proc_batch_size, args.cpu_threads) <= 0 or args.global_seed < 0:
-        raise TinyFusionError("--num-fid-samples, --per-proc-batch-size and --cpu-threads must be positive, "
-                         "--global-seed >= 0")
     family = family_from_args(args)  # --model's family (another family's flags are refused)
     args.sampler = args.sampler or family.entry.default_sampler
     family.check_sampler(args.model, args.sampler)
