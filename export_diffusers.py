@@ -205,7 +205,7 @@ def match_original_timestep_embedding(transformer):
     return transformer
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def checked_pipeline_class():
     """DiTPipeline whose __call__ refuses class labels outside the model's own classes."""
     import torch

@@ -15,7 +15,7 @@ from tests.prune_helpers import set_block_gates, xs_model
 
 def strip_lora_keys(state_dict):
     """A state dict without the LoRA factors (what the plain model loads)."""
-    return {key: value for key, value in state_dict.items() if not (key.endswith(".lora_A") or key.endswith(".lora_B"))}
+    return {key: value for key, value in state_dict.items() if not key.endswith((".lora_A", ".lora_B"))}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

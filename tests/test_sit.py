@@ -2,7 +2,6 @@
 and checkpoint layout: the forward pass computed from the state dict by name (as SiT's code
 consumes the released SiT-XL-2-256x256.pt), classifier-free guidance on 3 channels, and one ODE
 (Euler, Heun) and one SDE (Euler-Maruyama, default settings) trajectory with the same noise."""
-import importlib.util
 import math
 import os
 import sys

@@ -197,7 +197,7 @@ def test_fast_solver_refuses_what_does_not_fit():
 
 
 # ----------------------------------------------------------------------- sample_ddp.py and sample.py
-def test_sample_ddp_fast_solver_two_ranks_match_one_and_resume(tmp_path, pixel_ckpt):
+def test_sample_ddp_fast_solver_two_ranks_match_one_and_resume(tmp_path, pixel_ckpt):  # noqa: F811 (the fixture)
     """dpm-solver++ keeps a multistep history per batch: a fresh scheduler per batch keeps sample i a
     function of (seed, i): 2 gloo ranks x 3 give the .npz of 1 rank x 4, and a resumed run with
     another batch size completes it to the same file."""
@@ -248,7 +248,7 @@ def test_solver_runs_are_named_apart_and_misfit_spacings_refused(tmp_path):
     assert not os.path.exists(samples)
 
 
-def test_sample_py_grid_with_a_fast_solver_is_the_written_out_solver(tmp_path, pixel_ckpt):
+def test_sample_py_grid_with_a_fast_solver_is_the_written_out_solver(tmp_path, pixel_ckpt):  # noqa: F811 (the fixture)
     """sample.py --sampler dpm-solver++ keeps the original's grid procedure (one torch.manual_seed,
     z for the grid, [z; z] with the null label) and integrates it with DPM-Solver++(2M)."""
     from torchvision.utils import save_image

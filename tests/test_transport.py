@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from tinyfusion.errors import TinyFusionError
 from transport import (PATHS, alpha_sigma, create_transport, diffusion_coefficient, interpolate, noise_from_velocity,
                        sample_ode, sample_sde, sample_time_and_noise, score_coefficients, score_from_noise,
                        score_from_velocity, time_interval, training_losses, velocity_and_score, velocity_from_score)

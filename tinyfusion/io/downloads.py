@@ -183,8 +183,7 @@ def _fetch_with_retries(name, url, part_path, progress, timeout, max_attempts, m
         except urllib.error.HTTPError as error:
             raise TinyFusionError(f"cannot download {name}: HTTP {error.code} {error.reason} from {url}; "
                                   f"check the URL{_mirror_hint()}") from None
-        except (_Interrupted, urllib.error.URLError, http.client.HTTPException, ConnectionError,
-                socket.timeout, TimeoutError) as error:
+        except (_Interrupted, urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as error:
             progressed = _size(part_path) > before
             stalls = 0 if progressed else stalls + 1
             reason = getattr(error, "reason", None)

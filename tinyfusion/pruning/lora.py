@@ -88,4 +88,4 @@ def apply_lora(model, rank=8, alpha=None, seed=0):
 def lora_parameters(model):
     """[(name, parameter)] of every LoRA factor in `model`."""
     return [(name, param) for name, param in model.named_parameters()
-            if name.endswith(".lora_A") or name.endswith(".lora_B")]
+            if name.endswith((".lora_A", ".lora_B"))]
