@@ -190,11 +190,11 @@ def test_weight_hashes_keep_the_values_recorded_before_they_shared_one_core():
 def test_data_that_cannot_feed_the_model_is_one_line():
     from types import SimpleNamespace
     from tinyfusion.pruning.pruned_models import check_latents_fit
-    from tinyfusion.training.run_setup import check_dataset_fits
+    from tinyfusion.io.checkpoints import check_data_fits
     model = SimpleNamespace(in_channels=4, input_size=8, num_classes=10)
     check_latents_fit(torch.zeros(2, 4, 8, 8), torch.tensor([0, 9]), model)  # labels 0..9 of 10 classes fit
-    check_dataset_fits(SimpleNamespace(sample_shape=(4, 8, 8), num_classes=10), model, data_path="f", model_name="m",
-                       vae="ema", image_size=64)
+    features = dict(data="the features in f", model_flags="--model m with --vae ema --image-size 64")  # training's
+    check_data_fits(model, (4, 8, 8), 10, **features)
     with pytest.raises(TinyFusionError, match=r"^the calibration latents have labels up to 10 but --num-classes is "
                                               r"10; pass --num-classes 11$"):
         check_latents_fit(torch.zeros(2, 4, 8, 8), torch.tensor([0, 10]), model)
@@ -203,8 +203,6 @@ def test_data_that_cannot_feed_the_model_is_one_line():
         check_latents_fit(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]), model)
     with pytest.raises(TinyFusionError, match=r"^the features in f are \(4, 16, 16\) but --model m with --vae ema "
                                               r"--image-size 64 expects \(4, 8, 8\)"):
-        check_dataset_fits(SimpleNamespace(sample_shape=(4, 16, 16), num_classes=10), model, data_path="f",
-                           model_name="m", vae="ema", image_size=64)
+        check_data_fits(model, (4, 16, 16), 10, **features)
     with pytest.raises(TinyFusionError, match=r"^the features in f have labels up to 11 .* pass --num-classes 12$"):
-        check_dataset_fits(SimpleNamespace(sample_shape=(4, 8, 8), num_classes=12), model, data_path="f",
-                           model_name="m", vae="ema", image_size=64)
+        check_data_fits(model, (4, 8, 8), 12, **features)

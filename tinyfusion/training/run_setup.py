@@ -41,12 +41,6 @@ def open_training_data(data_path, seed):
     return open_feature_dataset(data_path, flip_prob=0.5, seed=seed)
 
 
-def check_dataset_fits(dataset, model, *, data_path, model_name, vae, image_size):
-    """One-line TinyFusionError when the features cannot feed the model (geometry or labels)."""
-    check_data_fits(model, dataset.sample_shape, dataset.num_classes, data=f"the features in {data_path}",
-                    model_flags=f"--model {model_name} with --vae {vae} --image-size {image_size}")
-
-
 def load_training_model(args, resume_checkpoint=None, resume_path=None):
     """(model, metadata) of the model to train: the "model" weights of the resume checkpoint,
     else --load-weight (a pruned checkpoint's metadata sets the depth), else a fresh init."""
@@ -119,8 +113,8 @@ def prepare_training(args, build_model_fn=build_training_model):
     run_dir, resume_path, resume = resolve_run(args, ctx, family)
     run = PreparedRun(ctx, dataset, run_dir, resume_path, resume, family=family)
     run.model, run.metadata = build_model_fn(args, run)
-    check_dataset_fits(dataset, run.model, data_path=args.data_path, model_name=args.model, vae=args.vae,
-                       image_size=args.image_size)
+    check_data_fits(run.model, dataset.sample_shape, dataset.num_classes, data=f"the features in {args.data_path}",
+                    model_flags=f"--model {args.model} with --vae {args.vae} --image-size {args.image_size}")
     run.trackers = tracker_hooks(args)
     return run
 
