@@ -37,7 +37,8 @@ def parse_args(argv=None):
     add_guidance_args(parser, cfg_scale=4.0)
     parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
     parser.add_argument("--seed", type=nonnegative_int, default=0)
-    add_checkpoint_args(parser, help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
+    add_checkpoint_args(parser, help="checkpoint (plain / training / pruned); default: the released file of --model's "
+                        "family (DiT-XL/2: DiT-XL-2-{256x256,512x512}.pt, SiT-XL/2: SiT-XL-2-256x256.pt)")
     parser.add_argument("--class-labels", type=nonnegative_int, nargs="+", default=DEFAULT_CLASS_LABELS)
     parser.add_argument("--per-sample-seeds", action="store_true",
                         help="image i gets its own noise from (--seed, i), as sample i of sample_ddp.py, instead of "

@@ -40,7 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--global-seed", type=nonnegative_int, default=0, help="sample i uses seeds derived from (this, i)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="TF32 matmuls on Ampere+ GPUs: faster, as the original; --no-tf32 for full fp32")
-    add_checkpoint_args(parser, help="DiT checkpoint (plain / training / pruned); default: the released DiT-XL-2 file")
+    add_checkpoint_args(parser, help="checkpoint (plain / training / pruned); default: the released file of --model's "
+                        "family (DiT-XL/2: DiT-XL-2-{256x256,512x512}.pt, SiT-XL/2: SiT-XL-2-256x256.pt)")
     add_sampler_arg(parser)
     parser.add_argument("--ddim-eta", type=unit_interval, default=0.0)
     add_timestep_spacing_arg(parser)
