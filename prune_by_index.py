@@ -16,8 +16,8 @@ def main(args):
     # imported here, not at the top, so that `--help` and a bad flag answer without loading torch
 
     from tinyfusion.families import family_for_model
-    from tinyfusion.pruning.pruned_models import (check_output_path, load_source_model, plain_name, save_pruned, source_lineage,
-                                    validate_kept_indices)
+    from tinyfusion.pruning.pruned_models import (check_output_path, load_source_model, plain_name, save_pruned,
+                                                  source_lineage, validate_kept_indices)
     if not args.ckpt:
         raise TinyFusionError("--ckpt is required: the checkpoint to prune, e.g. pretrained/DiT-XL-2-256x256.pt")
     if args.kept_indices is None:

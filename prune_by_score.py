@@ -66,8 +66,9 @@ import torch
 from tinyfusion.families import family_from_args
 from tinyfusion.io.atomic_files import atomic_write_json
 from tinyfusion.sampling.grids import save_labeled_grid
-from tinyfusion.pruning.pruned_models import (bi_scores, calibration_latents, check_latents_fit, check_output_path, load_source_model,
-                                plain_name, save_pruned, select_by_bi_score, source_lineage)
+from tinyfusion.pruning.pruned_models import (check_output_path, load_source_model, plain_name, save_pruned,
+                                              source_lineage)
+from tinyfusion.pruning.block_importance import bi_scores, calibration_latents, check_latents_fit, select_by_bi_score
 from tinyfusion.io.vae import load_vae, to_uint8_nhwc
 
 

@@ -64,7 +64,8 @@ import torch
 
 from tinyfusion.families import family_from_args
 from tinyfusion.io.atomic_files import atomic_path, atomic_write_json
-from tinyfusion.pruning.pruned_models import calibration_latents, check_latents_fit, load_source_model
+from tinyfusion.pruning.pruned_models import load_source_model
+from tinyfusion.pruning.block_importance import calibration_latents, check_latents_fit
 from tinyfusion.study.activations import block_statistics
 from tinyfusion.io.vae import load_vae
 

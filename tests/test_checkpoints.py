@@ -189,7 +189,7 @@ def test_weight_hashes_keep_the_values_recorded_before_they_shared_one_core():
 
 def test_data_that_cannot_feed_the_model_is_one_line():
     from types import SimpleNamespace
-    from tinyfusion.pruning.pruned_models import check_latents_fit
+    from tinyfusion.pruning.block_importance import check_latents_fit
     from tinyfusion.io.checkpoints import check_data_fits
     model = SimpleNamespace(in_channels=4, input_size=8, num_classes=10)
     check_latents_fit(torch.zeros(2, 4, 8, 8), torch.tensor([0, 9]), model)  # labels 0..9 of 10 classes fit

@@ -8,8 +8,8 @@ import torch.nn as nn
 
 from tinyfusion.pruning.lora import LoRALinear, apply_lora, lora_parameters
 from models import DiT_models, gate_decision
-from tinyfusion.pruning.pruned_models import (block_input_output_similarity, bi_scores, linear_schedule, select_by_bi_score,
-                     validate_kept_indices)
+from tinyfusion.pruning.pruned_models import linear_schedule, validate_kept_indices
+from tinyfusion.pruning.block_importance import block_input_output_similarity, bi_scores, select_by_bi_score
 from tests.prune_helpers import set_block_gates, xs_model
 
 

@@ -247,7 +247,7 @@ def test_bi_calibration_of_a_sit_is_its_transports_noising(tmp_path):
     """The model sees x_t = t x1 + (1 - t) x0 with its t in [0, 1], t then x0 drawn per batch from
     the generator of --seed; the clean (DiT-timestep) calibration is refused for a SiT."""
     from tinyfusion.families import sit
-    from tinyfusion.pruning.pruned_models import bi_scores
+    from tinyfusion.pruning.block_importance import bi_scores
     model = tiny_sit().eval()
     latents, labels = torch.randn(6, 3, 8, 8), torch.arange(6)
     seen = []

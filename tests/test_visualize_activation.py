@@ -47,7 +47,7 @@ def tiny_model(workspace, family):
 
 def hand_statistics(workspace, nsamples, seed, k):
     """Per block (masked share, min, max, std, sorted |h|) of the same inputs, from forward hooks."""
-    from tinyfusion.pruning.pruned_models import calibration_latents
+    from tinyfusion.pruning.block_importance import calibration_latents
     latents, labels = calibration_latents(nsamples, seed, workspace["features"])
     from tinyfusion.families import dit
     x_t, t = dit.Family().activation_inputs(latents, torch.Generator().manual_seed(seed))
@@ -114,7 +114,7 @@ def test_image_folder_input_and_refusals(workspace, tmp_path):
 def sit_hand_inputs(workspace, nsamples, seed, time=None):
     """SiT's Linear path by hand: x_t = t x1 + (1 - t) x0 (t = 1 the data), t uniform on [0, 1]
     (a velocity model's training interval) then x0, from the generator of `seed`."""
-    from tinyfusion.pruning.pruned_models import calibration_latents
+    from tinyfusion.pruning.block_importance import calibration_latents
     x1, labels = calibration_latents(nsamples, seed, workspace["features"])
     generator = torch.Generator().manual_seed(seed)
     t = torch.rand(nsamples, generator=generator) if time is None else torch.full((nsamples,), time)
