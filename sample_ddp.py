@@ -13,47 +13,17 @@ Across nodes, --sample-dir must be on a filesystem every node sees (as in the or
     torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py --model DiT-D14/2 \
         --ckpt outputs/D14-Learned-MaskedKD-DiT-D14-2/checkpoints/0500000.pt --num-fid-samples 50000
 """
-import argparse
 import os
 import shutil
 import time
 
-from tinyfusion.flags import (SAMPLING_PRECISION_HELP, ArgumentParser, add_checkpoint_args, add_guidance_args,
-                            add_model_args, add_precision_arg, add_sampler_arg, add_sampling_compile_arg,
-                            add_sampling_steps_check, add_timestep_spacing_arg, add_transport_args, nonnegative_int,
-                            positive_int, resolve_timestep_spacing, sampling_steps, unit_interval)
+from tinyfusion.flags import ArgumentParser, add_sample_batch_args
 from tinyfusion.errors import TinyFusionError, run_main, unwritable_message
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    add_model_args(parser)
-    parser.add_argument("--sample-dir", type=str, default="samples")
-    parser.add_argument("--per-proc-batch-size", type=positive_int, default=32)
-    parser.add_argument("--num-fid-samples", type=positive_int, default=50_000)
-    add_guidance_args(parser, cfg_scale=1.5)
-    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
-    parser.add_argument("--global-seed", type=nonnegative_int, default=0, help="sample i uses seeds derived from (this, i)")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                        help="TF32 matmuls on Ampere+ GPUs: faster, as the original; --no-tf32 for full fp32")
-    add_checkpoint_args(parser, help="checkpoint (plain / training / pruned); default: the released file of --model's "
-                        "family (DiT-XL/2: DiT-XL-2-{256x256,512x512}.pt, SiT-XL/2: SiT-XL-2-256x256.pt)")
-    add_sampler_arg(parser)
-    parser.add_argument("--ddim-eta", type=unit_interval, default=0.0)
-    add_timestep_spacing_arg(parser)
-    add_precision_arg(parser, help=SAMPLING_PRECISION_HELP)
-    add_sampling_compile_arg(parser)
-    parser.set_defaults(precision="fp32")  # FID numbers are comparable to the original's fp32 sampling
-    parser.add_argument("--balanced-labels", action="store_true",
-                        help="label of sample i = i mod --num-classes (ours; the original draws each label at random)")
-    parser.add_argument("--save-png", action="store_true", help="also write {index:06d}.png into the run folder")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run (keep its finished parts)")
-    parser.add_argument("--cpu-threads", type=positive_int, default=1,
-                        help="intra-op threads per rank on CPU (use one rank per core instead: images are bit-identical "
-                             "for any world size only at a fixed thread count)")
-    parser.add_argument("--keep-parts", action="store_true", help="keep the part files after the .npz is written")
-    add_transport_args(parser)
-    add_sampling_steps_check(parser)
+    add_sample_batch_args(parser)
     return parser.parse_args(argv)
 
 
@@ -74,39 +44,16 @@ from tinyfusion.io.finite import NonFiniteOutput, count_non_finite, non_finite_o
 from tinyfusion.sampling.precision import cast_weights_once, resolve_sampling_precision
 from tinyfusion.io.run_lock import release_folder
 from tinyfusion.io.run_folder import MetricsLog, create_logger
+from tinyfusion.sampling.batch_settings import batch_name, check_batch_args
 from tinyfusion.sampling.part_store import IDENTITY_KEYS, assemble, plan_run, weights_sha256, write_part
-from tinyfusion.sampling.generate import (compile_forward, generate, run_name, sample_generator, sample_labels,
-                                          spacing_identity, balanced_labels)
+from tinyfusion.sampling.generate import (compile_forward, generate, sample_generator, sample_labels, spacing_identity,
+                                          balanced_labels)
 from tinyfusion.io.vae import load_vae, to_uint8_nhwc
-from tinyfusion.families import family_from_args
-
-
-def check_args(args):
-    """(family, its sampler keywords) once every flag is checked, before any work."""
-    if args.cfg_scale < 1.0:
-        raise TinyFusionError(f"--cfg-scale must be >= 1.0 (1.0 = no guidance), got {args.cfg_scale}")
-    family = family_from_args(args)  # --model's family (another family's flags are refused)
-    args.sampler = args.sampler or family.entry.default_sampler
-    family.check_sampler(args.model, args.sampler)
-    if args.sampler != "ddim" and args.ddim_eta != 0.0:
-        raise TinyFusionError("--ddim-eta is for --sampler ddim")
-    try:
-        args.timestep_spacing = resolve_timestep_spacing(args.sampler, args.timestep_spacing)
-    except ValueError as error:
-        raise TinyFusionError(str(error)) from None
-    return family, family.sampling_options(args)
-
-
-def output_name(args, family, options, precision="fp32"):
-    """The run folder / .npz name of these settings (after check_args; family and options what it returned)."""
-    return run_name(args.model, args.ckpt, args.image_size, args.vae, args.cfg_scale, args.global_seed,
-                    args.num_sampling_steps, args.sampler, precision, args.timestep_spacing) + (
-        family.sample_name_suffix(args, options)) + ("-balanced" if getattr(args, "balanced_labels", False) else "")
 
 
 def main(args):
     """Sample --num-fid-samples images over all ranks and write them as one .npz."""
-    family, options = check_args(args)
+    family, options = check_batch_args(args)
     ckpt = args.ckpt or family.default_checkpoint(args.model, args.image_size)
     ctx = setup_distributed()
     if ctx.device.type == "cuda":  # TF32 (the original's default) is fast on A100+; --no-tf32 for full fp32
@@ -116,7 +63,7 @@ def main(args):
         torch.set_num_threads(args.cpu_threads)
     amp_dtype, _ = resolve_sampling_precision(args.precision, ctx.device)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-    run_dir = os.path.join(args.sample_dir, output_name(args, family, options, precision))
+    run_dir = os.path.join(args.sample_dir, batch_name(args, family, options, precision))
     final_path = f"{run_dir}.npz"
     image_shape = (args.image_size, args.image_size, 3)
     settings = {key: getattr(args, key) for key in IDENTITY_KEYS if hasattr(args, key)}
