@@ -34,6 +34,10 @@ SIT_PREDICTIONS = ("velocity", "score", "noise")  # transport.paths.PREDICTIONS
 SIT_LOSS_WEIGHTS = (None, "velocity", "likelihood")  # transport.settings.LOSS_WEIGHTS
 SIT_DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")  # transport.samplers
 SIT_LAST_STEPS = ("Mean", "Tweedie", "Euler", None)  # transport.samplers.LAST_STEPS
+# evaluator.py --inception-path's default: the file named by this environment variable, else this
+# file in pretrained/ (tinyfusion/evaluation/feature_networks.py reads both from here)
+INCEPTION_ENV = "TINYFUSION_INCEPTION"
+INCEPTION_FILENAME = "classify_image_graph_def.pb"
 
 
 class ArgumentParser(argparse.ArgumentParser):
