@@ -231,9 +231,7 @@ class Study(StageRunner):
 
     def real_images_batch(self, seed):
         """`samples` real train digits (balanced, picked with `seed`), rendered as the reference is."""
-        import sys
-        sys.path.insert(0, ROOT)
-        from tools.train_digits_classifier import write_reference_batch
+        from tinyfusion.study.digits import write_reference_batch
         path = self.path("data", f"real-train-{self.budget['samples']}-seed{seed}.npz")
         if not os.path.exists(path):
             full = self.path("data", "real-train-all.npz")

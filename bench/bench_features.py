@@ -17,12 +17,12 @@ import torch
 from torch.utils.data import DataLoader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tools"), os.path.join(REPO, "tests")]
+sys.path[:0] = [REPO, os.path.join(REPO, "tests")]  # tests/tiny_vae.py: the default tiny VAE
 
 from tinyfusion.io import feature_store  # noqa: E402
 from tinyfusion.io.feature_extraction import ExtractionSettings, extract_feature_store  # noqa: E402
 from tinyfusion.io.image_folder import image_folder  # noqa: E402
-from make_digits import write_digits_folder  # noqa: E402
+from tinyfusion.study.digits import write_digits_folder  # noqa: E402
 from tinyfusion.io.vae import LATENT_SCALE, load_vae  # noqa: E402
 from bench.harness import alternate, summary  # noqa: E402
 

@@ -618,8 +618,7 @@ def test_mnist5k_classifier_reads_held_out_digits_at_16px(tmp_path):
 def test_digits_classifier_trains_and_scores_rendered_digits(tmp_path):
     from PIL import Image
 
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from make_digits import digits_as_uint8
+    from tinyfusion.study.digits import digits_as_uint8
 
     out, ref_out = str(tmp_path / "digits_classifier.pt"), str(tmp_path / "digits_ref32.npz")
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_digits_classifier.py"), "--out", out,

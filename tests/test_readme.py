@@ -283,7 +283,7 @@ def save_model(model_name, input_size, path, family="DiT"):
 
 
 def make_imagenet(path):
-    from tools.make_digits import write_digits_folder
+    from tinyfusion.study.digits import write_digits_folder
     write_digits_folder(path, image_size=32, limit=40)  # 10 class folders; extract_features.py resizes to 256
 
 
