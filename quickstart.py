@@ -60,6 +60,9 @@ SCHEDULES = {"quick": (1500, 300, 250, 1000, 50, 15), "full": (2500, 400, 400, 1
 
 
 class Pipeline(StageRunner):
+    """The quick start's stages for one seed in the run folder `out` (each announced as it is
+    skipped, runs and ends); `teacher_runs`: where the shared teacher is trained (several seeds)."""
+
     def __init__(self, args, out, seed, teacher_runs=None):
         super().__init__(out, ROOT)
         self.args, self.seed = args, seed
