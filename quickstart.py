@@ -20,16 +20,15 @@ and sampling), reported as mean +/- std.
 import argparse
 import json
 import os
-import re
-import shlex
 import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
 
+from tinyfusion.errors import run_main
 from tinyfusion.flags import positive_int
+from tinyfusion.io.run_folder import run_folder_name
+from tinyfusion.study.stages import StageRunner, resume_flags
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL = "DiT-XS/4"  # 12 blocks, hidden 128, 4 tokens of 4x4 pixels: trains in minutes on 2 cores
@@ -60,86 +59,13 @@ SCHEDULES = {"quick": (1500, 300, 250, 1000, 50, 15), "full": (2500, 400, 400, 1
              "tiny": (30, 10, 10, 64, 5, 1)}
 
 
-TQDM_STATUS = re.compile(r"(?:([A-Za-z][\w .-]*):\s*)?(\d+)%\|[^|]*\|\s*(\d+)/(\d+) \[([\d:]+)<([\d:?]+)")
+class Pipeline(StageRunner):
+    """The quick start's stages for one seed in the run folder `out` (each announced as it is
+    skipped, runs and ends); `teacher_runs`: where the shared teacher is trained (several seeds)."""
 
-
-def stage_status(log_path):
-    """The newest tqdm line of a stage's log as 'desc 450/1500 (30%), ETA 03:12', or ''."""
-    try:
-        with open(log_path, "rb") as log:
-            log.seek(max(os.path.getsize(log_path) - 8192, 0))
-            tail = log.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    for segment in reversed(re.split(r"[\r\n]", tail)):
-        match = TQDM_STATUS.search(segment)
-        if match:
-            desc, percent, done, total, _, eta = match.groups()
-            return f"{desc + ' ' if desc else ''}{done}/{total} ({percent}%), ETA {eta}"
-    return ""
-
-
-def show(text, final=False):
-    """One console line per stage: redrawn in place on a terminal; elsewhere (a pipe, a file) the
-    final line and a heartbeat line every minute."""
-    if sys.stdout.isatty():
-        width = shutil.get_terminal_size().columns - 1
-        sys.stdout.write("\r" + text[:width] + "\033[K" + ("\n" if final else ""))
-    else:
-        sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-def run(name, command, log_path, threads=None):
-    """Run one stage as a user would; its output goes to a log file while the console shows the
-    stage's progress bar (parsed from the log) and ETA. A failure stops the pipeline."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    started = last_heartbeat = time.time()
-    with open(log_path, "a") as log:
-        log.write(f"$ {shlex.join(command)}\n")  # shell-quoted: the line can be pasted to rerun the stage
-        log.flush()
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-        while True:
-            try:
-                process.wait(timeout=1.0)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            status = stage_status(log_path)
-            line = f"  [{name}] {format_seconds(time.time() - started)} {status}".rstrip()
-            if sys.stdout.isatty():
-                show(line)
-            elif time.time() - last_heartbeat >= 60:
-                show(line)
-                last_heartbeat = time.time()
-    if process.returncode != 0:
-        if sys.stdout.isatty():
-            show(f"  [{name}] failed", final=True)
-        with open(log_path) as log:
-            tail = "".join(log.readlines()[-15:])
-        raise SystemExit(f"error: stage {name} failed; its command and full output are in {log_path}, "
-                         f"whose last lines are:\n{tail}")
-    return time.time() - started
-
-
-def format_seconds(seconds):
-    return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
-
-
-def torchrun(script, nproc):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            os.path.join(ROOT, script)]
-
-
-def python(script):
-    return [sys.executable, os.path.join(ROOT, script)]
-
-
-class Pipeline:
     def __init__(self, args, out, seed, teacher_runs=None):
-        self.args, self.out, self.seed = args, out, seed
+        super().__init__(out, ROOT)
+        self.args, self.seed = args, seed
         self.teacher_runs = teacher_runs
         (self.teacher_steps, self.prune_steps, self.recover_steps, self.num_samples, self.sampling_steps,
          self.classifier_epochs) = SCHEDULES[args.schedule]
@@ -147,33 +73,17 @@ class Pipeline:
         self.model = self.family["model"]
         self.sampling_steps = self.family["sampling_steps"].get(args.schedule, self.sampling_steps)
         self.teacher_steps = self.family["teacher_steps"].get(args.schedule, self.teacher_steps)
-        self.logs = os.path.join(out, "logs")
-        os.makedirs(self.logs, exist_ok=True)
-        self.timings = {}
         self.common = ["--model", self.model, "--image-size", "8", "--vae", "none", "--num-classes", "10"]
-
-    def stage(self, name, outputs, command, nproc=1):
-        """Run `command` unless every path in `outputs` already exists (a finished stage)."""
-        if all(os.path.exists(path) for path in outputs):
-            print(f"  [{name}] done already")
-            return
-        if not sys.stdout.isatty():  # a terminal gets the live progress line instead
-            print(f"  [{name}] running ...", flush=True)
-        self.timings[name] = run(name, command, os.path.join(self.logs, f"{name}.log"))
-        show(f"  [{name}] done in {format_seconds(self.timings[name])}", final=True)
-
-    def path(self, *parts):
-        return os.path.join(self.out, *parts)
 
     def data(self, shared):
         digits, features = os.path.join(shared, "digits"), os.path.join(shared, "features")
-        self.stage("digits", [digits], python("tools/make_digits.py") + ["--out", digits, "--image-size", "8"])
+        self.stage("digits", [digits], self.python("tools/make_digits.py") + ["--out", digits, "--image-size", "8"])
         self.stage("features", [os.path.join(features, "manifest.json")],
-                   torchrun("extract_features.py", self.args.nproc) + self.common +
+                   self.torchrun("extract_features.py", self.args.nproc) + self.common +
                    ["--data-path", digits, "--features-path", features])
         classifier, reference = os.path.join(shared, "digits_classifier.pt"), os.path.join(shared, "reference.npz")
         self.stage("classifier", [classifier, reference],
-                   python("tools/train_digits_classifier.py") +
+                   self.python("tools/train_digits_classifier.py") +
                    ["--out", classifier, "--ref-out", reference, "--image-size", "8", "--overwrite",
                     "--epochs", str(self.classifier_epochs)])
         self.features, self.classifier, self.reference = features, classifier, reference
@@ -181,9 +91,9 @@ class Pipeline:
     def train_run(self, name, script, steps, extra, results=None):
         """A train.py / train_masked_kd.py stage; returns its final checkpoint."""
         results = results or self.path("runs")
-        final = os.path.join(results, f"{name}-{self.model.replace('/', '-')}", "checkpoints", f"{steps:07d}.pt")
-        resume = ["--resume", "auto"] if os.path.isdir(os.path.dirname(final)) else []
-        self.stage(name, [final], torchrun(script, self.args.nproc) + self.common + [
+        final = os.path.join(run_folder_name(results, name, self.model), "checkpoints", f"{steps:07d}.pt")
+        resume = resume_flags(os.path.dirname(final))
+        self.stage(name, [final], self.torchrun(script, self.args.nproc) + self.common + [
             "--data-path", self.features, "--results-dir", results, "--prefix", name, "--max-steps", str(steps),
             "--global-batch-size", "128", "--global-seed", str(self.seed), "--log-every", "50",
             "--ckpt-every", str(max(steps // 4, 1)), "--num-workers", "0"] + resume + extra)
@@ -222,32 +132,33 @@ class Pipeline:
         """The teacher pruned to 6 blocks by each method of --methods; returns {method: checkpoint}."""
         os.makedirs(self.path("pruned"), exist_ok=True)
         students = {}
-        prune_run = self.path("runs", f"prune-{self.model.replace('/', '-')}")
+        prune_run = run_folder_name(self.path("runs"), "prune", self.model)
         students["learned"] = self.path("pruned", "learned.pt")
-        self.stage("prune-learned", [students["learned"]], torchrun("prune_by_learning.py", self.args.nproc) +
+        self.stage("prune-learned", [students["learned"]], self.torchrun("prune_by_learning.py", self.args.nproc) +
                    self.common + ["--groups", "[[1,2]]*6", "--load-weight", teacher, "--data-path", self.features,
                                   "--results-dir", self.path("runs"), "--prefix", "prune", "--epochs", "100",
                                   "--max-steps", str(self.prune_steps), "--global-batch-size", "128",
                                   "--global-seed", str(self.seed), "--log-every", "10", "--num-workers", "0",
                                   "--ckpt-every", str(max(self.prune_steps // 2, 1)), "--delta-w", "--lora",
                                   "--save-model", students["learned"]] +
-                   (["--resume", "auto"] if os.path.isdir(prune_run) else []))
+                   resume_flags(prune_run))
         self.drop_intermediate_checkpoints(os.path.join(prune_run, "checkpoints"))  # learned.pt holds the result
-        self.stage("decision-plot", [self.path("decision.png")], python("draw_decision.py") +
+        self.stage("decision-plot", [self.path("decision.png")], self.python("draw_decision.py") +
                    ["--log", prune_run, "--out", self.path("decision.png"), "--overwrite"])
         if "bi-score" in self.args.methods:
             students["bi-score"] = self.path("pruned", "bi-score.pt")
-            self.stage("prune-bi-score", [students["bi-score"]], python("prune_by_score.py") + self.common +
+            self.stage("prune-bi-score", [students["bi-score"]], self.python("prune_by_score.py") + self.common +
                        ["--ckpt", teacher, "--features-path", self.features, "--n-pruned", "6",
                         "--seed", str(self.seed), "--save-model", students["bi-score"]])
         if "oracle" in self.args.methods:
             students["oracle"] = self.path("pruned", "oracle.pt")
-            self.stage("prune-oracle", [students["oracle"]], python("prune_by_index.py") + self.common +
+            self.stage("prune-oracle", [students["oracle"]], self.python("prune_by_index.py") + self.common +
                        ["--ckpt", teacher, "--kept-indices", json.dumps(ORACLE_KEPT),
                         "--save-model", students["oracle"]])
         return students
 
     def evaluate(self, name, checkpoint):
+        from tinyfusion.sampling.batch_settings import batch_file_name  # torch: not imported for --help
         slug = name.replace(" + ", "-").replace(" ", "-")
         sample_dir = self.path("samples", slug)
         os.makedirs(sample_dir, exist_ok=True)
@@ -255,10 +166,10 @@ class Pipeline:
                                str(self.num_samples), "--num-sampling-steps", str(self.sampling_steps),
                                "--per-proc-batch-size", "100", "--cfg-scale", str(self.family["cfg_scale"]),
                                "--global-seed", str(self.seed), "--resume", *self.family["sampler"]]
-        npz = os.path.join(sample_dir, sample_file_name(flags) + ".npz")
-        self.stage(f"sample-{slug}", [npz], torchrun("sample_ddp.py", self.args.nproc) + flags)
+        npz = os.path.join(sample_dir, batch_file_name(flags) + ".npz")
+        self.stage(f"sample-{slug}", [npz], self.torchrun("sample_ddp.py", self.args.nproc) + flags)
         metrics_json = self.path("samples", f"{slug}.json")
-        self.stage(f"evaluate-{slug}", [metrics_json], python("evaluator.py") +
+        self.stage(f"evaluate-{slug}", [metrics_json], self.python("evaluator.py") +
                    [self.reference, npz, "--feature-net", self.classifier, "--json", metrics_json, "--overwrite"])
         write_grid(npz, self.path("samples", f"{slug}.png"))
         with open(metrics_json) as f:
@@ -269,16 +180,7 @@ class Pipeline:
                     accuracy=metrics.get("classifier_accuracy"))
 
 
-def sample_file_name(flags):
-    """The name sample_ddp.py gives the samples of these flags (its output_name)."""
-    sys.path.insert(0, ROOT)
-    import sample_ddp
-    args = sample_ddp.parse_args(flags)
-    return sample_ddp.output_name(args, *sample_ddp.check_args(args))
-
-
 def describe_checkpoint(model_name, path):
-    sys.path.insert(0, ROOT)
     from tinyfusion.families.build import build_model
     model, metadata = build_model(model_name, 8, 10, "none", ckpt=path)
     kept = metadata.get("kept_indices") if metadata else None
@@ -299,7 +201,6 @@ def sampling_rate(sample_dir):
 
 def write_grid(npz_path, png_path, per_class=10):
     """Up to `per_class` samples of each class, one labelled row per class (tinyfusion/sampling/grids.py)."""
-    sys.path.insert(0, ROOT)
     from tinyfusion.sampling.grids import save_labeled_grid
     with np.load(npz_path) as batch:
         images, labels = batch["arr_0"], batch["labels"] if "labels" in batch else np.zeros(len(batch["arr_0"]), int)
@@ -384,4 +285,4 @@ if __name__ == "__main__":
     # the default suite's test uses it to stay short
     parser.add_argument("--methods", type=lambda text: text.split(","), default=["learned", "bi-score", "oracle", "finetune"],
                         help=argparse.SUPPRESS)
-    main(parser.parse_args())
+    run_main(main, parser.parse_args())

@@ -33,9 +33,10 @@ import time
 
 import numpy as np
 
-import quickstart
-from quickstart import python, torchrun
+from tinyfusion.errors import run_main
 from tinyfusion.flags import positive_int
+from tinyfusion.io.run_folder import run_folder_name
+from tinyfusion.study.stages import StageRunner, resume_flags
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL = "DiT-XS/4"
@@ -74,30 +75,15 @@ PRIMARY = [
 ]
 
 
-class Study:
+class Study(StageRunner):
+    """The study's stages, run silently but for their progress lines (there are hundreds); each
+    stage's wall time lands in stage_seconds (the schedule estimate is built from these)."""
+
     def __init__(self, out, schedule, nproc, threads=1):
-        self.out, self.nproc, self.threads = out, nproc, threads
+        super().__init__(out, ROOT, threads=threads, announce=False)
+        self.nproc = nproc
         self.schedule, self.budget = schedule, SCHEDULES[schedule]
-        self.logs = os.path.join(out, "logs")
-        os.makedirs(self.logs, exist_ok=True)
         self.common = ["--model", MODEL, "--image-size", str(IMAGE_SIZE), "--vae", "none", "--num-classes", "10"]
-        self.stage_seconds = {}
-
-    def path(self, *parts):
-        return os.path.join(self.out, *parts)
-
-    def stage(self, name, outputs, command):
-        """Run `command` unless every path in `outputs` exists; its wall time is recorded (the
-        schedule estimate is built from these); a failure stops the study."""
-        if all(os.path.exists(path) for path in outputs):
-            return
-        self.stage_seconds[name] = quickstart.run(name, command, os.path.join(self.logs, f"{name}.log"),
-                                                  threads=self.threads)
-
-    def launch(self, script, nproc=None):
-        """torchrun with --nproc processes, or a plain process for one (half the start-up time)."""
-        nproc = nproc or self.nproc
-        return torchrun(script, nproc) if nproc > 1 else python(script)
 
     # ------------------------------------------------------------------ shared inputs
     def data(self):
@@ -105,15 +91,15 @@ class Study:
         folders = {}
         for split in ("train", "test"):
             folder, features = self.path("data", f"mnist-{split}"), self.path("data", f"features-{split}")
-            self.stage(f"digits-{split}", [folder], python("tools/make_digits.py") + [
+            self.stage(f"digits-{split}", [folder], self.python("tools/make_digits.py") + [
                 "--dataset", "mnist5k", "--split", split, "--out", folder, "--image-size", str(IMAGE_SIZE)])
-            self.stage(f"features-{split}", [os.path.join(features, "manifest.json")], python("extract_features.py") +
-                       self.common + ["--data-path", folder, "--features-path", features, "--no-flip",
-                                      "--num-workers", "0"])
+            self.stage(f"features-{split}", [os.path.join(features, "manifest.json")],
+                       self.python("extract_features.py") + self.common + [
+                           "--data-path", folder, "--features-path", features, "--no-flip", "--num-workers", "0"])
             folders[split] = features
         self.features, self.test_features = folders["train"], folders["test"]
         self.classifier, self.reference = self.path("data", "classifier.pt"), self.path("data", "reference-test.npz")
-        self.stage("classifier", [self.classifier, self.reference], python("tools/train_digits_classifier.py") + [
+        self.stage("classifier", [self.classifier, self.reference], self.python("tools/train_digits_classifier.py") + [
             "--dataset", "mnist5k", "--out", self.classifier, "--ref-out", self.reference, "--image-size",
             str(IMAGE_SIZE), "--epochs", str(self.budget["classifier_epochs"]), "--overwrite", "--threads", "1"])
 
@@ -131,14 +117,13 @@ class Study:
 
     def train(self, name, script, steps, seed, extra, ckpt_every=None, nproc=None):
         """A train.py / train_masked_kd.py run; returns its run folder's checkpoints directory."""
-        run_dir = self.path("runs", f"{name}-{MODEL.replace('/', '-')}")
+        run_dir = run_folder_name(self.path("runs"), name, MODEL)
         final = os.path.join(run_dir, "checkpoints", f"{steps:07d}.pt")
-        resume = ["--resume", "auto"] if os.path.isdir(run_dir) else []
-        self.stage(name, [final], self.launch(script, nproc) + self.common + [
+        self.stage(name, [final], self.launch(script, nproc or self.nproc) + self.common + [
             "--data-path", self.features, "--results-dir", self.path("runs"), "--prefix", name,
             "--max-steps", str(steps), "--global-seed", str(seed),
             "--log-every", str(max(steps // 10, 1)), "--ckpt-every", str(ckpt_every or max(steps // 2, 1)),
-            "--num-workers", "0"] + resume + extra)
+            "--num-workers", "0"] + resume_flags(run_dir) + extra)
         return os.path.join(run_dir, "checkpoints")
 
     def teacher(self):
@@ -161,26 +146,26 @@ class Study:
     def prune_index(self, kept):
         path = self.path("pruned", f"kept-{kept_key(kept)}.pt")
         os.makedirs(self.path("pruned"), exist_ok=True)
-        self.stage(f"prune-{kept_key(kept)}", [path], python("prune_by_index.py") + self.common +
+        self.stage(f"prune-{kept_key(kept)}", [path], self.python("prune_by_index.py") + self.common +
                    ["--ckpt", self.teacher_path, "--kept-indices", json.dumps(kept), "--save-model", path])
         return path
 
     def prune_learned(self, seed):
         name = f"learned-1of2-seed{seed}"
         path, prefix = self.path("pruned", f"{name}.pt"), f"prune-{name}"
-        run_dir = self.path("runs", f"{prefix}-{MODEL.replace('/', '-')}")
-        self.stage(prefix, [path], self.launch("prune_by_learning.py") + self.common + [
+        run_dir = run_folder_name(self.path("runs"), prefix, MODEL)
+        self.stage(prefix, [path], self.launch("prune_by_learning.py", self.nproc) + self.common + [
             "--groups", "[[1,2]]*6", "--load-weight", self.teacher_path, "--data-path", self.features,
             "--results-dir", self.path("runs"), "--prefix", prefix, "--epochs", "1000",
             "--max-steps", str(self.budget["prune"]), "--global-batch-size", "128", "--global-seed", str(seed),
             "--log-every", str(max(self.budget["prune"] // 30, 1)), "--num-workers", "0",
             "--ckpt-every", str(self.budget["prune"]), "--delta-w", "--lora", "--save-model", path] +
-            (["--resume", "auto"] if os.path.isdir(run_dir) else []))
+            resume_flags(run_dir))
         return self.kept_of(path), run_dir
 
     def prune_bi(self, seed):
         path = self.path("pruned", f"bi-seed{seed}.pt")
-        self.stage(f"prune-bi-seed{seed}", [path], python("prune_by_score.py") + self.common + [
+        self.stage(f"prune-bi-seed{seed}", [path], self.python("prune_by_score.py") + self.common + [
             "--ckpt", self.teacher_path, "--features-path", self.features, "--n-pruned", str(DEPTH // 2),
             "--seed", str(seed), "--save-model", path])
         return self.kept_of(path)
@@ -223,20 +208,21 @@ class Study:
     # ------------------------------------------------------------------ samples and FID
     def fid(self, name, checkpoint, seed, cfg_scale, use_ema=True):
         """FID, accuracy, ... of `checkpoint`'s balanced-label samples against the held-out reference."""
+        from tinyfusion.sampling.batch_settings import batch_file_name  # torch: not imported for --help
         sample_dir = self.path("samples", name)
         os.makedirs(sample_dir, exist_ok=True)
         flags = self.common + ["--ckpt", checkpoint, "--sample-dir", sample_dir, "--num-fid-samples",
                                str(self.budget["samples"]), "--num-sampling-steps", str(self.budget["sampling_steps"]),
                                "--per-proc-batch-size", "100", "--cfg-scale", str(cfg_scale), "--global-seed",
                                str(seed), "--balanced-labels", "--resume"] + ([] if use_ema else ["--no-ema"])
-        npz = os.path.join(sample_dir, quickstart.sample_file_name(flags) + ".npz")
+        npz = os.path.join(sample_dir, batch_file_name(flags) + ".npz")
         # one process: a few hundred tiny images take less time than a second rank's start-up
-        self.stage(f"sample-{name}", [npz], python("sample_ddp.py") + flags)
+        self.stage(f"sample-{name}", [npz], self.python("sample_ddp.py") + flags)
         return self.evaluate(name, npz)
 
     def evaluate(self, name, npz):
         result = self.path("samples", f"{name}.json")
-        self.stage(f"evaluate-{name}", [result], python("evaluator.py") + [
+        self.stage(f"evaluate-{name}", [result], self.python("evaluator.py") + [
             self.reference, npz, "--feature-net", self.classifier, "--json", result, "--overwrite"])
         with open(result) as f:
             metrics = json.load(f)
@@ -245,9 +231,7 @@ class Study:
 
     def real_images_batch(self, seed):
         """`samples` real train digits (balanced, picked with `seed`), rendered as the reference is."""
-        import sys
-        sys.path.insert(0, ROOT)
-        from tools.train_digits_classifier import write_reference_batch
+        from tinyfusion.study.digits import write_reference_batch
         path = self.path("data", f"real-train-{self.budget['samples']}-seed{seed}.npz")
         if not os.path.exists(path):
             full = self.path("data", "real-train-all.npz")
@@ -336,8 +320,8 @@ def fid_checks(study, choices):
     longest = study.budget["budgets"][-1]
     rows = []
     for seed in range(study.budget["fid_seeds"]):
-        learned = os.path.join(study.path("runs", f"ft-{kept_key(choices['learned'][seed])}-seed{seed}-"
-                                                  f"{MODEL.replace('/', '-')}"), "checkpoints", f"{longest:07d}.pt")
+        run_dir = run_folder_name(study.path("runs"), f"ft-{kept_key(choices['learned'][seed])}-seed{seed}", MODEL)
+        learned = os.path.join(run_dir, "checkpoints", f"{longest:07d}.pt")
         for cfg in CFG_SCALES:
             for model, checkpoint, ema in (("teacher", study.teacher_path, True), ("learned", learned, False)):
                 row = study.fid(f"{model}-cfg{cfg}-seed{seed}", checkpoint, seed, cfg, use_ema=ema)
@@ -365,7 +349,7 @@ def decisions(study):
     _, run_dir = study.prune_learned(0)
     figure = study.path("decision-1of2-seed0.png")
     title = f"learned 1:2 pruning, seed 0, {study.budget['prune']} steps"
-    study.stage("decision-1of2", [figure], python("draw_decision.py") +
+    study.stage("decision-1of2", [figure], study.python("draw_decision.py") +
                 ["--log", run_dir, "--out", figure, "--title", title, "--overwrite"])
     return {"figure": os.path.basename(figure), "title": title}
 
@@ -433,4 +417,4 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="OMP threads per process (1: on a shared CPU, spinning OpenMP threads made a teacher step "
                              "20x slower, 20 s instead of 1 s; torchrun gives each rank 1 anyway)")
-    main(parser.parse_args())
+    run_main(main, parser.parse_args())

@@ -13,51 +13,17 @@ Across nodes, --sample-dir must be on a filesystem every node sees (as in the or
     torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py --model DiT-D14/2 \
         --ckpt outputs/D14-Learned-MaskedKD-DiT-D14-2/checkpoints/0500000.pt --num-fid-samples 50000
 """
-import argparse
-import functools
-import glob
-import json
 import os
 import shutil
 import time
-import zipfile
 
-from tinyfusion.flags import (SAMPLING_PRECISION_HELP, ArgumentParser, add_checkpoint_args, add_guidance_args,
-                            add_model_args, add_precision_arg, add_sampler_arg, add_sampling_compile_arg,
-                            add_sampling_steps_check, add_timestep_spacing_arg, add_transport_args, nonnegative_int,
-                            positive_int, resolve_timestep_spacing, sampling_steps, unit_interval)
+from tinyfusion.flags import ArgumentParser, add_sample_batch_args
 from tinyfusion.errors import TinyFusionError, run_main, unwritable_message
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    add_model_args(parser)
-    parser.add_argument("--sample-dir", type=str, default="samples")
-    parser.add_argument("--per-proc-batch-size", type=positive_int, default=32)
-    parser.add_argument("--num-fid-samples", type=positive_int, default=50_000)
-    add_guidance_args(parser, cfg_scale=1.5)
-    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
-    parser.add_argument("--global-seed", type=nonnegative_int, default=0, help="sample i uses seeds derived from (this, i)")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                        help="TF32 matmuls on Ampere+ GPUs: faster, as the original; --no-tf32 for full fp32")
-    add_checkpoint_args(parser, help="checkpoint (plain / training / pruned); default: the released file of --model's "
-                        "family (DiT-XL/2: DiT-XL-2-{256x256,512x512}.pt, SiT-XL/2: SiT-XL-2-256x256.pt)")
-    add_sampler_arg(parser)
-    parser.add_argument("--ddim-eta", type=unit_interval, default=0.0)
-    add_timestep_spacing_arg(parser)
-    add_precision_arg(parser, help=SAMPLING_PRECISION_HELP)
-    add_sampling_compile_arg(parser)
-    parser.set_defaults(precision="fp32")  # FID numbers are comparable to the original's fp32 sampling
-    parser.add_argument("--balanced-labels", action="store_true",
-                        help="label of sample i = i mod --num-classes (ours; the original draws each label at random)")
-    parser.add_argument("--save-png", action="store_true", help="also write {index:06d}.png into the run folder")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run (keep its finished parts)")
-    parser.add_argument("--cpu-threads", type=positive_int, default=1,
-                        help="intra-op threads per rank on CPU (use one rank per core instead: images are bit-identical "
-                             "for any world size only at a fixed thread count)")
-    parser.add_argument("--keep-parts", action="store_true", help="keep the part files after the .npz is written")
-    add_transport_args(parser)
-    add_sampling_steps_check(parser)
+    add_sample_batch_args(parser)
     return parser.parse_args(argv)
 
 
@@ -66,194 +32,28 @@ if __name__ == "__main__":
     # --help or a bad flag should answer at once
     ARGS = parse_args()
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from tinyfusion.io.atomic_files import atomic_path, atomic_write_json
-from tinyfusion.io.checkpoints import check_finite_weights, load_state_dict, state_dict_sha256
+from tinyfusion.io.atomic_files import atomic_write_json
 from tinyfusion.families.build import build_model
 from tinyfusion.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
 from tinyfusion.io.finite import NonFiniteOutput, count_non_finite, non_finite_output_message
 from tinyfusion.sampling.precision import cast_weights_once, resolve_sampling_precision
-from tinyfusion.io.run_lock import lock_folder, release_folder
+from tinyfusion.io.run_lock import release_folder
 from tinyfusion.io.run_folder import MetricsLog, create_logger
-from tinyfusion.sampling.generate import (compile_forward, generate, run_name, sample_generator, sample_labels,
-                                          spacing_identity, balanced_labels)
+from tinyfusion.sampling.batch_settings import batch_name, check_batch_args
+from tinyfusion.sampling.part_store import IDENTITY_KEYS, assemble, plan_run, weights_sha256, write_part
+from tinyfusion.sampling.generate import (compile_forward, generate, sample_generator, sample_labels, spacing_identity,
+                                          balanced_labels)
 from tinyfusion.io.vae import load_vae, to_uint8_nhwc
-from tinyfusion.families import family_from_args
-
-# settings that change the images: a run may only be resumed (or reported complete) with the same
-# values (--num-fid-samples, --per-proc-batch-size and the world size may change). The checkpoint
-# counts by the weights it holds, not its name: two different checkpoints/0000010.pt never share samples.
-IDENTITY_KEYS = ("model", "weights_sha256", "no_ema", "image_size", "num_classes", "vae", "vae_path", "groups",
-                 "cfg_scale", "num_sampling_steps", "sampler", "ddim_eta", "global_seed", "precision", "tf32",
-                 "compile", "guide_all_channels", "timestep_spacing")
-# identity keys added after runs were first recorded: a settings.json without one was made with this value
-# (timestep_spacing is recorded as None when it is the sampler's default, the only spacing of older runs)
-ADDED_IDENTITY_DEFAULTS = {"compile": False, "timestep_spacing": None}
-
-
-def weights_sha256(ckpt, family, use_ema=True):
-    """sha256 of the weights a run samples from (names, dtypes, shapes, bytes; about 1.5 s per GB
-    on one core): the file's bytes would not do, since torch.save records the file name it wrote.
-    Refuses a checkpoint whose record does not fit `family` (a SiT trained on another interpolant)."""
-    state_dict, metadata = load_state_dict(ckpt, use_ema=use_ema)
-    check_finite_weights(state_dict, ckpt)  # before any folder is made
-    family.check_record(metadata, ckpt)
-    return state_dict_sha256(state_dict)
-
-
-# ----------------------------------------------------------------------- part files
-def part_paths(parts_dir, first_index):
-    stem = os.path.join(parts_dir, f"{first_index:08d}")
-    return stem + ".npy", stem + ".json"
-
-
-def write_part(parts_dir, indices, labels, images):
-    """images (uint8 NHWC) first, then the json naming its indices: a part counts as finished
-    only when its json exists, and both are renamed into place atomically."""
-    images_path, meta_path = part_paths(parts_dir, indices[0])
-    with atomic_path(images_path) as tmp:
-        np.save(tmp, images)
-    atomic_write_json(meta_path, {"indices": [int(i) for i in indices], "labels": [int(y) for y in labels]})
-
-
-def read_parts(parts_dir, image_shape):
-    """{index: (images path, row, label)} of every finished part whose images file is complete."""
-    finished = {}
-    for meta_path in sorted(glob.glob(os.path.join(parts_dir, "*.json"))):
-        images_path = meta_path[: -len(".json")] + ".npy"
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-            images = np.load(images_path, mmap_mode="r")
-        except (OSError, ValueError):
-            continue  # a part cut off by a kill: its samples are generated again
-        if images.dtype != np.uint8 or images.shape != (len(meta["indices"]), *image_shape):
-            continue
-        for row, (index, label) in enumerate(zip(meta["indices"], meta["labels"])):
-            finished[index] = (images_path, row, label)
-    return finished
-
-
-def write_npz(path, finished, num_samples, image_shape, chunk=1024):
-    """Stream the parts into an uncompressed .npz (what np.savez writes) in index order without
-    holding all images in memory: 50,000 images of 512x512 are 39 GB."""
-    load = functools.lru_cache(maxsize=8)(np.load)
-    labels = np.array([finished[i][2] for i in range(num_samples)], dtype=np.int64)
-    with atomic_path(path, overwrite=False) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            with archive.open("arr_0.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_1_0(
-                    f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                        "shape": (num_samples, *image_shape)})
-                for start in range(0, num_samples, chunk):
-                    rows = [load(finished[i][0])[finished[i][1]] for i in range(start, min(start + chunk, num_samples))]
-                    f.write(np.ascontiguousarray(np.stack(rows)).tobytes())
-            with archive.open("labels.npy", "w") as f:
-                np.lib.format.write_array(f, labels)
-
-
-def assemble(parts_dir, final_path, num_samples, image_shape, keep_parts=False):
-    """The final .npz from the finished parts (rank 0, after every rank finished)."""
-    finished = read_parts(parts_dir, image_shape)
-    missing = [i for i in range(num_samples) if i not in finished]
-    if missing:
-        raise TinyFusionError(f"{len(missing)} samples are missing from {parts_dir} (first: {missing[:5]}); "
-                              f"run again with --resume")
-    write_npz(final_path, finished, num_samples, image_shape)
-    if not keep_parts:  # the .npz holds everything; the parts would double the disk use
-        shutil.rmtree(parts_dir)
-
-
-def npz_num_samples(path):
-    """Number of images in an .npz's arr_0, read from its header (the images stay on disk)."""
-    try:
-        with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            return read_header(f)[0][0]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
-
-
-# ----------------------------------------------------------------------- planning (rank 0)
-def settings_mismatch(run_dir, settings):
-    """None when run_dir/settings.json records the same IDENTITY_KEYS as `settings`, else a
-    one-line description of what differs (or that nothing is recorded)."""
-    settings_path = os.path.join(run_dir, "settings.json")
-    if not os.path.isfile(settings_path):
-        return f"{settings_path} is missing, so its settings are unknown"
-    with open(settings_path) as f:
-        previous = json.load(f)
-    previous = {**ADDED_IDENTITY_DEFAULTS, **previous}
-    changed = [key for key in IDENTITY_KEYS if previous.get(key) != settings[key]]
-    if not changed:
-        return None
-    return "its samples were made with other settings (" + ", ".join(
-        f"{key} {previous.get(key)!r} -> {settings[key]!r}" for key in changed) + ")"
-
-
-def plan_run(args, run_dir, final_path, settings, image_shape):
-    """What is left to sample: ("done", None) when the final .npz of these very settings exists
-    and --resume was given, else ("todo", sorted missing indices). Raises TinyFusionError on anything
-    that would overwrite or mix results."""
-    parts_dir = os.path.join(run_dir, "parts")
-    if os.path.exists(final_path) and not args.resume:
-        raise TinyFusionError(f"{final_path} already exists; remove it (or pass another --sample-dir) to sample again")
-    lock_folder(run_dir, what="sample folder")  # released by main when the run ends
-    if os.path.exists(final_path):
-        mismatch = settings_mismatch(run_dir, settings)
-        if mismatch:
-            raise TinyFusionError(f"{final_path} exists but {mismatch}; use the same flags and checkpoint, "
-                             f"or another --sample-dir")
-        if npz_num_samples(final_path) != args.num_fid_samples:
-            raise TinyFusionError(f"{final_path} holds {npz_num_samples(final_path)} samples, not "
-                             f"--num-fid-samples {args.num_fid_samples}; remove it or pass another --sample-dir")
-        return "done", None
-    settings_path = os.path.join(run_dir, "settings.json")
-    finished = read_parts(parts_dir, image_shape) if os.path.isdir(parts_dir) else {}
-    if finished:
-        if not args.resume:
-            raise TinyFusionError(f"{parts_dir} holds {len(finished)} samples of an unfinished run; pass --resume "
-                             f"to continue it or remove {run_dir}")
-        mismatch = settings_mismatch(run_dir, settings)
-        if mismatch:
-            raise TinyFusionError(f"cannot resume {run_dir}: {mismatch}; use the same flags or remove the folder")
-    os.makedirs(parts_dir, exist_ok=True)
-    atomic_write_json(settings_path, settings)
-    return "todo", [i for i in range(args.num_fid_samples) if i not in finished]
-
-
-def check_args(args):
-    """(family, its sampler keywords) once every flag is checked, before any work."""
-    if args.cfg_scale < 1.0:
-        raise TinyFusionError(f"--cfg-scale must be >= 1.0 (1.0 = no guidance), got {args.cfg_scale}")
-    family = family_from_args(args)  # --model's family (another family's flags are refused)
-    args.sampler = args.sampler or family.entry.default_sampler
-    family.check_sampler(args.model, args.sampler)
-    if args.sampler != "ddim" and args.ddim_eta != 0.0:
-        raise TinyFusionError("--ddim-eta is for --sampler ddim")
-    try:
-        args.timestep_spacing = resolve_timestep_spacing(args.sampler, args.timestep_spacing)
-    except ValueError as error:
-        raise TinyFusionError(str(error)) from None
-    return family, family.sampling_options(args)
-
-
-def output_name(args, family, options, precision="fp32"):
-    """The run folder / .npz name of these settings (after check_args; family and options what it returned)."""
-    return run_name(args.model, args.ckpt, args.image_size, args.vae, args.cfg_scale, args.global_seed,
-                    args.num_sampling_steps, args.sampler, precision, args.timestep_spacing) + (
-        family.sample_name_suffix(args, options)) + ("-balanced" if getattr(args, "balanced_labels", False) else "")
 
 
 def main(args):
     """Sample --num-fid-samples images over all ranks and write them as one .npz."""
-    family, options = check_args(args)
+    family, options = check_batch_args(args)
     ckpt = args.ckpt or family.default_checkpoint(args.model, args.image_size)
     ctx = setup_distributed()
     if ctx.device.type == "cuda":  # TF32 (the original's default) is fast on A100+; --no-tf32 for full fp32
@@ -263,7 +63,7 @@ def main(args):
         torch.set_num_threads(args.cpu_threads)
     amp_dtype, _ = resolve_sampling_precision(args.precision, ctx.device)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-    run_dir = os.path.join(args.sample_dir, output_name(args, family, options, precision))
+    run_dir = os.path.join(args.sample_dir, batch_name(args, family, options, precision))
     final_path = f"{run_dir}.npz"
     image_shape = (args.image_size, args.image_size, 3)
     settings = {key: getattr(args, key) for key in IDENTITY_KEYS if hasattr(args, key)}
@@ -278,7 +78,8 @@ def main(args):
     if ctx.is_main:
         try:
             settings["weights_sha256"] = weights_sha256(ckpt, family, use_ema=not args.no_ema)
-            plan = plan_run(args, run_dir, final_path, settings, image_shape)
+            plan = plan_run(run_dir, final_path, settings, image_shape, num_samples=args.num_fid_samples,
+                            resume=args.resume)
         except (TinyFusionError, OSError) as error:
             plan = ("error", unwritable_message(error) or str(error))
     try:

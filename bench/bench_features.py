@@ -17,12 +17,12 @@ import torch
 from torch.utils.data import DataLoader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tools"), os.path.join(REPO, "tests")]
+sys.path[:0] = [REPO, os.path.join(REPO, "tests")]  # tests/tiny_vae.py: the default tiny VAE
 
-import extract_features  # noqa: E402
 from tinyfusion.io import feature_store  # noqa: E402
+from tinyfusion.io.feature_extraction import ExtractionSettings, extract_feature_store  # noqa: E402
 from tinyfusion.io.image_folder import image_folder  # noqa: E402
-from make_digits import write_digits_folder  # noqa: E402
+from tinyfusion.study.digits import write_digits_folder  # noqa: E402
 from tinyfusion.io.vae import LATENT_SCALE, load_vae  # noqa: E402
 from bench.harness import alternate, summary  # noqa: E402
 
@@ -75,9 +75,10 @@ def main(args):
 
     def ours():
         outputs["ours"] = os.path.join(work, f"ours-{next(runs)}")
-        argv = ["--data-path", data_path, "--features-path", outputs["ours"], "--image-size", str(args.image_size),
-                "--vae-path", vae_path, "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
-        extract_features.main(extract_features.parse_args(argv))
+        extract_feature_store(ExtractionSettings(
+            data_path=data_path, features_path=outputs["ours"], image_size=args.image_size, vae="ema", vae_path=vae_path,
+            num_classes=1000, global_seed=0, num_workers=args.num_workers, batch_size=args.batch_size, no_flip=False,
+            shard_size=4096, store_dtype="fp32", resume=False))
     # alternated ABBA (bench/harness.py), no untimed warm-up: the times include loading the VAE
     record = summary(alternate({"original": original, "ours": ours}, rounds=args.rounds, warmup=0), "original", "ours")
     baseline_seconds, ours_seconds, count = record["variant_median_s"], record["baseline_median_s"], counts["images"]

@@ -11,7 +11,7 @@ def make_digits_features(folder, image_size=8, limit=256):
     """ImageFolder of digits + its pixel-space (--vae none) feature store under `folder`;
     returns (image_folder, features_path)."""
     import extract_features
-    from tools.make_digits import write_digits_folder
+    from tinyfusion.study.digits import write_digits_folder
     images = os.path.join(folder, f"digits{image_size}")
     features = os.path.join(folder, f"features{image_size}")
     if not os.path.isdir(images):

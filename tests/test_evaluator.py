@@ -14,7 +14,7 @@ import torch
 
 import evaluator
 from tinyfusion.io import downloads
-from tinyfusion.evaluation import metrics
+from tinyfusion.evaluation import batch_metrics, feature_networks, metrics
 from tinyfusion.errors import TinyFusionError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -287,8 +287,8 @@ def test_feature_net_evaluation_matches_direct_computation(tmp_path, channel_mea
     ref_path, sample_path = str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz")
     np.savez(ref_path, arr_0=ref_images)
     np.savez_compressed(sample_path, arr_0=sample_images, labels=labels)  # deflated member
-    network = evaluator.TorchScriptFeatures(channel_mean_net, device="cpu")
-    results = evaluator.evaluate(ref_path, sample_path, network, batch_size=7, device="cpu", log=lambda *a: None)
+    network = feature_networks.TorchScriptFeatures(channel_mean_net, device="cpu")
+    results = batch_metrics.evaluate(ref_path, sample_path, network, batch_size=7, device="cpu", log=lambda *a: None)
 
     def features(images):
         x = images.astype(np.float64)
@@ -313,7 +313,7 @@ def test_feature_net_evaluation_matches_direct_computation(tmp_path, channel_mea
     wrong = labels.copy()
     wrong[::3] = (wrong[::3] + 1) % 10
     np.savez(str(tmp_path / "wrong.npz"), arr_0=sample_images, labels=wrong)
-    accuracy = evaluator.samples_classifier_accuracy(str(tmp_path / "wrong.npz"), channel_mean_net, device="cpu")
+    accuracy = batch_metrics.samples_classifier_accuracy(str(tmp_path / "wrong.npz"), channel_mean_net, device="cpu")
     assert accuracy == pytest.approx(1 - 10 / 30)
 
 
@@ -323,16 +323,16 @@ def test_ref_stats_cache_sidecar(tmp_path, channel_mean_net):
     np.savez(ref_path, arr_0=noisy_images(rng, 40)[0])
     np.savez(sample_path, arr_0=noisy_images(rng, 30)[0])
     ref_bytes = open(ref_path, "rb").read()
-    network = evaluator.TorchScriptFeatures(channel_mean_net, device="cpu")
+    network = feature_networks.TorchScriptFeatures(channel_mean_net, device="cpu")
     messages = []
-    first = evaluator.evaluate(ref_path, sample_path, network, cache_ref_stats=True, device="cpu", log=messages.append)
+    first = batch_metrics.evaluate(ref_path, sample_path, network, cache_ref_stats=True, device="cpu", log=messages.append)
     cache_path = str(tmp_path / "ref.channel_mean_ref_stats.npz")
-    assert evaluator.ref_cache_path(ref_path, network) == cache_path and os.path.exists(cache_path)
+    assert batch_metrics.ref_cache_path(ref_path, network) == cache_path and os.path.exists(cache_path)
     with np.load(cache_path) as cache:
         assert {"mu", "sigma", "mu_s", "sigma_s", "pool_features"} <= set(cache.files)
         assert cache["pool_features"].shape == (40, 3)
     messages.clear()
-    second = evaluator.evaluate(ref_path, sample_path, network, cache_ref_stats=True, device="cpu", log=messages.append)
+    second = batch_metrics.evaluate(ref_path, sample_path, network, cache_ref_stats=True, device="cpu", log=messages.append)
     assert any("using cached" in m for m in messages)
     assert not any("computing reference" in m for m in messages)
     assert second == first
@@ -342,14 +342,14 @@ def test_ref_stats_cache_sidecar(tmp_path, channel_mean_net):
     np.savez(ref_path, arr_0=noisy_images(rng, 40)[0])
     os.utime(ref_path, ns=(1, 1))
     messages.clear()
-    third = evaluator.evaluate(ref_path, sample_path, network, cache_ref_stats=True, device="cpu", log=messages.append)
+    third = batch_metrics.evaluate(ref_path, sample_path, network, cache_ref_stats=True, device="cpu", log=messages.append)
     assert any("stale" in m for m in messages) and third["fid"] != first["fid"]
 
     # a foreign file at the sidecar path is never overwritten
     os.replace(cache_path, cache_path + ".bak")
     np.savez(cache_path, something=np.zeros(3))
     with pytest.raises(ValueError, match="not a reference statistics cache"):
-        evaluator.evaluate(ref_path, sample_path, network, cache_ref_stats=True, device="cpu", log=lambda *a: None)
+        batch_metrics.evaluate(ref_path, sample_path, network, cache_ref_stats=True, device="cpu", log=lambda *a: None)
 
 
 def run_cli(*args, env=None):
@@ -384,36 +384,36 @@ def test_cli_prints_adm_lines_and_json(tmp_path, channel_mean_net):
 def test_cli_missing_inception_graph_is_one_clear_error(tmp_path):
     np.savez(str(tmp_path / "x.npz"), arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     env = dict(os.environ)
-    env.pop(evaluator.INCEPTION_ENV, None)
+    env.pop(feature_networks.INCEPTION_ENV, None)
     missing = str(tmp_path / "nowhere" / "classify_image_graph_def.pb")
     done = run_cli(str(tmp_path / "x.npz"), str(tmp_path / "x.npz"), "--inception-path", missing, env=env)
     assert done.returncode != 0
     message = done.stderr.strip()
     assert len(message.splitlines()) == 1 and message.startswith("error:")
-    assert evaluator.INCEPTION_URL in message and missing in message and evaluator.INCEPTION_ENV in message
+    assert feature_networks.INCEPTION_URL in message and missing in message and feature_networks.INCEPTION_ENV in message
     # the environment variable is the fallback when --inception-path is not given
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(evaluator.INCEPTION_ENV, missing + ".env")
+        mp.setenv(feature_networks.INCEPTION_ENV, missing + ".env")
         with pytest.raises(ValueError, match=r"nowhere/classify_image_graph_def\.pb\.env"):
-            evaluator.resolve_inception_path(None)
+            feature_networks.resolve_inception_path(None)
         graph = tmp_path / "graph.pb"
         graph.write_bytes(b"")
-        mp.setenv(evaluator.INCEPTION_ENV, str(graph))
-        assert evaluator.resolve_inception_path(None) == str(graph)
+        mp.setenv(feature_networks.INCEPTION_ENV, str(graph))
+        assert feature_networks.resolve_inception_path(None) == str(graph)
         with pytest.raises(ValueError, match="not found"):  # an explicit path wins over the variable
-            evaluator.resolve_inception_path(missing)
+            feature_networks.resolve_inception_path(missing)
 
 
 def test_bad_npz_inputs_are_clear_errors(tmp_path, channel_mean_net):
-    network = evaluator.TorchScriptFeatures(channel_mean_net, device="cpu")
+    network = feature_networks.TorchScriptFeatures(channel_mean_net, device="cpu")
     np.savez(str(tmp_path / "gray.npz"), arr_0=np.zeros((4, 8, 8), np.uint8))
     np.savez(str(tmp_path / "nokey.npz"), images=np.zeros((4, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match=r"expected \(N, H, W, 3\)"):
-        evaluator.compute_activations(network, str(tmp_path / "gray.npz"))
+        batch_metrics.compute_activations(network, str(tmp_path / "gray.npz"))
     with pytest.raises(ValueError, match="no 'arr_0' array"):
-        evaluator.compute_activations(network, str(tmp_path / "nokey.npz"))
+        batch_metrics.compute_activations(network, str(tmp_path / "nokey.npz"))
     with pytest.raises(ValueError, match="does not exist"):
-        evaluator.compute_activations(network, str(tmp_path / "absent.npz"))
+        batch_metrics.compute_activations(network, str(tmp_path / "absent.npz"))
 
 
 def test_batches_of_another_resolution_are_refused_unless_allowed(tmp_path, channel_mean_net):
@@ -428,7 +428,7 @@ def test_batches_of_another_resolution_are_refused_unless_allowed(tmp_path, chan
     assert "\n" not in message and f"{ref_path} holds 12x12 images but {sample_path} holds 10x10" in message
     assert "--allow-resolution-mismatch" in message
     with pytest.raises(ValueError, match="holds 12x12 images"):  # the library refuses too
-        evaluator.evaluate(ref_path, sample_path, evaluator.TorchScriptFeatures(channel_mean_net, "cpu"), log=print)
+        batch_metrics.evaluate(ref_path, sample_path, feature_networks.TorchScriptFeatures(channel_mean_net, "cpu"), log=print)
     evaluator.main(evaluator.parse_args([*flags, "--allow-resolution-mismatch"]))  # an explicit choice runs
 
 
@@ -441,12 +441,12 @@ def test_every_array_error_names_its_file(tmp_path, channel_mean_net):
     np.savez(short_labels, arr_0=images, labels=labels[:5])
     np.savez(float_labels, arr_0=images, labels=labels.astype(np.float32))
     np.savez(stats, arr_0=images, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(27), sigma_s=np.eye(27))
-    network = evaluator.TorchScriptFeatures(channel_mean_net, "cpu")
+    network = feature_networks.TorchScriptFeatures(channel_mean_net, "cpu")
     network.uses_npz_statistics = True  # as Inception: stored statistics are used, and must fit the network
     for path, fragment in ((short_labels, "'labels' is int64 (5,)"), (float_labels, "'labels' is float32"),
                            (stats, "stored 'mu' has 2048 features, the feature network gives 3")):
         with pytest.raises(ValueError) as error:
-            evaluator.evaluate(good, path, network, log=lambda *a: None)
+            batch_metrics.evaluate(good, path, network, log=lambda *a: None)
         assert str(error.value).startswith(path) and fragment in str(error.value)
 
 
@@ -457,23 +457,23 @@ def test_inception_graph_is_downloaded_when_absent_and_checked(tmp_path, monkeyp
     graph_path = str(tmp_path / "standin.pb")
     build_tiny_inception_graph(graph_path, rng)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(evaluator.INCEPTION_ENV, raising=False)
+    monkeypatch.delenv(feature_networks.INCEPTION_ENV, raising=False)
     # offline: one line saying what to do
     monkeypatch.setenv(downloads.URL_ENVIRONMENT_VARIABLE, f"http://127.0.0.1:{closed_port()}")
     with pytest.raises(TinyFusionError) as error:
-        evaluator.resolve_inception_path(None)
+        feature_networks.resolve_inception_path(None)
     message = str(error.value)
     assert "\n" not in message and "offline?" in message and "--inception-path" in message
     assert not os.path.exists("pretrained")
     with serve({"classify_image_graph_def.pb": open(graph_path, "rb").read()}, monkeypatch) as state:
         requests = state.requests
-        network = evaluator.load_feature_network(None, None)
+        network = feature_networks.load_feature_network(None, None)
         assert network.path == os.path.join("pretrained", "classify_image_graph_def.pb") and len(requests) == 1
         assert network.softmax_weights.shape == (2048, 1008)
         pinned = downloads.read_manifest("pretrained")["classify_image_graph_def.pb"]
         assert pinned["sha256"] == downloads.file_sha256(graph_path)
         assert "pinned" in capsys.readouterr().out
-        assert evaluator.resolve_inception_path(None) == network.path and len(requests) == 1  # found, not fetched
+        assert feature_networks.resolve_inception_path(None) == network.path and len(requests) == 1  # found, not fetched
 
 
 # ----------------------------------------------------------------------------------------
@@ -540,7 +540,7 @@ def test_tensorflow_inception_path_on_tiny_graph(tmp_path, monkeypatch):
     ref_images = rng.integers(0, 256, (70, 23, 23, 3)).astype(np.uint8)  # 70: a batch of 64 + a partial one
     sample_images = np.clip(ref_images[:50].astype(int) + rng.integers(-40, 41, (50, 23, 23, 3)), 0, 255).astype(np.uint8)
 
-    network = evaluator.InceptionFeatures(graph_path)
+    network = feature_networks.InceptionFeatures(graph_path)
     assert network.softmax_weights.shape == (2048, 1008)
     np.testing.assert_array_equal(network.softmax_weights, weights["w_softmax"])
     pool, spatial, logits = network(ref_images[:5].astype(np.float32))
@@ -562,7 +562,7 @@ def test_tensorflow_inception_path_on_tiny_graph(tmp_path, monkeypatch):
         return float(len(fd_calls))
 
     monkeypatch.setattr(metrics, "frechet_distance", recording_frechet_distance)
-    results = evaluator.evaluate(ref_path, sample_path, network, device="cpu", log=lambda *a: None)
+    results = batch_metrics.evaluate(ref_path, sample_path, network, device="cpu", log=lambda *a: None)
     ref_pool, ref_spatial, _ = numpy_tiny_inception(ref_images, weights)
     sample_pool, sample_spatial, sample_logits = numpy_tiny_inception(sample_images, weights)
 
@@ -587,7 +587,7 @@ def test_tensorflow_inception_path_on_tiny_graph(tmp_path, monkeypatch):
     stats_ref_path = str(tmp_path / "ref_with_stats.npz")
     np.savez(stats_ref_path, arr_0=ref_images, **stored)
     fd_calls.clear()
-    with_stats = evaluator.evaluate(stats_ref_path, sample_path, network, device="cpu", log=lambda *a: None)
+    with_stats = batch_metrics.evaluate(stats_ref_path, sample_path, network, device="cpu", log=lambda *a: None)
     assert_stats(fd_calls[0], (*sample_stats, stored["mu"], stored["sigma"]))
     assert_stats(fd_calls[1], (*sample_stats_s, stored["mu_s"], stored["sigma_s"]))
     assert (with_stats["precision"], with_stats["recall"]) == (results["precision"], results["recall"])
@@ -607,19 +607,18 @@ def test_mnist5k_classifier_reads_held_out_digits_at_16px(tmp_path):
     with np.load(ref_out) as ref:  # the reference is the held-out split: 100 of each class
         assert ref["arr_0"].shape == (1000, 16, 16, 3) and np.bincount(ref["labels"]).tolist() == [100] * 10
     # never trained on these: a generalisation figure
-    assert evaluator.samples_classifier_accuracy(ref_out, out, device="cpu") >= 0.95
+    assert batch_metrics.samples_classifier_accuracy(ref_out, out, device="cpu") >= 0.95
     mirrored = str(tmp_path / "mirrored.npz")
     with np.load(ref_out) as ref:
         np.savez(mirrored, arr_0=ref["arr_0"][:, :, ::-1], labels=ref["labels"])
-    assert evaluator.samples_classifier_accuracy(mirrored, out, device="cpu") < 0.6  # a mirror changes a digit
+    assert batch_metrics.samples_classifier_accuracy(mirrored, out, device="cpu") < 0.6  # a mirror changes a digit
 
 
 @pytest.mark.slow
 def test_digits_classifier_trains_and_scores_rendered_digits(tmp_path):
     from PIL import Image
 
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from make_digits import digits_as_uint8
+    from tinyfusion.study.digits import digits_as_uint8
 
     out, ref_out = str(tmp_path / "digits_classifier.pt"), str(tmp_path / "digits_ref32.npz")
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_digits_classifier.py"), "--out", out,
@@ -644,18 +643,18 @@ def test_digits_classifier_trains_and_scores_rendered_digits(tmp_path):
         path = str(tmp_path / f"digits{size}.npz")
         np.savez(path, arr_0=images, labels=labels)
         # includes the training digits, so this is a rendering check, not a generalisation claim
-        assert evaluator.samples_classifier_accuracy(path, out, device="cpu") >= 0.95
+        assert batch_metrics.samples_classifier_accuracy(path, out, device="cpu") >= 0.95
     shuffled = str(tmp_path / "shuffled.npz")
     np.savez(shuffled, arr_0=batches[32], labels=np.random.default_rng(0).permutation(labels))
-    assert evaluator.samples_classifier_accuracy(shuffled, out, device="cpu") < 0.3
+    assert batch_metrics.samples_classifier_accuracy(shuffled, out, device="cpu") < 0.3
 
     # FID under this feature net: two halves of the digits are close, noise images are far.
-    network = evaluator.TorchScriptFeatures(out, device="cpu")
+    network = feature_networks.TorchScriptFeatures(out, device="cpu")
     halves = [str(tmp_path / n) for n in ("first.npz", "second.npz", "noise.npz")]
     np.savez(halves[0], arr_0=batches[32][0::2])
     np.savez(halves[1], arr_0=batches[32][1::2])
     np.savez(halves[2], arr_0=np.random.default_rng(1).integers(0, 256, (800, 32, 32, 3), dtype=np.uint8))
-    close = evaluator.evaluate(halves[0], halves[1], network, device="cpu", log=lambda *a: None)
-    far = evaluator.evaluate(halves[0], halves[2], network, device="cpu", log=lambda *a: None)
+    close = batch_metrics.evaluate(halves[0], halves[1], network, device="cpu", log=lambda *a: None)
+    far = batch_metrics.evaluate(halves[0], halves[2], network, device="cpu", log=lambda *a: None)
     assert far["fid"] > 20 * close["fid"] and close["precision"] > 0.8 and far["precision"] < 0.05
     assert close["inception_score"] > 7.0  # ten well-separated classes

@@ -352,8 +352,7 @@ def fill(disk):
 
 def test_feature_extraction_on_a_full_disk_leaves_no_store_folder(tmp_path, tiny_disk):
     import extract_features
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from make_digits import write_digits_folder
+    from tinyfusion.study.digits import write_digits_folder
     write_digits_folder(str(tmp_path / "digits"), 8, limit=12)
     fill(tiny_disk)
     features = tiny_disk / "features"

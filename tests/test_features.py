@@ -16,7 +16,6 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
 
 import extract_features  # noqa: E402
 from tinyfusion.io import feature_store  # noqa: E402
@@ -24,7 +23,7 @@ from tinyfusion.errors import TinyFusionError  # noqa: E402
 from conftest import torch_threads  # noqa: E402
 from tinyfusion.distributed import DistributedContext  # noqa: E402
 from tinyfusion.io.image_folder import center_crop_arr, image_folder, list_image_folder, to_unit_range  # noqa: E402
-from make_digits import digits_as_uint8, mnist5k_as_uint8, write_digits_folder  # noqa: E402
+from tinyfusion.study.digits import digits_as_uint8, mnist5k_as_uint8, write_digits_folder  # noqa: E402
 from tiny_vae import SD_VAE_CONFIG, TINY_VAE_CONFIG, make_tiny_vae  # noqa: E402
 
 PYTHON = sys.executable

@@ -76,10 +76,14 @@ def test_wheel_holds_the_library_and_readme_imports_work_elsewhere(tmp_path):
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"tinyfusion", "diffusion", "transport", "models.py", "download.py", "export_diffusers.py"}
     assert "tinyfusion/io/downloads.py" in names and "diffusion/gaussian_diffusion.py" in names
+    # every module of every package, sub-packages included (pyproject lists each package)
+    modules = {os.path.relpath(path, ROOT) for package in ("tinyfusion", "diffusion", "transport")
+               for path in glob.glob(os.path.join(ROOT, package, "**", "*.py"), recursive=True)}
+    assert modules - set(names) == set()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     snippet = ("from models import DiT_models\nfrom download import find_model\nimport export_diffusers\n"
-               "from tinyfusion.io.checkpoints import build_model\nfrom diffusion import create_diffusion\n"
+               "from tinyfusion.families.build import build_model\nfrom diffusion import create_diffusion\n"
                "import models, download, tinyfusion\n"
                "print(models.__file__, download.__file__, tinyfusion.__file__)\n"
                "model, _ = build_model('DiT-XS/4', 8, 10, 'none')\n"

@@ -45,9 +45,10 @@ def records(run_dir):
 
 
 def independent_fid(workspace, checkpoint_path):
-    """The checkpoint's EMA weights sampled through generate and scored by evaluator.evaluate (the
+    """The checkpoint's EMA weights sampled through generate and scored by evaluator.py's evaluate (the
     whole ADM path, from an .npz), sharing nothing with the hook but the sampler and the network."""
-    import evaluator
+    from tinyfusion.evaluation.batch_metrics import evaluate
+    from tinyfusion.evaluation.feature_networks import load_feature_network
     from tinyfusion.families.build import build_model
     from tinyfusion.sampling.generate import generate, sample_generator, sample_labels
     from tinyfusion.families.dit import sampling_process
@@ -61,8 +62,8 @@ def independent_fid(workspace, checkpoint_path):
                                      "dpm-solver++", pad_to=4)).numpy() for start in (0, 4)]
     path = os.path.join(os.path.dirname(checkpoint_path), "independent.npz")
     np.savez(path, arr_0=np.concatenate(images), labels=labels.numpy())
-    network = evaluator.load_feature_network(workspace["classifier"], device="cpu")
-    return evaluator.evaluate(workspace["reference"], path, network, batch_size=4, log=lambda *a: None)
+    network = load_feature_network(workspace["classifier"], device="cpu")
+    return evaluate(workspace["reference"], path, network, batch_size=4, log=lambda *a: None)
 
 
 def test_eval_every_logs_the_fid_and_leaves_the_training_bit_exact(workspace, tmp_path):

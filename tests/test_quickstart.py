@@ -114,27 +114,18 @@ def test_quickstart_sit_family_has_the_stages_and_rows_of_the_dit_one(tmp_path):
     assert check_rerun_does_no_work(out, "--family", "sit", "--nproc", "1") >= 15
 
 
-def test_stage_status_reads_the_newest_progress_bar(tmp_path):
-    log = tmp_path / "teacher.log"
-    log.write_text("$ python train.py\nrun folder x\n"
-                   "train:  10%|#         | 3/30 [00:02<00:20,  1.31it/s]\r"
-                   "train:  83%|########3 | 25/30 [08:07<01:40, 20.16s/it]")
-    assert quickstart.stage_status(str(log)) == "train 25/30 (83%), ETA 01:40"
-    log.write_text("100%|##########| 64/64 [00:01<00:00, 40.1img/s]\nsaved\n")  # no description
-    assert quickstart.stage_status(str(log)) == "64/64 (100%), ETA 00:00"
-    log.write_text("starting\n")
-    assert quickstart.stage_status(str(log)) == ""
-    assert quickstart.stage_status(str(tmp_path / "absent.log")) == ""
-
-
 def test_sample_file_names_are_the_ones_sample_ddp_writes():
     """The quick start finds a finished sampling stage by sample_ddp.py's own naming: the DiT's is
     the original folder name, the SiT's adds its sampler and solver."""
+    from tinyfusion.sampling.batch_settings import batch_file_name
     from tinyfusion.sampling.generate import run_name
     common = ["--image-size", "8", "--vae", "none", "--num-classes", "10", "--ckpt", "runs/x/0001500.pt",
               "--num-sampling-steps", "50", "--cfg-scale", "4.0", "--global-seed", "0"]
-    assert quickstart.sample_file_name(["--model", "DiT-XS/4", *common]) == \
+    assert batch_file_name(["--model", "DiT-XS/4", *common]) == \
         run_name("DiT-XS/4", "runs/x/0001500.pt", 8, "none", 4.0, 0, 50)
     sit = quickstart.FAMILIES["sit"]
-    assert quickstart.sample_file_name(["--model", sit["model"], *common, *sit["sampler"]]) == \
+    assert batch_file_name(["--model", sit["model"], *common, *sit["sampler"]]) == \
         "SiT-XS-4-0001500-size-8-vae-none-cfg-4.0-seed-0-steps-50-ode-heun2"
+    # reproduce.py's samples: balanced labels are another batch; the raw weights' the same name as the EMA's
+    assert batch_file_name(["--model", "DiT-XS/4", *common, "--balanced-labels", "--no-ema"]) == \
+        run_name("DiT-XS/4", "runs/x/0001500.pt", 8, "none", 4.0, 0, 50) + "-balanced"

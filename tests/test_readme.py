@@ -16,7 +16,7 @@ under the README's own name (released weights, ImageNet, the Inception graph, th
 batch). The default suite checks this in a second without running anything
 (test_every_file_a_command_reads_was_written_before): the paths a command writes are computed
 from its parsed flags by the scripts' own naming functions (run_folder_name, sample_ddp.py's
-output_name, save_npz.py's default_output), so a changed default or name breaks it. The slow
+batch_name, save_npz.py's default_output), so a changed default or name breaks it. The slow
 suite then runs the chain for real: extract -> prune -> fine-tune and Masked KD -> sample_ddp ->
 save_npz -> evaluator (an FID line), and the SiT recipes on the same features.
 
@@ -283,7 +283,7 @@ def save_model(model_name, input_size, path, family="DiT"):
 
 
 def make_imagenet(path):
-    from tools.make_digits import write_digits_folder
+    from tinyfusion.study.digits import write_digits_folder
     write_digits_folder(path, image_size=32, limit=40)  # 10 class folders; extract_features.py resizes to 256
 
 
@@ -336,8 +336,8 @@ def written_paths(script, args):
     if script in ("prune_by_score.py", "prune_by_index.py", "export_diffusers.py"):
         return [args.save_model if script != "export_diffusers.py" else args.out]
     if script == "sample_ddp.py":
-        import sample_ddp
-        folder = os.path.join(args.sample_dir, sample_ddp.output_name(args, *sample_ddp.check_args(args), args.precision))
+        from tinyfusion.sampling.batch_settings import batch_name, check_batch_args
+        folder = os.path.join(args.sample_dir, batch_name(args, *check_batch_args(args), args.precision))
         return [folder, f"{folder}.npz"]
     if script == "save_npz.py":
         import save_npz

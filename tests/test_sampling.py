@@ -20,6 +20,7 @@ from tinyfusion.errors import TinyFusionError
 import sample
 import sample_ddp
 from tinyfusion.io.checkpoints import save_pruned_model
+from tinyfusion.sampling import part_store
 from diffusion import create_diffusion, per_sample_noise_fn
 from models import DiT_models
 from tinyfusion.flags import resolve_timestep_spacing
@@ -263,7 +264,7 @@ def test_guide_all_channels_flag_reaches_generation_and_is_part_of_the_sample_id
                                            "--num-sampling-steps", str(STEPS), "--class-labels", "1",
                                            "--out", str(tmp_path / "grid.png"), "--per-sample-seeds", *extra]))
         assert seen["guide_all_channels"] is expected
-    assert "guide_all_channels" in sample_ddp.IDENTITY_KEYS  # other images: a resume must not mix them
+    assert "guide_all_channels" in part_store.IDENTITY_KEYS  # other images: a resume must not mix them
 
 
 # ----------------------------------------------------------------------- sample_ddp.py
@@ -273,20 +274,20 @@ def test_part_files_and_streamed_npz(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (7, 8, 8, 3), dtype=np.uint8)
     for indices in ([4, 5, 6], [0, 2], [1, 3]):  # out of order and interleaved, as after a resume
-        sample_ddp.write_part(parts, indices, [10 * i for i in indices], images[indices])
+        part_store.write_part(parts, indices, [10 * i for i in indices], images[indices])
     np.save(os.path.join(parts, "00000100.npy"), images[:2])  # killed before its json: not finished
     with open(os.path.join(parts, "00000200.json"), "w") as f:  # json of a cut-off images file
         json.dump({"indices": [7, 8], "labels": [0, 0]}, f)
     with open(os.path.join(parts, "00000200.npy"), "wb") as f:
         f.write(b"\x93NUMPY")
-    finished = sample_ddp.read_parts(parts, (8, 8, 3))
+    finished = part_store.read_parts(parts, (8, 8, 3))
     assert sorted(finished) == list(range(7))
     out = str(tmp_path / "out.npz")
-    sample_ddp.write_npz(out, finished, 7, (8, 8, 3), chunk=3)
+    part_store.write_npz(out, finished, 7, (8, 8, 3), chunk=3)
     arr, labels = load_npz(out)
     assert arr.dtype == np.uint8 and np.array_equal(arr, images) and labels.tolist() == [0, 10, 20, 30, 40, 50, 60]
     with pytest.raises(FileExistsError):
-        sample_ddp.write_npz(out, finished, 7, (8, 8, 3))
+        part_store.write_npz(out, finished, 7, (8, 8, 3))
 
 
 def test_sample_ddp_balanced_labels(tmp_path, pixel_ckpt):
@@ -341,12 +342,12 @@ def test_sample_ddp_npz_resume_and_no_silent_overwrite(tmp_path, pixel_ckpt):
 
 def test_runs_recorded_before_compile_was_an_identity_key_still_match(tmp_path):
     """A settings.json without "compile" was made uncompiled: it matches --compile off and not on."""
-    settings = {key: f"value of {key}" for key in sample_ddp.IDENTITY_KEYS}
+    settings = {key: f"value of {key}" for key in part_store.IDENTITY_KEYS}
     recorded = {key: value for key, value in settings.items() if key != "compile"}
     with open(tmp_path / "settings.json", "w") as f:
         json.dump(recorded, f)
-    assert sample_ddp.settings_mismatch(str(tmp_path), {**settings, "compile": False}) is None
-    assert "compile False -> True" in sample_ddp.settings_mismatch(str(tmp_path), {**settings, "compile": True})
+    assert part_store.settings_mismatch(str(tmp_path), {**settings, "compile": False}) is None
+    assert "compile False -> True" in part_store.settings_mismatch(str(tmp_path), {**settings, "compile": True})
 
 
 @pytest.mark.slow

@@ -26,12 +26,12 @@ import torch.nn as nn
 from PIL import Image
 
 import sample
-import sample_ddp
 from models import DiT
 from test_sampling import NUM_CLASSES, PIXEL_FLAGS, STEPS, ddp_main, load_npz, pixel_ckpt, seeded, tame_dit  # noqa: F401
 from tinyfusion.errors import TinyFusionError
 from training_helpers import torchrun
 from tinyfusion.flags import SOLVER_NAMES
+from tinyfusion.sampling import part_store
 from tinyfusion.sampling.generate import generate
 from tinyfusion.families.dit import sampling_process
 from tinyfusion.sampling.solvers import FastSolver
@@ -222,7 +222,7 @@ def test_sample_ddp_fast_solver_two_ranks_match_one_and_resume(tmp_path, pixel_c
     os.remove(sorted(glob.glob(os.path.join(two_path[:-4], "parts", "*.json")))[1])
     with pytest.raises(TinyFusionError, match="timestep_spacing None -> 'trailing'"):
         settings = json.load(open(os.path.join(two_path[:-4], "settings.json")))
-        mismatch = sample_ddp.settings_mismatch(two_path[:-4], {**settings, "timestep_spacing": "trailing"})
+        mismatch = part_store.settings_mismatch(two_path[:-4], {**settings, "timestep_spacing": "trailing"})
         raise TinyFusionError(mismatch)
     ddp_main("--ckpt", pixel_ckpt, *solver, "--per-proc-batch-size", "2", "--sample-dir", str(tmp_path / "two"),
              "--resume")

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluator
 import extract_features
 import prune_by_learning
 import prune_by_score
@@ -19,6 +18,7 @@ import train
 import train_masked_kd
 from models import DiT_models
 from tinyfusion import flags as cli
+from tinyfusion.evaluation.batch_metrics import evaluate
 from tinyfusion.io import feature_store
 from tinyfusion.io.checkpoints import (CorruptCheckpointError, load_checkpoint_file, newest_loadable_checkpoint,
                                        save_checkpoint, save_pruned_model, tensors_checksum, with_checksum,
@@ -236,7 +236,7 @@ def test_evaluator_accepts_only_uint8_rgb_and_checks_both_files_first(tmp_path, 
         match = "hold NaN or inf"
     network = RecordingNetwork()
     with pytest.raises(ValueError, match=match):  # the sample file is bad: not even the reference is computed
-        evaluator.evaluate(ref, samples, network, device="cpu", log=lambda *a: None)
+        evaluate(ref, samples, network, device="cpu", log=lambda *a: None)
     assert network.batches == 0
 
 

@@ -15,8 +15,7 @@ COMMON_FLAGS = ["--image-size", str(IMAGE_SIZE), "--vae", "none", "--num-classes
 def make_digits_store(folder, limit=96):
     """A finished feature store of the first `limit` digits (pixels and their flips)."""
     import extract_features
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from make_digits import write_digits_folder
+    from tinyfusion.study.digits import write_digits_folder
     images = os.path.join(folder, "digits")
     features = os.path.join(folder, "features")
     write_digits_folder(images, IMAGE_SIZE, limit=limit)

@@ -34,6 +34,10 @@ SIT_PREDICTIONS = ("velocity", "score", "noise")  # transport.paths.PREDICTIONS
 SIT_LOSS_WEIGHTS = (None, "velocity", "likelihood")  # transport.settings.LOSS_WEIGHTS
 SIT_DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")  # transport.samplers
 SIT_LAST_STEPS = ("Mean", "Tweedie", "Euler", None)  # transport.samplers.LAST_STEPS
+# evaluator.py --inception-path's default: the file named by this environment variable, else this
+# file in pretrained/ (tinyfusion/evaluation/feature_networks.py reads both from here)
+INCEPTION_ENV = "TINYFUSION_INCEPTION"
+INCEPTION_FILENAME = "classify_image_graph_def.pb"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -457,3 +461,37 @@ def add_transport_args(parser):
     group.add_argument("--diffusion-norm", type=nonnegative_float, default=1.0)
     group.add_argument("--last-step", type=none_or_str, default="Mean", choices=SIT_LAST_STEPS)
     group.add_argument("--last-step-size", type=time_margin, default=0.04)
+
+
+# ------------------------------------------------------------------ sample_ddp.py
+def add_sample_batch_args(parser):
+    """Every flag of sample_ddp.py (also parsed by the drivers that name its output, see
+    tinyfusion/sampling/batch_settings.py)."""
+    add_model_args(parser)
+    parser.add_argument("--sample-dir", type=str, default="samples")
+    parser.add_argument("--per-proc-batch-size", type=positive_int, default=32)
+    parser.add_argument("--num-fid-samples", type=positive_int, default=50_000)
+    add_guidance_args(parser, cfg_scale=1.5)
+    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
+    parser.add_argument("--global-seed", type=nonnegative_int, default=0, help="sample i uses seeds derived from (this, i)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matmuls on Ampere+ GPUs: faster, as the original; --no-tf32 for full fp32")
+    add_checkpoint_args(parser, help="checkpoint (plain / training / pruned); default: the released file of --model's "
+                        "family (DiT-XL/2: DiT-XL-2-{256x256,512x512}.pt, SiT-XL/2: SiT-XL-2-256x256.pt)")
+    add_sampler_arg(parser)
+    parser.add_argument("--ddim-eta", type=unit_interval, default=0.0)
+    add_timestep_spacing_arg(parser)
+    add_precision_arg(parser, help=SAMPLING_PRECISION_HELP)
+    add_sampling_compile_arg(parser)
+    parser.set_defaults(precision="fp32")  # FID numbers are comparable to the original's fp32 sampling
+    parser.add_argument("--balanced-labels", action="store_true",
+                        help="label of sample i = i mod --num-classes (ours; the original draws each label at random)")
+    parser.add_argument("--save-png", action="store_true", help="also write {index:06d}.png into the run folder")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run (keep its finished parts)")
+    parser.add_argument("--cpu-threads", type=positive_int, default=1,
+                        help="intra-op threads per rank on CPU (use one rank per core instead: images are bit-identical "
+                             "for any world size only at a fixed thread count)")
+    parser.add_argument("--keep-parts", action="store_true", help="keep the part files after the .npz is written")
+    add_transport_args(parser)
+    add_sampling_steps_check(parser)
+    return parser

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tinyfusion.io.atomic_files import atomic_path  # noqa: E402
-from tools.make_digits import load_digits_uint8, resize_digit  # noqa: E402
+from tinyfusion.study.digits import load_digits_uint8, reference_split, write_reference_batch  # noqa: E402
 
 SPATIAL_CHANNELS = 8  # channels of the 1/4-resolution map kept as "spatial" (sFID) features
 
@@ -116,22 +116,6 @@ def augment(digits, image_size, generator):
     noise = torch.randn(images.shape, generator=generator) * noise_std
     images = (images * contrast + offset + noise).clamp(0, 255).round()
     return images.permute(0, 2, 3, 1).contiguous()
-
-
-def reference_split(dataset):
-    """The split a reference batch holds: every sklearn digit, the held-out mnist5k ones."""
-    return "all" if dataset == "sklearn" else "test"
-
-
-def write_reference_batch(path, image_size, resample="bicubic", overwrite=False, dataset="sklearn", split=None):
-    """Digits of `dataset` (split: reference_split's by default) as an evaluator batch: arr_0
-    (N, S, S, 3) uint8 rendered like tools/make_digits.py (PIL resizing, grey -> RGB) and their
-    labels."""
-    digits, labels = load_digits_uint8(dataset, split or reference_split(dataset))
-    images = [np.asarray(resize_digit(pixels, image_size, resample).convert("RGB")) for pixels in digits]
-    with atomic_path(path, overwrite=overwrite) as tmp_path:
-        np.savez(tmp_path, arr_0=np.stack(images), labels=labels)
-    return len(images)
 
 
 @torch.no_grad()

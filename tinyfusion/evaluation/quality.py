@@ -52,14 +52,16 @@ class SampleQualityHook(LoopHooks):
     def start(self, loop):
         if not loop.ctx.is_main:
             return
-        import evaluator
+        from tinyfusion.evaluation.batch_metrics import reference_activations
+        from tinyfusion.evaluation.feature_networks import load_feature_network
+        from tinyfusion.evaluation.npz_batches import read_npz_statistics
         from tinyfusion.families.dit import sampling_process
         from tinyfusion.io.vae import load_vae
-        self.network = evaluator.load_feature_network(self.feature_net, device=loop.device)
-        self.reference = evaluator.reference_activations(self.reference_path, self.network, self.batch_size,
-                                                         log=loop.logger.info)
+        self.network = load_feature_network(self.feature_net, device=loop.device)
+        self.reference = reference_activations(self.reference_path, self.network, self.batch_size,
+                                               log=loop.logger.info)
         if self.network.uses_npz_statistics:  # ADM reference batches store Inception's mu / sigma
-            self.reference.update(evaluator.read_npz_statistics(self.reference_path) or {})
+            self.reference.update(read_npz_statistics(self.reference_path) or {})
         self.vae = load_vae(self.vae_name, self.vae_path, loop.device)
         self.process = sampling_process(self.sampler, self.steps, resolve_timestep_spacing(self.sampler, None))
 
