@@ -29,6 +29,7 @@ def install_standins():
         for name, build in list(registry.items()):
             patch = build.patch_size if build.family == "XS" else STANDIN_PATCH
             registry[name] = models._config(build.family, patch, build.default_groups, model_class)
+            models.ALL_MODELS[name] = registry[name]  # the registry build_model reads
     import tinyfusion.io.vae
     tinyfusion.io.vae.check_sd_vae_weights = lambda source: None  # the stand-in VAE is not the published one
 
