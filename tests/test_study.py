@@ -146,7 +146,7 @@ def test_report_is_generated_whole_from_its_json(tmp_path):
     assert "| learned < min-calibration | 3 | -0.11667 |" in report and "| 0.125 | 0.25 | 0.125 |" in report
     assert "untestable: both methods chose the same blocks in every seed" in report
     assert "Gate **passed** (not enforced in the quick schedule" in report
-    assert "| 0 2 4 6 8 10 | 3 | 1.10000 +/- 0.10000 | +0.60000 | 0.50000 |" in report
+    assert "| 0 2 4 6 8 10 | BI, learned | 3 | 1.10000 +/- 0.10000 | +0.60000 | 0.50000 |" in report
     assert "**Masked KD is not testable here**" in report and "real 1.000 (worst seed) vs best model 10.000" in report
     assert "| 0 2 4 6 8 10 | BI, learned | 1.00000 | 1.20000 | 1.10000 |" in report
     assert os.path.getsize(tmp_path / "calibration-vs-loss-10steps.png") > 1000

@@ -59,16 +59,26 @@ def declared_lines(results):
     return lines
 
 
-def gate_lines(gate):
+def chosen_by(choices):
+    """{kept key: "BI, learned"}: the methods that chose each sub-network in some seed."""
+    methods = {}
+    for method, keys in choices.items():
+        for key in set(keys):
+            methods.setdefault(key, []).append(method)
+    return {key: ", ".join(sorted(names)) for key, names in methods.items()}
+
+
+def gate_lines(gate, choices):
     state = "passed" if gate["passed"] else "FAILED"
     note = "" if gate["enforced"] else " (not enforced in the quick schedule: it checks the machinery)"
     lines = ["## 1. Teacher gate and control", "",
              f"Gate **{state}**{note}: {gate['summary']}.", "",
-             "| student (kept blocks) | seeds | loss mean +/- std | margin over the teacher | needed |",
-             "|---|---|---|---|---|"]
+             "| student (kept blocks) | chosen by | seeds | loss mean +/- std | margin over the teacher | needed |",
+             "|---|---|---|---|---|---|"]
+    methods = chosen_by(choices)
     for key, row in sorted(gate["students"].items(), key=lambda item: item[1]["margin"]):
-        lines.append(f"| {kept_text(key)} | {row['seeds']} | {row['mean']:.5f} +/- {row['std']:.5f} | "
-                     f"{row['margin']:+.5f} | {row['needed']:.5f} |")
+        lines.append(f"| {kept_text(key)} | {methods.get(key, '-')} | {row['seeds']} | {row['mean']:.5f} +/- "
+                     f"{row['std']:.5f} | {row['margin']:+.5f} | {row['needed']:.5f} |")
     control_mean, control_std = mean_and_std(gate["control"])
     lines += ["", f"Control, the teacher fine-tuned with the students' recipe and budget: {control_mean:.5f} +/- "
                   f"{control_std:.5f} ({len(gate['control'])} seeds) against the teacher's {gate['teacher']:.5f}: "
@@ -111,16 +121,13 @@ def recovery_lines(results, out_dir):
         lines.append(f"| {step} | {row['rho']:+.3f} | {fmt_interval(row['low'], row['high'])} | "
                      f"{row['rho_with_longest']:+.3f} |")
     lines += ["", f"![calibration vs loss]({os.path.basename(figure)})", ""]
-    chosen_by = {}
-    for method, keys in results["choices"].items():
-        for key in set(keys):
-            chosen_by.setdefault(key, []).append(method)
+    methods = chosen_by(results["choices"])
     steps = [0] + list(budget["budgets"])
     lines += ["| kept blocks | chosen by | " + " | ".join(f"loss @{s}" for s in steps) + " |",
               "|---|---|" + "---|" * len(steps)]
     for key in recovery["candidates"]:
         losses = [seed_mean_losses(recovery["curves"], [key], s)[0] for s in steps]
-        lines.append(f"| {kept_text(key)} | {', '.join(sorted(chosen_by.get(key, []))) or '-'} | " +
+        lines.append(f"| {kept_text(key)} | {methods.get(key, '-')} | " +
                      " | ".join(f"{loss:.5f}" for loss in losses) + " |")
     return lines + [""]
 
@@ -193,7 +200,7 @@ def activation_lines(result):
 
 def write_report(out_dir, results):
     """report.md (and results.json, and the figures) in `out_dir`, from `results` alone."""
-    lines = header_lines(results) + declared_lines(results) + gate_lines(results["gate"])
+    lines = header_lines(results) + declared_lines(results) + gate_lines(results["gate"], results["choices"])
     if "primary" in results:
         lines += primary_lines(results["primary"]) + recovery_lines(results, out_dir)
         lines += fid_lines(results["fid"])
