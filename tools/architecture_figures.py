@@ -1,0 +1,81 @@
+"""The architecture figures of a checkout, by the rules of tests/test_architecture.py: import
+circles, upward imports, family-name comparisons outside tinyfusion/families/, code importing a
+root script, and module and script sizes.
+
+    python tools/architecture_figures.py             # this checkout
+    python tools/architecture_figures.py OTHER_ROOT  # e.g. a `git worktree` of an older commit
+"""
+import ast
+import importlib.util
+import os
+import sys
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_rules():
+    """tests/test_architecture.py as a module (its import reader and its rules, not a copy)."""
+    spec = importlib.util.spec_from_file_location("architecture", os.path.join(HERE, "tests", "test_architecture.py"))
+    rules = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rules)
+    return rules
+
+
+def import_graph(rules, root):
+    files = rules.source_files()
+    known = {rules.module_name(path): path for path in files}
+    graph = {}
+    for path in files:
+        tree = ast.parse(open(os.path.join(root, path)).read())
+        own = rules.module_name(path)
+        graph[path] = sorted({known[name] for name in rules.imported_modules(tree, path, known) if name != own})
+    return graph
+
+
+def circles(graph):
+    state, found = {}, []
+
+    def visit(path, trail):
+        state[path] = "open"
+        for target in graph[path]:
+            if state.get(target) == "open":
+                found.append(trail[trail.index(target):])
+            elif target not in state:
+                visit(target, trail + [target])
+        state[path] = "done"
+
+    for path in graph:
+        if path not in state:
+            visit(path, [path])
+    return found
+
+
+def main(root):
+    rules = load_rules()
+    rules.ROOT = root
+    graph = import_graph(rules, root)
+    scripts = {path for path in graph if "/" not in path and path != "models.py"}
+    upward = [f"{a} -> {b}" for a, targets in graph.items() for b in targets if rules.layer(b) > rules.layer(a)]
+    script_imports = [f"{a} -> {b}" for a, targets in graph.items() for b in targets if b in scripts]
+    comparisons = {}
+    for path in graph:
+        if not path.startswith(rules.FAMILY_MODULES):
+            lines = rules.family_name_comparisons(ast.parse(open(os.path.join(root, path)).read()))
+            if lines:
+                comparisons[path] = lines
+    sizes = {path: sum(1 for _ in open(os.path.join(root, path))) for path in graph}
+    library = {path: lines for path, lines in sizes.items() if path.startswith("tinyfusion/")}
+    print(f"import circles: {circles(graph)}")
+    print(f"upward imports ({len(upward)}): {upward}")
+    print(f"family-name comparisons outside the family modules: "
+          f"{sum(map(len, comparisons.values()))} lines in {sorted(comparisons)}")
+    print(f"code importing a root script ({len(script_imports)}): {script_imports}")
+    largest = max(library.items(), key=lambda item: item[1])
+    print(f"library modules: {len(library)}, median {sorted(library.values())[len(library) // 2]} lines, "
+          f"largest {largest[0]} ({largest[1]})")
+    print(f"script lines: {sum(sizes[path] for path in scripts)} in all: "
+          + ", ".join(f"{path} {sizes[path]}" for path in sorted(scripts)))
+
+
+if __name__ == "__main__":
+    main(os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else HERE)
