@@ -5,10 +5,10 @@ root script, and module and script sizes.
     python tools/architecture_figures.py             # this checkout
     python tools/architecture_figures.py OTHER_ROOT  # e.g. a `git worktree` of an older commit
 """
+import argparse
 import ast
 import importlib.util
 import os
-import sys
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,4 +78,6 @@ def main(root):
 
 
 if __name__ == "__main__":
-    main(os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else HERE)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", nargs="?", default=HERE, help="the checkout to measure (default: this one)")
+    main(os.path.abspath(parser.parse_args().root))
