@@ -17,12 +17,12 @@ FAMILY_MODULES = ("tinyfusion/families/",)
 FAMILY_NAME = re.compile(r"^(DiT|SiT)-?$")
 
 
-def source_files():
+def source_files(root=ROOT):
     """Every .py of the code (tests excluded), as paths relative to the root."""
     found = []
-    for folder, dirs, files in os.walk(ROOT):
+    for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("tests", "__pycache__", "outputs")]
-        found += [os.path.relpath(os.path.join(folder, name), ROOT) for name in files if name.endswith(".py")]
+        found += [os.path.relpath(os.path.join(folder, name), root) for name in files if name.endswith(".py")]
     return sorted(found)
 
 
@@ -66,31 +66,29 @@ def imported_modules(tree, path, known):
     return found
 
 
-@pytest.fixture(scope="module")
-def graph():
-    files = source_files()
+def import_graph(root=ROOT):
+    """{file: [files it imports]} of the code under `root` (tools/architecture_figures.py reads any checkout)."""
+    files = source_files(root)
     known = {module_name(path): path for path in files}
     edges = {}
     for path in files:
-        tree = ast.parse(open(os.path.join(ROOT, path)).read(), path)
+        tree = ast.parse(open(os.path.join(root, path)).read(), path)
         own = module_name(path)
         edges[path] = sorted({known[name] for name in imported_modules(tree, path, known) if name != own})
     return edges
 
 
-def test_imports_point_down_the_layers(graph):
-    upward = [f"{path} -> {target}" for path, targets in graph.items() for target in targets
-              if layer(target) > layer(path)]
-    assert upward == []
+def upward_imports(graph):
+    return [f"{path} -> {target}" for path, targets in graph.items() for target in targets
+            if layer(target) > layer(path)]
 
 
-def test_no_module_imports_a_root_script(graph):
+def script_imports(graph):
     scripts = {path for path in graph if "/" not in path and path != "models.py"}
-    importing = [f"{path} -> {target}" for path, targets in graph.items() for target in targets if target in scripts]
-    assert importing == []
+    return [f"{path} -> {target}" for path, targets in graph.items() for target in targets if target in scripts]
 
 
-def test_no_import_circle(graph):
+def import_circles(graph):
     state, circles = {}, []
 
     def visit(path, trail):
@@ -105,7 +103,24 @@ def test_no_import_circle(graph):
     for path in graph:
         if path not in state:
             visit(path, [path])
-    assert circles == []
+    return circles
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return import_graph()
+
+
+def test_imports_point_down_the_layers(graph):
+    assert upward_imports(graph) == []
+
+
+def test_no_module_imports_a_root_script(graph):
+    assert script_imports(graph) == []
+
+
+def test_no_import_circle(graph):
+    assert import_circles(graph) == []
 
 
 def family_name_comparisons(tree):
@@ -146,3 +161,8 @@ def test_the_checks_see_what_they_look_for():
     assert imported_modules(tree, "tinyfusion/x.py", known) == {"tinyfusion.io", "tinyfusion.io.vae", "sample",
                                                                  "models"}
     assert layer("transport/loss.py") == 1 and layer("tinyfusion/io/vae.py") == 2 and layer("bench/harness.py") == 3
+    toy = {"models.py": [], "transport/loss.py": ["tinyfusion/flags.py"], "tinyfusion/flags.py": ["tinyfusion/a.py"],
+           "tinyfusion/a.py": ["tinyfusion/flags.py", "train.py"], "train.py": ["models.py"]}
+    assert upward_imports(toy) == ["transport/loss.py -> tinyfusion/flags.py", "tinyfusion/a.py -> train.py"]
+    assert script_imports(toy) == ["tinyfusion/a.py -> train.py"]
+    assert import_circles(toy) == [["tinyfusion/flags.py", "tinyfusion/a.py", "tinyfusion/flags.py"]]

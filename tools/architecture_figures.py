@@ -21,42 +21,11 @@ def load_rules():
     return rules
 
 
-def import_graph(rules, root):
-    files = rules.source_files()
-    known = {rules.module_name(path): path for path in files}
-    graph = {}
-    for path in files:
-        tree = ast.parse(open(os.path.join(root, path)).read())
-        own = rules.module_name(path)
-        graph[path] = sorted({known[name] for name in rules.imported_modules(tree, path, known) if name != own})
-    return graph
-
-
-def circles(graph):
-    state, found = {}, []
-
-    def visit(path, trail):
-        state[path] = "open"
-        for target in graph[path]:
-            if state.get(target) == "open":
-                found.append(trail[trail.index(target):])
-            elif target not in state:
-                visit(target, trail + [target])
-        state[path] = "done"
-
-    for path in graph:
-        if path not in state:
-            visit(path, [path])
-    return found
-
-
 def main(root):
     rules = load_rules()
-    rules.ROOT = root
-    graph = import_graph(rules, root)
+    graph = rules.import_graph(root)
     scripts = {path for path in graph if "/" not in path and path != "models.py"}
-    upward = [f"{a} -> {b}" for a, targets in graph.items() for b in targets if rules.layer(b) > rules.layer(a)]
-    script_imports = [f"{a} -> {b}" for a, targets in graph.items() for b in targets if b in scripts]
+    upward, script_imports = rules.upward_imports(graph), rules.script_imports(graph)
     comparisons = {}
     for path in graph:
         if not path.startswith(rules.FAMILY_MODULES):
@@ -65,7 +34,7 @@ def main(root):
                 comparisons[path] = lines
     sizes = {path: sum(1 for _ in open(os.path.join(root, path))) for path in graph}
     library = {path: lines for path, lines in sizes.items() if path.startswith("tinyfusion/")}
-    print(f"import circles: {circles(graph)}")
+    print(f"import circles: {rules.import_circles(graph)}")
     print(f"upward imports ({len(upward)}): {upward}")
     print(f"family-name comparisons outside the family modules: "
           f"{sum(map(len, comparisons.values()))} lines in {sorted(comparisons)}")
