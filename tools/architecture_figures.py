@@ -49,4 +49,7 @@ def main(root):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", nargs="?", default=HERE, help="the checkout to measure (default: this one)")
-    main(os.path.abspath(parser.parse_args().root))
+    root = os.path.abspath(parser.parse_args().root)
+    if not os.path.isfile(os.path.join(root, "models.py")):
+        parser.error(f"{root} is not a TinyFusion checkout (it has no models.py)")  # else every figure would read 0
+    main(root)
