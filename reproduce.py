@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from tinyfusion.errors import run_main
+from tinyfusion.errors import TinyFusionError, run_main
 from tinyfusion.flags import positive_int
 from tinyfusion.io.run_folder import run_folder_name
 from tinyfusion.study.stages import StageRunner, resume_flags
@@ -45,7 +45,12 @@ DEPTH = 12
 ORACLE_KEPT = [0, 2, 4, 7, 9, 11]
 GATE_SIGMAS = 5.0
 EXTREME_RATIO = 50.0  # max |h| / std in some block at which Masked KD's premise holds (declared in advance)
-TEACHER_FLAGS = ["--lr", "1e-3", "--lr-schedule", "constant"]  # + --ema-decay of the schedule
+# the teacher ends annealed (cosine to --min-lr), and its EMA (--ema-decay of the schedule) must have
+# forgotten its random initialisation: the EMA starts as a copy of it, so after n steps it still holds
+# a share teacher_ema**n of it (0.999**3000 = 5%: the first full run's teacher scored 0.040 by its EMA
+# and 0.028 by its raw weights, and every student started from that EMA); INIT_SHARE bounds it
+TEACHER_FLAGS = ["--lr", "1e-3", "--lr-schedule", "cosine", "--min-lr", "1e-4"]
+INIT_SHARE = 1e-3
 # one recovery recipe for every student and the teacher control; a constant lr makes the
 # checkpoint at step b the end of a b-step run of this recipe. Batch 64 (the teacher's is 128):
 # the ~35 fine-tuning runs of 500 steps are most of the full schedule's time
@@ -54,10 +59,10 @@ RECOVERY_FLAGS = ["--lr", "5e-4", "--ema-decay", "0.99", "--lr-schedule", "const
 # primary_seeds: of learned, min-calibration and BI (the paired tests); budgets: fine-tuning steps
 # at which the held-out loss is measured (0 = right after pruning; the last = the longest)
 SCHEDULES = {
-    "full": dict(teacher=3000, teacher_ema=0.999, prune=200, budgets=[50, 100, 200, 400, 500], candidates=8, seeds=2,
+    "full": dict(teacher=3000, teacher_ema=0.99, prune=200, budgets=[50, 100, 200, 400, 500], candidates=8, seeds=2,
                  primary_seeds=6, samples=500, sampling_steps=50, fid_seeds=2, heldout=1000, classifier_epochs=15,
                  enforce_gate=True),
-    "quick": dict(teacher=60, teacher_ema=0.9, prune=10, budgets=[5, 10, 20], candidates=3, seeds=2, primary_seeds=3,
+    "quick": dict(teacher=60, teacher_ema=0.8, prune=10, budgets=[5, 10, 20], candidates=3, seeds=2, primary_seeds=3,
                   samples=100, sampling_steps=5, fid_seeds=1, heldout=256, classifier_epochs=3, enforce_gate=False),
 }
 CFG_SCALES = [1.0, 1.5, 4.0]
@@ -127,7 +132,10 @@ class Study(StageRunner):
         return os.path.join(run_dir, "checkpoints")
 
     def teacher(self):
-        # the quick schedule's 60 steps need a short EMA, or its teacher is still its initialisation
+        init_share = self.budget["teacher_ema"] ** self.budget["teacher"]
+        if init_share > INIT_SHARE:
+            raise TinyFusionError(f"the {self.schedule} schedule's teacher EMA would still hold {init_share:.2%} of "
+                                  f"its random initialisation (> {INIT_SHARE:.1%}); lower teacher_ema")
         checkpoints = self.train("teacher", "train.py", self.budget["teacher"], 0, TEACHER_FLAGS + [
             "--ema-decay", str(self.budget["teacher_ema"]), "--global-batch-size", "128"])
         self.teacher_path = os.path.join(checkpoints, f"{self.budget['teacher']:07d}.pt")
@@ -311,7 +319,10 @@ def gate_and_control(study, recovery):
     students = {key: [curve[longest] for curve in seeds.values()] for key, seeds in recovery["curves"].items()}
     control = [study.teacher_control(seed) for seed in range(study.budget["seeds"])]
     from tinyfusion.study.measure import teacher_gate
-    return dict(teacher_gate(teacher, students, GATE_SIGMAS), control=control, enforced=study.budget["enforce_gate"])
+    # the gate uses the EMA weights that every student is pruned from; the raw weights show the EMA's gap
+    teacher_raw = study.loss_of(study.teacher_path, use_ema=False)
+    return dict(teacher_gate(teacher, students, GATE_SIGMAS), control=control, teacher_raw=teacher_raw,
+                enforced=study.budget["enforce_gate"])
 
 
 def fid_checks(study, choices):

@@ -95,7 +95,8 @@ def constructed_results():
             "choices": {"learned": ["02468a"] * 3, "min calibration": ["13579b"] * 3, "BI": ["02468a"] * 3,
                         "oracle": ["0247ab"] * 3},
             "recovery": {"candidates": keys, "curves": curves, "calibration": calibration},
-            "gate": dict(teacher_gate(0.5, {"02468a": [1.0, 1.1, 1.2]}, 5.0), control=[0.49, 0.48], enforced=False),
+            "gate": dict(teacher_gate(0.5, {"02468a": [1.0, 1.1, 1.2]}, 5.0), control=[0.49, 0.48], teacher_raw=0.45,
+                         enforced=False),
             "activations": {"blocks": [{"block": 0, "max_abs": 9.0, "std": 1.0, "max_over_std": 9.0,
                                         "masked_share": 0.04, "masked_share_k4": 0.001}],
                             "threshold": 50.0, "extreme": False},
@@ -147,6 +148,8 @@ def test_report_is_generated_whole_from_its_json(tmp_path):
     assert "untestable: both methods chose the same blocks in every seed" in report
     assert "Gate **passed** (not enforced in the quick schedule" in report
     assert "| 0 2 4 6 8 10 | BI, learned | 3 | 1.10000 +/- 0.10000 | +0.60000 | 0.50000 |" in report
+    assert "The teacher's EMA weights (the gate's, and every student's start) score 0.50000; its raw weights 0.45000" \
+        in report
     assert "**Masked KD is not testable here**" in report and "real 1.000 (worst seed) vs best model 10.000" in report
     assert "| 0 2 4 6 8 10 | BI, learned | 1.00000 | 1.20000 | 1.10000 |" in report
     assert os.path.getsize(tmp_path / "calibration-vs-loss-10steps.png") > 1000
@@ -177,3 +180,16 @@ def test_balanced_picks_and_kept_keys():
     assert len(set(picks.tolist())) == 25
     assert np.bincount(labels[picks], minlength=10).tolist() == [3] * 5 + [2] * 5
     assert kept_key([0, 2, 4, 7, 9, 11]) == "02479b"
+
+
+def test_every_schedule_teacher_ema_forgets_its_initialisation(tmp_path):
+    """The EMA starts as a copy of the random initialisation and keeps a share decay**steps of it:
+    0.999**3000 (5%) made the first full run's teacher worse by its EMA than by its raw weights."""
+    sys.path.insert(0, ROOT)
+    import reproduce
+    for name, schedule in reproduce.SCHEDULES.items():
+        assert schedule["teacher_ema"] ** schedule["teacher"] <= reproduce.INIT_SHARE, name
+    study = reproduce.Study(str(tmp_path / "s"), "quick", nproc=1)
+    study.budget = dict(study.budget, teacher_ema=0.9)  # 0.9**60 = 0.18%
+    with pytest.raises(reproduce.TinyFusionError, match=r"0\.18% of its random initialisation"):
+        study.teacher()

@@ -83,6 +83,9 @@ def gate_lines(gate, choices):
     lines += ["", f"Control, the teacher fine-tuned with the students' recipe and budget: {control_mean:.5f} +/- "
                   f"{control_std:.5f} ({len(gate['control'])} seeds) against the teacher's {gate['teacher']:.5f}: "
                   f"the extra training alone moves the teacher by {control_mean - gate['teacher']:+.5f}.", ""]
+    if "teacher_raw" in gate:  # runs before the EMA check did not record it
+        lines += [f"The teacher's EMA weights (the gate's, and every student's start) score {gate['teacher']:.5f}; "
+                  f"its raw weights {gate['teacher_raw']:.5f}.", ""]
     return lines
 
 
