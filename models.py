@@ -186,8 +186,9 @@ def gate_decision(groups, logits, scaling):
     return kept, choices, confidences
 
 
-def validate_groups(groups, depth):
-    """One-line errors for a pattern that cannot describe `depth` blocks."""
+def validate_groups(groups, depth, list_sizes=None):
+    """One-line errors for a pattern that cannot describe `depth` blocks (split into block lists
+    of `list_sizes`, e.g. MAR's encoder and decoder: no group may span two lists)."""
     if not groups:
         raise ValueError("groups must be a non-empty list of [keep, of] pairs, e.g. [[1, 2]] * 14")
     for keep, group_size in groups:
@@ -197,6 +198,18 @@ def validate_groups(groups, depth):
     if total != depth:
         raise ValueError(f"groups {groups} cover {total} blocks but the model has depth {depth}; "
                          f"the group sizes (second numbers) must add up to {depth}")
+    boundaries, edge = set(), 0
+    for size in (list_sizes or [depth])[:-1]:
+        edge += size
+        boundaries.add(edge)
+    start = 0
+    for keep, group_size in groups:
+        crossed = [edge for edge in boundaries if start < edge < start + group_size]
+        if crossed:
+            raise ValueError(f"group [{keep}, {group_size}] over blocks {start}..{start + group_size - 1} spans the "
+                             f"boundary at block {crossed[0]} between two block lists (sizes {list_sizes}); "
+                             f"give each list its own groups")
+        start += group_size
 
 
 def straight_through_gumbel_onehot(logits, tau, batch_size, generator=None):
@@ -274,50 +287,18 @@ class StraightThroughGate(torch.autograd.Function):
         return grad.to(ctx.kept_dtype), per_sample.view(-1).to(ctx.mask_dtype), None
 
 
-#################################################################################
-#                                 Core DiT Model                                #
-#################################################################################
+class DepthGates:
+    """TinyFusion's learnable depth gates, for any model whose prunable blocks are
+    `gated_blocks()` (one global index frame over its block lists) and are called block(x, c)."""
 
-class DiT(nn.Module):
-    """Diffusion model with a Transformer backbone, optionally gated for learnable pruning.
+    def block_list_sizes(self):
+        """Blocks per block list (a group may not span two lists)."""
+        return [self.depth]
 
-    `groups=None` is the plain DiT. With groups, `tau` and `scaling` are the Gumbel temperature
-    and logit scale (the pruning script anneals them), and `gate_forward` chooses how training
-    runs the gated blocks: "sparse" (default) runs the backward pass of a block only for the
-    samples that keep it, "dense" is the literal m*block(x) + (1-m)*x (reference and benchmark).
-    """
-
-    model_family = "DiT"  # checkpoint metadata: which generative process the weights belong to
-
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, groups=None):
-        super().__init__()
-        if input_size % patch_size != 0:
-            raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
-        self.learn_sigma = learn_sigma
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.mlp_ratio = mlp_ratio
-        self.num_classes = num_classes
-        self.class_dropout_prob = class_dropout_prob
-        self.grad_checkpointing = False
-
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        num_patches = (input_size // patch_size) ** 2
-        # fixed sin-cos table; a Parameter (not a buffer) because the official files store it under this name
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-
+    def setup_gates(self, groups):
         self.groups = None
         if groups is not None:
-            validate_groups(groups, depth)
+            validate_groups(groups, self.depth, self.block_list_sizes())
             self.groups = [list(group) for group in groups]
             self.tau = 1.0
             self.scaling = 1.0
@@ -335,56 +316,7 @@ class DiT(nn.Module):
                 masks = candidate_masks(keep, group_size)
                 self.register_buffer(f"gate_candidates_{index}", masks, persistent=False)
                 self.gate_logits.append(nn.Parameter(torch.full((masks.shape[0],), 0.02)))
-        self.initialize_weights()
 
-    @property
-    def depth(self):
-        return len(self.blocks)
-
-    def initialize_weights(self):
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
-        self.apply(_basic_init)
-        grid_size = int(self.x_embedder_num_patches() ** 0.5)
-        pos_embed = get_2d_sincos_pos_embed(self.hidden_size, grid_size)
-        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
-        weight = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(weight.view([weight.shape[0], -1]))
-        nn.init.constant_(self.x_embedder.proj.bias, 0)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity, the output as zero
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
-
-    def x_embedder_num_patches(self):
-        return (self.input_size // self.patch_size) ** 2
-
-    def config(self):
-        """Constructor arguments that rebuild this architecture (used in checkpoint metadata)."""
-        return dict(input_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
-                    hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
-                    mlp_ratio=self.mlp_ratio, class_dropout_prob=self.class_dropout_prob,
-                    num_classes=self.num_classes, learn_sigma=self.learn_sigma, groups=self.groups)
-
-    def unpatchify(self, x):
-        """(N, T, p*p*C) tokens -> (N, C, H, W) images."""
-        channels, patch = self.out_channels, self.patch_size
-        height = width = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], height, width, patch, patch, channels)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], channels, height * patch, width * patch)
-
-    # ----------------------------------------------------------------- gates
     def gate_candidates(self, group_index):
         return getattr(self, f"gate_candidates_{group_index}")
 
@@ -436,7 +368,7 @@ class DiT(nn.Module):
         out = x.clone()
         if bool(on.any()):
             on_index = on.nonzero().squeeze(1)
-            out = out.index_copy(0, on_index, self._run_block(block, x[on_index], c[on_index]).to(x.dtype))
+            out = out.index_copy(0, on_index, self._run_block(block, x[on_index], _rows(c, on_index)).to(x.dtype))
         return out
 
     def _kept_and_delta(self, block, x, c, on):
@@ -452,17 +384,17 @@ class DiT(nn.Module):
         dropped_rows = (batch - num_kept) * x.shape[1]  # token rows of the dropped samples
         if num_kept == 0:
             with torch.no_grad():
-                return x, self._run_block(block, x.detach(), c.detach()).sub_(x)
+                return x, self._run_block(block, x.detach(), _detached(c)).sub_(x)
         if num_kept == batch or dropped_rows < self.gate_split_min_dropped_rows:
             block_out = self._run_gated_block(block, x, c)
             kept = block_out if num_kept == batch else torch.where(on.view(-1, 1, 1), block_out, x)
             return kept, block_out.detach() - x.detach()
         on_index, off_index = on.nonzero().squeeze(1), (~on).nonzero().squeeze(1)
         on_x = x.index_select(0, on_index)
-        on_out = self._run_gated_block(block, on_x, c.index_select(0, on_index))
+        on_out = self._run_gated_block(block, on_x, _rows(c, on_index))
         with torch.no_grad():
             off_x = x.detach().index_select(0, off_index)
-            off_delta = self._run_block(block, off_x, c.detach().index_select(0, off_index)).sub_(off_x)
+            off_delta = self._run_block(block, off_x, _rows(_detached(c), off_index)).sub_(off_x)
             delta = torch.empty_like(x, memory_format=torch.contiguous_format)
             delta.index_copy_(0, off_index, off_delta.to(delta.dtype))
             delta.index_copy_(0, on_index, (on_out.detach() - on_x.detach()).to(delta.dtype))
@@ -500,8 +432,139 @@ class DiT(nn.Module):
 
         self.gate_recompute_elementwise = False
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_BLOCK_VARIANTS)
-        for block in self.blocks:  # options: inductor's (tinyfusion.sampling.cpu_compile.compile_options)
+        for block in self.gated_blocks():  # options: inductor's (tinyfusion.sampling.cpu_compile.compile_options)
             block.compile(backend=backend, **({"options": options} if options else {}))
+
+
+    def block_masks(self, batch_size, gate_onehots, device):
+        """(B, depth) 0/1 block masks of a forward, or None for an ungated model: the given draw,
+        else a fresh one in training mode, else (eval mode) the decided blocks for every sample."""
+        if self.groups is None:
+            return None
+        if gate_onehots is None and self.training:
+            gate_onehots = self.sample_gate_onehots(batch_size)
+        if gate_onehots is not None:
+            return self.block_masks_from_onehots(gate_onehots)
+        kept = set(self.kept_indices())
+        masks = torch.tensor([[float(j in kept) for j in range(self.depth)]], device=device)
+        return masks.expand(batch_size, -1)
+
+    def run_blocks(self, blocks, x, c, masks, first_index, hiddens, wanted):
+        """x through `blocks` (global indices first_index, ...), each gated by its column of `masks`
+        (None: ungated); the outputs of the blocks in `wanted` land in hiddens[index]."""
+        for offset, block in enumerate(blocks):
+            index = first_index + offset
+            if masks is None:
+                x = self._run_block(block, x, c)
+            else:
+                x = self._gated_block(block, x, c, masks[:, index])
+            if index in wanted:
+                hiddens[index] = x
+        return x
+
+
+def _rows(c, index):
+    """The condition rows of a sub-batch (None: blocks without a condition)."""
+    return None if c is None else c.index_select(0, index)
+
+
+def _detached(c):
+    return None if c is None else c.detach()
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+class DiT(DepthGates, nn.Module):
+    """Diffusion model with a Transformer backbone, optionally gated for learnable pruning.
+
+    `groups=None` is the plain DiT. With groups, `tau` and `scaling` are the Gumbel temperature
+    and logit scale (the pruning script anneals them), and `gate_forward` chooses how training
+    runs the gated blocks: "sparse" (default) runs the backward pass of a block only for the
+    samples that keep it, "dense" is the literal m*block(x) + (1-m)*x (reference and benchmark).
+    """
+
+    model_family = "DiT"  # checkpoint metadata: which generative process the weights belong to
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, groups=None):
+        super().__init__()
+        if input_size % patch_size != 0:
+            raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
+        self.grad_checkpointing = False
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = (input_size // patch_size) ** 2
+        # fixed sin-cos table; a Parameter (not a buffer) because the official files store it under this name
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+
+        self.setup_gates(groups)
+        self.initialize_weights()
+
+    @property
+    def depth(self):
+        return len(self.blocks)
+
+    def gated_blocks(self):
+        return list(self.blocks)
+
+    def initialize_weights(self):
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+        grid_size = int(self.x_embedder_num_patches() ** 0.5)
+        pos_embed = get_2d_sincos_pos_embed(self.hidden_size, grid_size)
+        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+        weight = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(weight.view([weight.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, the output as zero
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def x_embedder_num_patches(self):
+        return (self.input_size // self.patch_size) ** 2
+
+    def config(self):
+        """Constructor arguments that rebuild this architecture (used in checkpoint metadata)."""
+        return dict(input_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
+                    hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
+                    mlp_ratio=self.mlp_ratio, class_dropout_prob=self.class_dropout_prob,
+                    num_classes=self.num_classes, learn_sigma=self.learn_sigma, groups=self.groups)
+
+    def unpatchify(self, x):
+        """(N, T, p*p*C) tokens -> (N, C, H, W) images."""
+        channels, patch = self.out_channels, self.patch_size
+        height = width = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], height, width, patch, patch, channels)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], channels, height * patch, width * patch)
 
     # --------------------------------------------------------------- forward
     def forward(self, x, t, y, force_drop_ids=None, hidden_indices=None, gate_onehots=None):
@@ -515,25 +578,9 @@ class DiT(nn.Module):
         """
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
-        masks = None
-        if self.groups is not None:
-            if gate_onehots is None and self.training:
-                gate_onehots = self.sample_gate_onehots(x.shape[0])
-            if gate_onehots is not None:
-                masks = self.block_masks_from_onehots(gate_onehots)
-            else:
-                kept = set(self.kept_indices())
-                masks = torch.tensor([[float(j in kept) for j in range(self.depth)]], device=x.device)
-                masks = masks.expand(x.shape[0], -1)
-        wanted = set(hidden_indices or ())
+        masks = self.block_masks(x.shape[0], gate_onehots, x.device)
         hiddens = {}
-        for index, block in enumerate(self.blocks):
-            if masks is None:
-                x = self._run_block(block, x, c)
-            else:
-                x = self._gated_block(block, x, c, masks[:, index])
-            if index in wanted:
-                hiddens[index] = x
+        x = self.run_blocks(self.blocks, x, c, masks, 0, hiddens, set(hidden_indices or ()))
         x = self.unpatchify(self.final_layer(x, c))
         if hidden_indices is not None:
             return x, [hiddens[index] for index in hidden_indices]
