@@ -100,31 +100,40 @@ class LabelEmbedder(nn.Module):
 #################################################################################
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection, via PyTorch's SDPA kernel."""
+    """Multi-head self-attention with one fused qkv projection, via PyTorch's SDPA kernel; MAR's
+    blocks add dropout on the attention weights and on the output (active in training only)."""
 
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, attn_dropout=0.0, proj_dropout=0.0):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
+        self.attn_dropout, self.proj_dropout = attn_dropout, proj_dropout
 
     def forward(self, x):
         batch, tokens, channels = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, channels // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(batch, tokens, channels))
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        x = self.proj(x.transpose(1, 2).reshape(batch, tokens, channels))
+        return F.dropout(x, self.proj_dropout, self.training) if self.proj_dropout else x
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden_dim):
+    """fc1 -> GELU -> fc2 (DiT: tanh GELU; MAR's ViT blocks: exact GELU and dropout after each)."""
+
+    def __init__(self, dim, hidden_dim, approximate="tanh", dropout=0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate=approximate)
         self.fc2 = nn.Linear(hidden_dim, dim)
+        self.dropout = dropout
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        if not self.dropout:
+            return self.fc2(self.act(self.fc1(x)))
+        x = F.dropout(self.act(self.fc1(x)), self.dropout, self.training)
+        return F.dropout(self.fc2(x), self.dropout, self.training)
 
 
 class DiTBlock(nn.Module):
@@ -486,6 +495,7 @@ class DiT(DepthGates, nn.Module):
     """
 
     model_family = "DiT"  # checkpoint metadata: which generative process the weights belong to
+    BLOCK_LISTS = ("blocks",)  # the state-dict prefixes of the prunable block lists, in index order
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, groups=None):
@@ -522,6 +532,11 @@ class DiT(DepthGates, nn.Module):
 
     def gated_blocks(self):
         return list(self.blocks)
+
+    @staticmethod
+    def depths_of_kept(kept_indices, config):
+        """The depth settings of a model keeping `kept_indices` of the model of `config`."""
+        return dict(depth=len(kept_indices))
 
     def initialize_weights(self):
         def _basic_init(module):
@@ -623,20 +638,28 @@ def validate_kept_indices(kept_indices, depth):
 
 
 def prune_to_kept_blocks(model, kept_indices):
-    """A plain (ungated) DiT holding only `kept_indices` of `model`'s blocks, renumbered 0..K-1,
-    with every other weight copied. Its state dict has no gate keys."""
+    """A plain (ungated) model of the same class holding only `kept_indices` of `model`'s blocks
+    (global indices over its block lists), renumbered 0..K-1 within each list, with every other
+    weight copied. Its state dict has no gate keys."""
     kept_indices = validate_kept_indices([int(i) for i in kept_indices], model.depth)
     config = model.config()
-    config.update(depth=len(kept_indices), groups=None)
-    pruned = type(model)(**config).to(next(model.parameters()).device)  # a DiT stays a DiT, a SiT a SiT
-    source = {key: value for key, value in model.state_dict().items() if not key.startswith("gate_logits")}
+    config.update(type(model).depths_of_kept(kept_indices, config), groups=None)
+    pruned = type(model)(**config).to(next(model.parameters()).device)  # a DiT stays a DiT, a MAR a MAR
+    new_name, first = {}, 0  # "encoder_blocks.3" -> its pruned name, by global index
+    for list_name, size in zip(model.BLOCK_LISTS, model.block_list_sizes()):
+        kept_here = [index - first for index in kept_indices if first <= index < first + size]
+        new_name.update({f"{list_name}.{local}": f"{list_name}.{position}" for position, local in enumerate(kept_here)})
+        first += size
     target = {}
-    for key, value in source.items():
-        if key.startswith("blocks."):
-            _, index, rest = key.split(".", 2)
-            if int(index) not in kept_indices:
+    for key, value in model.state_dict().items():
+        if key.startswith("gate_logits"):
+            continue
+        list_name, _, rest = key.partition(".")
+        if list_name in model.BLOCK_LISTS:
+            index, _, rest = rest.partition(".")
+            if f"{list_name}.{index}" not in new_name:
                 continue
-            key = f"blocks.{kept_indices.index(int(index))}.{rest}"
+            key = f"{new_name[f'{list_name}.{index}']}.{rest}"
         target[key] = value
     pruned.load_state_dict(target, strict=True)
     return pruned
@@ -662,6 +685,276 @@ class SiT(DiT):
         if isinstance(out, tuple):  # (output, hidden states) with hidden_indices
             return out[0][:, :self.in_channels], out[1]
         return out[:, :self.in_channels]
+
+
+#################################################################################
+#                                     MAR                                       #
+#################################################################################
+
+class ViTBlock(nn.Module):
+    """MAR's encoder / decoder block: a plain pre-norm ViT block (timm's Block: norm1, attn,
+    norm2, mlp; LayerNorm eps 1e-6, exact GELU, dropout on the attention and after the
+    projections). `c` is unused: the gated forward hands every block a condition."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, attn_dropout=0.1, proj_dropout=0.1):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, attn_dropout, proj_dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="none", dropout=proj_dropout)
+
+    def forward(self, x, c=None):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def modulate_rows(x, shift, scale):
+    """x * (1 + scale) + shift for (N, C) rows (the head's tokens, one condition each)."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+class HeadResBlock(nn.Module):
+    """A residual MLP block of MAR's diffusion head, modulated (shift, scale, gate) by t + z."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x, condition):
+        shift, scale, gate = self.adaLN_modulation(condition).chunk(3, dim=-1)
+        return x + gate * self.mlp(modulate_rows(self.in_ln(x), shift, scale))
+
+
+class HeadFinalLayer(nn.Module):
+    def __init__(self, width, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, condition):
+        shift, scale = self.adaLN_modulation(condition).chunk(2, dim=-1)
+        return self.linear(modulate_rows(self.norm_final(x), shift, scale))
+
+
+class DiffusionHead(nn.Module):
+    """MAR's per-token denoiser (its DiffLoss MLP): x_t (N, C) of one token each, the timestep
+    t (N,) and the token's condition z (N, Z) -> (N, 2C): the noise and the variance interpolation
+    of a learned-sigma Gaussian diffusion (the family holds the diffusion itself)."""
+
+    def __init__(self, in_channels, width, z_channels, depth):
+        super().__init__()
+        self.in_channels = in_channels
+        self.time_embed = TimestepEmbedder(width)
+        self.cond_embed = nn.Linear(z_channels, width)
+        self.input_proj = nn.Linear(in_channels, width)
+        self.res_blocks = nn.ModuleList([HeadResBlock(width) for _ in range(depth)])
+        self.final_layer = HeadFinalLayer(width, 2 * in_channels)
+
+    def initialize_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.constant_(module.bias, 0)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        zeroed = [block.adaLN_modulation[-1] for block in self.res_blocks]  # every block starts as the identity
+        for layer in zeroed + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.constant_(layer.weight, 0)
+            nn.init.constant_(layer.bias, 0)
+
+    def forward(self, x, t, c):
+        condition = self.time_embed(t) + self.cond_embed(c)
+        x = self.input_proj(x)
+        for block in self.res_blocks:
+            x = block(x, condition)
+        return self.final_layer(x, condition)
+
+    def forward_with_cfg(self, x, t, c, cfg_scale):
+        """Guidance over [conditional; unconditional] rows: both halves denoise the first half's
+        x_t, and the guided noise (every channel) replaces both halves' noise."""
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half]), t, c)
+        eps, rest = out[:, :self.in_channels], out[:, self.in_channels:]
+        conditional, unconditional = eps.chunk(2)
+        guided = unconditional + cfg_scale * (conditional - unconditional)
+        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+
+
+class MARHeadHolder(nn.Module):
+    """Holds the head as `diffloss.net`, the released checkpoints' name (MAR's DiffLoss module)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+
+class MAR(DepthGates, nn.Module):
+    """MAR (Li et al. 2024, "Autoregressive Image Generation without Vector Quantization"): an
+    MAE-style encoder over the visible tokens plus `buffer_size` class tokens, a decoder over all
+    positions (mask tokens where hidden), and a small diffusion head that models each token given
+    the decoder's output z. Parameter names match the released checkpoints (strict load).
+
+    Tokens are the latents (N, C, H, W) cut into patch_size x patch_size patches, channel-major
+    (MAR's patchify). `mask` (N, L) marks the hidden tokens (1); every sample hides the same
+    number. Labels index `class_emb`; label num_classes (the null class, as DiT's) means MAR's
+    `fake_latent`, which is also what a label drop gives. Learnable depth pruning gates the
+    encoder blocks (global indices 0..E-1) and the decoder blocks (E..E+D-1) in one frame; a
+    group may not span the two lists.
+    """
+
+    model_family = "MAR"
+    BLOCK_LISTS = ("encoder_blocks", "decoder_blocks")
+
+    def __init__(self, input_size=16, patch_size=1, in_channels=16, encoder_hidden_size=768, encoder_depth=12,
+                 encoder_num_heads=12, decoder_hidden_size=768, decoder_depth=12, decoder_num_heads=12,
+                 mlp_ratio=4.0, num_classes=1000, buffer_size=64, head_depth=6, head_width=1024,
+                 label_drop_prob=0.1, attn_dropout=0.1, proj_dropout=0.1, groups=None):
+        super().__init__()
+        if input_size % patch_size != 0:
+            raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.encoder_hidden_size, self.encoder_num_heads = encoder_hidden_size, encoder_num_heads
+        self.decoder_hidden_size, self.decoder_num_heads = decoder_hidden_size, decoder_num_heads
+        self.mlp_ratio, self.num_classes, self.buffer_size = mlp_ratio, num_classes, buffer_size
+        self.head_depth, self.head_width, self.label_drop_prob = head_depth, head_width, label_drop_prob
+        self.attn_dropout, self.proj_dropout = attn_dropout, proj_dropout
+        self.grad_checkpointing = False
+        self.seq_len = (input_size // patch_size) ** 2
+        self.token_channels = in_channels * patch_size ** 2
+        positions = self.seq_len + buffer_size
+
+        self.class_emb = nn.Embedding(num_classes, encoder_hidden_size)
+        self.fake_latent = nn.Parameter(torch.zeros(1, encoder_hidden_size))
+        self.z_proj = nn.Linear(self.token_channels, encoder_hidden_size)
+        self.z_proj_ln = nn.LayerNorm(encoder_hidden_size, eps=1e-6)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, positions, encoder_hidden_size))
+        self.encoder_blocks = nn.ModuleList([
+            ViTBlock(encoder_hidden_size, encoder_num_heads, mlp_ratio, attn_dropout, proj_dropout)
+            for _ in range(encoder_depth)])
+        self.encoder_norm = nn.LayerNorm(encoder_hidden_size, eps=1e-6)
+        self.decoder_embed = nn.Linear(encoder_hidden_size, decoder_hidden_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_hidden_size))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, positions, decoder_hidden_size))
+        self.decoder_blocks = nn.ModuleList([
+            ViTBlock(decoder_hidden_size, decoder_num_heads, mlp_ratio, attn_dropout, proj_dropout)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_hidden_size, eps=1e-6)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, decoder_hidden_size))
+        self.diffloss = MARHeadHolder(DiffusionHead(self.token_channels, head_width, decoder_hidden_size, head_depth))
+        self.setup_gates(groups)
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def encoder_depth(self):
+        return len(self.encoder_blocks)
+
+    @property
+    def decoder_depth(self):
+        return len(self.decoder_blocks)
+
+    @property
+    def depth(self):
+        return self.encoder_depth + self.decoder_depth
+
+    def gated_blocks(self):
+        return list(self.encoder_blocks) + list(self.decoder_blocks)
+
+    def block_list_sizes(self):
+        return [self.encoder_depth, self.decoder_depth]
+
+    @property
+    def head(self):
+        return self.diffloss.net
+
+    def initialize_weights(self):
+        """MAR's: N(0, 0.02) embeddings and tokens, Xavier-uniform linears, unit LayerNorms; the
+        head's own (zeroed modulation and output)."""
+        for table in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
+                      self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+            nn.init.normal_(table, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.constant_(module.bias, 0)
+            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+                nn.init.constant_(module.weight, 1.0)
+                nn.init.constant_(module.bias, 0)
+        self.head.initialize_weights()
+
+    def config(self):
+        """Constructor arguments that rebuild this architecture (used in checkpoint metadata)."""
+        return dict(input_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
+                    encoder_hidden_size=self.encoder_hidden_size, encoder_depth=self.encoder_depth,
+                    encoder_num_heads=self.encoder_num_heads, decoder_hidden_size=self.decoder_hidden_size,
+                    decoder_depth=self.decoder_depth, decoder_num_heads=self.decoder_num_heads,
+                    mlp_ratio=self.mlp_ratio, num_classes=self.num_classes, buffer_size=self.buffer_size,
+                    head_depth=self.head_depth, head_width=self.head_width, label_drop_prob=self.label_drop_prob,
+                    attn_dropout=self.attn_dropout, proj_dropout=self.proj_dropout, groups=self.groups)
+
+    @staticmethod
+    def depths_of_kept(kept_indices, config):
+        """Encoder and decoder depths of a model keeping `kept_indices` of the model of `config`."""
+        encoder = sum(1 for index in kept_indices if index < config["encoder_depth"])
+        return dict(encoder_depth=encoder, decoder_depth=len(kept_indices) - encoder)
+
+    # ------------------------------------------------------------------ tokens
+    def patchify(self, x):
+        """(N, C, H, W) -> (N, L, C*p*p), channel-major within a token (MAR's order)."""
+        batch, channels, height, width = x.shape
+        p = self.patch_size
+        x = x.reshape(batch, channels, height // p, p, width // p, p)
+        return torch.einsum("nchpwq->nhwcpq", x).reshape(batch, (height // p) * (width // p), channels * p * p)
+
+    def unpatchify(self, tokens):
+        batch, p, side = tokens.shape[0], self.patch_size, self.input_size // self.patch_size
+        x = tokens.reshape(batch, side, side, self.in_channels, p, p)
+        return torch.einsum("nhwcpq->nchpwq", x).reshape(batch, self.in_channels, side * p, side * p)
+
+    def class_embedding(self, labels, drop=None):
+        """class_emb(labels), fake_latent where a label is the null class or `drop` (N,) is set."""
+        null = labels >= self.num_classes
+        if drop is not None:
+            null = null | drop.bool()
+        embedded = self.class_emb(labels.clamp(max=self.num_classes - 1))
+        return torch.where(null.unsqueeze(1), self.fake_latent.to(embedded.dtype), embedded)
+
+    # ------------------------------------------------------------------ forward
+    def forward_encoder(self, tokens, mask, class_embedding, masks=None, hiddens=None, wanted=()):
+        x = self.z_proj(tokens)
+        batch, _, width = x.shape
+        x = torch.cat([class_embedding.unsqueeze(1).expand(batch, self.buffer_size, width).to(x.dtype), x], dim=1)
+        x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
+        visible = torch.cat([torch.zeros(batch, self.buffer_size, device=x.device), mask], dim=1) == 0
+        x = x[visible].reshape(batch, -1, width)  # the buffer and the visible tokens, in position order
+        x = self.run_blocks(self.encoder_blocks, x, None, masks, 0, {} if hiddens is None else hiddens, wanted)
+        return self.encoder_norm(x), visible
+
+    def forward_decoder(self, x, visible, masks=None, hiddens=None, wanted=()):
+        x = self.decoder_embed(x)
+        batch, positions = visible.shape
+        padded = self.mask_token.to(x.dtype).expand(batch, positions, x.shape[-1]).clone()
+        padded[visible] = x.reshape(-1, x.shape[-1])
+        x = padded + self.decoder_pos_embed_learned
+        x = self.run_blocks(self.decoder_blocks, x, None, masks, self.encoder_depth,
+                            {} if hiddens is None else hiddens, wanted)
+        return self.decoder_norm(x)[:, self.buffer_size:] + self.diffusion_pos_embed_learned
+
+    def forward(self, tokens, labels, mask, drop=None, hidden_indices=None, gate_onehots=None):
+        """z (N, L, decoder width): the head's condition for every token. tokens (N, L, C*p*p)
+        (zeros where hidden are fine: hidden tokens are never read), labels (N,), mask (N, L) with
+        1 = hidden, drop (N,) label drops (training). hidden_indices: global block indices whose
+        outputs to return too, as (z, [hidden, ...])."""
+        masks = self.block_masks(tokens.shape[0], gate_onehots, tokens.device)
+        wanted, hiddens = set(hidden_indices or ()), {}
+        x, visible = self.forward_encoder(tokens, mask, self.class_embedding(labels, drop), masks, hiddens, wanted)
+        z = self.forward_decoder(x, visible, masks, hiddens, wanted)
+        if hidden_indices is not None:
+            return z, [hiddens[index] for index in hidden_indices]
+        return z
 
 
 #################################################################################
@@ -734,3 +1027,40 @@ SiT_models = {name.replace("DiT-", "SiT-", 1): _config(build.family, build.patch
               for name, build in DiT_models.items()}
 
 ALL_MODELS = {**DiT_models, **SiT_models}  # every --model name of every family
+
+
+#################################################################################
+#                                  MAR Configs                                  #
+#################################################################################
+
+# (encoder = decoder depth, width, heads; diffusion head depth, width; class-token buffer) of
+# MAR's released models (their evaluation heads), and XS: ours, a CPU-sized MAR for tests and the
+# digits quick start
+MAR_FAMILIES = {"B": (12, 768, 12, 6, 1024, 64), "L": (16, 1024, 16, 8, 1280, 64),
+                "H": (20, 1280, 16, 12, 1536, 64), "XS": (4, 128, 4, 3, 128, 8)}
+
+
+def _mar_config(family, patch_size, groups=None):
+    depth, width, heads, head_depth, head_width, buffer_size = MAR_FAMILIES[family]
+
+    def build(**kwargs):
+        settings = dict(patch_size=patch_size, encoder_hidden_size=width, encoder_depth=depth, encoder_num_heads=heads,
+                        decoder_hidden_size=width, decoder_depth=depth, decoder_num_heads=heads,
+                        head_depth=head_depth, head_width=head_width, buffer_size=buffer_size)
+        if groups is not None:
+            settings["groups"] = groups
+        settings.update(kwargs)
+        return MAR(**settings)
+    build.family, build.patch_size, build.default_groups = family, patch_size, groups
+    build.model_family = MAR.model_family
+    return build
+
+
+# MAR-B/L/H: the released layout (one 16-channel KL-16 token per patch, patch size 1); the
+# -1-2 variants gate "keep 1 of every 2" blocks of the encoder and of the decoder
+MAR_models = {f"MAR-{family}": _mar_config(family, 1) for family in ("B", "L", "H")}
+MAR_models.update({f"MAR-{family}-1-2": _mar_config(family, 1, [[1, 2]] * MAR_FAMILIES[family][0])
+                   for family in ("B", "L", "H")})
+MAR_models.update({f"MAR-XS/{patch}": _mar_config("XS", patch) for patch in (1, 2, 4)})
+
+ALL_MODELS.update(MAR_models)
