@@ -115,6 +115,19 @@ def test_parameter_counts_match_the_reference_and_mars_readme(name):
     assert math.ceil(count / 1e6) == README_PARAMS_M[name]
 
 
+def layer_norms(module):
+    return {name: (sub.eps, sub.elementwise_affine) for name, sub in module.named_modules()
+            if isinstance(sub, torch.nn.LayerNorm)}
+
+
+def test_every_layer_norm_has_the_originals_eps_and_affinity():
+    """An eps of 1e-5 instead of 1e-6 moves outputs by less than the forward tolerance: checked here."""
+    ours, ref = tiny_pair()
+    assert layer_norms(ours) == layer_norms(ref)
+    assert {eps for eps, _ in layer_norms(ours).values()} == {1e-6}
+    assert layer_norms(ours)["diffloss.net.final_layer.norm_final"] == (1e-6, False)
+
+
 def test_state_dicts_load_strictly_both_ways():
     ours, ref = tiny_mar(), randomize(mar_reference_for(tiny_mar().config()), seed=3)
     ours.load_state_dict(ref.state_dict(), strict=True)
