@@ -538,6 +538,19 @@ class DiT(DepthGates, nn.Module):
         """The depth settings of a model keeping `kept_indices` of the model of `config`."""
         return dict(depth=len(kept_indices))
 
+    @staticmethod
+    def saved_depths(metadata):
+        """The depth settings of a pruned checkpoint, from its metadata."""
+        return dict(depth=len(metadata["kept_indices"]))
+
+    def prediction_signature(self):
+        """What the output means (a KD teacher must share it with its student)."""
+        return (self.in_channels, self.input_size, self.num_classes, self.learn_sigma)
+
+    def block_widths(self):
+        """Hidden size at each block's output, by global block index."""
+        return [self.hidden_size] * self.depth
+
     def initialize_weights(self):
         def _basic_init(module):
             if isinstance(module, nn.Linear):
@@ -870,6 +883,12 @@ class MAR(DepthGates, nn.Module):
     def head(self):
         return self.diffloss.net
 
+    def prediction_signature(self):
+        return (self.in_channels, self.input_size, self.patch_size, self.num_classes)
+
+    def block_widths(self):
+        return [self.encoder_hidden_size] * self.encoder_depth + [self.decoder_hidden_size] * self.decoder_depth
+
     def initialize_weights(self):
         """MAR's: N(0, 0.02) embeddings and tokens, Xavier-uniform linears, unit LayerNorms; the
         head's own (zeroed modulation and output)."""
@@ -900,6 +919,14 @@ class MAR(DepthGates, nn.Module):
         """Encoder and decoder depths of a model keeping `kept_indices` of the model of `config`."""
         encoder = sum(1 for index in kept_indices if index < config["encoder_depth"])
         return dict(encoder_depth=encoder, decoder_depth=len(kept_indices) - encoder)
+
+    @staticmethod
+    def saved_depths(metadata):
+        """Encoder and decoder depths of a pruned checkpoint (its saved config says them)."""
+        config = metadata.get("config") or {}
+        if "encoder_depth" not in config:
+            raise ValueError("a pruned MAR checkpoint must record its config (encoder_depth, decoder_depth)")
+        return dict(encoder_depth=config["encoder_depth"], decoder_depth=config["decoder_depth"])
 
     # ------------------------------------------------------------------ tokens
     def patchify(self, x):
@@ -943,18 +970,32 @@ class MAR(DepthGates, nn.Module):
                             {} if hiddens is None else hiddens, wanted)
         return self.decoder_norm(x)[:, self.buffer_size:] + self.diffusion_pos_embed_learned
 
-    def forward(self, tokens, labels, mask, drop=None, hidden_indices=None, gate_onehots=None):
+    def forward(self, tokens, labels, mask, drop=None, hidden_indices=None, gate_onehots=None, head_x=None,
+                head_t=None):
         """z (N, L, decoder width): the head's condition for every token. tokens (N, L, C*p*p)
-        (zeros where hidden are fine: hidden tokens are never read), labels (N,), mask (N, L) with
-        1 = hidden, drop (N,) label drops (training). hidden_indices: global block indices whose
-        outputs to return too, as (z, [hidden, ...])."""
+        (hidden tokens are never read), labels (N,), mask (N, L) with 1 = hidden, drop (N,) label
+        drops (training).
+
+        head_x, head_t: the head's noisy tokens (R, C*p*p) and timesteps (R,) of a training step,
+        R a multiple of N*L (z is repeated to R rows, as MAR's diffusion_batch_mul): the head runs
+        in the same call (one forward for DistributedDataParallel) and the result starts with its
+        output, as (head output, z, ...). hidden_indices: global block indices whose outputs end
+        the result, as (..., [hidden, ...])."""
         masks = self.block_masks(tokens.shape[0], gate_onehots, tokens.device)
         wanted, hiddens = set(hidden_indices or ()), {}
         x, visible = self.forward_encoder(tokens, mask, self.class_embedding(labels, drop), masks, hiddens, wanted)
         z = self.forward_decoder(x, visible, masks, hiddens, wanted)
+        result = [z]
+        if head_x is not None:
+            rows = z.reshape(-1, z.shape[-1])
+            result.insert(0, self.head(head_x, head_t, rows.repeat(len(head_x) // len(rows), 1)))
         if hidden_indices is not None:
-            return z, [hiddens[index] for index in hidden_indices]
-        return z
+            result.append([hiddens[index] for index in hidden_indices])
+        return result[0] if len(result) == 1 else tuple(result)
+
+    @property
+    def class_dropout_prob(self):  # the name Masked KD and the loop read (DiT's)
+        return self.label_drop_prob
 
 
 #################################################################################
@@ -997,7 +1038,7 @@ def _config(family, patch_size, groups=None, model_class=DiT):
         settings.update(kwargs)  # e.g. depth= for a pruned student, groups= for a custom pattern
         return model_class(**settings)
     build.family, build.patch_size, build.default_groups = family, patch_size, groups
-    build.model_family = model_class.model_family
+    build.model_family, build.model_class = model_class.model_family, model_class
     return build
 
 
@@ -1037,7 +1078,7 @@ ALL_MODELS = {**DiT_models, **SiT_models}  # every --model name of every family
 # MAR's released models (their evaluation heads), and XS: ours, a CPU-sized MAR for tests and the
 # digits quick start
 MAR_FAMILIES = {"B": (12, 768, 12, 6, 1024, 64), "L": (16, 1024, 16, 8, 1280, 64),
-                "H": (20, 1280, 16, 12, 1536, 64), "XS": (4, 128, 4, 3, 128, 8)}
+                "H": (20, 1280, 16, 12, 1536, 64), "XS": (6, 128, 4, 3, 128, 8)}
 
 
 def _mar_config(family, patch_size, groups=None):
@@ -1052,7 +1093,7 @@ def _mar_config(family, patch_size, groups=None):
         settings.update(kwargs)
         return MAR(**settings)
     build.family, build.patch_size, build.default_groups = family, patch_size, groups
-    build.model_family = MAR.model_family
+    build.model_family, build.model_class = MAR.model_family, MAR
     return build
 
 

@@ -19,7 +19,7 @@ A gated SiT (`--model SiT-XL-1-2`, or a SiT with --groups) searches on SiT's tra
 train.py's SiT flags (--path-type, --prediction, --loss-weight, --train-eps, --sample-eps).
 """
 from tinyfusion.flags import (ArgumentParser, add_model_args, add_precision_arg, add_training_args,
-                            add_transport_training_args, positive_float, positive_int)
+                            add_family_training_args, positive_float, positive_int)
 from tinyfusion.errors import run_main
 
 
@@ -29,7 +29,7 @@ def parse_args(argv=None):
     add_training_args(parser, lr=1e-4, lr_schedule="constant", min_lr=0.0, epochs=1, global_batch_size=128,
                       log_every=50, ema_decay=0.999)
     add_precision_arg(parser)
-    add_transport_training_args(parser)
+    add_family_training_args(parser)
     parser.add_argument("--delta-w", action="store_true",
                         help="also update the weights during the search (recoverability); without it only the logits train")
     parser.add_argument("--lora", action="store_true", help="with --delta-w: update the weights through LoRA adapters")

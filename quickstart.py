@@ -10,7 +10,9 @@ would, on scikit-learn's bundled handwritten digits (8x8, 10 classes, no downloa
        samples' own labels).
 
 `--family sit` runs the same stages and table on a SiT (`SiT-XS/4`, the same backbone trained on
-SiT's flow-matching transport) and samples it with SiT's ODE (see FAMILIES for its settings).
+SiT's flow-matching transport) and samples it with SiT's ODE; `--family mar` on a MAR (`MAR-XS/2`:
+6 encoder and 6 decoder blocks, gated 1:2 within each list) sampled with MAR's masked-autoregressive
+loop (see FAMILIES for their settings).
 
 Everything lands in one run folder (`--out`); a rerun reuses every finished stage (each script
 resumes), `--fresh` starts over. `--full` is the small-scale reproduction of the paper's
@@ -51,6 +53,13 @@ FAMILIES = {
                                            "--min-lr", "1e-4"],
                 teacher_steps={"quick": 1000, "full": 1500}, sampler=["--sampler", "ode", "--sampling-method", "heun2"],
                 cfg_scale=CFG_SCALE, sampling_steps={"quick": 11, "full": 11}, out="quickstart-sit-run"),
+    # MAR-XS/2: 6 encoder + 6 decoder blocks over 16 tokens of 2x2 pixels, the same 1:2 groups (3 per
+    # list) and oracle pattern (encoder 0 2 4, decoder 7 9 11); MAR's loop with 16 steps (one per
+    # token on average) and its head's diffusion respaced to 50 steps
+    "mar": dict(model="MAR-XS/2", teacher=["--lr", "1e-3", "--ema-decay", "0.995", "--lr-schedule", "cosine",
+                                           "--min-lr", "1e-4"],
+                teacher_steps={}, sampler=["--num-iter", "16"], cfg_scale=CFG_SCALE,
+                sampling_steps={"quick": 50, "full": 50}, out="quickstart-mar-run"),
 }
 
 # (teacher steps, pruning steps, recovery steps, samples per model, sampling steps, classifier epochs);
@@ -270,9 +279,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None,
                         help="run folder (every artefact lands here); default quickstart-run, with --family sit "
-                             "quickstart-sit-run")
+                             "quickstart-sit-run, with --family mar quickstart-mar-run")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="dit",
-                        help="dit: a DiT-XS/4 teacher (diffusion); sit: a SiT-XS/4 teacher (flow matching)")
+                        help="dit: a DiT-XS/4 teacher (diffusion); sit: a SiT-XS/4 teacher (flow matching); "
+                             "mar: a MAR-XS/2 teacher (masked autoregression, per-token diffusion head)")
     parser.add_argument("--fresh", action="store_true", help="delete the run folder and start over")
     parser.add_argument("--full", action="store_true", help="longer schedules and --seeds seeds (mean +/- std)")
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds for --full")

@@ -24,7 +24,7 @@ import time
 
 from tinyfusion.flags import (SAMPLING_PRECISION_HELP, ArgumentParser, add_checkpoint_args, add_guidance_args,
                             add_model_args, add_precision_arg, add_sampler_arg, add_sampling_compile_arg,
-                            add_sampling_steps_check, add_timestep_spacing_arg, add_transport_args, nonnegative_int,
+                            add_sampling_steps_check, add_timestep_spacing_arg, SAMPLING_STEPS_HELP, add_family_sampling_args, nonnegative_int,
                             resolve_timestep_spacing, sampling_steps, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main
 
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     add_model_args(parser)
     add_guidance_args(parser, cfg_scale=4.0)
-    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
+    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=None, help=SAMPLING_STEPS_HELP)
     parser.add_argument("--seed", type=nonnegative_int, default=0)
     add_checkpoint_args(parser, help="checkpoint (plain / training / pruned); default: the released file of --model's "
                         "family (DiT-XL/2: DiT-XL-2-{256x256,512x512}.pt, SiT-XL/2: SiT-XL-2-256x256.pt)")
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     add_precision_arg(parser, help=SAMPLING_PRECISION_HELP)
     add_sampling_compile_arg(parser)
     parser.set_defaults(precision="fp32")  # the original samples in fp32; bf16 is opt-in on every device
-    add_transport_args(parser)
+    add_family_sampling_args(parser)
     add_sampling_steps_check(parser)
     return parser.parse_args(argv)
 

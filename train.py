@@ -17,7 +17,7 @@ defaults: `--path-type Linear`, `--prediction velocity`, `--loss-weight None`, `
 `--sample-eps` SiT's for the path; its checkpoints record that transport.
 """
 from tinyfusion.flags import (ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg,
-                            add_eval_args, add_training_args, add_transport_training_args)
+                            add_eval_args, add_training_args, add_family_training_args)
 from tinyfusion.errors import run_main
 
 
@@ -27,7 +27,7 @@ def build_parser():
     add_training_args(parser, lr=2e-4, lr_schedule="cosine", min_lr=1e-4)
     add_eval_args(parser)
     add_precision_arg(parser)
-    add_transport_training_args(parser)
+    add_family_training_args(parser)
     add_compatibility_flags(parser, [("--strict", dict(action="store_true",
                                                        help="weights are always loaded strictly"))])
     return parser

@@ -15,7 +15,7 @@ SiT's transport: kd on the model outputs (velocities by default), gt the transpo
 masked features (transport/distillation.py), with train.py's SiT flags.
 """
 from tinyfusion.flags import (ArgumentParser, add_compatibility_flags, add_model_args, add_precision_arg,
-                            add_eval_args, add_teacher_precision_arg, add_training_args, add_transport_training_args,
+                            add_eval_args, add_teacher_precision_arg, add_training_args, add_family_training_args,
                             nonnegative_float, unit_interval)
 from tinyfusion.errors import run_main
 
@@ -27,7 +27,7 @@ def build_parser():
     add_eval_args(parser)
     add_precision_arg(parser)
     add_teacher_precision_arg(parser)
-    add_transport_training_args(parser)
+    add_family_training_args(parser)
     parser.add_argument("--teacher", type=str, default="DiT-XL/2")
     parser.add_argument("--load-teacher", type=str, default=None, help="teacher weights (e.g. DiT-XL-2-256x256.pt)")
     parser.add_argument("--alpha-kd", type=unit_interval, default=0.9, help="weight of the output KD term (gt gets 1 - alpha)")

@@ -24,7 +24,7 @@ x_t = alpha_t x1 + sigma_t x0 instead, t uniform on its training interval (or `-
 import argparse
 import os
 
-from tinyfusion.flags import (add_checkpoint_args, add_model_args, add_transport_training_args, diffusion_timestep,
+from tinyfusion.flags import (add_checkpoint_args, add_model_args, add_family_training_args, diffusion_timestep,
                             nonnegative_int, positive_float, positive_int, unit_interval)
 from tinyfusion.errors import TinyFusionError, run_main
 
@@ -43,13 +43,14 @@ def parse_args(argv=None):
                         help="a DiT: one timestep in [0, 1000) for all samples (default: uniform)")
     parser.add_argument("--time", type=unit_interval, default=None,
                         help="a SiT: one time in [0, 1] for all samples (1 = data; default: uniform on the "
-                             "transport's training interval)")
+                             "transport's training interval); a MAR: one mask ratio for all samples (default: MAR's "
+                             "training draws)")
     parser.add_argument("--mask-sigma", type=positive_float, default=2.0, help="k of the Masked KD mask |h - mu| >= k std")
     parser.add_argument("--topk", type=positive_int, default=10, help="largest |activations| shown per block")
     parser.add_argument("--out", type=str, default=None, help="output folder (default: activations/<model>-<ckpt>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the figures of an earlier run in --out")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    add_transport_training_args(parser)
+    add_family_training_args(parser)
     return parser.parse_args(argv)
 
 
@@ -153,9 +154,9 @@ def main(args):
                                           args.image_size, vae, args.batch_size, device)
     check_latents_fit(latents, labels, model)
     when = args.timestep if args.time is None else args.time  # the one the family takes (check_args)
-    x_t, t = family.activation_inputs(latents, torch.Generator().manual_seed(args.seed), when=when)
+    x_t, t = family.activation_inputs(latents, torch.Generator().manual_seed(args.seed), when=when, model=model)
     stats = block_statistics(model, x_t, t, labels, batch_size=args.batch_size, mask_sigma=args.mask_sigma,
-                             topk=args.topk, edges=histogram_edges(), progress=True)
+                             topk=args.topk, edges=histogram_edges(), progress=True, forward=family.activation_forward)
     summaries = [block.summary(index) for index, block in enumerate(stats)]
     name = f"{args.model} {os.path.basename(ckpt)}"
     for index, (block, summary) in enumerate(zip(stats, summaries)):

@@ -31,6 +31,7 @@ Student/teacher alignment (which teacher block each student block imitates), `--
 - explicit pairs "0:1,1:3,...".
 """
 import ast
+import itertools
 
 import torch
 
@@ -48,15 +49,18 @@ ORIGINAL_LAYER_MAPS = {
 
 
 # ------------------------------------------------------------------------------ layer maps
-def span_end_layer_map(kept_indices, teacher_depth):
+def span_end_layer_map(kept_indices, teacher_depth, list_sizes=None):
     """[(i, k_{i+1} - 1), ..., (K-1, D-1)]: each student block aligned with the last teacher block
-    of the span it replaces (see the module docstring)."""
+    of the span it replaces (see the module docstring). With block lists (`list_sizes`, e.g. a
+    MAR's encoder and decoder) a span also ends where its list ends."""
     try:
         kept = validate_kept_indices([int(k) for k in kept_indices], teacher_depth)
     except ValueError as error:
         raise ValueError(f"kept_indices {list(kept_indices)} do not fit a teacher with {teacher_depth} blocks "
                          f"({error}); was the student pruned from another model? pass --kd-layer-map") from None
-    span_ends = kept[1:] + [teacher_depth]
+    list_ends = list(itertools.accumulate(list_sizes or [teacher_depth]))
+    span_ends = [min(end, next(edge for edge in list_ends if edge > start))
+                 for start, end in zip(kept, kept[1:] + [teacher_depth])]
     return [(i, end - 1) for i, end in enumerate(span_ends)]
 
 
@@ -87,10 +91,11 @@ def validate_layer_map(pairs, student_depth, teacher_depth):
     return [(int(s), int(t)) for s, t in pairs]
 
 
-def rule_layer_map(rule, student_depth, teacher_depth, teacher_frame_kept):
+def rule_layer_map(rule, student_depth, teacher_depth, teacher_frame_kept, list_sizes=None):
     """(pairs, how they were chosen) for `rule` "original" or "span-end" (module docstring).
     `teacher_frame_kept()` returns (the student's kept indices in the teacher's frame, a
-    description of that frame); it is called only when the span-end rule is needed."""
+    description of that frame); it is called only when the span-end rule is needed. `list_sizes`:
+    the teacher's block lists (spans end at a list's end)."""
     if rule not in LAYER_MAP_RULES:
         raise ValueError(f"unknown layer map rule {rule!r}; use one of {', '.join(LAYER_MAP_RULES)} or explicit pairs")
     if rule == "original" and (student_depth, teacher_depth) in ORIGINAL_LAYER_MAPS:
@@ -103,7 +108,7 @@ def rule_layer_map(rule, student_depth, teacher_depth, teacher_frame_kept):
     how = f"span ends of kept indices {list(kept)} ({frame})"
     if rule == "original":
         how += f"; the original has no map for a {student_depth}-block student and a {teacher_depth}-block teacher"
-    return span_end_layer_map(kept, teacher_depth), how
+    return span_end_layer_map(kept, teacher_depth, list_sizes), how
 
 
 # ------------------------------------------------------------------------------ losses

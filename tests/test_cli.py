@@ -68,11 +68,12 @@ def test_parse_index_list():
 def test_choice_lists_of_the_help_are_the_code_s():
     """The choice lists tinyfusion/flags.py repeats so that --help needs no torch are the registries
     the code runs (the model zoo, the samplers, the feature store's dtypes, SiT's interpolants)."""
-    from models import DiT_models
+    from models import MAR_models, DiT_models
     from tinyfusion import flags as cli
     from tinyfusion.io import feature_store
     from transport import paths, samplers, settings
     assert cli.MODEL_NAMES == list(DiT_models)
+    assert cli.MAR_MODEL_NAMES == list(MAR_models)
     from tinyfusion.families import dit
     assert cli.SAMPLER_NAMES == tuple(dit.SAMPLERS)
     assert cli.STORE_DTYPE_NAMES == tuple(sorted(feature_store.STORE_DTYPES))

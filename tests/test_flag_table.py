@@ -49,6 +49,10 @@ TABLE = [
         (["--last-step-size", "0.7"], "must lie in [0, 0.5)"), (["--cfg-scale", "-1"], NONNEGATIVE),
         (["--ddim-eta", "1.5"], UNIT), (["--num-sampling-steps", "0"], POSITIVE),
         (["--num-sampling-steps", "1001"], "at most the diffusion's 1000 steps for a DiT")]],
+    *[(script, argv, fragment) for script in SIT_TRAINING for argv, fragment in [
+        (["--mask-ratio-min", "1.5"], UNIT), (["--diffusion-batch-mul", "0"], POSITIVE)]],
+    *[(script, argv, fragment) for script in SIT_SAMPLING for argv, fragment in [
+        (["--num-iter", "0"], POSITIVE), (["--temperature", "0"], POSITIVE)]],
     ("sample.py", ["--seed", "-1"], NONNEGATIVE),
     ("sample.py", ["--class-labels", "3", "-1"], NONNEGATIVE),
     ("sample_ddp.py", ["--per-proc-batch-size", "0"], POSITIVE),

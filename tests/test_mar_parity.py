@@ -331,3 +331,42 @@ def test_gated_and_pruned_mar_match_the_reference_of_the_kept_blocks():
             ref.forward_mae_encoder(tokens, mask, reference_class_embedding(ref, labels)), mask)
         torch.testing.assert_close(pruned(tokens, labels, mask), want, atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(gated.eval()(tokens, labels, mask), want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_our_generation_loop_takes_the_reference_steps(monkeypatch, cfg):
+    """tinyfusion.families.mar.sample_tokens against reference_generation_step, step by step: the
+    same orders (each sample's first draw), the decoder rows handed to the head, the guidance of
+    the step and the positions written, with the head's samples shared (ours are fed to the
+    reference, so the two token grids must stay equal)."""
+    from tinyfusion.families import mar
+    from tinyfusion.sampling.generate import sample_generator
+    ours, ref = tiny_pair(seed=3)
+    labels, num_iter, temperature = torch.tensor([2, 7, 0]), 5, 0.9
+    steps = []
+    real_sample_head = mar.sample_head
+
+    def recording(model, process, z, generators, pad, **kwargs):
+        sampled = real_sample_head(model, process, z, generators, pad, **kwargs)
+        steps.append(dict(z=z.clone(), cfg=kwargs["cfg_scale"], sampled=sampled.clone()))
+        return sampled
+    monkeypatch.setattr(mar, "sample_head", recording)
+    y = torch.cat([labels, torch.full_like(labels, NUM_CLASSES)]) if cfg != 1.0 else labels
+    process = mar.Family().sampling_process("mar", 3, None, None)
+    ours_out = mar.sample_tokens(ours, process, y, [sample_generator(4, i) for i in range(3)], cfg_scale=cfg,
+                                 amp=(torch.float32, "cpu"), num_iter=num_iter, cfg_schedule="linear",
+                                 temperature=temperature)
+    orders = torch.stack([torch.randperm(16, generator=sample_generator(4, i)) for i in range(3)])
+    tokens, mask = torch.zeros(3, 16, ours.token_channels), torch.ones(3, 16)
+    for step, recorded in enumerate(steps):
+        def head_sample(z, temp, cfg_iter):
+            assert temp == temperature
+            return recorded["sampled"].repeat(2 if cfg != 1.0 else 1, 1)
+        with torch.no_grad():
+            z, cfg_iter, mask_next, _ = reference_generation_step(ref, tokens, mask, orders, step, num_iter, labels,
+                                                                  cfg, "linear", temperature, head_sample)
+        torch.testing.assert_close(recorded["z"], z, atol=ATOL, rtol=RTOL)
+        assert recorded["cfg"] == pytest.approx(cfg_iter)
+        mask = mask_next.float()
+    assert len(steps) == num_iter and bool((mask.sum(dim=1) == 1).all())
+    torch.testing.assert_close(ours_out, ours.unpatchify(tokens), atol=0, rtol=0)

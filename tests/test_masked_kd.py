@@ -301,7 +301,8 @@ def test_kept_indices_are_read_in_the_frame_of_the_loaded_teacher(tmp_path):
 
     from tinyfusion.distillation.masked_kd import resolve_layer_map
     resolve = lambda rule, teacher_depth: resolve_layer_map(  # noqa: E731
-        SimpleNamespace(kd_layer_map=rule), SimpleNamespace(depth=7), d7, SimpleNamespace(depth=teacher_depth))
+        SimpleNamespace(kd_layer_map=rule), SimpleNamespace(depth=7), d7,
+        SimpleNamespace(depth=teacher_depth, block_list_sizes=lambda: [teacher_depth]))
     assert resolve("span-end", 28)[0] == span_end_layer_map(root_frame, 28)
     assert "relative to the 28-block root" in resolve("original", 28)[1]
     assert resolve("original", 14)[0] == [(i, 2 * i + 1) for i in range(7)]

@@ -175,7 +175,7 @@ def test_bi_score_hooks_match_a_manual_block_loop():
     x = torch.randn(5, 3, 8, 8)
     t = torch.randint(0, 1000, (5,))
     y = torch.randint(0, 10, (5,))
-    by_hooks = block_input_output_similarity(model, x, t, y) / 5
+    by_hooks = block_input_output_similarity(model, lambda: model(x, t, y)) / 5
     with torch.no_grad():
         hidden = model.x_embedder(x) + model.pos_embed
         c = model.t_embedder(t) + model.y_embedder(y, False)

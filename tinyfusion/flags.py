@@ -18,6 +18,8 @@ from tinyfusion.errors import TinyFusionError
 MODEL_NAMES = ["DiT-XL/2", "DiT-XL/4", "DiT-XL/8", "DiT-L/2", "DiT-L/4", "DiT-L/8", "DiT-B/2", "DiT-B/4", "DiT-B/8",
                "DiT-S/2", "DiT-S/4", "DiT-S/8", "DiT-D19/2", "DiT-D14/2", "DiT-D7/2", "DiT-XS/1", "DiT-XS/2",
                "DiT-XS/4", "DiT-XL-1-2", "DiT-XL-2-4", "DiT-XL-7-14", "DiT-XL-1-4", "DiT-D14-1-2", "DiT-D14-2-4"]
+# every name of models.MAR_models (checked by tests/test_cli.py as well)
+MAR_MODEL_NAMES = ["MAR-B", "MAR-L", "MAR-H", "MAR-B-1-2", "MAR-L-1-2", "MAR-H-1-2", "MAR-XS/1", "MAR-XS/2", "MAR-XS/4"]
 
 
 # choice lists of flags whose values are names defined by torch code: listed here so that `--help`
@@ -169,20 +171,26 @@ def sampling_steps(text):
 
 
 def add_sampling_steps_check(parser):
-    """--num-sampling-steps <= 1000 for a DiT (--model DiT-...); a SiT's time grid takes any count
+    """--num-sampling-steps without a value becomes the family's default (250; MAR's head: 100);
+    at most 1000 for a DiT (--model DiT-...) or a MAR's head; a SiT's time grid takes any count
     (the registry entry's max_sampling_steps)."""
     def check(args):
         try:
             entry = entry_for_model(args.model)
         except TinyFusionError:
-            return None  # an unknown --model is refused when the model is built
-        if entry.max_sampling_steps is not None and args.num_sampling_steps > entry.max_sampling_steps:
+            entry = None  # an unknown --model is refused when the model is built
+        if args.num_sampling_steps is None:
+            args.num_sampling_steps = entry.default_sampling_steps if entry else 250
+        if entry and entry.max_sampling_steps is not None and args.num_sampling_steps > entry.max_sampling_steps:
             unlimited = "; ".join(f"a {other.name}'s --sampler {' / '.join(other.samplers)}" for other in REGISTRY
                                   if other.max_sampling_steps is None)
             return (f"argument --num-sampling-steps: must be at most the diffusion's {entry.max_sampling_steps} steps "
                     f"for a {entry.name}, got {args.num_sampling_steps} ({unlimited} takes any number)")
         return None
     return parser.add_check(check)
+
+
+SAMPLING_STEPS_HELP = "default: 250 (DiT, SiT); for a MAR its head's diffusion steps, default 100 (MAR's)"
 
 
 # marks the validated numeric `type=` functions (tests/test_flag_table.py finds every flag using one)
@@ -242,7 +250,8 @@ def parse_index_list(text):
 def add_model_args(parser, default_model="DiT-XL/2"):
     """--model, --image-size, --num-classes, --vae, --vae-path, --groups."""
     parser.add_argument("--model", type=str, default=default_model,
-                        help=f"one of: {', '.join(MODEL_NAMES)}")
+                        help=f"one of: {', '.join(MODEL_NAMES)}, their SiT- twins (SiT-XL/2, ...), or "
+                             f"{', '.join(MAR_MODEL_NAMES)}")
     parser.add_argument("--image-size", type=positive_int, default=256,
                         help="256 or 512 for the SD-VAE; any size with --vae none (pixel space)")
     parser.add_argument("--num-classes", type=positive_int, default=1000)
@@ -463,6 +472,38 @@ def add_transport_args(parser):
     group.add_argument("--last-step-size", type=time_margin, default=0.04)
 
 
+def add_mar_training_args(parser):
+    """MAR's training flags (for --model MAR-...), with the defaults of MAR's README training command."""
+    group = parser.add_argument_group("MAR (--model MAR-...): its masking and head batch, as MAR's main_mar.py")
+    group.add_argument("--mask-ratio-min", type=unit_interval, default=0.7,
+                       help="the mask ratio is N(1, 0.25^2) truncated to [this, 1]")
+    group.add_argument("--diffusion-batch-mul", type=positive_int, default=4,
+                       help="each token's head loss is taken on this many (t, noise) draws (MAR's README: 4)")
+
+
+def add_mar_sampling_args(parser):
+    """MAR's generation flags (--model MAR-...), with MAR's names and defaults."""
+    group = parser.add_argument_group("MAR (--model MAR-...): its generation loop, as MAR's main_mar.py")
+    group.add_argument("--num-iter", type=positive_int, default=64,
+                       help="autoregressive steps (MAR's default 64; its README's FID runs use 256)")
+    group.add_argument("--cfg-schedule", choices=("linear", "constant"), default="linear",
+                       help="linear: the guidance scale rises from 1 with the share of generated tokens (MAR's)")
+    group.add_argument("--temperature", type=positive_float, default=1.0,
+                       help="scales the head's per-step noise (MAR's README: 0.95 without guidance)")
+
+
+def add_family_training_args(parser):
+    """The training flags only one family reads: SiT's transport and MAR's masking."""
+    add_transport_training_args(parser)
+    add_mar_training_args(parser)
+
+
+def add_family_sampling_args(parser):
+    """The sampling flags only one family reads: SiT's transport and solver, MAR's loop."""
+    add_transport_args(parser)
+    add_mar_sampling_args(parser)
+
+
 # ------------------------------------------------------------------ sample_ddp.py
 def add_sample_batch_args(parser):
     """Every flag of sample_ddp.py (also parsed by the drivers that name its output, see
@@ -472,7 +513,7 @@ def add_sample_batch_args(parser):
     parser.add_argument("--per-proc-batch-size", type=positive_int, default=32)
     parser.add_argument("--num-fid-samples", type=positive_int, default=50_000)
     add_guidance_args(parser, cfg_scale=1.5)
-    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=250)
+    parser.add_argument("--num-sampling-steps", type=sampling_steps, default=None, help=SAMPLING_STEPS_HELP)
     parser.add_argument("--global-seed", type=nonnegative_int, default=0, help="sample i uses seeds derived from (this, i)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="TF32 matmuls on Ampere+ GPUs: faster, as the original; --no-tf32 for full fp32")
@@ -492,6 +533,6 @@ def add_sample_batch_args(parser):
                         help="intra-op threads per rank on CPU (use one rank per core instead: images are bit-identical "
                              "for any world size only at a fixed thread count)")
     parser.add_argument("--keep-parts", action="store_true", help="keep the part files after the .npz is written")
-    add_transport_args(parser)
+    add_family_sampling_args(parser)
     add_sampling_steps_check(parser)
     return parser

@@ -34,13 +34,18 @@ def check_teacher_fits(args, student, teacher):
     if student.depth > teacher.depth:
         raise TinyFusionError(f"the student has {student.depth} blocks but the teacher --teacher {args.teacher} only "
                               f"{teacher.depth}; distil a pruned (shallower) student from its dense source model")
-    if (student.in_channels, student.input_size, student.num_classes, student.learn_sigma) != \
-            (teacher.in_channels, teacher.input_size, teacher.num_classes, teacher.learn_sigma):
+    if student.prediction_signature() != teacher.prediction_signature():
         raise TinyFusionError(f"teacher {args.teacher} and student {args.model} predict different things "
                               f"(channels/input size/classes/learned sigma); use the teacher the student was pruned from")
-    if args.beta_feat > 0 and student.hidden_size != teacher.hidden_size:
-        raise TinyFusionError(f"the feature loss needs equal hidden sizes (student {student.hidden_size}, teacher "
-                              f"{teacher.hidden_size}); pass --beta-feat 0")
+
+
+def check_pair_widths(args, student, teacher, pairs):
+    """The feature loss compares each aligned pair of blocks: their widths must agree."""
+    student_widths, teacher_widths = student.block_widths(), teacher.block_widths()
+    for s, t in pairs:
+        if args.beta_feat > 0 and student_widths[s] != teacher_widths[t]:
+            raise TinyFusionError(f"the feature loss needs equal hidden sizes (student block {s}: {student_widths[s]}, "
+                                  f"teacher block {t}: {teacher_widths[t]}); pass --beta-feat 0")
 
 
 def resolve_layer_map(args, student, metadata, teacher):
@@ -49,7 +54,8 @@ def resolve_layer_map(args, student, metadata, teacher):
     try:
         if args.kd_layer_map in LAYER_MAP_RULES:
             pairs, source = rule_layer_map(args.kd_layer_map, student.depth, teacher.depth,
-                                           lambda: kept_indices_in_frame(metadata, teacher.depth))
+                                           lambda: kept_indices_in_frame(metadata, teacher.depth),
+                                           teacher.block_list_sizes())
         else:
             pairs, source = parse_layer_map(args.kd_layer_map), "--kd-layer-map"
         return validate_layer_map(pairs, student.depth, teacher.depth), source
@@ -66,6 +72,7 @@ class MaskedKD(FineTuning):
         self.teacher = build_teacher(args, run.ctx.device, run.family)
         check_teacher_fits(args, run.model, self.teacher)
         self.layer_pairs, self.map_source = resolve_layer_map(args, run.model, run.metadata, self.teacher)
+        check_pair_widths(args, run.model, self.teacher, self.layer_pairs)
         return run
 
     def begin(self, run):

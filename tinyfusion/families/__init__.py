@@ -1,7 +1,7 @@
 """The model families: one object per generative process a model is trained and sampled with.
 
-A family answers everything that differs between DiT (Gaussian diffusion, `dit.py`) and SiT
-(the interpolant transport, `sit.py`): its flags, training loss, Masked KD loss, the noising BI
+A family answers everything that differs between DiT (Gaussian diffusion, `dit.py`), SiT
+(the interpolant transport, `sit.py`) and MAR (masked autoregression with a diffusion head, `mar.py`): its flags, training loss, Masked KD loss, the noising BI
 calibration sees, its samplers, and what a checkpoint records of the process and is checked
 against. Scripts ask the family of their `--model`; no code outside this package compares
 family names.
@@ -27,11 +27,17 @@ class FamilyEntry:
     calibration: str = "clean"    # prune_by_score.py's default --calibration
     flag_defaults: tuple = ()     # (flag dest, default) of the flags only this family reads
     trains_sigma: bool = False    # its loss trains the final layer's sigma half (told from weights)
+    default_sampling_steps: int = 250  # --num-sampling-steps when none is given
+    layout: str = "dit"           # families of one layout share architectures and weights' shapes (twins)
 
 
 DIFFUSION_SAMPLERS = ("ddpm", "ddim")       # DiT's respaced diffusion (diffusion/respace.py)
 SOLVER_NAMES = ("dpm-solver++", "unipc")    # DiT's fast ODE solvers (tinyfusion/sampling/solvers.py)
 FLOW_SAMPLERS = ("ode", "sde")              # SiT's ODE / SDE modes (transport/samplers.py)
+# MAR's own flags, with MAR's defaults: training (the README's diffusion_batch_mul 4) and sampling
+MAR_FLAG_DEFAULTS = (("mask_ratio_min", 0.7), ("diffusion_batch_mul", 4), ("num_iter", 64), ("cfg_schedule", "linear"),
+                     ("temperature", 1.0))
+MAR_SAMPLERS = ("mar",)                    # MAR's masked-autoregressive loop (tinyfusion/families/mar.py)
 SIT_FLAG_DEFAULTS = (("path_type", "Linear"), ("prediction", "velocity"), ("loss_weight", None),
                      ("train_eps", None), ("sample_eps", None))
 
@@ -40,6 +46,9 @@ REGISTRY = (
                 default_sampler="ddpm", max_sampling_steps=1000, calibration="clean", trains_sigma=True),
     FamilyEntry("SiT", "SiT-", "tinyfusion.families.sit", samplers=FLOW_SAMPLERS, calibration="noised",
                 flag_defaults=SIT_FLAG_DEFAULTS),
+    FamilyEntry("MAR", "MAR-", "tinyfusion.families.mar", samplers=MAR_SAMPLERS, default_sampler="mar",
+                max_sampling_steps=1000, calibration="clean", flag_defaults=MAR_FLAG_DEFAULTS, trains_sigma=True,
+                default_sampling_steps=100, layout="mar"),
 )
 
 
@@ -86,6 +95,11 @@ def family_from_args(args, model_name=None):
                 raise TinyFusionError(f"--{dest.replace('_', '-')} is a {other.name} flag; --model {model_name} is a "
                                       f"{entry.name} (drop the flag or use the model's {other.name}- twin)")
     return family_class(entry).from_args(args)
+
+
+def twin_entry(entry):
+    """The other family of the same layout (DiT <-> SiT), or None (MAR has none)."""
+    return next((other for other in REGISTRY if other is not entry and other.layout == entry.layout), None)
 
 
 def twin_name(model_name, entry):

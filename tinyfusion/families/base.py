@@ -66,6 +66,12 @@ class ModelFamily:
         """(x, t) the BI score measures a block on, drawn from `generator`."""
         raise NotImplementedError
 
+    def calibration_forward(self, model, x, y, generator, *, calibration, num_timesteps):
+        """The model called on the BI calibration inputs of latents x and labels y."""
+        x_t, t = self.calibration_inputs(x, generator, calibration=calibration, num_timesteps=num_timesteps)
+        device = next(model.parameters()).device
+        return model(x_t.to(device), t.to(device), y.to(device))
+
     def check_calibration(self, calibration):
         """One line when prune_by_score.py's --calibration does not fit the family."""
 
@@ -73,9 +79,15 @@ class ModelFamily:
         """(what prune_by_score.py records of its calibration inputs, their t range in words)."""
         raise NotImplementedError
 
-    def activation_inputs(self, latents, generator, *, when=None):
+    def activation_inputs(self, latents, generator, *, when=None, model=None):
         """(x_t, t) visualize_activation.py measures: `when` one timestep/time for all, else drawn."""
         raise NotImplementedError
+
+    @staticmethod
+    def activation_forward(model, x_t, t, y):
+        """Every block's output on what activation_inputs returned (visualize_activation.py)."""
+        from tinyfusion.study.activations import every_block_output
+        return every_block_output(model, x_t, t, y)
 
     def check_noising_flags(self, model_name, *, timestep, time):
         """One line when visualize_activation.py gets the other family's --timestep / --time."""
@@ -103,8 +115,10 @@ class ModelFamily:
         raise NotImplementedError
 
     @staticmethod
-    def run_sampler(process, sampler, model_fn, shape, loop_kwargs, eta, options):
-        """Final latents from the start noise in loop_kwargs (see tinyfusion.sampling.generate)."""
+    def run_sampler(process, sampler, model_fn, shape, loop_kwargs, eta, options, context=None):
+        """Final latents from the start noise in loop_kwargs (see tinyfusion.sampling.generate);
+        context: the model, per-sample generators, guidance scale and autocast (dtype, device),
+        for a loop that needs more than model_fn (MAR's)."""
         raise NotImplementedError
 
     def sample_name_suffix(self, args, options):

@@ -12,7 +12,7 @@ import re
 import torch
 
 from tinyfusion.errors import TinyFusionError
-from tinyfusion.families import REGISTRY, entry_for_model, entry_named, twin_name
+from tinyfusion.families import REGISTRY, entry_for_model, entry_named, twin_entry, twin_name
 from tinyfusion.io.checkpoints import extract_state_dict, infer_architecture, load_checkpoint_file, load_into_model, \
     read_metadata
 
@@ -20,9 +20,9 @@ RELEASED_NAME = re.compile(r"(?P<family>[A-Za-z]+)-XL-2-\d+x\d+\.pt")  # DiT-XL-
 
 
 def unknown_model_message(model_name, flag="--model"):
-    from models import DiT_models
-    twins = ", ".join(f"{entry.model_prefix}" for entry in REGISTRY[1:])
-    return f"unknown {flag} {model_name}; choose one of {', '.join(DiT_models)} (or their {twins} twins)"
+    from models import DiT_models, MAR_models, SiT_models
+    return (f"unknown {flag} {model_name}; choose one of {', '.join(DiT_models)} (or their SiT- twins, "
+            f"{', '.join(list(SiT_models)[:2])}, ...) or {', '.join(MAR_models)}")
 
 
 def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_path=None, ckpt=None,
@@ -46,7 +46,7 @@ def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_pat
         state_dict, metadata = extract_state_dict(obj, use_ema=use_ema), read_metadata(obj)
         kwargs.update(family_checked_kwargs(obj, metadata, state_dict, ckpt, model_name, flag))
         if metadata and metadata.get("kept_indices") is not None:
-            kwargs["depth"] = len(metadata["kept_indices"])
+            kwargs.update(pruned_depths(model_name, metadata, ckpt))
             kwargs.pop("groups", None)
     try:
         model = ALL_MODELS[model_name](**kwargs)
@@ -57,6 +57,17 @@ def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_pat
     return model, metadata
 
 
+def pruned_depths(model_name, metadata, source):
+    """The depth settings (DiT: depth; MAR: encoder and decoder depth) a pruned checkpoint's
+    metadata gives --model's architecture."""
+    from models import ALL_MODELS, DiT
+    model_class = getattr(ALL_MODELS[model_name], "model_class", DiT)  # a registry stand-in builds a DiT
+    try:
+        return model_class.saved_depths(metadata)
+    except ValueError as error:
+        raise TinyFusionError(f"{source}: {error}") from None
+
+
 def checkpoint_model_family(obj, metadata, path):
     """The family name a checkpoint states: our metadata, else a training checkpoint's
     args.model, else the released file names; None when nothing says."""
@@ -65,7 +76,9 @@ def checkpoint_model_family(obj, metadata, path):
     args = obj.get("args") if isinstance(obj, dict) else None
     name = args.get("model") if isinstance(args, dict) else getattr(args, "model", None)  # ours: dict; original: Namespace
     if isinstance(name, str):
-        entry = next((entry for entry in REGISTRY if name.startswith(entry.model_prefix)), None)
+        # ours / DiT's names ("DiT-XL/2"), or the original's lower-case ones (MAR's "mar_base")
+        entry = next((entry for entry in REGISTRY
+                      if name.startswith((entry.model_prefix, entry.model_prefix.lower().replace("-", "_")))), None)
         if entry is not None:
             return entry.name
     released = RELEASED_NAME.fullmatch(os.path.basename(os.fspath(path)))
@@ -80,17 +93,19 @@ def family_checked_kwargs(obj, metadata, state_dict, ckpt, model_name, flag):
     family, reason = checkpoint_model_family(obj, metadata, ckpt), None
     if family is None:
         family, reason = family_from_weights(state_dict)
-    other = next((entry for entry in REGISTRY if entry is not wanted), wanted)
+    other = twin_entry(wanted)
     if family is not None and family != wanted.name:
-        twin = twin_name(model_name, entry_named(family) or other)
+        holder = entry_named(family)
+        if holder is not None and holder.layout == wanted.layout:
+            advice = f"pass {flag} {twin_name(model_name, holder)} (and the matching sampler)"
+        else:
+            advice = f"pass a {flag} of the {family} family ({holder.model_prefix if holder else family}...)"
         raise TinyFusionError(f"checkpoint {ckpt} holds {family} weights{f' ({reason})' if reason else ''} but {flag} "
-                              f"{model_name} is a {wanted.name}; pass {flag} {twin} (and the matching sampler)")
-    if family is None and int(os.environ.get("RANK", "0")) == 0:
-        twin = twin_name(model_name, other)
-        names = " or ".join(entry.name for entry in REGISTRY)
-        print(f"note: {ckpt} does not say whether it holds {names} weights (a plain state dict "
+                              f"{model_name} is a {wanted.name}; {advice}")
+    if family is None and other is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {ckpt} does not say whether it holds {wanted.name} or {other.name} weights (a plain state dict "
               f"with an untrained final layer); loaded as a {wanted.name} ({flag} {model_name}); if it is a "
-              f"{other.name}, pass {flag} {twin}")
+              f"{other.name}, pass {flag} {twin_name(model_name, other)}")
     arch = infer_architecture(state_dict) if not wanted.trains_sigma else None
     return {"learn_sigma": False} if arch and arch["learn_sigma"] is False else {}
 
@@ -101,12 +116,14 @@ def family_from_weights(state_dict):
     sigma half (DiT's diffusion loss, channels C..2C-1) moves it: a SiT drops it, so its rows stay
     exactly at their zero initialisation while the mean half trains. A final layer of p*p*C
     outputs is a SiT built without the sigma half. An untrained final layer fits both."""
+    if "z_proj.weight" in state_dict and "diffloss.net.input_proj.weight" in state_dict:
+        return "MAR", "it has MAR's token projection and diffusion head"
     weight, bias = state_dict.get("final_layer.linear.weight"), state_dict.get("final_layer.linear.bias")
     proj = state_dict.get("x_embedder.proj.weight")
     if weight is None or bias is None or proj is None or proj.dim() != 4:
         return None, None
-    trains_sigma = next(entry.name for entry in REGISTRY if entry.trains_sigma)
-    ignores_sigma = next(entry.name for entry in REGISTRY if not entry.trains_sigma)
+    trains_sigma = next(entry.name for entry in REGISTRY if entry.trains_sigma and entry.layout == "dit")
+    ignores_sigma = next(entry.name for entry in REGISTRY if not entry.trains_sigma and entry.layout == "dit")
     channels, patch_area = proj.shape[1], proj.shape[2] * proj.shape[3]
     out_channels = weight.shape[0] // patch_area
     if out_channels == channels:

@@ -78,7 +78,7 @@ class Family(ModelFamily):
         timesteps = num_timesteps if calibration == "clean" else self.diffusion.num_timesteps
         return dict(timesteps=timesteps), f"t in [0, {timesteps})"
 
-    def activation_inputs(self, latents, generator, *, when=None):
+    def activation_inputs(self, latents, generator, *, when=None, model=None):
         """x_t = q_sample with t uniform in [0, 1000) (or `when` for all), then seeded noise."""
         if when is None:
             t = torch.randint(0, self.diffusion.num_timesteps, (len(latents),), generator=generator)
@@ -98,7 +98,7 @@ class Family(ModelFamily):
         return sampling_process(sampler, num_steps, timestep_spacing)
 
     @staticmethod
-    def run_sampler(process, sampler, model_fn, shape, loop_kwargs, eta, options):
+    def run_sampler(process, sampler, model_fn, shape, loop_kwargs, eta, options, context=None):
         solver_name = getattr(process, "name", None)  # a FastSolver's; diffusions have none
         if (SAMPLERS[sampler] is _solver_loop or solver_name is not None) and solver_name != sampler:
             raise ValueError(f"sampler {sampler!r} needs its own sampling process: sampling_process({sampler!r}, ...)")

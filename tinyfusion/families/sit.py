@@ -94,7 +94,7 @@ class Family(ModelFamily):
         return (dict(timesteps=None, time_interval=interval, **self.record()),
                 "t in [{}, {}] of the transport".format(*interval))
 
-    def activation_inputs(self, latents, generator, *, when=None):
+    def activation_inputs(self, latents, generator, *, when=None, model=None):
         """t uniform on the training interval then x0 (as training draws them), or t = `when`."""
         if when is None:
             return self.noised(latents, generator)
@@ -139,7 +139,7 @@ class Family(ModelFamily):
         return self.transport
 
     @staticmethod
-    def run_sampler(process, sampler, model_fn, shape, loop_kwargs, eta, options):
+    def run_sampler(process, sampler, model_fn, shape, loop_kwargs, eta, options, context=None):
         """The ODE or SDE from the start noise (the SDE's per-step noise from noise_fn)."""
         y = loop_kwargs["model_kwargs"]["y"]
         with one_line_errors():

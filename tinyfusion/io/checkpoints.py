@@ -165,12 +165,12 @@ def read_metadata(obj):
 
 
 def extract_state_dict(obj, use_ema=True):
-    """The model state dict inside a loaded checkpoint: `ema` unless use_ema is False, else
-    `model`, else the object itself; a `module.` (DDP) prefix is removed."""
+    """The model state dict inside a loaded checkpoint: `ema` (MAR's: `model_ema`) unless use_ema
+    is False, else `model`, else the object itself; a `module.` (DDP) prefix is removed."""
     if not isinstance(obj, dict):
         raise TinyFusionError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
-    if use_ema and "ema" in obj:
-        state_dict = obj["ema"]
+    if use_ema and ("ema" in obj or "model_ema" in obj):  # ours and DiT's; MAR's checkpoint-last.pth
+        state_dict = obj["ema"] if "ema" in obj else obj["model_ema"]
     elif "model" in obj:
         state_dict = obj["model"]
     elif "ema" in obj:

@@ -13,10 +13,10 @@ from tinyfusion.io.checkpoints import check_data_fits
 
 # ----------------------------------------------------------------------- BI score
 @torch.no_grad()
-def block_input_output_similarity(model, x_t, t, y):
+def block_input_output_similarity(model, run_model):
     """(depth,) sum over the batch of each block's cosine similarity between its input and output
-    hidden states (over channels, averaged over tokens), read with forward hooks so it measures
-    exactly what the model's own forward computes."""
+    hidden states (over channels, averaged over tokens), read with forward hooks while
+    `run_model()` calls the model, so it measures exactly what the model's own forward computes."""
     sums = torch.zeros(model.depth, dtype=torch.float64)
 
     def make_hook(index):
@@ -25,9 +25,9 @@ def block_input_output_similarity(model, x_t, t, y):
             sums[index] += similarity.mean(dim=1).double().sum().cpu()
         return hook
 
-    handles = [block.register_forward_hook(make_hook(index)) for index, block in enumerate(model.blocks)]
+    handles = [block.register_forward_hook(make_hook(index)) for index, block in enumerate(model.gated_blocks())]
     try:
-        model(x_t, t, y)
+        run_model()
     finally:
         for handle in handles:
             handle.remove()
@@ -53,20 +53,19 @@ def bi_scores(model, latents, labels, *, family, calibration="clean", num_timest
     `family` (tinyfusion.families) draws the inputs: the above for a DiT; a SiT is calibrated only
     "noised", on its own interpolant: per batch (t, x0) = transport.sample_time_and_noise(generator)
     (t uniform on the training interval), x_t = alpha_t x1 + sigma_t x0, the model called with that
-    t in [0, 1]."""
+    t in [0, 1]. A MAR sees its clean tokens with a training mask drawn from the generator."""
     from tqdm import tqdm
     if calibration not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {calibration!r}; use one of {', '.join(CALIBRATIONS)}")
-    device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     was_training = model.training
     model.eval()
     batch_means = []
     for start in tqdm(range(0, len(latents), batch_size), disable=not progress, desc="BI score"):
         x = latents[start:start + batch_size].float()
-        x, t = family.calibration_inputs(x, generator, calibration=calibration, num_timesteps=num_timesteps)
-        sums = block_input_output_similarity(model, x.to(device), t.to(device),
-                                             labels[start:start + batch_size].to(device))
+        y = labels[start:start + batch_size]
+        sums = block_input_output_similarity(model, lambda: family.calibration_forward(
+            model, x, y, generator, calibration=calibration, num_timesteps=num_timesteps))
         batch_means.append(sums / len(x))
     model.train(was_training)
     return torch.stack(batch_means).mean(dim=0).tolist()

@@ -133,8 +133,11 @@ def generate(model, diffusion, labels, generators, cfg_scale=1.0, sampler="ddpm"
 
     loop_kwargs = dict(noise=x_start.repeat(copies, 1, 1, 1).to(device), clip_denoised=False,
                        model_kwargs=dict(y=y), device=device, progress=progress, noise_fn=noise_fn)
+    # a family whose loop is more than a denoiser of x (MAR) reads the model, the generators and
+    # the guidance from here; DiT and SiT use model_fn and the noise
+    context = dict(model=model, generators=generators, cfg_scale=cfg_scale, amp=(amp_dtype, device))
     latents = family_class(entry).run_sampler(diffusion, sampler, model_fn, (len(y), *shape), loop_kwargs, eta,
-                                              flow_options)
+                                              flow_options, context)
     latents = latents[: rows + pad]
     images = decode(vae, latents.float()) if vae is not None else latents
     return images[:rows]

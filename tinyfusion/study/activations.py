@@ -38,17 +38,23 @@ class BlockStatistics:
                     topk_abs=self.top.tolist(), masked_share=self.masked / self.entries)
 
 
+def every_block_output(model, x_t, t, y):
+    """The output of every block of a model called as model(x_t, t, y) (DiT, SiT)."""
+    return model(x_t, t, y, hidden_indices=list(range(model.depth)))[1]
+
+
 @torch.no_grad()
-def block_statistics(model, x_t, t, y, *, batch_size, mask_sigma, topk=1, edges=None, progress=False):
+def block_statistics(model, x_t, t, y, *, batch_size, mask_sigma, topk=1, edges=None, progress=False,
+                     forward=every_block_output):
     """One BlockStatistics per block of `model` over the inputs (x_t, t, y), run in batches of
-    `batch_size` on the model's device."""
+    `batch_size` on the model's device; forward(model, x_t, t, y) gives every block's output (a
+    family's activation_forward: x_t, t are what its activation_inputs returned)."""
     device = next(model.parameters()).device
     stats = [BlockStatistics(mask_sigma, topk, edges) for _ in range(model.depth)]
     starts = range(0, len(x_t), batch_size)
     for start in tqdm(starts, desc="activations", unit="batch") if progress else starts:
         batch = slice(start, start + batch_size)
-        _, hiddens = model(x_t[batch].to(device), t[batch].to(device), y[batch].to(device),
-                           hidden_indices=list(range(model.depth)))
+        hiddens = forward(model, x_t[batch].to(device), t[batch].to(device), y[batch].to(device))
         for block_stats, hidden in zip(stats, hiddens):
             block_stats.add(hidden)
     return stats

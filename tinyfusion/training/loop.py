@@ -55,10 +55,14 @@ class AutocastForward:
     def __call__(self, *args, **kwargs):
         with autocast(self.dtype, self.device):
             result = self.model(*args, **kwargs)
-        if isinstance(result, tuple):
-            output, hiddens = result
-            return output.float(), [h.float() for h in hiddens]
-        return result.float()
+        return as_float32(result)
+
+
+def as_float32(result):
+    """A model's result in float32: a tensor, or a tuple of tensors and lists of hidden states."""
+    if isinstance(result, (tuple, list)):
+        return type(result)(as_float32(item) for item in result)
+    return result.float()
 
 
 class ThroughputMeter:

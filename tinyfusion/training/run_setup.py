@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from tinyfusion.io.checkpoints import (check_data_fits, check_finite_weights, extract_state_dict, load_into_model,
                                        newest_loadable_checkpoint, read_metadata)
 from tinyfusion.families import family_from_args
-from tinyfusion.families.build import build_model
+from tinyfusion.families.build import build_model, pruned_depths
 from tinyfusion.distributed import check_global_batch, distributed_context
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.training.resume import (check_resume_compatible, load_training_checkpoint, resolve_resume, saved_args,
@@ -50,7 +50,7 @@ def load_training_model(args, resume_checkpoint=None, resume_path=None):
     metadata = read_metadata(resume_checkpoint)
     kwargs = {}
     if metadata and metadata.get("kept_indices") is not None:
-        kwargs["depth"] = len(metadata["kept_indices"])
+        kwargs = pruned_depths(args.model, metadata, resume_path)
     model, _ = build_model(args.model, args.image_size, args.num_classes, args.vae, args.vae_path,
                            **kwargs)
     load_into_model(model, extract_state_dict(resume_checkpoint, use_ema=False), args.model, resume_path)
