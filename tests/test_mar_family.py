@@ -13,12 +13,13 @@ import train_masked_kd
 from diffusion.distillation import span_end_layer_map
 from models import MAR_models, prune_to_kept_blocks
 from test_train import assert_same_tensors, checkpoint
+from test_train import parse as train_parse
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.families import mar
 from tinyfusion.families.build import build_model
 from tinyfusion.io.checkpoints import save_checkpoint, save_pruned_model, with_metadata
 from tinyfusion.sampling.generate import generate, sample_generator
-from training_helpers import COMMON_FLAGS, IMAGE_SIZE, make_digits_store
+from training_helpers import IMAGE_SIZE, make_digits_store, run_interrupted_in_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MODEL = "MAR-XS/2"  # 8x8 pixels in 2x2 patches: 16 tokens of 12 channels
@@ -159,28 +160,15 @@ def workspace(tmp_path_factory):
 
 
 def parse(script, workspace, results, *extra):
-    flags = ["--model", MODEL, "--data-path", workspace["features"], "--results-dir", str(results),
-             "--global-batch-size", "8", *COMMON_FLAGS, *extra]
-    if script is train_masked_kd:
-        flags += ["--teacher", MODEL, "--load-teacher", workspace["teacher"]]
-    return script.build_parser().parse_args(flags)
+    return train_parse(script, workspace, results, *extra, model=MODEL)
 
 
 @pytest.mark.parametrize("script, loss_name", [(train, "training_losses"), (train_masked_kd, "kd_losses")])
 def test_interrupted_mar_run_resumes_bit_exactly(workspace, tmp_path, monkeypatch, script, loss_name):
     flags = ["--load-weight", workspace["student"], "--max-steps", "8", "--ckpt-every", "3", "--log-every", "1"]
     script.main(parse(script, workspace, tmp_path / "a", *flags))
-    real_losses, calls = getattr(mar.Family, loss_name), []
-
-    def dies_in_step_5(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real_losses(*args, **kwargs)
-    monkeypatch.setattr(mar.Family, loss_name, dies_in_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        script.main(parse(script, workspace, tmp_path / "b", *flags))
-    monkeypatch.setattr(mar.Family, loss_name, real_losses)
+    run_interrupted_in_step(monkeypatch, mar.Family, loss_name, 5,
+                            lambda: script.main(parse(script, workspace, tmp_path / "b", *flags)))
     script.main(parse(script, workspace, tmp_path / "b", *flags, "--resume", "auto"))
     run = "run-MAR-XS-2"
     final_a = checkpoint(tmp_path / "a" / run / "checkpoints" / "0000008.pt")

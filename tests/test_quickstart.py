@@ -96,22 +96,27 @@ def test_quickstart_tiny_end_to_end_every_method(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_sit_family_has_the_stages_and_rows_of_the_dit_one(tmp_path):
-    """--family sit: a SiT-XS/4 teacher through every stage (one process each, tiny schedules), the
-    DiT table's rows, samples from SiT's ODE, and every checkpoint a SiT."""
+@pytest.mark.parametrize("family, name, slug, sampler_tag", [("sit", "SiT", "SiT-XS-4", "-ode-heun2"),
+                                                             ("mar", "MAR", "MAR-XS-2", "-iter-16")])
+def test_quickstart_family_has_the_stages_and_rows_of_the_dit_one(tmp_path, family, name, slug, sampler_tag):
+    """--family sit (a SiT-XS/4, sampled with SiT's ODE) and --family mar (a MAR-XS/2: 6 encoder +
+    6 decoder blocks, sampled with MAR's loop): every stage (one process each, tiny schedules),
+    the DiT table's rows, the oracle's blocks, and every checkpoint of the family."""
     from tinyfusion.io.checkpoints import load_checkpoint_file, read_metadata
     out = tmp_path / "run"
-    result = run_quickstart(out, "--family", "sit", "--nproc", "1")
+    result = run_quickstart(out, "--family", family, "--nproc", "1")
     names = ["teacher", "learned-masked-KD", "bi-score-masked-KD", "oracle-masked-KD", "learned-fine-tuning"]
     check_run_folder(out, result, names, ["teacher", "learned + masked KD", "bi-score + masked KD",
-                                          "oracle + masked KD", "learned + fine-tuning"], model_slug="SiT-XS-4")
-    teacher = load_checkpoint_file(str(out / "runs" / "teacher-SiT-XS-4" / "checkpoints" / "0000030.pt"))
-    assert read_metadata(teacher)["model_family"] == "SiT" and teacher["args"]["model"] == "SiT-XS/4"
+                                          "oracle + masked KD", "learned + fine-tuning"], model_slug=slug)
+    teacher = load_checkpoint_file(str(out / "runs" / f"teacher-{slug}" / "checkpoints" / "0000030.pt"))
+    assert read_metadata(teacher)["model_family"] == name and teacher["args"]["model"] == slug.replace("-XS-", "-XS/")
     for pruned in ("learned", "bi-score", "oracle"):
-        assert read_metadata(load_checkpoint_file(str(out / "pruned" / f"{pruned}.pt")))["model_family"] == "SiT"
+        metadata = read_metadata(load_checkpoint_file(str(out / "pruned" / f"{pruned}.pt")))
+        assert metadata["model_family"] == name and len(metadata["kept_indices"]) == 6
+    assert json.loads((out / "results.json").read_text())["rows"][3]["kept"] == "0 2 4 7 9 11"
     npz = [os.path.basename(path) for path in (out / "samples").rglob("*.npz")]
-    assert len(npz) == 5 and all(name.startswith("SiT-XS-4-") and "-ode-heun2" in name for name in npz), npz
-    assert check_rerun_does_no_work(out, "--family", "sit", "--nproc", "1") >= 15
+    assert len(npz) == 5 and all(path.startswith(f"{slug}-") and sampler_tag in path for path in npz), npz
+    assert check_rerun_does_no_work(out, "--family", family, "--nproc", "1") >= 15
 
 
 def test_sample_file_names_are_the_ones_sample_ddp_writes():
@@ -130,24 +135,3 @@ def test_sample_file_names_are_the_ones_sample_ddp_writes():
     assert batch_file_name(["--model", "DiT-XS/4", *common, "--balanced-labels", "--no-ema"]) == \
         run_name("DiT-XS/4", "runs/x/0001500.pt", 8, "none", 4.0, 0, 50) + "-balanced"
 
-
-@pytest.mark.slow
-def test_quickstart_mar_family_has_the_stages_and_rows_of_the_dit_one(tmp_path):
-    """--family mar: a MAR-XS/2 teacher through every stage (one process each, tiny schedules), the
-    DiT table's rows, samples from MAR's loop, and every checkpoint a MAR."""
-    from tinyfusion.io.checkpoints import load_checkpoint_file, read_metadata
-    out = tmp_path / "run"
-    result = run_quickstart(out, "--family", "mar", "--nproc", "1")
-    names = ["teacher", "learned-masked-KD", "bi-score-masked-KD", "oracle-masked-KD", "learned-fine-tuning"]
-    check_run_folder(out, result, names, ["teacher", "learned + masked KD", "bi-score + masked KD",
-                                          "oracle + masked KD", "learned + fine-tuning"], model_slug="MAR-XS-2")
-    teacher = load_checkpoint_file(str(out / "runs" / "teacher-MAR-XS-2" / "checkpoints" / "0000030.pt"))
-    assert read_metadata(teacher)["model_family"] == "MAR" and teacher["args"]["model"] == "MAR-XS/2"
-    for pruned in ("learned", "bi-score", "oracle"):
-        metadata = read_metadata(load_checkpoint_file(str(out / "pruned" / f"{pruned}.pt")))
-        assert metadata["model_family"] == "MAR" and len(metadata["kept_indices"]) == 6
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    assert rows[3]["kept"] == "0 2 4 7 9 11"
-    npz = [os.path.basename(path) for path in (out / "samples").rglob("*.npz")]
-    assert len(npz) == 5 and all(name.startswith("MAR-XS-2-") and "-iter-16" in name for name in npz), npz
-    assert check_rerun_does_no_work(out, "--family", "mar", "--nproc", "1") >= 15

@@ -27,7 +27,7 @@ from test_train import assert_same_tensors, checkpoint
 from tinyfusion.families import sit
 from tinyfusion.io.checkpoints import read_metadata, save_checkpoint, with_metadata
 from tinyfusion.errors import TinyFusionError
-from training_helpers import COMMON_FLAGS, IMAGE_SIZE, make_digits_store, torchrun
+from training_helpers import COMMON_FLAGS, IMAGE_SIZE, make_digits_store, run_interrupted_in_step, torchrun
 from transport import create_transport
 from transport.distillation import transport_kd_losses
 
@@ -169,17 +169,8 @@ def test_interrupted_sit_run_resumed_with_auto_ends_with_the_same_weights(worksp
     flags = ["--load-weight", workspace["student"], "--max-steps", "5", "--ckpt-every", "2", "--log-every", "1",
              "--epochs", "3"]
     script.main(parse(script, workspace, tmp_path / "a", *flags))
-    real_losses, calls = getattr(sit.Family, loss_name), []  # the family's loss the script calls
-
-    def dies_in_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_losses(*args, **kwargs)
-    monkeypatch.setattr(sit.Family, loss_name, dies_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        script.main(parse(script, workspace, tmp_path / "b", *flags))
-    monkeypatch.setattr(sit.Family, loss_name, real_losses)
+    run_interrupted_in_step(monkeypatch, sit.Family, loss_name, 3,
+                            lambda: script.main(parse(script, workspace, tmp_path / "b", *flags)))
     assert sorted(os.listdir(tmp_path / "b" / RUN / "checkpoints")) == ["0000002.pt"]
     script.main(parse(script, workspace, tmp_path / "b", *flags, "--resume", "auto"))
     final_a = checkpoint(tmp_path / "a" / RUN / "checkpoints" / "0000005.pt")

@@ -25,7 +25,7 @@ from tinyfusion.training import run_setup
 from tinyfusion.training import lr_schedules as schedules
 from tinyfusion.distributed import DistributedContext
 from training_helpers import (COMMON_FLAGS, IMAGE_SIZE, MODEL, loss_task, make_digits_store, make_teacher_and_student,
-                              torchrun)
+                              run_interrupted_in_step, torchrun)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,11 +39,11 @@ def workspace(tmp_path_factory):
     return {"folder": folder, "features": features, "teacher": teacher, "student": student}
 
 
-def parse(script, workspace, results, *extra):
-    flags = ["--model", MODEL, "--data-path", workspace["features"], "--results-dir", str(results),
+def parse(script, workspace, results, *extra, model=MODEL):
+    flags = ["--model", model, "--data-path", workspace["features"], "--results-dir", str(results),
              "--global-batch-size", "8", *COMMON_FLAGS, *extra]
     if script is train_masked_kd:
-        flags += ["--teacher", MODEL, "--load-teacher", workspace["teacher"]]
+        flags += ["--teacher", model, "--load-teacher", workspace["teacher"]]
     return script.build_parser().parse_args(flags)
 
 
@@ -76,17 +76,8 @@ def test_interrupted_run_resumed_with_auto_ends_with_the_same_weights(workspace,
              "--epochs", "3"]
     script.main(parse(script, workspace, tmp_path / "a", *flags))
 
-    real_losses, calls = getattr(dit.Family, loss_name), []  # the family's loss the script calls
-
-    def dies_in_step_8(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        return real_losses(*args, **kwargs)
-    monkeypatch.setattr(dit.Family, loss_name, dies_in_step_8)
-    with pytest.raises(KeyboardInterrupt):
-        script.main(parse(script, workspace, tmp_path / "b", *flags))
-    monkeypatch.setattr(dit.Family, loss_name, real_losses)
+    run_interrupted_in_step(monkeypatch, dit.Family, loss_name, 8,
+                            lambda: script.main(parse(script, workspace, tmp_path / "b", *flags)))
     run_b = tmp_path / "b" / "run-DiT-XS-4"
     assert sorted(os.listdir(run_b / "checkpoints")) == ["0000005.pt"]
     script.main(parse(script, workspace, tmp_path / "b", *flags, "--resume", "auto"))

@@ -63,3 +63,20 @@ def loss_task(compute_losses):
         def losses(self, forward, x, y, epoch):
             return compute_losses(forward, x, y, epoch)
     return LossTask()
+
+
+def run_interrupted_in_step(monkeypatch, family_class, loss_name, step, run):
+    """Call run() with the family's loss raising KeyboardInterrupt in optimizer step `step` (as a
+    killed job), expect the interruption, then restore the loss."""
+    import pytest
+    real_losses, calls = getattr(family_class, loss_name), []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real_losses(*args, **kwargs)
+    monkeypatch.setattr(family_class, loss_name, dies)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(family_class, loss_name, real_losses)
