@@ -1,8 +1,10 @@
 """Every script on a tiny MAR (pixel-space digits): train -> prune (learned over both block lists,
 BI, index) -> Masked KD -> sample / sample_ddp; each step's checkpoint builds as a MAR."""
 import glob
+import json
 
 import numpy as np
+import pytest
 
 import prune_by_index
 import prune_by_learning
@@ -11,8 +13,10 @@ import sample
 import sample_ddp
 import train
 import train_masked_kd
+import visualize_activation
 from models import MAR, MAR_models
 from test_train import checkpoint
+from tinyfusion.errors import TinyFusionError
 from tinyfusion.io.checkpoints import read_metadata, save_checkpoint, with_metadata
 from training_helpers import COMMON_FLAGS, IMAGE_SIZE, make_digits_store
 
@@ -63,3 +67,14 @@ def test_every_script_on_a_tiny_mar(tmp_path):
     from tinyfusion.families.build import build_model
     built, _ = build_model(MODEL, IMAGE_SIZE, 10, "none", ckpt=student)
     assert type(built) is MAR and (built.encoder_depth, built.decoder_depth) == (2, 2)
+    # block outputs at one mask ratio: 12 blocks; an encoder block sees the 8 class tokens and the visible tokens
+    visualize_activation.main(visualize_activation.parse_args([
+        "--model", MODEL, "--ckpt", trained, "--features-path", features, "--nsamples", "8", "--batch-size", "4",
+        "--time", "0.75", "--out", str(tmp_path / "activations"), *PIXELS]))
+    record = json.loads((tmp_path / "activations" / "activations.json").read_text())
+    assert len(record["blocks"]) == 12 and record["mask_ratio"] == 0.75
+    assert record["blocks"][0]["entries"] == 8 * (8 + 1) * 128 and record["blocks"][6]["entries"] == 8 * (8 + 4) * 128
+    import export_diffusers
+    with pytest.raises(TinyFusionError, match="MAR"):
+        export_diffusers.main(export_diffusers.parse_args(["--model", MODEL, "--ckpt", student, "--out",
+                                                           str(tmp_path / "export"), *PIXELS]))
