@@ -45,11 +45,10 @@ import argparse
 import functools
 import json
 import os
-import shutil
-import tempfile
 
 from tinyfusion.flags import add_checkpoint_args, add_model_args
 from tinyfusion.errors import TinyFusionError, run_main
+from tinyfusion.io.atomic_files import write_folder_atomically
 
 # torch, diffusers and the model code are imported inside the functions that use them, so that
 # `--help` and a bad flag answer without loading them
@@ -265,39 +264,6 @@ def read_id2label(path, num_classes):
         raise TinyFusionError(f"--id2label {path} names classes {outside[:3]} outside 0..{num_classes - 1}; "
                               f"give a JSON object mapping class indices to names")
     return id2label
-
-
-def write_folder_atomically(out, overwrite, write):
-    """Call write(tmp_folder), then move tmp_folder to `out` with a rename: `out` is absent or complete."""
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
-    try:
-        write(tmp)
-        # mkdtemp (and some writers) make owner-only entries; give the result the usual permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        for root, folders, files in os.walk(tmp):
-            os.chmod(root, 0o777 & ~umask)
-            for name in files:
-                os.chmod(os.path.join(root, name), 0o666 & ~umask)
-        if os.path.exists(out):  # only reached with --overwrite: set the old folder aside until the new one is in
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".old", dir=parent)
-            os.replace(out, os.path.join(old, "replaced"))
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(os.path.join(old, "replaced"), out)  # put the old folder back
-                raise
-            finally:
-                if os.path.exists(out):
-                    shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
 
 
 def main(args):
