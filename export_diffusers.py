@@ -267,7 +267,7 @@ def read_id2label(path, num_classes):
 
 
 def main(args):
-    from tinyfusion.io.vae import LATENT_SCALE, is_pixel_space, load_vae
+    from tinyfusion.io.vae import is_pixel_space, latent_scale, load_vae
     from tinyfusion.families.build import build_model
     from tinyfusion.io.downloads import resolve_released
     from tinyfusion.families import family_for_model
@@ -300,9 +300,9 @@ def main(args):
         if vae.config.latent_channels != model.in_channels:
             raise TinyFusionError(f"the VAE in {vae_folder} has {vae.config.latent_channels} latent channels but "
                                   f"the model takes {model.in_channels}; pass the VAE the model was trained with")
-        # our latents are scaled by LATENT_SCALE (0.18215) whatever the VAE folder says; the pipeline reads
-        # it from the config
-        vae.register_to_config(scaling_factor=LATENT_SCALE)
+        # the pipeline reads the scale from the config: the one our latents use (the folder's, 0.18215
+        # when it names none)
+        vae.register_to_config(scaling_factor=latent_scale(vae))
     id2label = read_id2label(args.id2label, model.num_classes)
     source = os.path.abspath(run_args["load_weight"] if run_args else ckpt)
     provenance = dict(source_checkpoint=source, pruning_run_checkpoint=os.path.abspath(ckpt) if run_args else None,
