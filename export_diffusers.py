@@ -45,11 +45,10 @@ import argparse
 import functools
 import json
 import os
-import shutil
-import tempfile
 
 from tinyfusion.flags import add_checkpoint_args, add_model_args
 from tinyfusion.errors import TinyFusionError, run_main
+from tinyfusion.io.atomic_files import write_folder_atomically
 
 # torch, diffusers and the model code are imported inside the functions that use them, so that
 # `--help` and a bad flag answer without loading them
@@ -267,41 +266,8 @@ def read_id2label(path, num_classes):
     return id2label
 
 
-def write_folder_atomically(out, overwrite, write):
-    """Call write(tmp_folder), then move tmp_folder to `out` with a rename: `out` is absent or complete."""
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
-    try:
-        write(tmp)
-        # mkdtemp (and some writers) make owner-only entries; give the result the usual permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        for root, folders, files in os.walk(tmp):
-            os.chmod(root, 0o777 & ~umask)
-            for name in files:
-                os.chmod(os.path.join(root, name), 0o666 & ~umask)
-        if os.path.exists(out):  # only reached with --overwrite: set the old folder aside until the new one is in
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".old", dir=parent)
-            os.replace(out, os.path.join(old, "replaced"))
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(os.path.join(old, "replaced"), out)  # put the old folder back
-                raise
-            finally:
-                if os.path.exists(out):
-                    shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-
-
 def main(args):
-    from tinyfusion.io.vae import LATENT_SCALE, is_pixel_space, load_vae
+    from tinyfusion.io.vae import is_pixel_space, latent_scale, load_vae
     from tinyfusion.families.build import build_model
     from tinyfusion.io.downloads import resolve_released
     from tinyfusion.families import family_for_model
@@ -334,9 +300,9 @@ def main(args):
         if vae.config.latent_channels != model.in_channels:
             raise TinyFusionError(f"the VAE in {vae_folder} has {vae.config.latent_channels} latent channels but "
                                   f"the model takes {model.in_channels}; pass the VAE the model was trained with")
-        # our latents are scaled by LATENT_SCALE (0.18215) whatever the VAE folder says; the pipeline reads
-        # it from the config
-        vae.register_to_config(scaling_factor=LATENT_SCALE)
+        # the pipeline reads the scale from the config: the one our latents use (the folder's, 0.18215
+        # when it names none)
+        vae.register_to_config(scaling_factor=latent_scale(vae))
     id2label = read_id2label(args.id2label, model.num_classes)
     source = os.path.abspath(run_args["load_weight"] if run_args else ckpt)
     provenance = dict(source_checkpoint=source, pruning_run_checkpoint=os.path.abspath(ckpt) if run_args else None,

@@ -1,7 +1,9 @@
 """Encode an ImageFolder once into the feature store that training and pruning read.
 
 Every image is ADM center-cropped, scaled to [-1, 1] and encoded together with its horizontal
-flip (`latent_dist.sample() * 0.18215`; with `--vae none` the pixels themselves are stored).
+flip (`latent_dist.sample()` times the VAE's scaling factor: 0.18215 for the SD-VAE, 0.2325 for
+MAR's KL-16 tokenizer converted by tools/convert_mar_tokenizer.py; with `--vae none` the pixels
+themselves are stored).
 `--no-flip` (ours) stores the image alone, for data whose meaning a mirror changes (digits,
 text): training and pruning then never see a flipped image.
 Images are cut into shards of contiguous indices (sorted ImageFolder order); under torchrun

@@ -114,7 +114,8 @@ class Family(ModelFamily):
                               guide_all_channels=False, amp_dtype=torch.float32, progress=False):
         """The original sample.py: one global seed, z ~ randn(n, C, L, L) on the device for the
         whole grid, [z; z] with labels [y; null], the sampling loop over model.forward_with_cfg with
-        clip_denoised=False, the first half decoded (latents / 0.18215)."""
+        clip_denoised=False, the first half decoded (latents / 0.18215, the SD-VAE's scale; another VAE's
+        own scaling factor)."""
         from tinyfusion.flags import autocast
         from tinyfusion.io.vae import decode
         torch.manual_seed(seed)

@@ -3,11 +3,13 @@
 Every writer goes to a temporary file in the destination folder (same filesystem, so the
 final os.replace is atomic) and is renamed into place only after it was flushed and fsynced.
 A full disk is reported as such ("no space left on device while writing PATH"), whatever the
-writer (torch.save only says "file write failed").
+writer (torch.save only says "file write failed"). A folder (a diffusers model, a pipeline) is
+written into a temporary sibling folder and renamed into place the same way.
 """
 import errno
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 
@@ -75,6 +77,41 @@ def atomic_save_figure(fig, path, dpi=120):
         fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
     return path
+
+
+def write_folder_atomically(out, overwrite, write):
+    """Call write(tmp_folder), then move tmp_folder to `out` with a rename: `out` is absent or complete.
+    An existing `out` is replaced only with overwrite=True (else a TinyFusionError)."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise TinyFusionError(f"{out} already exists; choose another output folder or pass --overwrite")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
+    try:
+        write(tmp)
+        # mkdtemp (and some writers) make owner-only entries; give the result the usual permissions
+        umask = _current_umask()
+        for root, folders, files in os.walk(tmp):
+            os.chmod(root, 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
+        if os.path.exists(out):  # only reached with --overwrite: set the old folder aside until the new one is in
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".old", dir=parent)
+            os.replace(out, os.path.join(old, "replaced"))
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(os.path.join(old, "replaced"), out)  # put the old folder back
+                raise
+            finally:
+                if os.path.exists(out):
+                    shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
 
 
 def _current_umask():

@@ -2,12 +2,13 @@
 extract_features.py runs; tinyfusion/io/feature_store.py holds the format and its reader).
 
 Every image is ADM center-cropped, scaled to [-1, 1] and encoded together with its horizontal
-flip (`latent_dist.sample() * 0.18215`; with vae "none" the pixels themselves are stored), or
-alone with `no_flip`. Images are cut into shards of contiguous indices (sorted ImageFolder order);
-under torchrun each rank encodes its own shards, writes each one atomically, and rank 0 writes
-manifest.json last. The posterior noise of image i is drawn from a generator seeded by
-(global_seed, i), so the store is the same for any number of ranks and nodes. `resume` keeps every
-shard that validates (checksum included) and redoes the rest.
+flip (`latent_dist.sample()` times the VAE's scaling factor: 0.18215 for the SD-VAE, 0.2325 for
+MAR's KL-16; with vae "none" the pixels themselves are stored), or alone with `no_flip`. Images
+are cut into shards of contiguous indices (sorted ImageFolder order); under torchrun each rank
+encodes its own shards, writes each one atomically, and rank 0 writes manifest.json last. The
+posterior noise of image i is drawn from a generator seeded by (global_seed, i), so the store is
+the same for any number of ranks and nodes. `resume` keeps every shard that validates (checksum
+included) and redoes the rest.
 """
 import glob
 import hashlib
@@ -31,7 +32,7 @@ from tinyfusion.distributed import all_reduce_mean, barrier, cleanup_distributed
 from tinyfusion.io.image_folder import list_image_folder, load_image_uint8, to_unit_range
 from tinyfusion.io.run_lock import LOCK_FILE, lock_folder, release_folder
 from tinyfusion.io.run_folder import create_logger
-from tinyfusion.io.vae import LATENT_SCALE, latent_geometry, latent_geometry_from_flags, load_vae, vae_source
+from tinyfusion.io.vae import latent_geometry, latent_geometry_from_flags, latent_scale, load_vae, vae_source
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def encode_with_flips(vae, images_uint8, indices, global_seed, sample_shape, dev
     # with and without --no-flip
     noise = torch.stack([posterior_noise(global_seed, int(i), (2, *sample_shape))[:copies] for i in indices])
     # same distribution as latent_dist.sample(), with our own per-image noise
-    latents = (posterior.mean + posterior.std * noise.flatten(0, 1).to(device)) * LATENT_SCALE
+    latents = (posterior.mean + posterior.std * noise.flatten(0, 1).to(device)) * latent_scale(vae)
     return latents.contiguous().unflatten(0, (len(indices), copies))
 
 
@@ -153,7 +154,7 @@ def build_plan(settings, samples, classes, vae, sample_shape):
         "vae": "none" if pixel_space else settings.vae,
         "vae_source": None if pixel_space else (os.path.abspath(source) if os.path.isdir(source) else source),
         "vae_weights_sha256": None if pixel_space else state_dict_sha256(vae.state_dict(), layout=False),
-        "scale_factor": None if pixel_space else LATENT_SCALE,
+        "scale_factor": None if pixel_space else latent_scale(vae),
         "global_seed": settings.global_seed, "shard_size": settings.shard_size, "batch_size": settings.batch_size,
         "store_dtype": settings.store_dtype, "sample_shape": list(sample_shape), "num_shards": num_shards,
         "copies": 1 if settings.no_flip else 2,

@@ -1,6 +1,10 @@
 """The image <-> latent codec: the SD-VAE of the original (`--vae ema|mse`), any local
 diffusers AutoencoderKL folder (`--vae-path DIR` or `--vae DIR`), or `--vae none` for pixel
-space (small data on a CPU, where the DiT works on the images themselves)."""
+space (small data on a CPU, where the DiT works on the images themselves).
+
+Latents are posterior samples times the VAE's own `scaling_factor` (its config.json): 0.18215 for
+the SD-VAE, as in DiT; 0.2325 for MAR's KL-16 tokenizer converted by
+tools/convert_mar_tokenizer.py. A VAE whose config names no factor uses 0.18215."""
 import json
 import os
 
@@ -8,7 +12,7 @@ import torch
 from tinyfusion.errors import TinyFusionError
 from tinyfusion.io.finite import check_finite_output
 
-LATENT_SCALE = 0.18215  # SD-VAE latent scale factor used by DiT and TinyFusion
+LATENT_SCALE = 0.18215  # the SD-VAE's latent scale (DiT's), and the default of a VAE that names none
 HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 # The SD-VAE weights as published: the sha256 the hub states for each repository's
 # diffusion_pytorch_model.safetensors (its Git LFS pointer), and the size where one is stated.
@@ -147,20 +151,28 @@ def latent_geometry_from_flags(vae_name, image_size, vae_path=None):
     return channels, image_size // factor
 
 
+def latent_scale(vae):
+    """The factor between the VAE's posterior and our latents: its config's scaling_factor
+    (0.18215 for the SD-VAE, 0.2325 for MAR's KL-16), LATENT_SCALE when it names none."""
+    factor = getattr(getattr(vae, "config", None), "scaling_factor", None)
+    return LATENT_SCALE if factor is None else float(factor)
+
+
 @torch.no_grad()
 def encode(vae, images):
-    """Images in [-1, 1] -> latents (a sample of the posterior, scaled by 0.18215)."""
+    """Images in [-1, 1] -> latents (a sample of the posterior, scaled by latent_scale(vae))."""
     if vae is None:
         return images
-    return vae.encode(images).latent_dist.sample() * LATENT_SCALE
+    return vae.encode(images).latent_dist.sample() * latent_scale(vae)
 
 
 @torch.no_grad()
 def decode(vae, latents):
-    """Latents -> images in roughly [-1, 1] (callers clamp when converting to uint8)."""
+    """Latents (scaled by latent_scale(vae)) -> images in roughly [-1, 1] (callers clamp when
+    converting to uint8)."""
     if vae is None:
         return latents
-    return vae.decode(latents / LATENT_SCALE).sample
+    return vae.decode(latents / latent_scale(vae)).sample
 
 
 def to_uint8_nhwc(images, what="the samples"):

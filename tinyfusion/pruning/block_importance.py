@@ -88,7 +88,8 @@ def calibration_latents(nsamples, seed, features_path=None, data_path=None, imag
                         batch_size=16, device="cpu", random_flip=True):
     """(latents (N, C, H, W) float32 on the CPU, labels (N,)): `nsamples` random samples of a
     feature store, or of an ImageFolder center-cropped and encoded with `vae` (None = pixel
-    space; an SD-VAE latent is latent_dist.sample() * 0.18215) in batches.
+    space; a latent is latent_dist.sample() times the VAE's scaling factor, 0.18215 for the
+    SD-VAE) in batches.
 
     From a CPU generator seeded with `seed`: the subset (randperm of the data set, first
     `nsamples`), then one horizontal-flip draw per sample (rand < 0.5) when `random_flip` (the
