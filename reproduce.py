@@ -389,7 +389,10 @@ def main(args):
     from tinyfusion.study import report as study_report
     out = os.path.abspath(args.out)
     if args.report_only:
-        with open(os.path.join(out, "results.json")) as f:
+        results = os.path.join(out, "results.json")
+        if not os.path.isfile(results):
+            raise TinyFusionError(f"--report-only renders {results}, which does not exist; run the study into --out first")
+        with open(results) as f:
             study_report.write_report(out, json.load(f))
         print(f"report: {os.path.join(out, 'report.md')}")
         return

@@ -193,3 +193,20 @@ def test_every_schedule_teacher_ema_forgets_its_initialisation(tmp_path):
     study.budget = dict(study.budget, teacher_ema=0.9)  # 0.9**60 = 0.18%
     with pytest.raises(reproduce.TinyFusionError, match=r"0\.18% of its random initialisation"):
         study.teacher()
+
+
+def test_report_only_without_results_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "reproduce.py"), "--out", str(tmp_path / "none"),
+                             "--report-only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "results.json, which does not exist" in result.stderr
+    assert not (tmp_path / "none").exists()
+
+
+def test_the_committed_report_is_the_render_of_its_json(tmp_path):
+    """docs/study/mnist/report.md is exactly what --report-only writes from results.json beside it."""
+    import shutil
+    shutil.copy(os.path.join(ROOT, "docs", "study", "mnist", "results.json"), tmp_path / "results.json")
+    write_report(str(tmp_path), json.loads((tmp_path / "results.json").read_text()))
+    with open(os.path.join(ROOT, "docs", "study", "mnist", "report.md")) as f:
+        assert (tmp_path / "report.md").read_text() == f.read()
