@@ -1078,7 +1078,7 @@ ALL_MODELS = {**DiT_models, **SiT_models}  # every --model name of every family
 # MAR's released models (their evaluation heads), and XS: ours, a CPU-sized MAR for tests and the
 # digits quick start
 MAR_FAMILIES = {"B": (12, 768, 12, 6, 1024, 64), "L": (16, 1024, 16, 8, 1280, 64),
-                "H": (20, 1280, 16, 12, 1536, 64), "XS": (6, 128, 4, 3, 128, 8)}
+                "H": (20, 1280, 16, 12, 1536, 64), "XS": (6, 128, 4, 3, 128, 4)}
 
 
 def _mar_config(family, patch_size, groups=None):

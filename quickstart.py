@@ -54,12 +54,14 @@ FAMILIES = {
                 teacher_steps={"quick": 1000, "full": 1500}, sampler=["--sampler", "ode", "--sampling-method", "heun2"],
                 cfg_scale=CFG_SCALE, sampling_steps={"quick": 11, "full": 11}, out="quickstart-sit-run"),
     # MAR-XS/2: 6 encoder + 6 decoder blocks over 16 tokens of 2x2 pixels, the same 1:2 groups (3 per
-    # list) and oracle pattern (encoder 0 2 4, decoder 7 9 11); MAR's loop with 16 steps (one per
-    # token on average) and its head's diffusion respaced to 50 steps
+    # list) and oracle pattern (encoder 0 2 4, decoder 7 9 11); one head draw per token and step
+    # (--diffusion-batch-mul 1, main_mar.py's default; the README's 4 costs 30% more time per step
+    # here); MAR's loop with 16 steps (one per token on average), its head's diffusion respaced to 50
     "mar": dict(model="MAR-XS/2", teacher=["--lr", "1e-3", "--ema-decay", "0.995", "--lr-schedule", "cosine",
                                            "--min-lr", "1e-4"],
                 teacher_steps={}, sampler=["--num-iter", "16"], cfg_scale=CFG_SCALE,
-                sampling_steps={"quick": 50, "full": 50}, out="quickstart-mar-run"),
+                sampling_steps={"quick": 50, "full": 50}, out="quickstart-mar-run",
+                training=["--diffusion-batch-mul", "1"]),
 }
 
 # (teacher steps, pruning steps, recovery steps, samples per model, sampling steps, classifier epochs);
@@ -105,7 +107,8 @@ class Pipeline(StageRunner):
         self.stage(name, [final], self.torchrun(script, self.args.nproc) + self.common + [
             "--data-path", self.features, "--results-dir", results, "--prefix", name, "--max-steps", str(steps),
             "--global-batch-size", "128", "--global-seed", str(self.seed), "--log-every", "50",
-            "--ckpt-every", str(max(steps // 4, 1)), "--num-workers", "0"] + resume + extra)
+            "--ckpt-every", str(max(steps // 4, 1)), "--num-workers", "0"] + resume + self.family.get("training", [])
+            + extra)
         self.drop_intermediate_checkpoints(os.path.dirname(final), keep=final)
         return final
 
@@ -149,7 +152,7 @@ class Pipeline(StageRunner):
                                   "--max-steps", str(self.prune_steps), "--global-batch-size", "128",
                                   "--global-seed", str(self.seed), "--log-every", "10", "--num-workers", "0",
                                   "--ckpt-every", str(max(self.prune_steps // 2, 1)), "--delta-w", "--lora",
-                                  "--save-model", students["learned"]] +
+                                  "--save-model", students["learned"]] + self.family.get("training", []) +
                    resume_flags(prune_run))
         self.drop_intermediate_checkpoints(os.path.join(prune_run, "checkpoints"))  # learned.pt holds the result
         self.stage("decision-plot", [self.path("decision.png")], self.python("draw_decision.py") +

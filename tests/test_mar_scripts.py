@@ -67,13 +67,13 @@ def test_every_script_on_a_tiny_mar(tmp_path):
     from tinyfusion.families.build import build_model
     built, _ = build_model(MODEL, IMAGE_SIZE, 10, "none", ckpt=student)
     assert type(built) is MAR and (built.encoder_depth, built.decoder_depth) == (2, 2)
-    # block outputs at one mask ratio: 12 blocks; an encoder block sees the 8 class tokens and the visible tokens
+    # block outputs at one mask ratio: 12 blocks; an encoder block sees the 4 class tokens and the visible tokens
     visualize_activation.main(visualize_activation.parse_args([
         "--model", MODEL, "--ckpt", trained, "--features-path", features, "--nsamples", "8", "--batch-size", "4",
         "--time", "0.75", "--out", str(tmp_path / "activations"), *PIXELS]))
     record = json.loads((tmp_path / "activations" / "activations.json").read_text())
     assert len(record["blocks"]) == 12 and record["mask_ratio"] == 0.75
-    assert record["blocks"][0]["entries"] == 8 * (8 + 1) * 128 and record["blocks"][6]["entries"] == 8 * (8 + 4) * 128
+    assert record["blocks"][0]["entries"] == 8 * (4 + 1) * 128 and record["blocks"][6]["entries"] == 8 * (4 + 4) * 128
     import export_diffusers
     with pytest.raises(TinyFusionError, match="MAR"):
         export_diffusers.main(export_diffusers.parse_args(["--model", MODEL, "--ckpt", student, "--out",
