@@ -218,3 +218,23 @@ def test_sample_ddp_two_ranks_match_one_for_a_mar(workspace, tmp_path):
     with np.load(one) as a, np.load(two) as b:
         assert a["arr_0"].shape == (7, 8, 8, 3)
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+
+
+def test_head_spacing_is_mar_s_by_default_and_leading_on_request():
+    """MAR's respacing starts at t = 999 (alpha_bar 2.4e-9): its first step multiplies the head's
+    noise error by beta / sqrt(alpha (1 - alpha_bar)) = 632 at 50 steps; leading spacing (ours)
+    starts at t = 980, where the factor is 1.6."""
+    from tinyfusion.flags import resolve_timestep_spacing
+    family = mar.Family()
+
+    def first_step_factor(process):
+        beta = float(process.betas[-1])
+        return beta / math.sqrt((1 - beta) * (1 - float(process.alphas_cumprod[-1])))
+    mar_s, leading = (family.sampling_process("mar", 50, spacing, None) for spacing in ("dit", "leading"))
+    assert (mar_s.timestep_map[0], mar_s.timestep_map[-1]) == (0, 999)
+    assert (leading.timestep_map[0], leading.timestep_map[-1]) == (0, 980)
+    assert first_step_factor(mar_s) == pytest.approx(632.35, abs=0.01)
+    assert first_step_factor(leading) == pytest.approx(1.565, abs=0.001)
+    assert resolve_timestep_spacing("mar", None) == "dit"
+    with pytest.raises(ValueError, match="does not fit --sampler mar"):
+        resolve_timestep_spacing("mar", "trailing")

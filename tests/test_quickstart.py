@@ -97,7 +97,7 @@ def test_quickstart_tiny_end_to_end_every_method(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family, name, slug, sampler_tag", [("sit", "SiT", "SiT-XS-4", "-ode-heun2"),
-                                                             ("mar", "MAR", "MAR-XS-2", "-iter-16")])
+                                                             ("mar", "MAR", "MAR-XS-2", "-leading-iter-16")])
 def test_quickstart_family_has_the_stages_and_rows_of_the_dit_one(tmp_path, family, name, slug, sampler_tag):
     """--family sit (a SiT-XS/4, sampled with SiT's ODE) and --family mar (a MAR-XS/2: 6 encoder +
     6 decoder blocks, sampled with MAR's loop): every stage (one process each, tiny schedules),

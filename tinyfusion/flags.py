@@ -10,7 +10,7 @@ import os
 import re
 import sys
 
-from tinyfusion.families import DIFFUSION_SAMPLERS, REGISTRY, SOLVER_NAMES, entry_for_model
+from tinyfusion.families import DIFFUSION_SAMPLERS, MAR_SAMPLERS, REGISTRY, SOLVER_NAMES, entry_for_model
 from tinyfusion.errors import TinyFusionError
 
 # every name of models.DiT_models, listed here so that `--help` needs neither models.py nor torch
@@ -211,21 +211,27 @@ def add_timestep_spacing_arg(parser):
     """--timestep-spacing: which of the 1000 training steps a sampler evaluates the model at."""
     choices = sorted(set(DIFFUSION_SPACINGS + SOLVER_SPACINGS))
     parser.add_argument("--timestep-spacing", choices=choices, default=None,
-                        help="ddpm/ddim: dit (default: steps spread evenly over [0, 999], as DiT) or leading "
-                             "(0, s, 2s, ...: diffusers' DiTPipeline); dpm-solver++/unipc: linspace (default, "
+                        help="ddpm/ddim and MAR's head (mar): dit (default: steps spread evenly over [0, 999], as DiT "
+                             "and MAR) or leading (0, s, 2s, ...: diffusers' DiTPipeline; for MAR ours, see "
+                             "docs/mar.md); dpm-solver++/unipc: linspace (default, "
                              "diffusers' default for them), trailing (recommended for few steps by Lin et al. 2023) "
                              "or leading")
     return parser
 
 
 def resolve_timestep_spacing(sampler, spacing):
-    """The spacing a run uses (the sampler's default when None); ValueError when it does not fit."""
-    if sampler not in SAMPLER_NAMES:  # SiT's samplers have no timestep spacing
+    """The spacing a run uses (the sampler's default when None); ValueError when it does not fit.
+    DiT's ddpm / ddim and MAR's head take the diffusion spacings, DiT's fast solvers diffusers'
+    ones; SiT's samplers have none."""
+    if sampler in SOLVER_NAMES:
+        allowed = SOLVER_SPACINGS
+    elif sampler in DIFFUSION_SAMPLERS or sampler in MAR_SAMPLERS:
+        allowed = DIFFUSION_SPACINGS
+    else:
         if spacing is not None:
-            raise ValueError(f"--timestep-spacing is for DiT's samplers ({', '.join(SAMPLER_NAMES)}), "
-                             f"not --sampler {sampler}")
+            raise ValueError(f"--timestep-spacing is for DiT's and MAR's samplers "
+                             f"({', '.join((*SAMPLER_NAMES, *MAR_SAMPLERS))}), not --sampler {sampler}")
         return None
-    allowed = SOLVER_SPACINGS if sampler in SOLVER_NAMES else DIFFUSION_SPACINGS
     if spacing is None:
         return allowed[0]
     if spacing not in allowed:
