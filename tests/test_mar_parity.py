@@ -147,7 +147,7 @@ def test_encoder_decoder_and_full_forward_match_the_reference():
         encoded, visible = ours.forward_encoder(tokens, mask, ours.class_embedding(labels))
         z = ours.forward_decoder(encoded, visible)
         full = ours(tokens, labels, mask)
-    assert encoded.shape == (4, 8 + 16 - HIDDEN, 32) and z.shape == (4, 16, 48)
+    assert encoded.shape == (4, ours.buffer_size + 16 - HIDDEN, 32) and z.shape == (4, 16, 48)
     torch.testing.assert_close(encoded, ref_encoded, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(z, ref_z, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(full, ref_z, atol=ATOL, rtol=RTOL)
