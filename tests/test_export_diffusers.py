@@ -30,6 +30,7 @@ def use_small_xl(monkeypatch):
     def build(**kwargs):
         return original(**{**SMALL_XL, **kwargs})
     build.family, build.patch_size, build.default_groups = original.family, original.patch_size, None
+    build.model_class = original.model_class
     monkeypatch.setitem(models.DiT_models, "DiT-XL/2", build)
     monkeypatch.setitem(models.ALL_MODELS, "DiT-XL/2", build)
 
@@ -142,6 +143,7 @@ def use_small(monkeypatch, name):
     def build(**kwargs):
         return original(**{**SMALL_XL, **kwargs})
     build.family, build.patch_size, build.default_groups = original.family, original.patch_size, original.default_groups
+    build.model_class = original.model_class
     monkeypatch.setitem(models.DiT_models, name, build)
     monkeypatch.setitem(models.ALL_MODELS, name, build)
 

@@ -60,10 +60,9 @@ def build_model(model_name, image_size=256, num_classes=1000, vae="ema", vae_pat
 def pruned_depths(model_name, metadata, source):
     """The depth settings (DiT: depth; MAR: encoder and decoder depth) a pruned checkpoint's
     metadata gives --model's architecture."""
-    from models import ALL_MODELS, DiT
-    model_class = getattr(ALL_MODELS[model_name], "model_class", DiT)  # a registry stand-in builds a DiT
+    from models import ALL_MODELS
     try:
-        return model_class.saved_depths(metadata)
+        return ALL_MODELS[model_name].model_class.saved_depths(metadata)
     except ValueError as error:
         raise TinyFusionError(f"{source}: {error}") from None
 

@@ -89,9 +89,8 @@ def guidance_at(cfg_scale, cfg_schedule, seq_len, still_hidden):
 
 def per_sample_rows(generators, rows_each, channels, pad):
     """(B * rows_each, C) Gaussian rows, sample i's from generators[i] (padding rows zero)."""
-    draws = [torch.randn(rows_each, channels, generator=g) for g in generators]
-    draws += [torch.zeros(rows_each, channels)] * pad
-    return torch.cat(draws) if draws else torch.zeros(0, channels)
+    from tinyfusion.sampling.generate import draw_rows
+    return draw_rows(generators, (rows_each, channels), pad).reshape(-1, channels)
 
 
 def sample_head(model, process, z, generators, pad, *, guided, cfg_scale, temperature, device):
